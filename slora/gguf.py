@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts and is long gone; v2 and v3 share one layout
@@ -123,6 +124,8 @@ def read_gguf(path) -> GGUFFile:
     u32 ggml type, u64 offset), then padding up to `general.alignment`, then the tensor data.
     """
     path = Path(path)
+    if path.stat().st_size == 0:
+        raise GGUFError(f"{path}: empty file, not a GGUF")
     data = np.memmap(path, dtype=np.uint8, mode="r")
     cur = _Cursor(memoryview(data), path)
     magic = bytes(cur.take(4))
@@ -375,7 +378,6 @@ TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4  # llama.cpp's llama_token_ty
 
 
 def _pre_tokenizer(gf: GGUFFile):
-    from tokenizers import pre_tokenizers
     pre = gf.metadata.get("tokenizer.ggml.pre")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's regex split
     if pre == "smollm":  # SmolLM's tokenizer.json: every digit its own piece, then GPT-2's byte-level split
@@ -391,7 +393,6 @@ def hf_tokenizer(gf: GGUFFile):
     Control tokens (token_type 3) become special added tokens, user-defined ones (4) plain added tokens,
     so that "<|im_start|>" in a chat prompt maps to its single id. No normalizer, padding or truncation.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
     model = gf.metadata.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise GGUFError(f"{gf.path}: tokenizer.ggml.model = {model!r}; slora rebuilds only byte-level BPE ('gpt2')")

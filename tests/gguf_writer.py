@@ -23,6 +23,13 @@ def _fp16(x):
     return x.astype(np.float16)
 
 
+def _inverse(d):
+    """1/d, 0 where d = 0 (as ggml). Taken in float64: for d below ~1e-38 float32's 1/d overflows to inf and
+    ggml's codes become NaN casts; float64 keeps them defined, and the reader is tested on whatever codes result."""
+    d = d.astype(np.float64)
+    return np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
+
+
 def _round_away(x):
     """C's roundf: halves go away from zero (numpy's round goes to even)."""
     return np.sign(x) * np.floor(np.abs(x) + 0.5)
@@ -31,7 +38,7 @@ def _round_away(x):
 def quantize_q8_0(x):
     b = x.reshape(-1, QK).astype(np.float32)  # (n, 32)
     d = np.abs(b).max(axis=1, keepdims=True) / 127.0  # fp32 scale, as ggml
-    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
+    inv = _inverse(d)
     q = _round_away(b * inv).astype(np.int8)  # (n, 32) in [-127, 127]
     d16 = _fp16(d)
     raw = np.concatenate([d16.view(np.uint8), q.view(np.uint8)], axis=1)  # (n, 34)
@@ -49,7 +56,7 @@ def quantize_q4_0(x):
     idx = np.abs(b).argmax(axis=1)
     vmax = b[np.arange(len(b)), idx][:, None]  # signed value of largest magnitude
     d = vmax / -8.0
-    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
+    inv = _inverse(d)
     q = np.minimum(15, np.trunc(b * inv + 8.5)).astype(np.uint8)  # ggml: MIN(15, (int8_t)(x*id + 8.5f))
     d16 = _fp16(d)
     raw = np.concatenate([d16.view(np.uint8), _pack_nibbles(q)], axis=1)  # (n, 18)
@@ -61,7 +68,7 @@ def quantize_q4_1(x):
     b = x.reshape(-1, QK).astype(np.float32)
     lo, hi = b.min(axis=1, keepdims=True), b.max(axis=1, keepdims=True)
     d = (hi - lo) / 15.0
-    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
+    inv = _inverse(d)
     q = np.minimum(15, np.trunc((b - lo) * inv + 0.5)).astype(np.uint8)
     d16, m16 = _fp16(d), _fp16(lo)
     raw = np.concatenate([d16.view(np.uint8), m16.view(np.uint8), _pack_nibbles(q)], axis=1)  # (n, 20)

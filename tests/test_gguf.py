@@ -11,6 +11,7 @@ from slora.gguf import GGUFError, convert_gguf_to_hf, permute_qk, read_gguf, unp
 from tests import gguf_writer as gw
 
 FP16_REL = 2.0 ** -11  # relative rounding error of storing a scale as fp16 (10-bit mantissa)
+FP16_ABS = 2.0 ** -25  # absolute rounding error near zero: half of fp16's smallest subnormal, 2^-24
 TINY = dict(layers=2, dim=64, heads=4, kv_heads=2, ffn=96)  # head size 16; GQA with 2 queries per kv head
 
 
@@ -32,22 +33,26 @@ def _error_bound(x, type_name):
           side opposite vmax) can cost a full |d|; fp16 storage of d adds |q − 8|·|d|·2^-11 ≤ 8·|d|·2^-11.
     Q4_1: d = (max − min)/15, m = min, q = round((w − m)/d) ≤ 15: d/2 from rounding; fp16 storage of d and m
           adds 15·d·2^-11 + |m|·2^-11.
+    fp16 storage error of a value v is max(|v|·2^-11, 2^-25): relative, or absolute where v is subnormal in fp16.
     A few fp32 ulps of the block's magnitude cover the float arithmetic itself.
     """
+    def fp16_err(v):
+        return np.maximum(np.abs(v) * FP16_REL, FP16_ABS)
+
     b = x.reshape(-1, gw.QK).astype(np.float64)
     amax = np.abs(b).max(axis=1, keepdims=True)
     ulps = 8 * np.finfo(np.float32).eps * amax
     if type_name == "Q8_0":
         d = amax / 127
-        return d / 2 + 127 * d * FP16_REL + ulps
+        return d / 2 + 127 * fp16_err(d) + ulps
     if type_name == "Q4_0":
         vmax = b[np.arange(len(b)), np.abs(b).argmax(axis=1)][:, None]
         d = np.abs(vmax) / 8
         clamped = b / (vmax / -8 + (vmax == 0)) >= 7.5
-        return np.where(clamped, d, d / 2) + 8 * d * FP16_REL + ulps
+        return np.where(clamped, d, d / 2) + 8 * fp16_err(d) + ulps
     lo, hi = b.min(axis=1, keepdims=True), b.max(axis=1, keepdims=True)
     d = (hi - lo) / 15
-    return d / 2 + 15 * d * FP16_REL + np.abs(lo) * FP16_REL + ulps
+    return d / 2 + 15 * fp16_err(d) + fp16_err(lo) + ulps
 
 
 def blocks_of_weights(n_blocks=st.integers(1, 6)):
@@ -62,6 +67,7 @@ def blocks_of_weights(n_blocks=st.integers(1, 6)):
 @example(x=np.zeros(32, dtype=np.float32))
 @example(x=np.arange(-16, 16, dtype=np.float32))  # Q4_1 grid: step 31/15, every value off-grid but one
 @example(x=np.linspace(-1, 1, 64, dtype=np.float32))
+@example(x=np.array([0.0] * 31 + [1.1754943508222875e-38], dtype=np.float32))  # scale below fp16's range: d16 = 0
 def test_quantized_blocks_read_back_within_format_error(tmp_path_factory, type_name, x):
     got, expect = _write_one(tmp_path_factory.mktemp("q"), x, type_name)
     # exact: the reader decodes the very codes the writer packed (nibble order, scale, offset)
@@ -226,6 +232,14 @@ def test_converted_tokenizer(tmp_path):
     assert tok.padding is None and tok.truncation is None and tok.normalizer is None
 
 
+def test_add_bos_token_is_kept(tmp_path):
+    from tokenizers import Tokenizer
+    build_tiny_llama(tmp_path / "tiny.gguf", **{"tokenizer.ggml.add_bos_token": True})
+    out = convert_gguf_to_hf(tmp_path / "tiny.gguf", tmp_path / "hf")
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).encode("hi").ids[0] == 1  # <|im_start|>, the bos
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is True
+
+
 def test_convert_untied_has_lm_head(tmp_path):
     expect = build_tiny_llama(tmp_path / "tiny.gguf", untied=True)
     out = convert_gguf_to_hf(tmp_path / "tiny.gguf", tmp_path / "hf")
@@ -251,6 +265,9 @@ def test_unsupported_version(tmp_path, version):
 
 
 def test_truncated_file(tmp_path):
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(GGUFError, match=r"empty\.gguf: empty file"):
+        read_gguf(tmp_path / "empty.gguf")
     build_tiny_llama(tmp_path / "tiny.gguf")
     data = (tmp_path / "tiny.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[:-100])

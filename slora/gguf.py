@@ -6,7 +6,7 @@ References: the GGUF spec (ggml-org/ggml docs/gguf.md), ggml's block layouts (gg
 block_q4_1, block_q8_0) and llama.cpp's convert_hf_to_gguf.py (tensor names, the q/k row permutation).
 No `gguf` package and no pickle: the header is parsed with `struct`, the tensor data is a numpy memmap.
 
-Legend for shape comments: R rows (d_out), C columns (d_in), H heads, hs head size, n blocks of 32 weights.
+Legend for shape comments: n blocks of 32 weights, H heads, hs head size.
 """
 import argparse
 import json
@@ -311,28 +311,20 @@ def hf_config(gf: GGUFFile) -> dict:
         raise GGUFError(f"{gf.path}: llama.rope.scaling.type = {scaling_type!r} is not supported (none, linear)")
     tokens = _meta(gf, "tokenizer.ggml.tokens")
     vocab = gf.metadata.get("llama.vocab_size", len(tokens))
+    # grouped: sizes, attention, positions, vocabulary and special ids, then the fixed llama choices
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": _meta(gf, "llama.feed_forward_length"),
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": _meta(gf, "llama.feed_forward_length"),
         "num_hidden_layers": _meta(gf, "llama.block_count"),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "head_dim": head_dim,
+        "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "head_dim": head_dim,
         "rms_norm_eps": _f32(_meta(gf, "llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": _f32(gf.metadata.get("llama.rope.freq_base", 10000.0)),
-        "rope_scaling": rope_scaling,
+        "rope_theta": _f32(gf.metadata.get("llama.rope.freq_base", 10000.0)), "rope_scaling": rope_scaling,
         "max_position_embeddings": _meta(gf, "llama.context_length"),
-        "vocab_size": vocab,
-        "tie_word_embeddings": "output.weight" not in gf.tensors,
+        "vocab_size": vocab, "tie_word_embeddings": "output.weight" not in gf.tensors,
         "bos_token_id": gf.metadata.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": gf.metadata.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": gf.metadata.get("tokenizer.ggml.padding_token_id"),
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": "float32",
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
     }
 
 

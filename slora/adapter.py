@@ -222,7 +222,8 @@ REQUIRED_VALUES = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False}
 # Keys slora reads or that carry no maths.
 KNOWN = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
          "auto_mapping", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora",
-         "lora_dropout", "bias", "fan_in_fan_out", "init_lora_weights", "modules_to_save", "megatron_core"}
+         "lora_dropout", "bias", "fan_in_fan_out", "init_lora_weights", "modules_to_save",
+         "megatron_core", "qalora_group_size"}  # the last two only matter with megatron_config / use_qalora
 INIT_OK = (True, False, "gaussian")  # the others (pissa, olora, corda, loftq, …) also rewrite the base weights
 
 

@@ -12,6 +12,7 @@ adapter with `slora.adapter.save_adapter`, then loads the base with transformers
   - adapter: slora with LoRA vs transformers + PEFT;
   - effect:  how much the adapter moves slora's output (so the comparison is not vacuous);
   - that PEFT built LoRA on exactly slora's modules with slora's r, alpha and scaling.
+A last case goes the other way: an adapter made by PEFT loads into slora with `load_adapter`.
 Prints one line per case and exits 1 when any max |diff| exceeds --tol, or PEFT's layers differ.
 """
 import argparse
@@ -30,9 +31,9 @@ import transformers  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: E402
 
-from slora.adapter import save_adapter  # noqa: E402
+from slora.adapter import load_adapter, save_adapter  # noqa: E402
 from slora.lora import apply_lora, lora_modules  # noqa: E402
-from slora.models import save_model  # noqa: E402
+from slora.models import load_model, save_model  # noqa: E402
 from slora.models.bert import for_sequence_classification  # noqa: E402
 from tests.tiny import tiny_bert, tiny_llama  # noqa: E402
 
@@ -112,6 +113,34 @@ def compare(label, slora_base, make_hf, slora_fn, hf_fn, ranks, task_type, tmp, 
     return ok, line
 
 
+def peft_to_slora(tmp):
+    """The other direction: an adapter made and saved by PEFT (short target names, partial patterns) loads into
+    slora with `load_adapter` and gives PEFT's outputs."""
+    from peft import LoraConfig, get_peft_model
+    base_dir, adapter_dir = tmp / "p2s-base", tmp / "p2s-adapter"
+    save_model(tiny_llama(seed=15), base_dir)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.05,
+                     rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"down_proj": 3},
+                     task_type="CAUSAL_LM")
+    pm = get_peft_model(load_hf(AutoModelForCausalLM, base_dir), cfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    pm.save_pretrained(str(adapter_dir))
+    pm.eval()
+    ours = load_adapter(load_model(base_dir), adapter_dir).eval()
+    x = torch.randint(3, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(x) - pm(input_ids=x).logits).abs().max().item()
+    got = {n: (m.r, m.alpha, m.scaling) for n, m in lora_modules(ours).items()}
+    same_layers = got == peft_layers(pm)
+    line = (f"{'peft -> slora llama':<22} adapter max|diff| {diff:.2e}  slora layers {len(got)} "
+            f"{'match' if same_layers else 'DIFFER'} PEFT's r/alpha/scaling")
+    return same_layers and diff <= ARGS.tol, line
+
+
 def causal_lm(m, x, mask):
     return m(x, mask) if not hasattr(m, "base_model") else m(input_ids=x, attention_mask=mask).logits
 
@@ -152,6 +181,7 @@ def main():
                                  lambda p: load_hf(AutoModelForSequenceClassification, p, num_labels=NUM_LABELS),
                                  classifier, classifier, {f"{body}.{k}": r for k, r in ranks.items()},
                                  "SEQ_CLS", tmp, alpha=8, alpha_policy="constant", dropout=0.1))
+        cases.append(peft_to_slora(tmp))
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
           f"tolerance {ARGS.tol:g}")
     for _, line in cases:

@@ -173,22 +173,39 @@ def test_rank_zero_modules_are_not_targets(llama_adapter):
     assert all(v > 0 for v in cfg["rank_pattern"].values()) and cfg["r"] > 0
 
 
-def test_loads_a_peft_style_config_with_suffix_targets_and_defaults(tmp_path):
-    """A config as PEFT users write it: short target names, a default r/alpha, partial patterns (first match)."""
+# adapter_config.json exactly as peft 0.21.2 `save_pretrained` wrote it for LoraConfig(r=4, lora_alpha=8,
+# target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"layers.1.self_attn.q_proj": 2},
+# alpha_pattern={"down_proj": 3}, task_type="CAUSAL_LM") on transformers' LlamaForCausalLM of a tiny slora
+# checkpoint (tests/peft_compat.py's peft-to-slora case checks the outputs of such an adapter in slora).
+PEFT_0_21_2_CONFIG = {
+    "alora_invocation_tokens": None, "alpha_pattern": {"down_proj": 3}, "arrow_config": None, "auto_mapping": None,
+    "base_model_name_or_path": "/tmp/base", "bias": "none", "corda_config": None, "ensure_weight_tying": False,
+    "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+    "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+    "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8, "lora_bias": False, "lora_dropout": 0.0,
+    "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+    "monteclora_config": None, "peft_type": "LORA", "peft_version": "0.21.2", "qalora_group_size": 16, "r": 4,
+    "rank_pattern": {"layers.1.self_attn.q_proj": 2}, "revision": None,
+    "target_modules": ["down_proj", "q_proj", "v_proj"], "target_parameters": None, "task_type": "CAUSAL_LM",
+    "trainable_token_indices": None, "use_bdlora": None, "use_dora": False, "use_qalora": False,
+    "use_rslora": False, "velora_config": None}
+
+
+def test_loads_a_config_written_by_peft(tmp_path):
+    """Short target names, default r/alpha, partial patterns: PEFT's suffix and first-match rules decide."""
     model = tiny_llama(seed=3)
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj",
-           "v_proj"], "rank_pattern": {"layers.1.self_attn.q_proj": 3, "q_proj": 1},
-           "alpha_pattern": {"v_proj": 7}, "lora_dropout": 0.0, "bias": "none", "use_dora": False,
-           "layers_to_transform": None, "peft_version": "0.21.2"}
-    want = {"model.layers.0.self_attn.q_proj": (1, 4), "model.layers.0.self_attn.v_proj": (2, 7),
-            "model.layers.1.self_attn.q_proj": (3, 4), "model.layers.1.self_attn.v_proj": (2, 7)}
+    want = {}
+    for i in (0, 1):
+        want[f"model.layers.{i}.self_attn.q_proj"] = (2 if i == 1 else 4, 8)
+        want[f"model.layers.{i}.self_attn.v_proj"] = (4, 8)
+        want[f"model.layers.{i}.mlp.down_proj"] = (4, 3)
     lin = dict(model.named_modules())
     g = torch.Generator().manual_seed(0)
     tensors = {}
     for n, (r, _) in want.items():
         tensors[f"{PREFIX}{n}.lora_A.weight"] = torch.randn(r, lin[n].in_features, generator=g)
         tensors[f"{PREFIX}{n}.lora_B.weight"] = torch.randn(lin[n].out_features, r, generator=g)
-    (tmp_path / CONFIG).write_text(json.dumps(cfg))
+    (tmp_path / CONFIG).write_text(json.dumps(PEFT_0_21_2_CONFIG))
     save_file(tensors, str(tmp_path / WEIGHTS))
     load_adapter(model, tmp_path)
     assert {n: (m.r, m.alpha) for n, m in lora_modules(model).items()} == want

@@ -161,20 +161,25 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(D, self.n_kv * self.hs, bias=b)
         self.o_proj = nn.Linear(self.n_head * self.hs, D, bias=b)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, H, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)    # (B, Hkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)    # (B, Hkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # generation: keys/values of earlier positions are kept, not recomputed
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)  # (B, Hkv, S, hs), S = past + T
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
         if self.n_kv != self.n_head:  # grouped-query attention: each kv head serves H/Hkv query heads
             rep = self.n_head // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)  # (B, H, T, hs)
-            v = v.repeat_interleave(rep, dim=1)  # (B, H, T, hs)
+            k = k.repeat_interleave(rep, dim=1)  # (B, H, S, hs)
+            v = v.repeat_interleave(rep, dim=1)  # (B, H, S, hs)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask: (B, 1, T, T) bool
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask: (B, 1, T, S) bool
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hs)  # (B, T, H*hs)
         return self.o_proj(y)
 
@@ -203,26 +208,28 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 # -----------------------------------------------------------------------------
 # The model: body (`model.*`) and causal-LM head (`lm_head`)
 
-def attention_mask_4d(attention_mask: Optional[torch.Tensor], T: int, device) -> Optional[torch.Tensor]:
-    """Causal mask combined with key padding, (B, 1, T, T) bool with True = may attend; None if no padding.
+def attention_mask_4d(attention_mask: Optional[torch.Tensor], T: int, S: int, device) -> Optional[torch.Tensor]:
+    """Causal mask combined with key padding, (B, 1, T, S) bool with True = may attend; None when plain causal.
 
-    A query row with no visible key (a left-pad position) is allowed to see itself so that softmax stays finite;
-    its output is never used (its token is padding).
+    The T queries are the last T of S positions (S > T while generating with a cache). A query row with no
+    visible key (a left-pad position) may see itself so that softmax stays finite; its output is never used.
     """
-    if attention_mask is None or bool(attention_mask.all()):
-        return None
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
-    mask = causal[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
-    eye = torch.eye(T, dtype=torch.bool, device=device)
-    return mask | (eye & ~mask.any(-1, keepdim=True))
+    if T == S and (attention_mask is None or bool(attention_mask.all())):
+        return None  # SDPA's is_causal path
+    q_pos = torch.arange(S - T, S, device=device)  # (T,) absolute position of each query
+    mask = (torch.arange(S, device=device)[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+    own = torch.arange(S, device=device)[None, :] == q_pos[:, None]  # (T, S)
+    return mask | (own & ~mask.any(-1, keepdim=True))
 
 
 class LlamaModel(nn.Module):
@@ -233,23 +240,26 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def prepare(self, input_ids, attention_mask=None, position_ids=None):
+    def prepare(self, input_ids, attention_mask=None, position_ids=None, past: int = 0):
         """Embeddings and the per-forward constants every layer needs: (x, cos, sin, mask).
 
         Split out so that layer-by-layer calibration can run the layers one at a time over cached inputs.
-        Positions default to 0..T-1, as in transformers' forward (generation passes mask-derived positions).
+        Positions default to past..past+T-1, as in transformers' forward (generation passes mask-derived ones).
+        attention_mask covers all past + T positions.
         """
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)  # (B, T, D)
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)  # (B, T, hs) each
-        return x, cos, sin, attention_mask_4d(attention_mask, T, input_ids.device)
+        return x, cos, sin, attention_mask_4d(attention_mask, T, past + T, input_ids.device)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        x, cos, sin, mask = self.prepare(input_ids, attention_mask, position_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """Final hidden states (B, T, D). `cache`: one dict per layer, filled and extended in place (generation)."""
+        past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
+        x, cos, sin, mask = self.prepare(input_ids, attention_mask, position_ids, past)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, None if cache is None else cache[i])
         return self.norm(x)  # (B, T, D)
 
 
@@ -267,29 +277,34 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        return self.lm_head(self.model(input_ids, attention_mask, position_ids))  # (B, T, V)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache))  # (B, T, V)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None):
-        """Greedy decoding without a KV cache: each step re-runs the whole prefix (simple, O(T²) per token).
+        """Greedy decoding with a key/value cache: the prompt is run once, then one token per step.
 
         input_ids (B, T) may be left-padded (attention_mask 0 on the left); positions follow the mask, as in
-        transformers' generate. Returns (B, T + n) with finished rows padded by eos.
+        transformers' generate. eos_token_id: an id or a list of ids (default: the config's). Returns
+        (B, T + n); rows that finished early are filled with their eos id.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-            logits = self(input_ids, attention_mask, pos)[:, -1]  # (B, V)
+        cache = [{} for _ in self.model.layers]
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        logits = self(input_ids, attention_mask, pos, cache)[:, -1]  # (B, V)
+        for step in range(max_new_tokens):
             nxt = logits.argmax(-1)  # (B,)
-            if eos is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
-                done |= nxt == eos
+            if len(eos):
+                nxt = torch.where(done, eos[0], nxt)
+                done |= torch.isin(nxt, eos)
             input_ids = torch.cat([input_ids, nxt[:, None]], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], dim=1)
-            if eos is not None and bool(done.all()):
+            if bool(done.all()) or step == max_new_tokens - 1:
                 break
+            pos = pos[:, -1:] + 1  # (B, 1)
+            logits = self(nxt[:, None], attention_mask, pos, cache)[:, -1]
         return input_ids

@@ -1,0 +1,112 @@
+"""Sensitivity-LoRA's whole pre-training step (arXiv 2509.09119 Fig. 1): model + calibration batches -> ranks.
+
+    find_linears -> hessian.collect (or collect_streaming) -> metrics (Eqs. 8-14) -> allocate (Eq. 15)
+    -> (sensitivity.json content, ranks.json content)
+
+Works for any nn.Module built from nn.Linear whose forward takes `model(**batch)`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from slora import allocate as alloc
+from slora import hessian, metrics
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class SensitivityConfig:
+    targets: str = "all-linear"  # comma list of module-name suffixes, or "all-linear" (heads excluded)
+    mode: str = "diag"  # Hessian kept: "diag" (Σx², O(d_in)) or "full" (d_in², for "obs" and diagnostics)
+    source: str = "diag"  # sensitivity vector: "diag" (N = d_in), "full-diag" (N = d_out·d_in), "obs"
+    variant: str = "sensitivity"  # θ: "sensitivity" (Eq. 14), "global" (Sg), "local" (Sl), "half-mu" (Table 7)
+    k_frac: float = metrics.K_FRAC  # top-k fraction of N (Eq. 9)
+    alpha: float = metrics.ALPHA  # effective-rank share (Eq. 10)
+    r_avg: float = 8  # average rank; the budget is that of uniform LoRA at r_avg (App. A.2: 4 NLU, 8 NLG)
+    method: str = "sra"  # "sra" (Eq. 15), "pra" (§4.4) or "uniform"
+    categories: int = 3  # PRA groups
+    unit: str = "rank"  # budget unit: "rank" or "param" (d_in + d_out per rank)
+    r_min: int = 1  # smallest rank; 0 allowed (no adapter)
+    r_max: int | None = None  # largest rank; always capped at min(d_in, d_out) of each module
+    rounding: str = "exact"  # "exact" (largest remainder, budget met) or "paper" (independent rounding)
+    percdamp: float = 0.01  # damping λ = percdamp·mean(diag H) for H⁻¹ (mode "full")
+    blocksize: int = 128  # Cholesky block size (mode "full")
+    dtype: str = "float32"  # accumulator dtype: "float32" or "float64"
+
+    def __post_init__(self):
+        choices = {"mode": ("diag", "full"), "source": metrics.SOURCES, "variant": metrics.VARIANTS,
+                   "method": alloc.METHODS, "unit": alloc.UNITS, "rounding": ("exact", "paper"),
+                   "dtype": tuple(DTYPES)}
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        if self.source == "obs" and self.mode != "full":
+            raise ValueError("source 'obs' needs diag(H⁻¹), i.e. mode 'full'")
+
+
+def compute(model: nn.Module, batches: Iterable[dict], cfg: SensitivityConfig, *,
+            blocks: Sequence[tuple[str, nn.Module]] | None = None,
+            progress: hessian.Progress | None = None) -> tuple[dict, dict[str, int]]:
+    """Run calibration, metrics and allocation; return (sensitivity.json content, ranks.json content).
+
+    With `blocks` (qualified name, module) in forward order, the Hessians are collected block by block over
+    cached block inputs (hessian.collect_streaming), the memory strategy for mode "full" on large models.
+    A fallback to uniform ranks is logged as a warning and recorded in config["message"].
+    """
+    modules = hessian.find_linears(model, cfg.targets)
+    dtype = DTYPES[cfg.dtype]
+    kw = dict(mode=cfg.mode, dtype=dtype, percdamp=cfg.percdamp, blocksize=cfg.blocksize, progress=progress)
+    if blocks is None:
+        stats = hessian.collect(model, batches, modules, **kw)
+    else:
+        cached = hessian.capture_inputs(model, blocks[0][1], batches)
+        stats = hessian.collect_streaming(blocks, cached, cfg.targets, **kw)
+        if set(stats) != set(modules):
+            raise ValueError(f"streaming over the blocks saw other modules than `targets` selects: "
+                             f"{sorted(set(stats) ^ set(modules))[:5]}")
+    return from_stats(modules, stats, cfg)
+
+
+def from_stats(modules: dict[str, nn.Linear], stats: dict[str, hessian.HessianStats], cfg: SensitivityConfig
+               ) -> tuple[dict, dict[str, int]]:
+    """Metrics (Eqs. 8-14) and ranks (Eq. 15 / PRA / uniform) from Hessian statistics keyed like `modules`."""
+    shapes = {n: (m.in_features, m.out_features) for n, m in modules.items()}
+    table = {}
+    for name, m in modules.items():
+        st = stats[name]
+        vec = metrics.sensitivity_vector(st.diag, source=cfg.source, d_out=m.out_features,
+                                         inv_diag=st.inv_diag, weight=m.weight)
+        table[name] = metrics.module_metrics(vec, k_frac=cfg.k_frac, alpha=cfg.alpha, name=name)
+    agg = metrics.aggregate(table, cfg.variant)
+
+    # a rank above min(d_in, d_out) adds nothing to a LoRA update, so that caps r_max per module
+    cap = {n: min(d_in, d_out) if cfg.r_max is None else min(d_in, d_out, cfg.r_max)
+           for n, (d_in, d_out) in shapes.items()}
+    result = alloc.allocate(agg.theta, cfg.r_avg, method=cfg.method, unit=cfg.unit, shapes=shapes,
+                            rounding=cfg.rounding, categories=cfg.categories, r_min=cfg.r_min, r_max=cap)
+    if result.message:
+        log.warning("rank allocation: %s", result.message)
+
+    config = asdict(cfg) | {
+        "budget": {"unit": result.unit, "target": result.target, "achieved": result.achieved},
+        "message": result.message,
+        "hessian": {n: _diagnostics(stats[n]) for n in modules}}
+    tokens = {n: stats[n].tokens for n in modules}
+    sensitivity = metrics.sensitivity_json(shapes, tokens, table, agg, config)
+    return sensitivity, {n: result.ranks[n] for n in modules}
+
+
+def _diagnostics(st: hessian.HessianStats) -> dict:
+    """Per-module Hessian facts worth keeping next to the metrics: sharing, dead inputs, damping, dominance."""
+    out = {"shared_with": st.owner, "dead_inputs": st.dead}
+    if st.damping is not None:
+        out |= {"damping": st.damping, "percdamp": st.percdamp, "offdiag_share": st.offdiag_share,
+                "dominant_rows": st.dominant_rows}
+    return out

@@ -1,0 +1,500 @@
+"""Tasks and data: task specs, readers (GLUE, offline stand-ins, JSONL), seeded splits, calibration sets, batches.
+
+  spec = get_task(name); splits = load_task(name, glue_dir=..., seed=0)   -> {"train", "dev"[, "test"]}
+  spec, splits = load_jsonl(kind, train_path[, dev_path])                 (user data)
+The splits have the same roles for every task: fine-tune on "train", evaluate every epoch (and select) on "dev",
+report "test" once at the end where it exists.
+  - GLUE: train.tsv -> train, dev.tsv -> dev (GLUE's test labels are hidden): the usual GLUE protocol. With
+    holdout=f > 0 a seeded fraction f of train.tsv becomes "dev" for selection and dev.tsv becomes "test".
+    MNLI adds dev_mismatched.tsv as "dev_mismatched" ("test_mismatched" with a holdout).
+  - Stand-ins: one seeded 80/10/10 split; dev and test get floor(n/10) items each, train the rest.
+Split rule (`seeded_order`): items sorted by `uid`, then permuted by torch.randperm(n, generator=torch.Generator()
+.manual_seed(seed)); test is the last block, dev the block before. Hash seed, dict and file order play no part.
+Batches: dicts of input_ids, attention_mask[, token_type_ids][, labels] tensors, model(**batch)-ready.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from tokenizers import Tokenizer
+
+from slora.scoring import GLUE_METRICS
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (torch cross_entropy's default ignore_index)
+
+
+# -----------------------------------------------------------------------------
+# Examples and task specs
+
+
+@dataclass(frozen=True)
+class Example:
+    uid: str                             # stable identity: "<file name>:<line>", a VADER ID or a Wikipedia title
+    text: str                            # the sentence, the first of a pair, or the generation prompt
+    text_pair: str | None = None         # second sentence of a pair task
+    label: int | float | str | None = None  # class id | regression target | reference text | None (calibration)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str                            # the key in TASKS
+    kind: str                            # "classification" | "regression" | "generation"
+    num_labels: int                      # classes; 1 for regression (one output); 0 for generation (LM head)
+    text_fields: tuple[str, ...]         # columns/fields read as text (and text_pair)
+    label_field: str                     # column/field read as the label
+    metrics: tuple[str, ...]             # names for slora.scoring.score
+    main_metric: str                     # the one that ranks runs
+    label_names: tuple[str, ...] = ()    # file value of each class id, in id order
+    label_range: tuple[float, float] | None = None  # regression targets must lie in [lo, hi]
+    folder: str | None = None            # sub-folder of GLUE_DIR (GLUE tasks only)
+
+    def __post_init__(self):
+        if self.kind not in ("classification", "regression", "generation"):
+            raise ValueError(f"task {self.name}: unknown kind {self.kind!r}")
+        if self.main_metric not in self.metrics:
+            raise ValueError(f"task {self.name}: main metric {self.main_metric!r} not in {self.metrics}")
+
+
+def _glue(name, folder, fields, label, label_names=(), label_range=None, kind="classification"):
+    metrics, main = GLUE_METRICS[name]
+    n = 1 if kind == "regression" else len(label_names)
+    return TaskSpec(name, kind, n, fields, label, metrics, main, label_names, label_range, folder)
+
+
+# CoLA's train/dev files have no header; these are its columns (GLUE's CoLA README).
+COLA_COLUMNS = ("source", "label", "original_label", "sentence")
+NLI2 = ("entailment", "not_entailment")
+WIKI_TOPICS = ("Arts", "Biology and health sciences", "Everyday life", "Geography", "History", "Mathematics",
+               "People", "Philosophy and religion", "Physical sciences", "Society and social sciences",
+               "Technology")  # the 11 topics of the Vital Articles file, sorted; "Uncategorized" is dropped
+GEN_METRICS = ("bleu4", "rouge1", "rougeL")
+
+TASKS = {
+    "cola": _glue("cola", "CoLA", ("sentence",), "label", ("0", "1")),
+    "sst2": _glue("sst2", "SST-2", ("sentence",), "label", ("0", "1")),
+    "mrpc": _glue("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1")),
+    "stsb": _glue("stsb", "STS-B", ("sentence1", "sentence2"), "score", label_range=(0.0, 5.0), kind="regression"),
+    "qqp": _glue("qqp", "QQP", ("question1", "question2"), "is_duplicate", ("0", "1")),
+    "mnli": _glue("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label", ("contradiction", "entailment", "neutral")),
+    "qnli": _glue("qnli", "QNLI", ("question", "sentence"), "label", NLI2),
+    "rte": _glue("rte", "RTE", ("sentence1", "sentence2"), "label", NLI2),
+    # Offline stand-ins (docs/assets.md): VADER movie sentences and Wikipedia Vital Articles.
+    "rt-polarity": TaskSpec("rt-polarity", "classification", 2, ("text",), "sign(mean_rating)",
+                            ("accuracy", "f1", "mcc"), "accuracy", ("negative", "positive")),
+    "rt-regression": TaskSpec("rt-regression", "regression", 1, ("text",), "mean_rating",
+                              ("pearson", "spearman", "pearson_spearman"), "pearson_spearman", label_range=(-4.0, 4.0)),
+    "wiki-topic": TaskSpec("wiki-topic", "classification", len(WIKI_TOPICS), ("extract",), "topic",
+                           ("accuracy",), "accuracy", WIKI_TOPICS),
+    # ROUGE-L ranks runs: on descriptions of ~6 words it is steadier than corpus BLEU-4.
+    "wiki-describe": TaskSpec("wiki-describe", "generation", 0, ("title", "extract"), "description",
+                              GEN_METRICS, "rougeL"),
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (JSONL data: load_jsonl)")
+    return TASKS[name]
+
+
+# -----------------------------------------------------------------------------
+# Seeded splits
+
+
+def seeded_order(items: Sequence[Example], seed: int) -> list[Example]:
+    """Items sorted by uid, then permuted by a torch.Generator seeded with `seed`."""
+    ordered = sorted(items, key=lambda e: e.uid)
+    perm = torch.randperm(len(ordered), generator=torch.Generator().manual_seed(seed))
+    return [ordered[i] for i in perm.tolist()]
+
+
+def seeded_split(items: Sequence[Example], n_dev: int, n_test: int, seed: int, source) -> dict[str, list]:
+    """train / dev [/ test] of the seeded order: test is its last n_test items, dev the n_dev before them."""
+    order, n_train = seeded_order(items, seed), len(items) - n_dev - n_test
+    if n_dev < 1 or n_train < 1:
+        raise ValueError(f"{source}: {len(items)} items cannot give {n_dev} dev, {n_test} test and >= 1 train")
+    return {"train": order[:n_train], "dev": order[n_train:n_train + n_dev]} | (
+        {"test": order[n_train + n_dev:]} if n_test else {})
+
+
+def carve(items: Sequence[Example], fraction: float, seed: int, source) -> dict[str, list]:
+    """train / dev with floor(fraction·n) items in dev (+1e-9: 0.29·100 is 28.999... in floats)."""
+    return seeded_split(items, math.floor(len(items) * fraction + 1e-9), 0, seed, source)
+
+
+# -----------------------------------------------------------------------------
+# GLUE from a local folder in the standard layout (GLUE_DIR/<Task>/{train,dev}.tsv)
+
+
+def _tsv(path: Path) -> list[tuple[int, list[str]]]:
+    """(1-based line number, tab-separated fields) of each non-empty line. No quote handling: GLUE's and VADER's
+    files are not CSV-quoted (transformers reads GLUE with quotechar=None). CRLF endings and a UTF-8 byte-order
+    mark (MRPC) are dropped."""
+    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    return [(i, line.rstrip("\r").split("\t")) for i, line in enumerate(lines, start=1) if line.rstrip("\r")]
+
+
+def _check_width(path: Path, i: int, fields: list[str], width: int) -> None:
+    if len(fields) != width:
+        raise ValueError(f"{path}:{i}: malformed line, {len(fields)} tab-separated fields where {width} are expected")
+
+
+def _parse_label(spec: TaskSpec, raw: str, where: str) -> int | float:
+    if spec.kind == "regression":
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{where}: label {raw!r} is not a number") from None
+        if not spec.label_range[0] <= value <= spec.label_range[1]:  # also rejects nan
+            raise ValueError(f"{where}: label {raw!r} out of range {list(spec.label_range)}")
+        return value
+    if raw not in spec.label_names:
+        raise ValueError(f"{where}: label {raw!r} out of range for task {spec.name}; expected one of "
+                         f"{list(spec.label_names)}")
+    return spec.label_names.index(raw)
+
+
+def read_glue_tsv(spec: TaskSpec, path) -> list[Example]:
+    """One GLUE TSV file as Examples; every line must have as many fields as the header (CoLA: COLA_COLUMNS)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: GLUE file not found (expected GLUE_DIR/{spec.folder}/{path.name})")
+    rows = _tsv(path)
+    if spec.name != "cola" and not rows:
+        raise ValueError(f"{path}: empty file, expected a header line")
+    header, rows = (list(COLA_COLUMNS), rows) if spec.name == "cola" else (rows[0][1], rows[1:])
+    missing = [c for c in spec.text_fields + (spec.label_field,) if c not in header]
+    if missing:
+        raise ValueError(f"{path}:1: header lacks column(s) {missing} of task {spec.name}; header is {header}")
+    cols = [header.index(c) for c in spec.text_fields]
+    out = []
+    for i, fields in rows:
+        _check_width(path, i, fields, len(header))
+        texts = [fields[c] for c in cols] + [None]
+        label = _parse_label(spec, fields[header.index(spec.label_field)], f"{path}:{i}")
+        out.append(Example(f"{path.name}:{i}", texts[0], texts[1], label))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Offline stand-ins from the fetched assets ($SLORA_HOME/data, see docs/assets.md)
+
+VADER_FILES = {"rt": "movieReviewSnippets", "tweets": "tweets", "amazon": "amazonReviewSnippets",
+               "nyt": "nytEditorialSnippets"}
+# The wiki-describe instruction; the model answers with the article's short description.
+DESCRIBE_PROMPT = "Write a short description (a few words) of this Wikipedia article.\n\nTitle: {title}\n\n{extract}"
+
+
+def _data_root(data_dir) -> Path:
+    if data_dir is not None:
+        return Path(data_dir)
+    from slora.assets import data_dir as assets_data_dir  # lazy: slora.assets owns SLORA_HOME and fetching
+    return Path(assets_data_dir())
+
+
+def read_vader(name: str, data_dir=None) -> list[tuple[str, float, str]]:
+    """(ID, mean rating in [-4, 4], text) for each line `ID\\tmean_rating\\ttext` of a VADER ground-truth file."""
+    path = _data_root(data_dir) / "vader" / f"{VADER_FILES[name]}_GroundTruth.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: VADER ground truth not found (run `python -m slora.assets`)")
+    out = []
+    for i, fields in _tsv(path):
+        _check_width(path, i, fields, 3)
+        out.append((fields[0], _parse_label(TASKS["rt-regression"], fields[1], f"{path}:{i}"), fields[2]))
+    return out
+
+
+def read_wiki(data_dir=None) -> list[dict]:
+    """The Vital Articles summaries as a list of {title, extract, description, topic}, sorted by title."""
+    path = _data_root(data_dir) / "wiki" / "summaries_en-us.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: Wikipedia summaries not found (run `python -m slora.assets`)")
+    items = json.loads(path.read_text(encoding="utf-8"))
+    for key, item in items.items():
+        missing = [f for f in ("title", "extract", "description", "topic") if not isinstance(item.get(f), str)]
+        if missing:
+            raise ValueError(f"{path}: entry {key!r} lacks string field(s) {missing}")
+    return sorted(items.values(), key=lambda d: d["title"])
+
+
+def standin_examples(spec: TaskSpec, data_dir=None) -> list[Example]:
+    """All items of a stand-in task, before splitting."""
+    if spec.name in ("rt-polarity", "rt-regression"):
+        rows = read_vader("rt", data_dir)
+        if spec.name == "rt-regression":
+            return [Example(uid, text, None, rating) for uid, rating, text in rows]
+        # polarity: label = sign of the mean rating; the neutral (exactly 0) sentences have no sign
+        return [Example(uid, text, None, int(rating > 0)) for uid, rating, text in rows if rating != 0]
+    wiki = read_wiki(data_dir)
+    if spec.name == "wiki-topic":
+        unknown = sorted({d["topic"] for d in wiki} - set(WIKI_TOPICS) - {"Uncategorized"})
+        if unknown:
+            raise ValueError(f"wiki-topic: unexpected topic(s) {unknown} in the summaries file")
+        # the extract names its subject in its first sentence, so the title adds nothing
+        return [Example(d["title"], d["extract"], None, WIKI_TOPICS.index(d["topic"]))
+                for d in wiki if d["topic"] != "Uncategorized"]
+    return [Example(d["title"], DESCRIBE_PROMPT.format(**d), None, d["description"])
+            for d in wiki if d["description"].strip()]
+
+
+def load_task(name: str, *, glue_dir=None, data_dir=None, seed: int = 0,
+              holdout: float = 0.0) -> dict[str, list[Example]]:
+    """The splits of a named task (roles and split rule: module docstring). glue_dir: the folder holding CoLA/,
+    SST-2/, ... (GLUE only). data_dir: the assets' data folder, default slora.assets.data_dir(). holdout: the
+    fraction of GLUE's train.tsv carved out as "dev"."""
+    spec = get_task(name)
+    if spec.folder is not None:
+        if glue_dir is None:
+            raise ValueError(f"task {name} reads GLUE from a local folder: pass glue_dir (GLUE_DIR/{spec.folder}/)")
+        folder = Path(glue_dir) / spec.folder
+        files = {"dev": "dev_matched.tsv", "dev_mismatched": "dev_mismatched.tsv"} if name == "mnli" else {}
+        train = read_glue_tsv(spec, folder / "train.tsv")
+        devs = {k: read_glue_tsv(spec, folder / f) for k, f in (files or {"dev": "dev.tsv"}).items()}
+        if holdout == 0.0:
+            return {"train": train, **devs}
+        # select on a seeded part of train.tsv; GLUE's dev files become the held-out test sets
+        tests = {k.replace("dev", "test"): v for k, v in devs.items()}
+        return carve(train, holdout, seed, folder / "train.tsv") | tests
+    if holdout:
+        raise ValueError(f"task {name} already has a seeded dev split; holdout applies to GLUE and JSONL only")
+    items = standin_examples(spec, data_dir)
+    return seeded_split(items, len(items) // 10, len(items) // 10, seed, f"task {name}")
+
+
+# -----------------------------------------------------------------------------
+# Generic JSONL: classification {"text", ["text_pair"], "label"} or instructions {"prompt", "response"}
+
+
+def read_jsonl(path, kind: str) -> list[Example]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: JSONL file not found")
+    need = {"classification": {"text": str, "label": int}, "instructions": {"prompt": str, "response": str}}[kind]
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{i}: expected a JSON object")
+        pair = obj.get("text_pair")
+        for key, typ in need.items():  # bool is an int subclass in Python, so reject it explicitly
+            if not isinstance(obj.get(key), typ) or isinstance(obj.get(key), bool):
+                raise ValueError(f"{path}:{i}: field {key!r} must be of type {typ.__name__}, got {obj.get(key)!r}")
+        if pair is not None and not isinstance(pair, str):
+            raise ValueError(f"{path}:{i}: field 'text_pair' must be of type str, got {pair!r}")
+        texts = (obj["prompt"], None, obj["response"]) if kind == "instructions" else (obj["text"], pair, obj["label"])
+        out.append(Example(f"{path.name}:{i}", *texts))
+    if not out:
+        raise ValueError(f"{path}: no examples")
+    return out
+
+
+def load_jsonl(kind: str, train, dev=None, test=None, *, num_labels: int | None = None, seed: int = 0,
+               holdout: float = 0.1) -> tuple[TaskSpec, dict[str, list[Example]]]:
+    """(spec, splits) for user JSONL files. kind: "classification" (integer labels 0..num_labels-1; num_labels
+    defaults to 1 + the largest train label) or "instructions". Without a dev file a seeded `holdout` fraction
+    of train becomes dev."""
+    if kind not in ("classification", "instructions"):
+        raise ValueError(f"JSONL kind must be 'classification' or 'instructions', got {kind!r}")
+    splits = {"train": read_jsonl(train, kind)}
+    splits = carve(splits["train"], holdout, seed, train) if dev is None else splits | {"dev": read_jsonl(dev, kind)}
+    splits |= {"test": read_jsonl(test, kind)} if test is not None else {}
+    if kind == "instructions":
+        return TaskSpec("jsonl-instructions", "generation", 0, ("prompt",), "response", GEN_METRICS, "rougeL"), splits
+    k = num_labels if num_labels is not None else 1 + max(e.label for e in splits["train"])
+    bad = [(e.uid, e.label) for part in splits.values() for e in part if not 0 <= e.label < k]
+    if bad:
+        raise ValueError(f"{bad[0][0]}: label {bad[0][1]} out of range [0, {k})")
+    return TaskSpec("jsonl-classification", "classification", k, ("text", "text_pair"), "label", ("accuracy",),
+                    "accuracy", tuple(str(i) for i in range(k))), splits
+
+
+# -----------------------------------------------------------------------------
+# Calibration sets (paper §4.7: by default the task's own training inputs)
+
+CALIBRATION_SOURCES = ("task", "ptb", "wiki") + tuple(VADER_FILES)
+
+
+def _text_file_examples(path: Path) -> list[Example]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: calibration text not found")
+    return [Example(f"{path.name}:{i}", s.strip())
+            for i, s in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1) if s.strip()]
+
+
+def calibration_examples(source: str, n: int, *, train: Sequence[Example] | None = None, seed: int = 0,
+                         data_dir=None) -> list[Example]:
+    """n sequences drawn without replacement (the seeded order's first n) from a source: "task" (the task's
+    `train` examples; their inputs are used), "ptb" (PTB train lines), "wiki" (article extracts), "tweets",
+    "amazon", "nyt", "rt" (VADER sentences), or the path of a text file with one sequence per non-empty line."""
+    if source == "task":
+        if train is None:
+            raise ValueError("calibration source 'task' needs the task's train examples")
+        pool = list(train)
+    elif source == "ptb":
+        pool = _text_file_examples(_data_root(data_dir) / "ptb" / "train.txt")
+    elif source == "wiki":
+        pool = [Example(d["title"], d["extract"]) for d in read_wiki(data_dir)]
+    elif source in VADER_FILES:
+        pool = [Example(uid, text) for uid, _, text in read_vader(source, data_dir)]
+    elif Path(source).is_file():
+        pool = _text_file_examples(Path(source))
+    else:
+        raise ValueError(f"calibration source {source!r} is neither one of {CALIBRATION_SOURCES} nor a file")
+    if not 0 < n <= len(pool):
+        raise ValueError(f"calibration source {source!r} has {len(pool)} sequences; cannot draw {n}")
+    return seeded_order(pool, seed)[:n]
+
+
+def calibration_batches(tok: Tokenizer, examples: Sequence[Example], *, decoder: bool, max_len: int,
+                        batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Input batches (no labels) in the examples' order. Task examples are encoded as in training (pairs for the
+    encoder, chat-formatted prompt + response for the decoder); plain text as one sequence."""
+    if decoder:
+        feats = [Features(encode_lm(tok, [e], max_len)[0].input_ids if isinstance(e.label, str)
+                          else _ids(tok, e.text)[:max_len]) for e in examples]
+    else:
+        feats = [Features(f.input_ids, f.token_type_ids) for f in encode_encoder(tok, examples, max_len)]
+    return list(iterate_batches(feats, batch_size, pad_id))
+
+
+# -----------------------------------------------------------------------------
+# Tokenization
+
+
+@dataclass
+class Features:
+    input_ids: list[int]
+    token_type_ids: list[int] | None = None         # encoder segment ids; None for decoders
+    labels: int | float | list[int] | None = None   # class id | target | per-token ids (-100 = no loss)
+
+
+def encode_encoder(tok: Tokenizer, examples: Sequence[Example], max_len: int) -> list[Features]:
+    """Single sentences or pairs through the tokenizer's post-processor ([CLS] a [SEP] (b [SEP])), truncated to
+    max_len longest-first as the tokenizers library does: the shorter text keeps min(its length, budget//2)
+    tokens, the longer one the rest. Labels: class ids and regression targets pass through, others become None."""
+    a_all = tok.encode_batch([e.text for e in examples], add_special_tokens=False)
+    b_all = tok.encode_batch([e.text_pair or "" for e in examples], add_special_tokens=False)
+    out = []
+    for e, a, b in zip(examples, a_all, b_all):
+        b = b if e.text_pair is not None else None
+        budget = max_len - tok.num_special_tokens_to_add(b is not None)
+        if budget < (2 if b is not None else 1):
+            raise ValueError(f"max_len {max_len} leaves no room for text after the special tokens")
+        keep_a = min(len(a.ids), budget)
+        if b is not None:
+            short = min(len(a.ids), len(b.ids), budget // 2)
+            keep_a = short if len(a.ids) <= len(b.ids) else min(len(a.ids), budget - short)
+            if len(b.ids) > budget - keep_a:
+                b.truncate(budget - keep_a)
+        if len(a.ids) > keep_a:
+            a.truncate(keep_a)
+        enc = tok.post_process(a, b, add_special_tokens=True)
+        out.append(Features(enc.ids, enc.type_ids, e.label if isinstance(e.label, (int, float)) else None))
+    return out
+
+
+def uses_chatml(tok: Tokenizer) -> bool:
+    """True when the vocabulary has ChatML's markers (SmolLM2-Instruct); both must then be present."""
+    start, end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
+    if (start is None) != (end is None):
+        raise ValueError("tokenizer has only one of <|im_start|> / <|im_end|>; cannot build the chat format")
+    return start is not None
+
+
+def _ids(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def encode_prompt_parts(tok: Tokenizer, prompt: str, max_prompt: int) -> list[int]:
+    """Prompt ids, ending where the response starts. ChatML: <|im_start|>user\\n{prompt}<|im_end|>\\n
+    <|im_start|>assistant\\n (no system turn); otherwise the prompt then "\\n". The markers are inserted by id, so
+    they need not be registered as added tokens. Only the prompt body is cut (from its end) to fit max_prompt."""
+    if uses_chatml(tok):
+        s, e = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
+        head, tail = [s] + _ids(tok, "user\n"), [e] + _ids(tok, "\n") + [s] + _ids(tok, "assistant\n")
+    else:
+        head, tail = [], _ids(tok, "\n")
+    room = max_prompt - len(head) - len(tail)
+    if room < 1:
+        raise ValueError(f"max length {max_prompt} leaves no room for the prompt inside its chat markers")
+    return head + _ids(tok, prompt)[:room] + tail
+
+
+def encode_lm(tok: Tokenizer, examples: Sequence[Example], max_len: int, eos_id: int | None = None) -> list[Features]:
+    """Prompt + response (the example's label) for causal-LM training, labels = IGNORE_INDEX on the prompt: the
+    loss is on response tokens only. The response ends with <|im_end|> (ChatML) or eos_id (plain; nothing if
+    None), so the model learns to stop, and keeps up to max_len//2 tokens; the prompt body is cut to fit the rest.
+    No BOS token: SmolLM2's chat template has none."""
+    end = [tok.token_to_id("<|im_end|>")] if uses_chatml(tok) else ([eos_id] if eos_id is not None else [])
+    out = []
+    for e in examples:
+        response = (_ids(tok, e.label) + end)[:max_len // 2]
+        prompt = encode_prompt_parts(tok, e.text, max_len - len(response))
+        out.append(Features(prompt + response, None, [IGNORE_INDEX] * len(prompt) + response))
+    return out
+
+
+def encode_prompts(tok: Tokenizer, examples: Sequence[Example], max_len: int) -> list[Features]:
+    """Generation prompts (no response) for batched greedy decoding; batch them with side="left"."""
+    return [Features(encode_prompt_parts(tok, e.text, max_len)) for e in examples]
+
+
+def decode_generations(tok: Tokenizer, output_ids: torch.Tensor, prompt_width: int,
+                       stop_ids: Sequence[int]) -> list[str]:
+    """The text generated after a left-padded prompt batch of width prompt_width, cut at the first stop id."""
+    rows = output_ids[:, prompt_width:].tolist()
+    cuts = [next((i for i, t in enumerate(row) if t in stop_ids), len(row)) for row in rows]
+    return [tok.decode(row[:cut], skip_special_tokens=True).strip() for row, cut in zip(rows, cuts)]
+
+
+# -----------------------------------------------------------------------------
+# Batching
+
+
+def collate(feats: Sequence[Features], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence of this batch (dynamic padding). Keys: input_ids (pad_id), attention_mask
+    (1 = real token), token_type_ids (0) when present, labels: (B,) long for classes, (B,) float32 for
+    regression, (B, T) long padded with IGNORE_INDEX for token labels."""
+    if side not in ("right", "left"):
+        raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
+    T = max(len(f.input_ids) for f in feats)
+
+    def pad(seq, value):
+        fill = [value] * (T - len(seq))
+        return list(seq) + fill if side == "right" else fill + list(seq)
+
+    batch = {"input_ids": torch.tensor([pad(f.input_ids, pad_id) for f in feats], dtype=torch.long),
+             "attention_mask": torch.tensor([pad([1] * len(f.input_ids), 0) for f in feats], dtype=torch.long)}
+    if feats[0].token_type_ids is not None:
+        batch["token_type_ids"] = torch.tensor([pad(f.token_type_ids, 0) for f in feats], dtype=torch.long)
+    labels = [f.labels for f in feats]
+    if all(isinstance(y, list) for y in labels):
+        batch["labels"] = torch.tensor([pad(y, IGNORE_INDEX) for y in labels], dtype=torch.long)
+    elif all(isinstance(y, int) for y in labels):
+        batch["labels"] = torch.tensor(labels, dtype=torch.long)
+    elif all(isinstance(y, (int, float)) for y in labels):
+        batch["labels"] = torch.tensor(labels, dtype=torch.float32)
+    elif any(y is not None for y in labels):
+        raise ValueError("a batch mixes label types (class ids, targets, token labels or none)")
+    return batch
+
+
+def iterate_batches(feats: Sequence[Features], batch_size: int, pad_id: int, *,
+                    generator: torch.Generator | None = None, side: str = "right") -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of `batch_size` features. With a generator the order is torch.randperm(n, generator): seed one
+    generator once for the whole run and each epoch gets a new, reproducible order. Without one the input order
+    is kept (evaluation: predictions line up with the examples)."""
+    n = len(feats)
+    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+    for i in range(0, n, batch_size):
+        yield collate([feats[j] for j in order[i:i + batch_size]], pad_id, side)

@@ -156,21 +156,33 @@ def _tokens(name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tens
     return x.reshape(-1, x.shape[-1])  # e.g. (B, d_in) head inputs: every row is one sample
 
 
-class _HighestMatmulPrecision:
-    """Disable TF32 while accumulating: X·Xᵀ in TF32 has ~1e-3 relative error (GPTQ also turns it off)."""
+class _Calibrating:
+    """no_grad, eval mode (dropout off, so calibration is deterministic) and TF32 off (X·Xᵀ in TF32 errs by
+    ~1e-3; GPTQ turns it off too); every module's train flag and the matmul precision are restored on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
 
     def __enter__(self):
-        self.saved = torch.get_float32_matmul_precision()
+        self.flags = {m: m.training for m in self.model.modules()}
+        self.precision = torch.get_float32_matmul_precision()
+        self.grad = torch.no_grad()
+        self.grad.__enter__()
+        self.model.eval()
         torch.set_float32_matmul_precision("highest")
 
     def __exit__(self, *exc):
-        torch.set_float32_matmul_precision(self.saved)
+        torch.set_float32_matmul_precision(self.precision)
+        for m, flag in self.flags.items():
+            m.train(flag)
+        self.grad.__exit__(*exc)
 
 
 def accumulate(model: nn.Module, batches: Iterable[dict], modules: dict[str, nn.Linear], *, mode: str = "diag",
                dtype: torch.dtype = torch.float32, progress: Progress | None = None
                ) -> dict[str, HessianAccumulator]:
-    """One calibration pass: `model(**batch)` for each batch, with hooks on `modules`, under torch.no_grad().
+    """One calibration pass: `model(**batch)` for each batch, with hooks on `modules`, under torch.no_grad()
+    in eval mode.
 
     Tokens where batch["attention_mask"] (B, T) is 0 are dropped. Modules with a shared input map to the same
     accumulator object. Accumulators live on the device of the inputs (the model's device).
@@ -180,7 +192,7 @@ def accumulate(model: nn.Module, batches: Iterable[dict], modules: dict[str, nn.
     hooks = _Hooks(modules, mode, dtype)
     total = len(batches) if hasattr(batches, "__len__") else None
     try:
-        with torch.no_grad(), _HighestMatmulPrecision():
+        with _Calibrating(model):
             for i, batch in enumerate(batches):
                 hooks.start_batch(batch.get("attention_mask"))
                 model(**batch)
@@ -357,7 +369,7 @@ def capture_inputs(model: nn.Module, block: nn.Module, batches: Iterable[dict]) 
         cache.append(CachedInput(tuple(args), dict(kwargs), mask[0]))
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.no_grad():
+        with _Calibrating(model):
             for batch in batches:
                 mask[0], before = batch.get("attention_mask"), len(cache)
                 model(**batch)
@@ -388,7 +400,7 @@ def collect_streaming(blocks: Sequence[tuple[str, nn.Module]], inputs: list[Cach
         modules = {f"{prefix}.{n}": m for n, m in local.items()}
         hooks = _Hooks(modules, mode, dtype)
         try:
-            with torch.no_grad(), _HighestMatmulPrecision():
+            with _Calibrating(block):
                 for i, c in enumerate(inputs):
                     hooks.start_batch(c.mask)
                     out = block(hidden[i], *c.args[1:], **c.kwargs)

@@ -75,6 +75,26 @@ def test_hooks_are_removed_when_the_forward_raises():
     assert not model.q._forward_pre_hooks
 
 
+def test_calibration_runs_in_eval_mode_and_restores_train_flags():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    model.train()
+    model[2].eval()  # a mixed state must come back exactly as it was
+
+    class Call(nn.Module):  # model(**batch) needs keyword inputs
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net(x)
+    wrapped = Call()
+    mods = hessian.find_linears(wrapped, "all-linear")
+    batch = [{"x": torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))}]
+    first, second = (hessian.accumulate(wrapped, batch, mods, mode="full")["net.2"].value for _ in range(2))
+    assert torch.equal(first, second)  # dropout was off
+    assert [m.training for m in model] == [True, True, False]
+
+
 def test_unused_target_and_mismatched_mask_are_errors_naming_the_module():
     model = Probe(4, shared=True)
     unused = {"q": model.q, "lonely": nn.Linear(4, 4)}

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from strategies import TinyModel, token_batches
 from slora import hessian
+from slora.models.bert import BertConfig, BertForSequenceClassification
+from slora.models.llama import LlamaConfig, LlamaForCausalLM
 from slora.sensitivity import SensitivityConfig, compute, from_stats
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -92,6 +94,38 @@ def test_a_single_module_falls_back_to_uniform_with_a_logged_reason(caplog):
         sens, ranks = compute(MODEL, BATCHES, SensitivityConfig(targets="layers.0.mlp.down_proj", r_avg=3))
     assert ranks == {"layers.0.mlp.down_proj": 3}
     assert "σ = 0" in sens["config"]["message"] and "σ = 0" in caplog.text
+
+
+def test_wired_to_slora_llama_with_streaming_over_its_decoder_layers():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=50)
+    model = LlamaForCausalLM(cfg)
+    batches = token_batches(3, vocab=50, seed=4)
+    sc = SensitivityConfig(mode="full", source="obs", r_avg=4)
+    blocks = [(f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
+    sens, ranks = compute(model, batches, sc)
+    assert compute(model, batches, sc, blocks=blocks) == (sens, ranks)
+    assert len(ranks) == 14 and "lm_head" not in ranks and sum(ranks.values()) == 4 * 14
+    shared = sens["config"]["hessian"]
+    assert shared["model.layers.1.self_attn.v_proj"]["shared_with"] == "model.layers.1.self_attn.q_proj"
+    assert shared["model.layers.1.mlp.up_proj"]["shared_with"] == "model.layers.1.mlp.gate_proj"
+
+
+def test_wired_to_slora_bert_with_padding_and_heads_left_out():
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                     intermediate_size=48, vocab_size=32), 3)
+    model.train()  # calibration must switch dropout off by itself, and give the train flag back
+    batches = token_batches(3, seed=5)
+    every = hessian.find_linears(model, "all-linear")
+    assert not [n for n in every if "pooler" in n or "classifier" in n] and len(every) == 12
+    sens, ranks = compute(model, batches, SensitivityConfig(targets="query,value", r_avg=4))
+    assert compute(model, batches, SensitivityConfig(targets="query,value", r_avg=4)) == (sens, ranks)
+    assert model.training and list(ranks) == [f"bert.encoder.layer.{i}.attention.self.{m}"
+                                              for i in range(2) for m in ("query", "value")]
+    n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert {m["tokens"] for m in sens["modules"].values()} == {n_tokens}
 
 
 # -----------------------------------------------------------------------------

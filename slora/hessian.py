@@ -104,13 +104,17 @@ class _Hooks:
     counted once. Weak references keep identity checks safe without holding activations alive.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], mode: str, dtype: torch.dtype):
+    def __init__(self, mode: str, dtype: torch.dtype):
         self.mode, self.dtype = mode, dtype
         self.accs: dict[str, HessianAccumulator] = {}  # owner name -> accumulator
         self.owner: dict[str, str] = {}  # module name -> owner name
         self.mask: torch.Tensor | None = None
         self.seen: dict[int, tuple[weakref.ref, str]] = {}
-        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
+        self.handles: list = []
+
+    def attach(self, modules: dict[str, nn.Linear]) -> None:
+        for n, m in modules.items():
+            self.handles.append(m.register_forward_pre_hook(self._hook(n)))
 
     def start_batch(self, mask: torch.Tensor | None) -> None:
         self.mask, self.seen = mask, {}
@@ -189,9 +193,10 @@ def accumulate(model: nn.Module, batches: Iterable[dict], modules: dict[str, nn.
     Peak memory: the model's forward pass plus one accumulator per distinct input: d_in² numbers each in
     "full" mode (LLaMA-7B: ~22 GB fp32 for all 32 layers, hence `collect_streaming`), d_in in "diag" mode.
     """
-    hooks = _Hooks(modules, mode, dtype)
+    hooks = _Hooks(mode, dtype)
     total = len(batches) if hasattr(batches, "__len__") else None
     try:
+        hooks.attach(modules)
         with _Calibrating(model):
             for i, batch in enumerate(batches):
                 hooks.start_batch(batch.get("attention_mask"))
@@ -211,23 +216,28 @@ def block_cholesky(a: torch.Tensor, blocksize: int = 128) -> tuple[torch.Tensor,
 
     Right-looking blocked algorithm: factor the (b, b) diagonal block, solve the panel below it, subtract its
     outer product from the trailing matrix. Returns (L, -1) on success or (partial L, i) where i is the first
-    row whose pivot was not positive, so the caller can damp and retry.
+    row whose pivot was not positive, so the caller can damp and retry. `a` is left untouched.
     """
+    return _block_cholesky_(a.clone(), blocksize)
+
+
+def _block_cholesky_(work: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
+    """block_cholesky that overwrites `work` (one (d, d) matrix less at peak)."""
     if blocksize < 1:
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")
-    work, d = a.clone(), a.shape[0]
+    d = work.shape[0]
     for k0 in range(0, d, blocksize):
         k1 = min(k0 + blocksize, d)
         lkk, info = torch.linalg.cholesky_ex(work[k0:k1, k0:k1])  # (b, b)
         if info.item() > 0 or not torch.isfinite(lkk).all():
-            return work.tril(), k0 + max(int(info.item()) - 1, 0)
+            return work.tril_(), k0 + max(int(info.item()) - 1, 0)
         work[k0:k1, k0:k1] = lkk
         if k1 < d:
             # panel L21 solves L21·Lkkᵀ = A21, then A22 -= L21·L21ᵀ (the Schur complement)
             panel = torch.linalg.solve_triangular(lkk.T, work[k1:, k0:k1], upper=True, left=False)  # (d-k1, b)
             work[k1:, k0:k1] = panel
             work[k1:, k1:] -= panel @ panel.T
-    return work.tril(), -1
+    return work.tril_(), -1
 
 
 @dataclass
@@ -251,7 +261,7 @@ def cholesky_inverse_factor(h: torch.Tensor, percdamp: float = 0.01, blocksize: 
     factorisation fails, percdamp doubles (from 0.01 if it was 0) until it exceeds max_percdamp, then raises.
     The upper factor U of H⁻¹ (Uᵀ·U = H⁻¹) is read off the lower factor of the reversed matrix J·H·J: if
     J·H·J = L·Lᵀ then H = V·Vᵀ with V = J·L·J upper, so U = V⁻¹ = J·L⁻¹·J and diag(H⁻¹)_j = Σ_i U_ij².
-    Peak memory: three (d_in, d_in) matrices (H, the factor and its inverse).
+    Peak memory: H plus three (d_in, d_in) matrices (the factor, an identity and the triangular inverse).
     """
     d = h.shape[0]
     dead = h.diagonal() == 0
@@ -259,20 +269,25 @@ def cholesky_inverse_factor(h: torch.Tensor, percdamp: float = 0.01, blocksize: 
     inv_diag = torch.full((d,), math.inf, dtype=h.dtype, device=h.device)
     if live.numel() == 0:
         return InverseFactor(h.new_zeros(0, 0), inv_diag, dead, 0.0, percdamp, 0)
-    hl = h[live][:, live]  # (n_live, n_live)
-    mean_diag = hl.diagonal().mean().item()
+    mean_diag = h.diagonal()[live].mean().item()
     frac, retries = percdamp, 0
     while True:
-        reversed_h = (hl + frac * mean_diag * torch.eye(len(live), dtype=h.dtype, device=h.device)).flip(0, 1)
-        low, failed = block_cholesky(reversed_h, blocksize)
+        work = h[live][:, live] if dead.any() else h  # (n_live, n_live); a view when nothing is dead
+        work = work.flip(0, 1)  # J·H·J, a fresh copy that the factorisation may overwrite
+        work.diagonal().add_(frac * mean_diag)  # damping: J·(H + λI)·J = J·H·J + λI
+        low, failed = _block_cholesky_(work, blocksize)
         if failed < 0:
             break
+        del work, low
         frac, retries = (2 * frac if frac > 0 else 0.01), retries + 1
         if frac > max_percdamp:
             raise RuntimeError(f"{name}: Cholesky failed at every damping up to percdamp={max_percdamp} "
                                "(the Hessian has non-finite entries or is far from positive semi-definite)")
     eye = torch.eye(len(live), dtype=h.dtype, device=h.device)
-    upper = torch.linalg.solve_triangular(low, eye, upper=False).flip(0, 1)  # U = J·L⁻¹·J, upper
+    inv_low = torch.linalg.solve_triangular(low, eye, upper=False)  # L⁻¹
+    del eye, low, work
+    upper = inv_low.flip(0, 1)  # U = J·L⁻¹·J, upper triangular
+    del inv_low
     inv_diag[live] = upper.square().sum(0)  # [H⁻¹]_jj = ‖U[:, j]‖²
     return InverseFactor(upper, inv_diag, dead, frac * mean_diag, frac, retries)
 
@@ -380,7 +395,8 @@ def capture_inputs(model: nn.Module, block: nn.Module, batches: Iterable[dict]) 
     return cache
 
 
-def collect_streaming(blocks: Sequence[tuple[str, nn.Module]], inputs: list[CachedInput], targets: str, *,
+def collect_streaming(blocks: Sequence[tuple[str, nn.Module]], inputs: list[CachedInput],
+                      modules: dict[str, nn.Linear], *,
                       mode: str = "full", dtype: torch.dtype = torch.float32, percdamp: float = 0.01,
                       blocksize: int = 128, keep_hessian: bool = False, progress: Progress | None = None
                       ) -> dict[str, HessianStats]:
@@ -389,17 +405,21 @@ def collect_streaming(blocks: Sequence[tuple[str, nn.Module]], inputs: list[Cach
 
     `blocks` are (qualified name, module) in forward order, e.g. [("model.layers.0", layer0), ...]; each must
     map (hidden, *args[1:], **kwargs) to hidden or a tuple starting with it, as HF decoder layers do, with the
-    same kwargs for every block. Matches `collect` on the same model because weights are not modified.
+    same kwargs for every block. `modules` (from find_linears on the whole model) go to the block whose name
+    prefixes theirs; one inside no block is an error. Matches `collect` because weights are not modified.
     Peak memory: the cached hidden states twice (inputs and outputs, n_batches·B·T·D each) plus one block's
     accumulators (LLaMA-7B: ~0.7 GB fp32) plus 3·d_in² while inverting one H.
     """
+    outside = [n for n in modules if not any(n.startswith(prefix + ".") for prefix, _ in blocks)]
+    if outside:
+        raise ValueError(f"target modules outside every streamed block: {outside[:5]}")
     stats: dict[str, HessianStats] = {}
     hidden = [c.args[0] for c in inputs]
     for b, (prefix, block) in enumerate(blocks):
-        local = find_linears(block, targets, exclude=())
-        modules = {f"{prefix}.{n}": m for n, m in local.items()}
-        hooks = _Hooks(modules, mode, dtype)
+        mine = {n: m for n, m in modules.items() if n.startswith(prefix + ".")}  # this block's targets only
+        hooks = _Hooks(mode, dtype)
         try:
+            hooks.attach(mine)
             with _Calibrating(block):
                 for i, c in enumerate(inputs):
                     hooks.start_batch(c.mask)
@@ -407,7 +427,7 @@ def collect_streaming(blocks: Sequence[tuple[str, nn.Module]], inputs: list[Cach
                     hidden[i] = out[0] if isinstance(out, (tuple, list)) else out
         finally:
             hooks.close()
-        accs = hooks.result(modules)
+        accs = hooks.result(mine)
         stats.update(_reduce_all(accs, percdamp=percdamp, blocksize=blocksize, keep_hessian=keep_hessian))
         del accs, hooks  # free this block's Hessians before the next block accumulates
         if progress is not None:

@@ -244,11 +244,12 @@ def test_dominance_diagnostic_matches_loops(hk, blocksize):
 def test_streaming_over_blocks_equals_the_one_pass_collection(mode):
     model = TinyModel(n_layers=3)
     batches = token_batches(3)
-    one = hessian.collect(model, batches, hessian.find_linears(model, "all-linear"), mode=mode, keep_hessian=True)
+    modules = hessian.find_linears(model, "all-linear")
+    one = hessian.collect(model, batches, modules, mode=mode, keep_hessian=True)
     cached = hessian.capture_inputs(model, model.layers[0], batches)
     steps = []
     blocks = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
-    streamed = hessian.collect_streaming(blocks, cached, "all-linear", mode=mode, keep_hessian=True,
+    streamed = hessian.collect_streaming(blocks, cached, modules, mode=mode, keep_hessian=True,
                                          progress=lambda *a: steps.append(a))
     assert list(streamed) == list(one) and steps[-1] == ("stream", 3, 3)
     for name, s in streamed.items():
@@ -260,6 +261,8 @@ def test_streaming_over_blocks_equals_the_one_pass_collection(mode):
             assert (s.damping, s.offdiag_share, s.dominant_rows) == (o.damping, o.offdiag_share, o.dominant_rows)
     assert streamed["layers.1.self_attn.k_proj"] is streamed["layers.1.self_attn.q_proj"]
     assert streamed["layers.1.mlp.up_proj"].owner == "layers.1.mlp.gate_proj"
+    with pytest.raises(ValueError, match="lm_head"):
+        hessian.collect_streaming(blocks, cached, hessian.find_linears(model, "lm_head,q_proj"))
 
 
 def test_collect_full_mode_reports_damping_and_dominance_per_distinct_input():

@@ -206,6 +206,19 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     out, tmp = claim_out_dir(args)
+    try:
+        run(args, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves nothing half written
+        raise
+    if out.exists():
+        shutil.rmtree(out)  # same arguments as the run being replaced (claim_out_dir checked)
+    os.replace(tmp, out)
+    print(f"run folder: {out}")
+    return out
+
+
+def run(args, tmp: Path):
     given = dict(vars(args))  # as parsed; the family defaults below are recorded apart, under "resolved"
     log = Log(tmp / "log.jsonl")
     torch.manual_seed(args.seed)
@@ -284,11 +297,6 @@ def main(argv=None):
     else:
         write_json(tmp / "metrics.json", {"times": times, "budget": budget, "allocate_only": True})
     log.f.close()
-    if out.exists():
-        shutil.rmtree(out)  # same arguments as the run being replaced (claim_out_dir checked)
-    os.replace(tmp, out)
-    print(f"run folder: {out}")
-    return out
 
 
 def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks) -> dict:

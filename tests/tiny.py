@@ -48,3 +48,37 @@ def tiny_bert(seed=0, **kw) -> BertModel:
 
 def save_tiny(model, folder, **kw):
     return save_model(model, folder, **kw)
+
+
+# -----------------------------------------------------------------------------
+# Tiny tokenizers and run folders for end-to-end smoke tests
+
+WORDS = ("good great fine fun bad awful dull poor movie plot actor scene the a is was very not and it "
+         "paris france capital of what city name answer").split()
+
+
+def tiny_tokenizer(kind: str):
+    """A word-level `tokenizers.Tokenizer` over WORDS: BERT-style ([CLS] a [SEP] b [SEP]) or a ChatML decoder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    specials = (["[PAD]", "[UNK]", "[CLS]", "[SEP]"] if kind == "encoder"
+                else ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>"])
+    vocab = {w: i for i, w in enumerate(specials + ["user", "assistant", "\n"] + list(WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[1] if kind == "encoder" else "<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", "removed")
+    if kind == "encoder":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.add_special_tokens(specials)
+    return tok, len(vocab)
+
+
+def tiny_model_dir(folder, kind: str, seed: int = 0):
+    """A tiny seeded model saved with its tokenizer as a Hugging Face-format folder; returns the folder."""
+    from pathlib import Path
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok, n = tiny_tokenizer(kind)
+    tok.save(str(folder / "tokenizer.json"))
+    model = tiny_bert(seed, vocab_size=n) if kind == "encoder" else tiny_llama(seed, vocab_size=n)
+    save_model(model, folder / "model", tokenizer=folder / "tokenizer.json")
+    return folder / "model"

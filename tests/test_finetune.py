@@ -1,0 +1,120 @@
+"""python -m slora.finetune end to end on tiny seeded models: the run folder, determinism, bad input."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slora import finetune
+from slora.adapter import load_adapter
+from slora.models import load_model
+from tests.tiny import WORDS, tiny_model_dir
+
+RUN_FILES = {"args.json", "sensitivity.json", "ranks.json", "ranks.svg", "metrics.json", "log.jsonl", "adapter"}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cls_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cls")
+    pos, neg = WORDS[:4], WORDS[4:8]
+    rows = [{"text": f"the movie was {(pos if i % 2 else neg)[i % 4]}", "label": i % 2} for i in range(48)]
+    return write_jsonl(d / "train.jsonl", rows[:40]), write_jsonl(d / "dev.jsonl", rows[40:])
+
+
+@pytest.fixture(scope="module")
+def gen_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gen")
+    rows = [{"prompt": "what is the capital of france", "response": "paris"}] * 12
+    return write_jsonl(d / "train.jsonl", rows[:10]), write_jsonl(d / "dev.jsonl", rows[10:])
+
+
+def run(tmp_path, model, data, *extra, kind="classification", out="run"):
+    train, dev = data
+    argv = ["--model", str(model), "--task", "jsonl", "--jsonl-kind", kind, "--train-file", str(train),
+            "--dev-file", str(dev), "--batch-size", "8", "--calib-n", "16", "--max-steps", "3", "--log-every", "1",
+            "--gen-tokens", "3", "--out", str(tmp_path / out), *extra]
+    return finetune.main(argv)
+
+
+def test_encoder_run_folder(tmp_path, cls_data):
+    model = tiny_model_dir(tmp_path / "m", "encoder")
+    out = run(tmp_path, model, cls_data, "--r-avg", "2")
+    assert {p.name for p in out.iterdir()} == RUN_FILES
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert set(ranks) == {f"bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")}
+    assert sum(ranks.values()) == 2 * len(ranks)  # r_avg 2, exact budget in rank units
+    sens = json.loads((out / "sensitivity.json").read_text())
+    assert set(sens) == {"modules", "weights", "config"} and set(sens["modules"]) == set(ranks)
+    assert set(next(iter(sens["modules"].values()))) == {"d_in", "d_out", "tokens", "trace", "topk",
+                                                         "effective_rank", "s_global", "s_local", "theta"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and "accuracy" in metrics["final"]["dev"]
+    assert metrics["lora_params"] == sum(r * (32 + 32) for r in ranks.values())
+    assert metrics["trainable_params"] == metrics["lora_params"] + 32 * 2 + 2  # + the classifier head
+    assert {"load_s", "calibrate_allocate_s", "train_s"} <= set(metrics["times"])
+    events = [json.loads(line)["event"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert events.count("step") == 3 and "eval" in events
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["classifier"]
+    assert not list(tmp_path.glob(".run.partial-*"))  # nothing half written is left behind
+
+
+def test_adapter_reloads_with_the_trained_weights(tmp_path, cls_data):
+    from slora.models.bert import for_sequence_classification
+    model = tiny_model_dir(tmp_path / "m", "encoder")
+    out = run(tmp_path, model, cls_data)
+    m = load_adapter(for_sequence_classification(load_model(model), 2, seed=123), out / "adapter")
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    state = m.state_dict()
+    for k, v in saved.items():
+        assert torch.equal(state[k.removeprefix("base_model.model.")], v), k
+
+
+def test_decoder_run_folder(tmp_path, gen_data):
+    model = tiny_model_dir(tmp_path / "m", "decoder")
+    out = run(tmp_path, model, gen_data, kind="instructions")
+    assert {p.name for p in out.iterdir()} == RUN_FILES
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert set(ranks) == {f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qkvo"}
+    assert sum(ranks.values()) == 8 * len(ranks)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["final"]["dev"]) == {"bleu4", "rouge1", "rougeL"}
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+
+def test_allocate_only(tmp_path, cls_data):
+    model = tiny_model_dir(tmp_path / "m", "encoder")
+    out = run(tmp_path, model, cls_data, "--allocate-only", "--alloc", "pra", "--targets", "all-linear")
+    assert {p.name for p in out.iterdir()} == RUN_FILES - {"adapter"}
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert len(ranks) == 2 * 6 and sum(ranks.values()) == 4 * len(ranks)  # 6 linears per layer, r_avg 4
+
+
+def test_same_seed_same_ranks_and_adapter(tmp_path, cls_data):
+    model = tiny_model_dir(tmp_path / "m", "encoder")
+    a = run(tmp_path, model, cls_data, out="a")
+    b = run(tmp_path, model, cls_data, out="b")
+    assert (a / "ranks.json").read_text() == (b / "ranks.json").read_text()
+    ta, tb = (load_file(p / "adapter" / "adapter_model.safetensors") for p in (a, b))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_bad_input_errors(tmp_path, cls_data):
+    model = tiny_model_dir(tmp_path / "m", "encoder")
+    with pytest.raises(ValueError, match="unknown task 'sst3'"):
+        finetune.main(["--model", str(model), "--task", "sst3", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="target pattern 'nope' matches no nn.Linear"):
+        run(tmp_path, model, cls_data, "--targets", "nope", out="y")
+    with pytest.raises(FileNotFoundError, match="train.tsv"):
+        finetune.main(["--model", str(model), "--task", "sst2", "--glue-dir", str(tmp_path), "--out",
+                       str(tmp_path / "z")])
+    first = run(tmp_path, model, cls_data, out="taken")
+    with pytest.raises(FileExistsError, match=r"already holds a different run \(arguments differ in: r_avg\)"):
+        run(tmp_path, model, cls_data, "--r-avg", "3", out="taken")
+    assert (first / "adapter").is_dir()  # the earlier run is left intact
+    assert not list(tmp_path.glob(".*partial*"))

@@ -28,7 +28,7 @@ from slora.metrics import rational
 
 METHODS = ("sra", "pra", "uniform")
 UNITS = ("rank", "param")
-Bound = "int | Mapping[str, int] | None"
+Bound = int | Mapping[str, int] | None  # one bound for all modules, or one per module name
 
 
 @dataclass(frozen=True)

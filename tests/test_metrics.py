@@ -108,6 +108,7 @@ metric_tables = st.dictionaries(
 
 
 @given(metric_tables)
+@example({"layers.0.q": ModuleMetrics(1.0, 1.0, 1, 50), "layers.0.v": ModuleMetrics(1.0, 1.0, 2, 50)})  # σ = 0
 def test_sigma_over_mu_squared_aggregation_matches_the_formulas(table):
     names = list(table)
     n = len(names)

@@ -11,7 +11,11 @@
 
 Units. "rank": cost 1 per rank, budget r_total = r_avg·n. "param": a rank of module w costs d_in + d_out
 parameters (one row of A plus one column of B), budget P = r_avg·Σ_w (d_in + d_out)_w, the uniform-LoRA count.
-Guarantee (exact rounding): rank units: Σ r_w = r_total. Param units: P - max_w (d_in+d_out)_w < Σ r_w·(d_in+d_out)_w <= P.
+Guarantee (exact rounding), with every r_w in [r_min, r_max]:
+- rank units: Σ_w r_w = r_total exactly;
+- param units: P - max_w (d_in + d_out)_w < Σ_w r_w·(d_in + d_out)_w <= P. The budget is never exceeded and the
+  shortfall is less than one rank of the widest module: the +1 steps stop at the first module that no longer
+  fits rather than skipping it for a cheaper one, which would break monotonicity in θ.
 
 Every function orders modules by name before computing, so results are permutation-equivariant and
 deterministic; remainder ties go to the larger θ, then to the smaller name.

@@ -69,31 +69,71 @@ class HessianAccumulator:
     (d_in numbers), which is all the paper's metrics (Eqs. 8-10) use. N counts tokens, not sequences, as
     GPTQModel does, so H is comparable across calibration sets of different lengths. The update rescales the
     old mean by N/(N+n) before adding the new n tokens (GPTQ add_batch), so no sum is ever kept unnormalised.
+
+    Speed (the calibration pass should cost little more than the forward pass it rides on):
+    - "diag" reduces Σ_t x_t² straight from the activations in the accumulator dtype, with no converted copy;
+    - "full" computes only the (tile × tile) blocks of XᵀX on and above the diagonal (H is symmetric: the
+      blocks below are mirrored when `value` is read), about 60 % of the FLOPs of the whole product;
+    - on CUDA, bf16/fp16 activations go through a half-precision GEMM with fp32 output: a product of two bf16
+      numbers is exact in fp32 and the GEMM accumulates in fp32, so this is fp32 accumulation of the same
+      activations, at tensor-core speed.
     """
 
     def __init__(self, d_in: int, mode: str = "full", dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, tile: int = 2048):
         if mode not in ("full", "diag"):
             raise ValueError(f"mode must be 'full' or 'diag', got {mode!r}")
         shape = (d_in, d_in) if mode == "full" else (d_in,)
-        self.mode, self.dtype, self.tokens = mode, dtype, 0
-        self.value = torch.zeros(shape, dtype=dtype, device=device)
+        self.mode, self.dtype, self.tokens, self.tile = mode, dtype, 0, tile
+        self._h = torch.zeros(shape, dtype=dtype, device=device)
+        self._mirrored = True  # False while the lower triangle is stale
+
+    @property
+    def value(self) -> torch.Tensor:
+        """diag(H) (d_in,) in "diag" mode, the whole symmetric H (d_in, d_in) in "full" mode."""
+        if not self._mirrored:  # copy the upper triangle onto the lower: H is then exactly symmetric
+            d, t = self._h.shape[0], self.tile
+            for i0 in range(0, d, t):
+                blk = self._h[i0:i0 + t, i0:i0 + t]
+                blk.copy_(blk.triu() + blk.triu(1).T)  # a GEMM's diagonal block is symmetric only to rounding
+                for j0 in range(i0 + t, d, t):
+                    self._h[j0:j0 + t, i0:i0 + t] = self._h[i0:i0 + t, j0:j0 + t].T
+            self._mirrored = True
+        return self._h
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Add n tokens, x of shape (n, d_in) (already stripped of masked tokens)."""
         n = x.shape[0]
         if n == 0:  # a fully masked batch carries no information; skipping keeps N a true token count
             return
-        x = x.to(self.value.device, self.dtype)
+        x = x.to(self._h.device)
         keep, scale = self.tokens / (self.tokens + n), 2.0 / (self.tokens + n)
-        if self.mode == "full":
-            self.value.addmm_(x.T, x, beta=keep, alpha=scale)  # (d_in, n) @ (n, d_in)
+        if self.mode == "diag":
+            # ‖x_:,j‖² per feature, reduced in the accumulator dtype from x as it is (no fp32 copy of x)
+            sq = torch.linalg.vector_norm(x, 2, dim=0, dtype=self.dtype).square()  # (d_in,)
+            self._h.mul_(keep).add_(sq, alpha=scale)
         else:
-            self.value.mul_(keep).add_(x.square().sum(0), alpha=scale)  # (d_in,)
+            self._add_gram(x, keep, scale)
         self.tokens += n
 
+    def _add_gram(self, x: torch.Tensor, keep: float, scale: float) -> None:
+        """H ← keep·H + scale·XᵀX on the upper block triangle, x (n, d_in)."""
+        half = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and self.dtype == torch.float32
+        if not half:
+            x = x.to(self.dtype)
+        d, t = x.shape[1], self.tile
+        for i0 in range(0, d, t):
+            xi = x[:, i0:i0 + t]  # (n, t): a strided view, no copy
+            for j0 in range(i0, d, t):
+                blk = self._h[i0:i0 + t, j0:j0 + t]  # (t, t) view into H
+                if half:
+                    blk.mul_(keep).add_(torch.mm(xi.T, x[:, j0:j0 + t], out_dtype=torch.float32), alpha=scale)
+                else:
+                    blk.addmm_(xi.T, x[:, j0:j0 + t], beta=keep, alpha=scale)  # (t, n) @ (n, t)
+        self._mirrored = False
+
     def diag(self) -> torch.Tensor:
-        return self.value.diagonal() if self.mode == "full" else self.value
+        return self._h.diagonal() if self.mode == "full" else self._h
 
 
 class _Hooks:
@@ -117,7 +157,8 @@ class _Hooks:
             self.handles.append(m.register_forward_pre_hook(self._hook(n)))
 
     def start_batch(self, mask: torch.Tensor | None) -> None:
-        self.mask, self.seen = mask, {}
+        # a mask of all ones selects every token: decided once per batch, so hooks then skip the index copy
+        self.mask, self.all_real, self.seen = mask, mask is None or bool(mask.all()), {}
 
     def close(self) -> None:
         for h in self.handles:
@@ -139,7 +180,7 @@ class _Hooks:
             if name not in self.accs:
                 self.accs[name] = HessianAccumulator(x.shape[-1], self.mode, self.dtype, x.device)
             self.seen[id(x)] = (weakref.ref(x), name)
-            self.accs[name].add_batch(_tokens(name, x, self.mask))
+            self.accs[name].add_batch(_tokens(name, x, self.mask, self.all_real))
         return hook
 
     def result(self, modules: Iterable[str]) -> dict[str, HessianAccumulator]:
@@ -149,13 +190,15 @@ class _Hooks:
         return {n: self.accs[self.owner[n]] for n in modules}
 
 
-def _tokens(name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Rows of x that are real tokens: (B, T, d_in) or (B*T, d_in) with mask (B, T) -> (n, d_in); else all rows."""
+def _tokens(name: str, x: torch.Tensor, mask: torch.Tensor | None, all_real: bool = False) -> torch.Tensor:
+    """Rows of x that are real tokens: (B, T, d_in) or (B*T, d_in) with mask (B, T) -> (n, d_in); else all rows.
+
+    `all_real` (the mask is all ones) skips the boolean-index copy of x."""
     if mask is not None and x.dim() == 3:
         if x.shape[:2] != mask.shape:
             raise ValueError(f"{name}: input {tuple(x.shape)} does not match attention_mask {tuple(mask.shape)}")
-        return x[mask.to(x.device) != 0]  # (n, d_in): pad tokens never enter H
-    if mask is not None and x.dim() == 2 and x.shape[0] == mask.numel():
+        return x.reshape(-1, x.shape[-1]) if all_real else x[mask.to(x.device) != 0]  # (n, d_in)
+    if mask is not None and x.dim() == 2 and x.shape[0] == mask.numel() and not all_real:
         return x[mask.reshape(-1).to(x.device) != 0]  # tokens already flattened to (B*T, d_in)
     return x.reshape(-1, x.shape[-1])  # e.g. (B, d_in) head inputs: every row is one sample
 

@@ -119,8 +119,9 @@ class LoRALinear(nn.Module):
             return y
         A = self.lora_A.weight.to(x.dtype)  # (r, d_in)
         B = self.lora_B.weight.to(x.dtype)  # (d_out, r)
-        h = F.linear(self.lora_dropout(x), A)  # (B, T, r)
-        return y + F.linear(h, B) * self.scaling  # (B, T, d_out)
+        h = F.linear(self.lora_dropout(x), A) * self.scaling  # (B, T, r): scale the narrow side
+        # y + h Bᵀ as one GEMM whose epilogue adds y, rather than a product, a scaling and a sum over (B, T, d_out)
+        return torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.r), B.T).view(y.shape)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -75,12 +75,18 @@ def from_stats(modules: dict[str, nn.Linear], stats: dict[str, hessian.HessianSt
                ) -> tuple[dict, dict[str, int]]:
     """Metrics (Eqs. 8-14) and ranks (Eq. 15 / PRA / uniform) from Hessian statistics keyed like `modules`."""
     shapes = {n: (m.in_features, m.out_features) for n, m in modules.items()}
-    table = {}
+    table, seen = {}, {}
     for name, m in modules.items():
         st = stats[name]
+        # Without W in the vector (sources diag, full-diag), modules sharing one H (q/k/v, gate/up) and d_out
+        # have identical metrics: compute them once per (H, d_out).
+        key = None if cfg.source == "obs" else (id(st), m.out_features if cfg.source == "full-diag" else 0)
+        if key is not None and key in seen:
+            table[name] = seen[key]
+            continue
         vec = metrics.sensitivity_vector(st.diag, source=cfg.source, d_out=m.out_features,
                                          inv_diag=st.inv_diag, weight=m.weight)
-        table[name] = metrics.module_metrics(vec, k_frac=cfg.k_frac, alpha=cfg.alpha, name=name)
+        table[name] = seen[key] = metrics.module_metrics(vec, k_frac=cfg.k_frac, alpha=cfg.alpha, name=name)
     agg = metrics.aggregate(table, cfg.variant)
 
     # a rank above min(d_in, d_out) adds nothing to a LoRA update, so that caps r_max per module

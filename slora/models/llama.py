@@ -172,13 +172,12 @@ class LlamaAttention(nn.Module):
                 k = torch.cat([cache["k"], k], dim=2)  # (B, Hkv, S, hs), S = past + T
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        if self.n_kv != self.n_head:  # grouped-query attention: each kv head serves H/Hkv query heads
-            rep = self.n_head // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)  # (B, H, S, hs)
-            v = v.repeat_interleave(rep, dim=1)  # (B, H, S, hs)
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:  # grouped-query attention: each kv head serves H/Hkv query heads, read in place
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
         else:
+            if self.n_kv != self.n_head:  # with an explicit mask the fused kernels want equal head counts
+                k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, H, S, hs)
+                v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, H, S, hs)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask: (B, 1, T, S) bool
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hs)  # (B, T, H*hs)
         return self.o_proj(y)

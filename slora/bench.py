@@ -1,0 +1,439 @@
+"""python -m slora.bench [--small] [--out DIR]
+
+Side-by-side measurements of what slora costs on the current device, every figure and ratio from one run:
+
+1. Calibration at LLaMA-3.1-8B shape (random bf16 weights built on the device; time and memory do not depend on
+   the values), every linear layer a target, 262,144 tokens as 16 batches of 8 x 2048:
+   the bare forward pass of slora's model and of transformers' LLaMA on the same shapes, then `diag` mode
+   (Σx², metrics, allocation) and `full` mode (Hessians streamed layer by layer, block Cholesky, metrics,
+   allocation), each as a ratio to the bare forward, with achieved TFLOP/s and peak memory.
+2. Accuracy of full-mode H (fp32 accumulation of bf16 activations) against a float64 oracle on one layer and one
+   batch, and whether any rank changes when the accumulation runs in float64.
+3. A LoRA training step with the allocated ranks at LLaMA-3.2-1B shape: slora against PEFT on transformers'
+   model (same ranks through `rank_pattern`, same batch and sequence length), when peft is installed.
+
+`--small` runs tiny shapes on the CPU in seconds (the CI smoke test). transformers and peft are optional
+comparison baselines: when missing, their rows say so and the run goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from slora import hessian
+from slora.lora import apply_lora, mark_only_lora_trainable
+from slora.models.llama import LlamaConfig, LlamaForCausalLM
+from slora.sensitivity import SensitivityConfig, compute, from_stats
+
+# Model shapes (Meta's published configs for LLaMA-3.1-8B and LLaMA-3.2-1B; a tiny one for --small).
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+SHAPES = {
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                         rope_scaling=LLAMA3_ROPE | {"factor": 32.0}, max_position_embeddings=131072,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
+                 max_position_embeddings=4096, rms_norm_eps=1e-5),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeat: int = 1) -> float:
+    """Wall seconds of fn() (mean over `repeat`), with the device queue drained before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        out = fn()
+    sync(device)
+    del out
+    return (time.perf_counter() - t0) / repeat
+
+
+def peak_gb(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def random_llama(cfg: LlamaConfig, device, dtype) -> LlamaForCausalLM:
+    """slora's LLaMA with N(0, 0.02²) weights made on the device (no host copy, no checkpoint)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    model.tie_weights()
+    return model.eval()
+
+
+def forward_flops(cfg: LlamaConfig, B: int, T: int) -> float:
+    """Matmul FLOPs of one decoder-body forward over (B, T): 2·tokens·Σ(d_in·d_out) plus causal attention."""
+    D, Fd, hs = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    linear = D * H * hs + 2 * D * Hkv * hs + H * hs * D + 3 * D * Fd  # q, k+v, o, gate+up+down
+    attn = 2 * H * hs * T  # QKᵀ and AV: 2·2·T·H·hs per token, halved by the causal mask
+    return cfg.num_hidden_layers * B * T * 2 * (linear + attn)
+
+
+def hessian_flops(cfg: LlamaConfig, tokens: int, tile: int) -> float:
+    """FLOPs of the upper-block-triangle XᵀX for the four distinct inputs of each layer (qkv, o, gate/up, down)."""
+    def tri(d):
+        nb = -(-d // tile)
+        return 2 * tokens * d * d * (nb + 1) / (2 * nb)
+    D, Fd = cfg.hidden_size, cfg.intermediate_size
+    return cfg.num_hidden_layers * (3 * tri(D) + tri(Fd))
+
+
+# -----------------------------------------------------------------------------
+# 1. Calibration
+
+def streaming_inputs(body, batches) -> list[hessian.CachedInput]:
+    """The first decoder layer's inputs per batch straight from the embedding (`LlamaModel.prepare`): the
+    model-specific shortcut that spares `hessian.capture_inputs` its full forward pass."""
+    with torch.no_grad():
+        return [hessian.CachedInput(body.prepare(ids), {}, None) for ids in batches]
+
+
+def bench_calibration(cfg, batches, device, dtype, with_transformers: bool) -> dict:
+    B, T = batches[0].shape
+    tokens = B * T * len(batches)
+    body = random_llama(cfg, device, dtype).model  # the decoder body: every target linear, no LM head
+    weights_gb = sum(p.numel() * p.element_size() for p in body.parameters()) / 1e9
+    res = {"tokens": tokens, "weights_gb": weights_gb, "n_layers": cfg.num_hidden_layers}
+    feed = [{"input_ids": ids} for ids in batches]
+
+    def forward():
+        with torch.no_grad():
+            for ids in batches:
+                body(ids)
+    forward()  # warm-up: kernels chosen, allocator primed
+    reset_peak(device)
+    res["forward_s"] = timed(forward, device)
+    res["peak_mem_gb_forward"] = peak_gb(device)
+
+    sens_cfg = dict(targets="all-linear", r_avg=8)
+    reset_peak(device)
+    t0 = time.perf_counter()
+    sens_diag, ranks_diag = compute(body, feed, SensitivityConfig(mode="diag", **sens_cfg))
+    sync(device)
+    res["calib_diag_s"] = time.perf_counter() - t0
+    res["peak_mem_gb_diag"] = peak_gb(device)
+
+    reset_peak(device)
+    t0 = time.perf_counter()
+    modules = hessian.find_linears(body, "all-linear")
+    blocks = [(f"layers.{i}", layer) for i, layer in enumerate(body.layers)]
+    stats = hessian.collect_streaming(blocks, streaming_inputs(body, batches), modules, mode="full")
+    sens_full, ranks_full = from_stats(modules, stats, SensitivityConfig(mode="full", **sens_cfg))
+    sync(device)
+    res["calib_full_s"] = time.perf_counter() - t0
+    res["peak_mem_gb_full"] = peak_gb(device)
+    res["ranks_full_equal_diag"] = ranks_full == ranks_diag
+    del stats
+    res["profile_full_layer"] = profile_full_layer(body, batches, modules, device)
+
+    # float64 accumulation (diag mode) as the oracle for the ranks
+    _, ranks64 = compute(body, feed, SensitivityConfig(mode="diag", dtype="float64", **sens_cfg))
+    res["ranks_fp32_equal_fp64"] = ranks_diag == ranks64
+    res["accuracy"] = full_h_accuracy(body, batches[0], layer=len(body.layers) // 2)
+    res["flops_forward"] = forward_flops(cfg, B, T) * len(batches)
+    res["flops_hessian_full"] = hessian_flops(cfg, tokens, hessian.HessianAccumulator(1).tile)
+    res["ranks"] = ranks_diag
+    del body, sens_diag, sens_full
+    if with_transformers:
+        try:
+            res.update(transformers_forward(cfg, batches, device, dtype))
+        except Exception as e:  # the baseline is optional; its failure is reported in the table, not hidden
+            res.update(forward_s_transformers=None, transformers=f"failed: {e!r}"[:300])
+    return res
+
+
+def profile_full_layer(body, batches, modules, device) -> dict:
+    """Where full mode spends its time, on one decoder layer over all batches: the layer's own forward, the
+    forward with Hessian accumulation, the reduction (block Cholesky, inverse diagonal, dominance), and the
+    torch.profiler table of the whole streamed layer (top device-time operators)."""
+    inputs = streaming_inputs(body, batches)
+    layer = body.layers[0]
+    mine = {n: m for n, m in modules.items() if n.startswith("layers.0.")}
+
+    def plain():
+        with torch.no_grad():
+            for c in inputs:
+                layer(*c.args)
+    plain()
+    out = {"layer_forward_s": timed(plain, device)}
+    t0 = time.perf_counter()
+    accs = hessian.accumulate(_Seq(layer, inputs), [{"i": i} for i in range(len(inputs))], mine, mode="full")
+    sync(device)
+    out["layer_forward_with_H_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hessian._reduce_all(accs)
+    sync(device)
+    out["layer_reduce_s"] = time.perf_counter() - t0
+    del accs
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            hessian.collect_streaming([("layers.0", layer)], inputs, mine, mode="full")
+            sync(device)
+        out["torch_profiler"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12,
+                                                          max_name_column_width=48)
+    return out
+
+
+class _Seq(torch.nn.Module):
+    """Runs one cached layer input per call, so `hessian.accumulate` can drive a single layer."""
+
+    def __init__(self, layer, inputs):
+        super().__init__()
+        self.layer, self.inputs = layer, inputs
+
+    def forward(self, i):
+        return self.layer(*self.inputs[i].args)
+
+
+def full_h_accuracy(body, ids, layer: int) -> dict:
+    """Relative error of fp32-accumulated H (from bf16 activations, the full-mode path) against float64 from the
+    same activations, for each distinct input of one layer and one batch."""
+    mods = hessian.find_linears(body.layers[layer], "all-linear")
+    grabbed = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: grabbed.setdefault(n, a[0].reshape(-1, a[0].shape[-1])))
+             for n, m in mods.items()]
+    try:
+        with torch.no_grad():
+            body(ids[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+        x = grabbed[name]
+        acc = hessian.HessianAccumulator(x.shape[1], "full", torch.float32, x.device)
+        acc.add_batch(x)
+        x64 = x.double()
+        h64 = 2.0 / x.shape[0] * (x64.T @ x64)  # (d_in, d_in) oracle
+        d64 = h64.diagonal()
+        scale = torch.sqrt(d64[:, None] * d64[None, :]).clamp_min(1e-300)
+        out[name] = {"diag_rel_err": ((acc.diag().double() - d64).abs() / d64.clamp_min(1e-300)).max().item(),
+                     "offdiag_err_over_sqrt_hii_hjj": ((acc.value.double() - h64).abs() / scale).max().item()}
+    return out
+
+
+def transformers_forward(cfg: LlamaConfig, batches, device, dtype) -> dict:
+    """transformers' LlamaModel on the same shapes and batches (random weights), for the speed baseline."""
+    try:
+        import transformers
+    except ImportError:
+        return {"forward_s_transformers": None, "transformers": "not installed"}
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in vars(cfg).items() if k not in ("head_dim",)},
+                                      head_dim=cfg.head_dim, attn_implementation="sdpa", use_cache=False)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            hf = transformers.LlamaModel(hf_cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
+
+    def forward():
+        with torch.no_grad():
+            for ids in batches:
+                hf(input_ids=ids, use_cache=False)
+    forward()
+    t = timed(forward, device)
+    del hf
+    return {"forward_s_transformers": t, "transformers": transformers.__version__}
+
+
+# -----------------------------------------------------------------------------
+# 3. LoRA training step: slora vs PEFT
+
+def train_steps(model, ids, params, device, steps: int, autocast) -> float:
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        with autocast:
+            logits = model(ids)
+            out = logits.logits if hasattr(logits, "logits") else logits
+            loss = F.cross_entropy(out[:, :-1].float().reshape(-1, out.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    for _ in range(2):
+        step()  # warm-up
+    return timed(step, device, repeat=steps)
+
+
+def bench_training(cfg, B, T, device, dtype, steps: int, with_peft: bool) -> dict:
+    model = random_llama(cfg, device, dtype)
+    g = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device=device, generator=g)
+    calib = [{"input_ids": ids[:, : T // 2]}]
+    _, ranks = compute(model, calib, SensitivityConfig(targets="all-linear", r_avg=8, mode="diag"))
+    ranks = {k: v for k, v in ranks.items() if v > 0}
+    apply_lora(model, ranks, alpha=16.0, alpha_policy="scale")
+    mark_only_lora_trainable(model, extra=())
+    model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    res = {"train_shape": f"{B}x{T}", "train_lora_params": sum(p.numel() for p in params),
+           "train_rank_sum": sum(ranks.values())}
+    reset_peak(device)
+    res["train_step_s_slora"] = train_steps(model, ids, params, device, steps, autocast)
+    res["peak_mem_gb_train_slora"] = peak_gb(device)
+    if not with_peft:
+        return res
+    try:
+        import peft
+        import transformers
+    except ImportError:
+        res.update(train_step_s_peft=None, peft="not installed")
+        return res
+    from slora.adapter import adapter_config
+    lcfg = adapter_config(model, "random", "CAUSAL_LM")
+    del model, params
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in vars(cfg).items() if k != "head_dim"},
+                                      head_dim=cfg.head_dim, attn_implementation="sdpa", use_cache=False)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            hf = transformers.LlamaForCausalLM(hf_cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    keep = {"r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "lora_dropout", "use_rslora",
+            "bias", "task_type"}
+    try:
+        pm = peft.get_peft_model(hf, peft.LoraConfig(**{k: v for k, v in lcfg.items() if k in keep}))
+    except Exception as e:
+        res.update(train_step_s_peft=None, peft=f"failed: {e!r}"[:300])
+        return res
+    pm.train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    res["train_lora_params_peft"] = sum(p.numel() for p in params)
+    reset_peak(device)
+    res["train_step_s_peft"] = train_steps(pm, ids, params, device, steps, autocast)
+    res["peak_mem_gb_train_peft"] = peak_gb(device)
+    res["peft"] = peft.__version__
+    return res
+
+
+# -----------------------------------------------------------------------------
+# Report
+
+def report(r: dict) -> str:
+    f = r["forward_s"]
+    lines = [f"device: {r['device']}   torch {r['torch']}   calibration tokens: {r['tokens']:,}",
+             f"weights: {r['weights_gb']:.2f} GB",
+             f"bare forward, slora:        {f:8.3f} s   {r['flops_forward'] / f / 1e12:7.1f} TFLOP/s"]
+    if r.get("forward_s_transformers"):
+        t = r["forward_s_transformers"]
+        lines.append(f"bare forward, transformers: {t:8.3f} s   {r['flops_forward'] / t / 1e12:7.1f} TFLOP/s"
+                     f"   slora/transformers = {f / t:.3f}  (target <= 1.05)")
+    else:
+        lines.append(f"bare forward, transformers: skipped ({r.get('transformers')})")
+    d, fu = r["calib_diag_s"], r["calib_full_s"]
+    lines += [f"calibration diag (Σx², metrics, allocation): {d:8.3f} s   ratio to forward {d / f:.3f}"
+              f"  (target <= 1.05)   peak {r['peak_mem_gb_diag'] or 0:.2f} GB",
+              f"calibration full (streamed H, Cholesky, metrics, allocation): {fu:8.3f} s   ratio to forward "
+              f"{fu / f:.3f}  (target <= 1.5)   peak {r['peak_mem_gb_full'] or 0:.2f} GB   "
+              f"{(r['flops_forward'] + r['flops_hessian_full']) / fu / 1e12:.1f} TFLOP/s",
+              f"ranks: full == diag: {r['ranks_full_equal_diag']}; fp32 == fp64 accumulation: "
+              f"{r['ranks_fp32_equal_fp64']}"]
+    pf = r["profile_full_layer"]
+    n_layers = r["n_layers"]
+    lines.append(f"  full-mode profile, one layer over all batches: forward {pf['layer_forward_s']:.3f} s, with H "
+                 f"accumulation {pf['layer_forward_with_H_s']:.3f} s, reduction {pf['layer_reduce_s']:.3f} s "
+                 f"(x{n_layers} layers: {n_layers * pf['layer_forward_s']:.2f} / "
+                 f"{n_layers * pf['layer_forward_with_H_s']:.2f} / {n_layers * pf['layer_reduce_s']:.2f} s)")
+    for name, a in r["accuracy"].items():
+        lines.append(f"  H accuracy {name:18s} max rel err diag {a['diag_rel_err']:.2e}   "
+                     f"max |ΔH_ij|/sqrt(H_ii H_jj) {a['offdiag_err_over_sqrt_hii_hjj']:.2e}  (target diag <= 1e-3)")
+    s = r["train_step_s_slora"]
+    if s is None:
+        return "\n".join(lines + [f"LoRA training step: failed ({r.get('train_error')})"])
+    lines.append(f"LoRA train step ({r['train_model']}, {r['train_shape']}, Σr {r['train_rank_sum']}): "
+                 f"slora {s:.4f} s")
+    if r.get("train_step_s_peft"):
+        p = r["train_step_s_peft"]
+        lines.append(f"                      PEFT {p:.4f} s   slora throughput / PEFT = {p / s:.3f}  "
+                     f"(target >= 1.10)")
+    else:
+        lines.append(f"                      PEFT skipped ({r.get('peft')})")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m slora.bench", description=__doc__.split("\n\n")[1])
+    p.add_argument("--small", action="store_true", help="tiny shapes on the CPU in seconds (CI smoke test)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
+    p.add_argument("--batches", type=int, default=16, help="calibration batches (count)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per calibration batch")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration sequence")
+    p.add_argument("--train-batch", type=int, default=4, help="sequences per training step")
+    p.add_argument("--train-seq-len", type=int, default=2048, help="tokens per training sequence")
+    p.add_argument("--train-steps", type=int, default=10, help="timed training steps (count)")
+    p.add_argument("--out", default=None, help="folder for result.json and output.txt")
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.small else args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.small:
+        args.batches, args.batch_size, args.seq_len, args.train_batch, args.train_seq_len = 2, 2, 32, 2, 32
+        args.train_steps = 2
+    calib_shape = "tiny" if args.small else "llama-3.1-8b"
+    train_shape = "tiny" if args.small else "llama-3.2-1b"
+    cfg = LlamaConfig(**SHAPES[calib_shape])
+    g = torch.Generator(device=device).manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), device=device, generator=g)
+               for _ in range(args.batches)]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    res = {"device": name, "torch": torch.__version__, "calib_model": calib_shape, "train_model": train_shape,
+           "command": "python -m slora.bench " + " ".join(argv if argv is not None else sys.argv[1:])}
+    res.update(bench_calibration(cfg, batches, device, dtype, with_transformers=True))
+    del batches
+    print(f"[bench] calibration done: forward {res['forward_s']:.3f} s, diag {res['calib_diag_s']:.3f} s, "
+          f"full {res['calib_full_s']:.3f} s", flush=True)
+    try:
+        res.update(bench_training(LlamaConfig(**SHAPES[train_shape]), args.train_batch, args.train_seq_len,
+                                  device, dtype, args.train_steps, with_peft=True))
+    except Exception as e:  # reported in the table and result.json rather than losing the calibration figures
+        res.update(train_step_s_slora=None, train_error=f"{e!r}"[:300], train_rank_sum=None, train_shape=None)
+    text = report(res)
+    if res["profile_full_layer"].get("torch_profiler"):
+        text += "\n\ntorch.profiler, full mode, one streamed layer:\n" + res["profile_full_layer"]["torch_profiler"]
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+        (out / "output.txt").write_text(text + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()

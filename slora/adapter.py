@@ -23,10 +23,7 @@ head `classifier`) fits transformers' `AutoModelForSequenceClassification`, and 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional
@@ -36,6 +33,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from slora.checkpoint import atomic_folder
 from slora.lora import LoRALinear, apply_lora, lora_modules
 
 WEIGHTS = "adapter_model.safetensors"
@@ -200,17 +198,9 @@ def save_adapter(model: nn.Module, folder, base_model_name_or_path, task_type: s
     folder = Path(folder)
     if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / CONFIG).is_file())):
         raise FileExistsError(f"{folder}: exists and is not an adapter folder; not overwriting it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -191,7 +191,7 @@ def profile_full_layer(body, batches, modules, device) -> dict:
     sync(device)
     out["layer_forward_with_H_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    hessian._reduce_all(accs)
+    hessian.reduce_all(accs)
     sync(device)
     out["layer_reduce_s"] = time.perf_counter() - t0
     del accs

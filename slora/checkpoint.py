@@ -11,7 +11,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -81,26 +83,41 @@ def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source) -> nn.Mod
     return model
 
 
+@contextmanager
+def atomic_folder(folder) -> Iterator[Path]:
+    """Yield a temporary folder beside `folder`; when the block succeeds it replaces `folder` (whatever was there),
+    when it raises it is removed. Readers never see a half-written folder. Callers decide beforehand whether an
+    existing `folder` may be replaced."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        yield tmp
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_folder(folder, config: dict, sd: dict[str, torch.Tensor], max_shard_bytes: int | None = None,
                  extra_files: dict[str, Path] | None = None) -> Path:
     """Write config.json and the tensors (one file, or shards + index when over `max_shard_bytes`) atomically.
 
     `extra_files` maps a file name to a source path copied alongside (e.g. tokenizer.json).
     """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    shards, cur, size = [], {}, 0
+    for name in sorted(sd):
+        nbytes = sd[name].numel() * sd[name].element_size()
+        if cur and max_shard_bytes is not None and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name], size = sd[name], size + nbytes
+    shards.append(cur)
+    with atomic_folder(folder) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-        shards, cur, size = [], {}, 0
-        for name in sorted(sd):
-            nbytes = sd[name].numel() * sd[name].element_size()
-            if cur and max_shard_bytes is not None and size + nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[name], size = sd[name], size + nbytes
-        shards.append(cur)
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})
         else:
@@ -114,10 +131,4 @@ def write_folder(folder, config: dict, sd: dict[str, torch.Tensor], max_shard_by
                                                 indent=2, sort_keys=True) + "\n")
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 
 from slora import data, scoring
 from slora.adapter import save_adapter
+from slora.checkpoint import atomic_folder
 from slora.heatmap import ranks_svg
 from slora.lora import ALPHA_POLICIES, apply_lora, lora_parameters_count, mark_only_lora_trainable
 from slora.models import load_model, load_tokenizer
@@ -111,8 +110,8 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # Run folder: written under a temporary name and renamed when complete
 
-def claim_out_dir(args) -> tuple[Path, Path]:
-    """(final folder, temporary folder). A folder that already holds a run with other arguments is an error."""
+def out_dir(args) -> Path:
+    """The run folder. One that already holds a run with other arguments, or other files, is an error."""
     out = Path(args.out) if args.out else Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{args.task}-{args.alloc}")
     if out.exists():
         old = out / "args.json"
@@ -125,11 +124,7 @@ def claim_out_dir(args) -> tuple[Path, Path]:
             if diff:
                 raise FileExistsError(f"{out}: already holds a different run (arguments differ in: "
                                       f"{', '.join(diff)}); choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return out, tmp
+    return out
 
 
 def write_json(path: Path, obj):
@@ -137,14 +132,14 @@ def write_json(path: Path, obj):
 
 
 class Log:
-    """Progress lines on stdout and the same records, as JSON, in log.jsonl."""
+    """Progress lines on stdout and the same records, as JSON, in log.jsonl (one line written per record)."""
 
     def __init__(self, path: Path):
-        self.f = open(path, "a")
+        self.path = path
 
     def __call__(self, event: str, text: str = "", **fields):
-        self.f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
-        self.f.flush()
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
         if text:
             print(text, flush=True)
 
@@ -206,15 +201,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out, tmp = claim_out_dir(args)
-    try:
+    out = out_dir(args)
+    with atomic_folder(out) as tmp:  # a failed run leaves nothing half written; a re-run replaces its twin
         run(args, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves nothing half written
-        raise
-    if out.exists():
-        shutil.rmtree(out)  # same arguments as the run being replaced (claim_out_dir checked)
-    os.replace(tmp, out)
     print(f"run folder: {out}")
     return out
 
@@ -297,7 +286,6 @@ def run(args, tmp: Path):
         write_json(tmp / "metrics.json", result | {"times": times, "budget": budget})
     else:
         write_json(tmp / "metrics.json", {"times": times, "budget": budget, "allocate_only": True})
-    log.f.close()
 
 
 def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks) -> dict:

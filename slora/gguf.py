@@ -10,8 +10,6 @@ Legend for shape comments: n blocks of 32 weights, H heads, hs head size.
 """
 import argparse
 import json
-import os
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from slora.checkpoint import atomic_folder
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts and is long gone; v2 and v3 share one layout
@@ -443,19 +443,11 @@ def convert_gguf_to_hf(gguf_path, out_dir) -> Path:
         raise FileExistsError(f"{out_dir} already exists; remove it before converting {gguf_path} into it")
     gf = read_gguf(gguf_path)
     config = hf_config(gf)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out_dir) as tmp:
         save_file(hf_state_dict(gf, config), tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         hf_tokenizer(gf).save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(gf, config), indent=2) + "\n")
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

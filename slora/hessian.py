@@ -394,7 +394,7 @@ def reduce(acc: HessianAccumulator, owner: str, *, percdamp: float = 0.01, block
     return stats
 
 
-def _reduce_all(accs: dict[str, HessianAccumulator], **kw) -> dict[str, HessianStats]:
+def reduce_all(accs: dict[str, HessianAccumulator], **kw) -> dict[str, HessianStats]:
     """Reduce each distinct accumulator once; the first name (model order) of a shared group owns it."""
     by_acc: dict[int, HessianStats] = {}
     for name, acc in accs.items():
@@ -408,7 +408,7 @@ def collect(model: nn.Module, batches: Iterable[dict], modules: dict[str, nn.Lin
             keep_hessian: bool = False, progress: Progress | None = None) -> dict[str, HessianStats]:
     """One-pass calibration then reduction. Peak memory as `accumulate`, plus 3·d_in² while inverting one H."""
     accs = accumulate(model, batches, modules, mode=mode, dtype=dtype, progress=progress)
-    return _reduce_all(accs, percdamp=percdamp, blocksize=blocksize, keep_hessian=keep_hessian)
+    return reduce_all(accs, percdamp=percdamp, blocksize=blocksize, keep_hessian=keep_hessian)
 
 
 # -----------------------------------------------------------------------------
@@ -479,7 +479,7 @@ def collect_streaming(blocks: Sequence[tuple[str, nn.Module]], inputs: list[Cach
         finally:
             hooks.close()
         accs = hooks.result(mine)
-        stats.update(_reduce_all(accs, percdamp=percdamp, blocksize=blocksize, keep_hessian=keep_hessian))
+        stats.update(reduce_all(accs, percdamp=percdamp, blocksize=blocksize, keep_hessian=keep_hessian))
         del accs, hooks  # free this block's Hessians before the next block accumulates
         if progress is not None:
             progress("stream", b + 1, len(blocks))

@@ -164,6 +164,7 @@ def module_metrics(vec: SensitivityVector, *, k_frac: float = K_FRAC, alpha: flo
         raise ValueError(f"{name}: sensitivity vector has negative entries (a Hessian diagonal is >= 0)")
     if not (s > 0).any():
         raise ValueError(f"{name}: sensitivity vector is all zero (every input was 0 on the calibration set)")
+    s = _sorted(s)  # sorted once here; the sorts inside topk_mean and effective_rank then see sorted input
     return ModuleMetrics(trace(s, repeat), topk_mean(s, k_frac, repeat), effective_rank(s, alpha, repeat),
                          s.numel() * repeat)
 

@@ -284,7 +284,7 @@ def _block_cholesky_(work: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, 
             # panel L21 solves L21·Lkkᵀ = A21, then A22 -= L21·L21ᵀ (the Schur complement)
             panel = torch.linalg.solve_triangular(lkk.T, work[k1:, k0:k1], upper=True, left=False)  # (d-k1, b)
             work[k1:, k0:k1] = panel
-            work[k1:, k1:].sub_(panel @ panel.T)
+            work[k1:, k1:].addmm_(panel, panel.T, alpha=-1.0)  # in place: no (d-k1)² temporary
     status = torch.stack(status).cpu()  # (n_blocks, 2): the one sync
     bad = (status[:, 0] > 0) | (status[:, 1] > 0)
     if not bad.any():

@@ -118,3 +118,8 @@ def test_bad_input_errors(tmp_path, cls_data):
         run(tmp_path, model, cls_data, "--r-avg", "3", out="taken")
     assert (first / "adapter").is_dir()  # the earlier run is left intact
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_undefined_scores_are_written_as_null(tmp_path):
+    finetune.write_json(tmp_path / "m.json", {"dev": {"pearson": float("nan"), "acc": 0.5}, "xs": [float("inf")]})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"dev": {"pearson": None, "acc": 0.5}, "xs": [None]}

@@ -84,8 +84,12 @@ class LoRALinear(nn.Module):
         self.train(base.training)  # keep the wrapped layer's mode, so an eval-mode model stays in eval mode
 
     def reset_lora_parameters(self, generator: Optional[torch.Generator] = None):
+        """A drawn on the CPU (from `generator`, a CPU generator) and copied to A's device, so that the same seed
+        gives the same initial adapter on every device; B = 0."""
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
+            a = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)  # (r, d_in), on the CPU
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            self.lora_A.weight.copy_(a)
             nn.init.zeros_(self.lora_B.weight)
 
     def delta_weight(self) -> torch.Tensor:

@@ -9,7 +9,6 @@ layer rows are sorted by number. The output depends only on `ranks` (its items a
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping
 from xml.sax.saxutils import escape
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from slora.models.llama import LlamaForCausalLM, apply_rope, rope_cos_sin, rope_inv_freq
+from slora.models.llama import apply_rope, rope_cos_sin, rope_inv_freq
 from tests.tiny import tiny_llama, tiny_llama_config
 
 EPS32 = torch.finfo(torch.float32).eps

@@ -13,7 +13,6 @@ Shape legend: B batch, T sequence, D model dim (hidden_size), H heads, hs head s
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -39,3 +39,7 @@ test-gpu: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# regenerate the recorded runs in reference_runs/ (review the diff like code)
+reference: assets
+	$(PY) reference_runs/record.py

@@ -5,6 +5,7 @@ command.txt (the exact command) and env.json (device, torch version, wall time) 
 tests/test_reference_runs.py re-runs each command and compares with what is recorded here.
 """
 import json
+import os
 import platform
 import shlex
 import sys
@@ -24,12 +25,12 @@ RUNS = {
 
 
 def record(name: str) -> Path:
-    argv = shlex.split(RUNS[name]) + ["--out", str(HERE / name)]
+    os.chdir(HERE.parent)  # relative paths in args.json and command.txt: the same on every clone
+    argv = shlex.split(RUNS[name]) + ["--out", f"reference_runs/{name}"]
     t0 = time.time()
     out = finetune.main(argv)
     wall = time.time() - t0
-    (out / "command.txt").write_text("python -m slora.finetune " + " ".join(argv[:-2]) + " --out reference_runs/"
-                                     + name + "\n")
+    (out / "command.txt").write_text("python -m slora.finetune " + " ".join(argv) + "\n")
     env = {"device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "python": platform.python_version(), "wall_s": round(wall, 1)}
     (out / "env.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")

@@ -119,8 +119,9 @@ def out_dir(args) -> Path:
             if any(out.iterdir()):
                 raise FileExistsError(f"{out}: exists and does not hold a slora run; choose another --out")
         else:
-            prev = {k: v for k, v in json.loads(old.read_text()).items() if k != "resolved"}
-            diff = sorted(k for k in set(prev) | set(vars(args)) if prev.get(k) != vars(args).get(k))
+            prev = {k: v for k, v in json.loads(old.read_text()).items() if k not in ("resolved", "out")}
+            new = {k: v for k, v in vars(args).items() if k != "out"}  # the folder itself may be spelled otherwise
+            diff = sorted(k for k in set(prev) | set(new) if prev.get(k) != new.get(k))
             if diff:
                 raise FileExistsError(f"{out}: already holds a different run (arguments differ in: "
                                       f"{', '.join(diff)}); choose another --out")

@@ -279,8 +279,11 @@ def run(args, tmp: Path):
         if done == total or done % 10 == 0:
             log("calibrate", f"calibrate {done}/{total} batches", done=done, total=total)
 
+    # full-mode Hessians of a decoder are streamed layer by layer (GPTQ-style): one layer's H lives at a time
+    blocks = ([(f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
+              if family == "decoder" and cfg.mode == "full" else None)
     sens, ranks = compute(model, [{k: v.to(device) for k, v in b.items()} for b in batches], cfg,
-                          progress=progress)
+                          blocks=blocks, progress=progress)
     times["calibrate_allocate_s"] = time.time() - t0
     write_json(tmp / "sensitivity.json", sens)
     write_json(tmp / "ranks.json", ranks)

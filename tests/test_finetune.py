@@ -123,3 +123,14 @@ def test_bad_input_errors(tmp_path, cls_data):
 def test_undefined_scores_are_written_as_null(tmp_path):
     finetune.write_json(tmp_path / "m.json", {"dev": {"pearson": float("nan"), "acc": 0.5}, "xs": [float("inf")]})
     assert json.loads((tmp_path / "m.json").read_text()) == {"dev": {"pearson": None, "acc": 0.5}, "xs": [None]}
+
+
+def test_decoder_full_mode_streams_layers_and_matches_one_pass(tmp_path, gen_data):
+    # --hessian full on a decoder streams the Hessians layer by layer; the ranks equal the one-pass diag mode's
+    # (both read the same diag(H)), and full mode adds the damping and dominance diagnostics.
+    model = tiny_model_dir(tmp_path / "m", "decoder")
+    full = run(tmp_path, model, gen_data, "--allocate-only", "--hessian", "full", kind="instructions", out="full")
+    diag = run(tmp_path, model, gen_data, "--allocate-only", kind="instructions", out="diag")
+    assert (full / "ranks.json").read_text() == (diag / "ranks.json").read_text()
+    hess = json.loads((full / "sensitivity.json").read_text())["config"]["hessian"]
+    assert all("dominant_rows" in v and v["damping"] > 0 for v in hess.values())

@@ -243,21 +243,27 @@ def full_h_accuracy(body, ids, layer: int) -> dict:
     return out
 
 
+def transformers_llama(cls, cfg: LlamaConfig, device, dtype):
+    """transformers' `cls` (LlamaModel or LlamaForCausalLM) with slora's config, random weights made on the
+    device in `dtype` (the comparison baseline; transformers is imported only by the callers)."""
+    import transformers
+    hf_cfg = transformers.LlamaConfig(**vars(cfg), attn_implementation="sdpa", use_cache=False)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return cls(hf_cfg)
+    finally:
+        torch.set_default_dtype(prev)
+
+
 def transformers_forward(cfg: LlamaConfig, batches, device, dtype) -> dict:
     """transformers' LlamaModel on the same shapes and batches (random weights), for the speed baseline."""
     try:
         import transformers
     except ImportError:
         return {"forward_s_transformers": None, "transformers": "not installed"}
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in vars(cfg).items() if k not in ("head_dim",)},
-                                      head_dim=cfg.head_dim, attn_implementation="sdpa", use_cache=False)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            hf = transformers.LlamaModel(hf_cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
+    hf = transformers_llama(transformers.LlamaModel, cfg, device, dtype).eval()
 
     def forward():
         with torch.no_grad():
@@ -317,15 +323,7 @@ def bench_training(cfg, B, T, device, dtype, steps: int, with_peft: bool) -> dic
     from slora.adapter import adapter_config
     lcfg = adapter_config(model, "random", "CAUSAL_LM")
     del model, params
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in vars(cfg).items() if k != "head_dim"},
-                                      head_dim=cfg.head_dim, attn_implementation="sdpa", use_cache=False)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            hf = transformers.LlamaForCausalLM(hf_cfg)
-    finally:
-        torch.set_default_dtype(prev)
+    hf = transformers_llama(transformers.LlamaForCausalLM, cfg, device, dtype)
     keep = {"r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "lora_dropout", "use_rslora",
             "bias", "task_type"}
     try:

@@ -35,17 +35,9 @@ from slora.adapter import load_adapter, save_adapter  # noqa: E402
 from slora.lora import apply_lora, lora_modules  # noqa: E402
 from slora.models import load_model, save_model  # noqa: E402
 from slora.models.bert import for_sequence_classification  # noqa: E402
-from tests.tiny import tiny_bert, tiny_llama  # noqa: E402
+from tests.tiny import randomize_lora, tiny_bert, tiny_llama  # noqa: E402
 
 NUM_LABELS = 3
-
-
-def randomize_lora(model, seed, std=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_A.weight.copy_(torch.randn(m.lora_A.weight.shape, generator=g) * std)
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
 
 
 def load_hf(auto_cls, folder, **kw):
@@ -84,7 +76,7 @@ def compare(label, slora_base, make_hf, slora_fn, hf_fn, ranks, task_type, tmp, 
         before = slora_fn(slora_base, x, mask)
         base_diff = (before - hf_fn(hf, x, mask)).abs().max().item()
     apply_lora(slora_base, ranks, **lora_kw)
-    randomize_lora(slora_base, seed=7)
+    randomize_lora(slora_base, seed=7, std=0.2)
     save_adapter(slora_base, adapter_dir, str(base_dir), task_type)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from slora.adapter import CONFIG, WEIGHTS, load_adapter, save_adapter
 from slora.lora import apply_lora, lora_alphas, lora_modules, lora_ranks
 from slora.models.bert import for_sequence_classification
-from tests.tiny import tiny_bert, tiny_llama
+from tests.tiny import randomize_lora, tiny_bert, tiny_llama
 
 # The fields of peft 0.21.2's LoraConfig (dataclasses.fields, base PeftConfig fields included), read from the
 # installed package with `[f.name for f in dataclasses.fields(peft.LoraConfig)]`. slora must write no other key.
@@ -46,15 +46,6 @@ def llama_ranks(n_layers):
     return ranks
 
 
-def randomize(model, seed=0, std=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_A.weight.copy_(torch.randn(m.lora_A.weight.shape, generator=g) * std)
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
-    return model
-
-
 def ids(vocab, seed=0):
     return torch.randint(3, vocab, (2, 7), generator=torch.Generator().manual_seed(seed))
 
@@ -64,7 +55,7 @@ def llama_adapter(tmp_path):
     """A 12-layer tiny LLaMA (layer 1 vs 11 tests the anchoring) with "scale" alphas, saved as an adapter."""
     model = tiny_llama(seed=5, num_hidden_layers=12)
     apply_lora(model, llama_ranks(12), alpha=16, alpha_policy="scale")
-    randomize(model)
+    randomize_lora(model)
     save_adapter(model, tmp_path / "adapter", "tiny-llama", "CAUSAL_LM")
     return model, tmp_path / "adapter"
 
@@ -105,7 +96,7 @@ def test_sequence_classification_round_trip_with_head(tmp_path, model_type, pad,
     ranks = {f"{body}.encoder.layer.0.attention.self.query": 3, f"{body}.encoder.layer.0.attention.self.value": 1,
              f"{body}.encoder.layer.1.attention.self.query": 0, f"{body}.encoder.layer.1.attention.self.value": 2}
     apply_lora(model, ranks, alpha=8, alpha_policy="constant", dropout=0.1)
-    randomize(model)
+    randomize_lora(model)
     save_adapter(model, tmp_path / "a", "tiny-bert", "SEQ_CLS")
     tensors = load_file(str(tmp_path / "a" / WEIGHTS))
     head_keys = {k for k in tensors if "lora_" not in k}
@@ -123,7 +114,7 @@ def test_sequence_classification_round_trip_with_head(tmp_path, model_type, pad,
 def test_rslora_round_trip(tmp_path):
     model = apply_lora(tiny_llama(seed=1), {"model.layers.0.self_attn.q_proj": 4, "model.layers.1.mlp.up_proj": 1},
                        alpha=6, alpha_policy="rslora")
-    randomize(model)
+    randomize_lora(model)
     save_adapter(model, tmp_path / "a", "x", "CAUSAL_LM")
     assert json.loads((tmp_path / "a" / CONFIG).read_text())["use_rslora"] is True
     fresh = load_adapter(tiny_llama(seed=1), tmp_path / "a")

@@ -8,7 +8,7 @@ import torch.nn as nn
 from slora.lora import (LoRALinear, apply_lora, lora_alphas, lora_modules, lora_parameters_count, lora_ranks,
                         lora_state_dict, mark_only_lora_trainable, merge_lora, module_alphas, unmerge_lora)
 from slora.models.bert import for_sequence_classification
-from tests.tiny import tiny_bert, tiny_llama
+from tests.tiny import randomize_lora, tiny_bert, tiny_llama
 
 EPS32 = torch.finfo(torch.float32).eps
 # Unequal ranks on a 2-layer tiny LLaMA, with a rank-0 module (layer 1's k_proj) and an MLP module.
@@ -19,16 +19,6 @@ LLAMA_RANKS = {"model.layers.0.self_attn.q_proj": 4, "model.layers.0.self_attn.v
 
 def ids(B=2, T=6, vocab=53, seed=0):
     return torch.randint(3, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def randomize_B(model, seed=0, std=0.3):
-    """Non-zero B (and fresh A) so that LoRA changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_A.weight.copy_(torch.randn(m.lora_A.weight.shape, generator=g) * std)
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
-    return model
 
 
 def layer(d_in=24, d_out=20, r=3, alpha=6.0, rslora=False, seed=0):
@@ -128,7 +118,7 @@ def test_merge_unmerge_round_trip_and_idempotent():
 def test_eval_and_train_never_merge():
     m = tiny_llama(seed=1)
     apply_lora(m, LLAMA_RANKS, alpha=8)
-    randomize_B(m)
+    randomize_lora(m)
     W = {k: v.clone() for k, v in m.state_dict().items()}
     m.train()
     m.eval()
@@ -147,7 +137,7 @@ def test_merged_layer_refuses_training_forward():
 def test_model_merge_matches_unmerged_and_round_trips():
     m = tiny_llama(seed=2).eval()
     apply_lora(m, LLAMA_RANKS, alpha=8)
-    randomize_B(m, std=0.1)
+    randomize_lora(m, std=0.1)
     x = ids(vocab=61)
     W0 = {k: v.clone() for k, v in m.state_dict().items()}
     with torch.no_grad():
@@ -222,7 +212,7 @@ def test_only_lora_and_head_train():
     ranks = {"bert.encoder.layer.0.attention.self.query": 2, "bert.encoder.layer.1.attention.self.value": 3,
              "bert.encoder.layer.1.attention.self.query": 0}
     apply_lora(model, ranks, alpha=4)
-    randomize_B(model)
+    randomize_lora(model)
     mark_only_lora_trainable(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     want = {f"{n}.lora_{ab}.weight" for n, r in ranks.items() if r for ab in "AB"} | \

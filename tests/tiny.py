@@ -82,3 +82,14 @@ def tiny_model_dir(folder, kind: str, seed: int = 0):
     model = tiny_bert(seed, vocab_size=n) if kind == "encoder" else tiny_llama(seed, vocab_size=n)
     save_model(model, folder / "model", tokenizer=folder / "tokenizer.json")
     return folder / "model"
+
+
+def randomize_lora(model, seed=0, std=0.3):
+    """Fresh seeded A and non-zero B in every LoRA layer, so that LoRA changes the output."""
+    from slora.lora import lora_modules
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_A.weight.copy_(torch.randn(m.lora_A.weight.shape, generator=g) * std)
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
+    return model

@@ -23,10 +23,11 @@ from slora import data, scoring
 from slora.adapter import save_adapter
 from slora.checkpoint import atomic_folder
 from slora.heatmap import ranks_svg
-from slora.lora import ALPHA_POLICIES, apply_lora, lora_parameters_count, mark_only_lora_trainable
+from slora.lora import ALPHA_POLICIES, apply_lora, lora_parameters_count, mark_only_lora_trainable, merged_copy
 from slora.models import load_model, load_tokenizer
 from slora.models.bert import BertModel, for_sequence_classification
 from slora.sensitivity import SensitivityConfig, compute
+from slora.stability import stability
 
 # Model presets: the offline assets by name (anything else is a path to a Hugging Face-format folder).
 PRESETS = ("minilm", "smollm2")
@@ -80,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--er-alpha", type=float, default=0.85, help="effective-rank share threshold α (Eq. 10)")
     p.add_argument("--pra-groups", type=int, default=3, help="PRA categories (count)")
     p.add_argument("--allocate-only", action="store_true", help="stop after sensitivity.json, ranks.json, ranks.svg")
+    p.add_argument("--epoch-sensitivity", action="store_true",
+                   help="re-measure θ and ranks on the merged weights after each epoch, with the same calibration "
+                        "batches (paper Table 6); writes epoch_sensitivity.json and τ-b per epoch")
     # LoRA
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA α (default 2·r_avg, scaling 2 at r_avg)")
     p.add_argument("--alpha-policy", default="scale", choices=ALPHA_POLICIES,
@@ -279,11 +283,15 @@ def run(args, tmp: Path):
         if done == total or done % 10 == 0:
             log("calibrate", f"calibrate {done}/{total} batches", done=done, total=total)
 
-    # full-mode Hessians of a decoder are streamed layer by layer (GPTQ-style): one layer's H lives at a time
-    blocks = ([(f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
-              if family == "decoder" and cfg.mode == "full" else None)
-    sens, ranks = compute(model, [{k: v.to(device) for k, v in b.items()} for b in batches], cfg,
-                          blocks=blocks, progress=progress)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+    def measure(m, progress=None):
+        # full-mode Hessians of a decoder are streamed layer by layer (GPTQ-style): one layer's H lives at a time
+        blocks = ([(f"model.layers.{i}", layer) for i, layer in enumerate(m.model.layers)]
+                  if family == "decoder" and cfg.mode == "full" else None)
+        return compute(m, batches, cfg, blocks=blocks, progress=progress)
+
+    sens, ranks = measure(model, progress)
     times["calibrate_allocate_s"] = time.time() - t0
     write_json(tmp / "sensitivity.json", sens)
     write_json(tmp / "ranks.json", ranks)
@@ -293,16 +301,43 @@ def run(args, tmp: Path):
         ranks=ranks)
 
     if not args.allocate_only:
-        result = finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks)
+        tracker = EpochSensitivity(measure, sens, ranks) if args.epoch_sensitivity else None
+        result = finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker)
         times.update(result.pop("times"))
+        if tracker:
+            write_json(tmp / "epoch_sensitivity.json", {"epochs": tracker.epochs})
         save_adapter(model, tmp / "adapter", str(model_path), "CAUSAL_LM" if family == "decoder" else "SEQ_CLS")
         write_json(tmp / "metrics.json", result | {"times": times, "budget": budget})
     else:
         write_json(tmp / "metrics.json", {"times": times, "budget": budget, "allocate_only": True})
 
 
-def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks) -> dict:
-    """Apply LoRA with the allocated ranks, train with AdamW, evaluate every epoch. Returns metrics.json content."""
+class EpochSensitivity:
+    """θ and ranks re-measured on the fine-tuned weights after each epoch, against epoch 0 (paper Table 6).
+
+    `measure(model)` is the run's own calibration + metrics + allocation; the model it gets is a merged copy
+    (LoRA folded into W, lora.merged_copy), so the Hessians see the fine-tuned layer inputs."""
+
+    def __init__(self, measure, sens: dict, ranks: dict):
+        self.measure = measure
+        self.epochs = [self._entry(0, sens, ranks)]
+
+    @staticmethod
+    def _entry(epoch: int, sens: dict, ranks: dict) -> dict:
+        return {"epoch": epoch, "theta": {k: v["theta"] for k, v in sens["modules"].items()}, "ranks": dict(ranks)}
+
+    def __call__(self, model, epoch: int) -> dict:
+        """Measure after `epoch`; return {"tau_theta", "tau_ranks"} against epoch 0 (Kendall's τ-b)."""
+        t0 = time.time()
+        sens, ranks = self.measure(merged_copy(model).eval())
+        self.epochs.append(self._entry(epoch, sens, ranks) | {"seconds": time.time() - t0})
+        tau = stability(self.epochs[0], self.epochs[-1])
+        return {"tau_theta": tau["tau_theta"], "tau_ranks": tau["tau_ranks"]}
+
+
+def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker=None) -> dict:
+    """Apply LoRA with the allocated ranks, train with AdamW, evaluate every epoch (and re-measure the sensitivity
+    with `tracker`, an EpochSensitivity). Returns metrics.json content."""
     g = torch.Generator().manual_seed(args.seed)
     apply_lora(model, ranks, args.lora_alpha, alpha_policy=args.alpha_policy, dropout=args.lora_dropout,
                generator=g)
@@ -352,6 +387,8 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
         t0 = time.time()
         scores = {k: evaluate(model, tok, spec, v, args, pad_id, device, autocast) for k, v in evals.items()
                   if k.startswith("dev")}
+        if tracker:
+            scores["sensitivity"] = tracker(model, epoch + 1)
         t_eval += time.time() - t0
         history.append({"epoch": epoch + 1, "step": step, **scores})
         log("eval", f"epoch {epoch + 1}: " + json.dumps(scores), **history[-1])

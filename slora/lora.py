@@ -30,6 +30,7 @@ Shape legend: B batch, T sequence, d_in / d_out the wrapped layer's features, r 
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Iterable, Mapping, Optional
 
@@ -280,3 +281,21 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     for m in lora_modules(model).values():
         m.unmerge()
     return model
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in which every LoRALinear is a plain nn.Linear holding W + scaling·B A (PEFT's
+    `merge_and_unload`, on a copy): the fine-tuned model as an ordinary network, e.g. to re-measure its
+    sensitivity (paper Table 6). `model` itself is left as it was."""
+    out = copy.deepcopy(model)
+    for name, m in lora_modules(out).items():
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
+                           dtype=m.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(m.weight if m.merged else m.weight + m.delta_weight())
+            if m.bias is not None:
+                linear.bias.copy_(m.bias)
+        linear.train(m.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent_name), child, linear)
+    return out

@@ -134,3 +134,42 @@ def test_decoder_full_mode_streams_layers_and_matches_one_pass(tmp_path, gen_dat
     assert (full / "ranks.json").read_text() == (diag / "ranks.json").read_text()
     hess = json.loads((full / "sensitivity.json").read_text())["config"]["hessian"]
     assert all("dominant_rows" in v and v["damping"] > 0 for v in hess.values())
+
+
+def test_epoch_sensitivity_remeasures_the_merged_weights(tmp_path, cls_data):
+    # --epoch-sensitivity (paper Table 6): epoch 0 is the run's own allocation; after each epoch θ and ranks are
+    # re-measured on the fine-tuned weights. The oracle for the last epoch is independent of the training loop:
+    # the saved adapter loaded onto a fresh model, merged into plain layers, and calibrated on the same batches.
+    from slora import data
+    from slora.lora import merged_copy
+    from slora.models import load_tokenizer
+    from slora.models.bert import for_sequence_classification
+    from slora.sensitivity import SensitivityConfig, compute
+    from slora.stability import stability
+    model = tiny_model_dir(tmp_path / "m", "encoder")
+    out = run(tmp_path, model, cls_data, "--targets", "all-linear", "--epochs", "2", "--max-steps", "0",
+              "--lr", "2e-2", "--lora-dropout", "0", "--epoch-sensitivity")
+    epochs = json.loads((out / "epoch_sensitivity.json").read_text())["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    sens = json.loads((out / "sensitivity.json").read_text())
+    assert epochs[0]["ranks"] == json.loads((out / "ranks.json").read_text())
+    assert epochs[0]["theta"] == {k: v["theta"] for k, v in sens["modules"].items()}
+    assert epochs[2]["theta"] != epochs[0]["theta"]  # training moved the layer inputs, so H moved
+
+    train, dev = cls_data
+    _, splits = data.load_jsonl("classification", train, dev, seed=0)
+    tok = load_tokenizer(model)
+    calib = data.calibration_examples("task", 16, train=splits["train"], seed=0)
+    batches = data.calibration_batches(tok, calib, decoder=False, max_len=128, batch_size=8, pad_id=0)
+    fields = set(SensitivityConfig.__dataclass_fields__)
+    cfg = SensitivityConfig(**{k: v for k, v in sens["config"].items() if k in fields})
+    m = load_adapter(for_sequence_classification(load_model(model), 2, seed=7), out / "adapter")
+    oracle, oracle_ranks = compute(merged_copy(m).eval(), batches, cfg)
+    assert epochs[2]["ranks"] == oracle_ranks
+    for name, v in oracle["modules"].items():
+        assert epochs[2]["theta"][name] == pytest.approx(v["theta"], rel=1e-6), name  # same fp32 ops: rounding
+
+    history = json.loads((out / "metrics.json").read_text())["epochs"]
+    for h, e in zip(history, epochs[1:]):
+        tau = stability(epochs[0], e)
+        assert h["sensitivity"] == {"tau_theta": tau["tau_theta"], "tau_ranks": tau["tau_ranks"]}

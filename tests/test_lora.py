@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 from slora.lora import (LoRALinear, apply_lora, lora_alphas, lora_modules, lora_parameters_count, lora_ranks,
-                        lora_state_dict, mark_only_lora_trainable, merge_lora, module_alphas, unmerge_lora)
+                        lora_state_dict, mark_only_lora_trainable, merge_lora, merged_copy, module_alphas,
+                        unmerge_lora)
 from slora.models.bert import for_sequence_classification
 from tests.tiny import randomize_lora, tiny_bert, tiny_llama
 
@@ -153,6 +154,29 @@ def test_model_merge_matches_unmerged_and_round_trips():
     for k, v in m.state_dict().items():
         if k.endswith(".weight") and "lora_" not in k:
             torch.testing.assert_close(v, W0[k], rtol=0, atol=4 * EPS32 * W0[k].abs().max())
+
+
+def test_merged_copy_is_a_plain_network_with_the_lora_output():
+    m = tiny_llama(seed=3).eval()
+    apply_lora(m, LLAMA_RANKS, alpha=8)
+    randomize_lora(m, std=0.1)
+    x = ids(vocab=61)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    plain = merged_copy(m)
+    assert not lora_modules(plain) and lora_modules(m)  # the copy has none; the original keeps its LoRA layers
+    assert set(plain.state_dict()) == {k for k in before if "lora_" not in k}  # the checkpoint's own keys
+    with torch.no_grad():
+        y, y_plain = m(x), plain(x)
+    scale = y.abs().max()
+    torch.testing.assert_close(y_plain, y, rtol=0, atol=1e3 * EPS32 * scale)  # rounding, as merge_lora
+    for k, v in m.state_dict().items():  # the original is untouched
+        assert torch.equal(v, before[k]), k
+    name = next(iter(LLAMA_RANKS))
+    lora = m.get_submodule(name)
+    torch.testing.assert_close(plain.get_submodule(name).weight, lora.weight + lora.delta_weight(), rtol=0, atol=0)
+    # a merged layer is copied as it is (its W already holds the update), not merged twice
+    merge_lora(m)
+    torch.testing.assert_close(merged_copy(m).get_submodule(name).weight, lora.weight, rtol=0, atol=0)
 
 
 def test_dropout_only_on_the_lora_branch_and_only_in_training():

@@ -1,0 +1,223 @@
+"""The fine-tuning comparisons of reference_runs/: every run is one `python -m slora.finetune` command.
+
+    python reference_runs/grid.py nlu --workers 8 --device cuda --budget-s 540   # MiniLM, paper Tables 1, 3, 7
+    python reference_runs/grid.py nlg --workers 8 --device cuda --budget-s 540   # SmolLM2, paper Table 2
+    python reference_runs/grid.py nlu --list                                      # what is done, what is pending
+
+Each run's folder is reference_runs/<suite>/<task>/<run>/: the run folder of slora.finetune (args.json,
+sensitivity.json, ranks.json, ranks.svg, metrics.json, log.jsonl, epoch_sensitivity.json where asked) plus
+command.txt (the exact command) and env.json (device, torch, wall time, how many runs shared the device). The PEFT
+adapter is deleted after the run to keep the repository small; the command regenerates it. A folder with env.json
+is complete and is never run again, so a second call resumes where a first one ran out of time.
+
+Selection, on the dev split only (the test split is read once per run, after training, and never compared here):
+- NLU. Phase "select": uniform LoRA and Sensitivity-LoRA at every learning rate of LRS, three seeds, α policy
+  `scale`. The task's learning rate is the one with the best mean dev score over those 2 x 3 runs. Phase
+  "methods": the other allocations (Sg, Sl, PRA, 0.5/µ), Sensitivity-LoRA with the other α policies and with the
+  `obs` metric source, all at that learning rate. Phase "all-linear": uniform and Sensitivity-LoRA on every linear
+  layer at every learning rate (selected the same way, apart). Phase "lr-sweep": the four ablations at the other
+  learning rates as well, so that each method can also be shown at its own best rate.
+- NLG. Uniform and Sensitivity-LoRA, attention-only and attention+MLP, at both learning rates and two seeds; the
+  learning rate is picked per target set as above.
+A seed fixes the data split, the calibration sample, the head and LoRA init, the batch order and dropout; every
+method of one seed sees the same split, so the methods are compared pairwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+SEEDS = {"nlu": (0, 1, 2), "nlg": (0, 1)}
+LRS = {"nlu": (5e-4, 1e-3, 2e-3), "nlg": (3e-4, 1e-3)}
+NLU_TASKS = ("rt-polarity", "rt-regression", "wiki-topic")
+NLU_COMMON = "--model minilm --epochs 3 --batch-size 32 --log-every 50"
+NLG_COMMON = "--model smollm2 --task wiki-describe --epochs 2 --batch-size 16 --log-every 50"
+ABLATIONS = ("global", "local", "pra", "half-mu")
+MLP = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass(frozen=True)
+class Run:
+    suite: str  # "nlu" | "nlg"
+    task: str
+    name: str  # folder name, e.g. "qv-sensitivity-scale-lr1e-3-s0"
+    args: str  # slora.finetune arguments, without --out and --device
+    phase: str
+
+    @property
+    def folder(self) -> Path:
+        return HERE / self.suite / self.task / self.name
+
+    def done(self) -> bool:
+        return (self.folder / "env.json").is_file()
+
+
+def lr_tag(lr: float) -> str:
+    return f"lr{lr:.0e}".replace("e-0", "e-")
+
+
+def nlu_run(task, targets, alloc, lr, seed, phase, policy="scale", source="diag") -> Run:
+    tag = {"qv": "", "all": "--targets all-linear "}[targets]
+    extra = f"--metric-source {source} " if source != "diag" else ""
+    # θ is re-measured after each epoch on the Sensitivity-LoRA runs (paper Table 6)
+    extra += "--epoch-sensitivity " if alloc == "sensitivity" and policy == "scale" and source == "diag" else ""
+    name = f"{targets}-{alloc}{'-' + source if source != 'diag' else ''}-{policy}-{lr_tag(lr)}-s{seed}"
+    args = (f"{NLU_COMMON} --task {task} --alloc {alloc} --alpha-policy {policy} --lr {lr:g} --seed {seed} "
+            f"{tag}{extra}").strip()
+    return Run("nlu", task, name, args, phase)
+
+
+def nlg_run(targets, alloc, lr, seed) -> Run:
+    tag = {"attn": "", "mlp": f"--targets {MLP} "}[targets]
+    extra = "--epoch-sensitivity " if alloc == "sensitivity" else ""
+    args = f"{NLG_COMMON} --alloc {alloc} --lr {lr:g} --seed {seed} {tag}{extra}".strip()
+    return Run("nlg", "wiki-describe", f"{targets}-{alloc}-{lr_tag(lr)}-s{seed}", args, "select")
+
+
+def main_score(run: Run, split: str = "dev") -> float:
+    m = json.loads((run.folder / "metrics.json").read_text())
+    v = m["final"][split][m["main_metric"]]
+    return float("nan") if v is None else v
+
+
+def pick_lr(runs: list[Run]) -> float | None:
+    """The learning rate with the best mean dev score over `runs` (all of one selection group); None until every
+    run of the group is done. A NaN score (a constant prediction) counts as the worst."""
+    if not runs or not all(r.done() for r in runs):
+        return None
+    by_lr: dict[float, list[float]] = {}
+    for r in runs:
+        s = main_score(r)
+        by_lr.setdefault(run_lr(r), []).append(-1e9 if s != s else s)
+    return max(by_lr, key=lambda lr: (statistics.fmean(by_lr[lr]), -lr))  # ties: the smaller rate
+
+
+def run_lr(run: Run) -> float:
+    a = shlex.split(run.args)
+    return float(a[a.index("--lr") + 1])
+
+
+def nlu_plan() -> list[Run]:
+    """Every NLU run whose inputs are known now, in priority order (phases 2 and 4 need phase 1's choice)."""
+    S, L = SEEDS["nlu"], LRS["nlu"]
+    plan = []
+    select = {t: [nlu_run(t, "qv", m, lr, s, "select") for s in S for lr in L for m in ("uniform", "sensitivity")]
+              for t in NLU_TASKS}
+    for s in S:  # seed-major: an early stop still leaves whole seeds
+        plan += [r for t in NLU_TASKS for r in select[t] if r.name.endswith(f"-s{s}")]
+    for t in NLU_TASKS:
+        lr = pick_lr(select[t])
+        if lr is None:
+            continue
+        for s in S:
+            plan += [nlu_run(t, "qv", m, lr, s, "methods") for m in ABLATIONS]
+            plan += [nlu_run(t, "qv", "sensitivity", lr, s, "methods", policy=p) for p in ("constant", "rslora")]
+            plan.append(nlu_run(t, "qv", "sensitivity", lr, s, "methods", source="obs"))
+    for s in S:
+        plan += [nlu_run(t, "all", m, lr, s, "all-linear") for t in NLU_TASKS for lr in L
+                 for m in ("uniform", "sensitivity")]
+    for t in NLU_TASKS:
+        lr = pick_lr(select[t])
+        if lr is not None:
+            plan += [nlu_run(t, "qv", m, other, s, "lr-sweep") for s in S for other in L if other != lr
+                     for m in ABLATIONS]
+    return plan
+
+
+def nlg_plan() -> list[Run]:
+    return [nlg_run(tg, m, lr, s) for s in SEEDS["nlg"] for tg in ("attn", "mlp") for lr in LRS["nlg"]
+            for m in ("uniform", "sensitivity")]
+
+
+PLANS = {"nlu": nlu_plan, "nlg": nlg_plan}
+
+
+# -----------------------------------------------------------------------------
+# Execution: worker processes, each running one finetune job at a time
+
+def _init_worker(threads: int):
+    import torch
+    torch.set_num_threads(threads)
+
+
+def execute(run: Run, device: str, workers: int) -> str:
+    """One recorded run (in a worker process): the finetune job, then command.txt and env.json."""
+    import torch
+    from slora import finetune
+    os.chdir(ROOT)  # relative paths in args.json and command.txt: the same on every clone
+    out = run.folder.relative_to(ROOT)
+    argv = shlex.split(run.args) + ["--device", device, "--out", str(out)]
+    t0 = time.time()
+    finetune.main(argv)
+    wall = time.time() - t0
+    shutil.rmtree(out / "adapter", ignore_errors=True)
+    (out / "command.txt").write_text("python -m slora.finetune " + " ".join(argv) + "\n")
+    dev = torch.device(device)
+    env = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "python": platform.python_version(), "wall_s": round(wall, 1),
+           "concurrent_runs": workers}
+    (out / "env.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")  # last: marks the run done
+    return f"{run.suite}/{run.task}/{run.name}: {wall:.0f}s"
+
+
+def drive(suite: str, device: str, workers: int, budget_s: float, threads: int) -> None:
+    """Run pending runs of `suite`, `workers` at a time, until none is left or `budget_s` has passed (runs in
+    flight then finish). The plan is recomputed whenever a run ends, so later phases start once their inputs are
+    done."""
+    t0, running = time.time(), {}
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+        while True:
+            busy = {r.folder for r in running.values()}
+            todo = [r for r in PLANS[suite]() if not r.done() and r.folder not in busy]
+            while todo and len(running) < workers and time.time() - t0 < budget_s:
+                r = todo.pop(0)
+                running[pool.submit(execute, r, device, workers)] = r
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                r = running.pop(f)
+                try:
+                    print(f"[{time.time() - t0:5.0f}s] {f.result()}", flush=True)
+                except Exception as e:  # a failed run is reported and left unrecorded; the rest go on
+                    print(f"[{time.time() - t0:5.0f}s] FAILED {r.suite}/{r.task}/{r.name}: {e!r}", flush=True)
+    left = [r for r in PLANS[suite]() if not r.done()]
+    print(f"{suite}: {len(left)} runs pending after {time.time() - t0:.0f}s", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("suite", choices=tuple(PLANS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=1, help="runs at a time (count)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default cores/workers)")
+    p.add_argument("--budget-s", type=float, default=float("inf"), help="start no run after this many seconds")
+    p.add_argument("--list", action="store_true", help="print the plan with done/pending and exit")
+    args = p.parse_args(argv)
+    if args.list:
+        for r in PLANS[args.suite]():
+            print(f"{'done   ' if r.done() else 'pending'} {r.phase:10s} {r.folder.relative_to(HERE)}")
+        return
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    drive(args.suite, args.device, args.workers, args.budget_s, threads)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main(sys.argv[1:])

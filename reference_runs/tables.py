@@ -1,0 +1,264 @@
+"""Fill the result tables of reference_runs/README.md from the recorded run folders (never by hand).
+
+    python reference_runs/tables.py          # rewrites every <!-- table:NAME --> ... <!-- /table:NAME --> block
+
+Reads reference_runs/{nlu,nlg}/<task>/<run>/ (args.json, metrics.json, sensitivity.json, ranks.json,
+epoch_sensitivity.json). Learning rates are picked on the dev split by grid.pick_lr, exactly as grid.py did when it
+chose what to run; test scores are only reported. Scores are ×100 (as in the paper); mean ± sample std over seeds,
+with the number of seeds when it is not the full count.
+"""
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import grid
+from grid import HERE, LRS, NLU_TASKS, SEEDS, Run, nlg_run, nlu_run, pick_lr
+
+sys.path.insert(0, str(HERE.parent))
+from slora.stability import stability  # noqa: E402
+
+NAMES = {"uniform": "LoRA (uniform)", "sensitivity": "Sensitivity-LoRA", "global": "Sg-LoRA (global only)",
+         "local": "Sl-LoRA (local only)", "pra": "PRA", "half-mu": "0.5/µ weights"}
+GEN = ("bleu4", "rouge1", "rougeL")
+
+
+def load(run: Run, name: str):
+    return json.loads((run.folder / name).read_text())
+
+
+def score(run: Run, split: str, metric: str | None = None):
+    m = load(run, "metrics.json")
+    v = m["final"][split][metric or m["main_metric"]]
+    return float("nan") if v is None else 100 * v
+
+
+def mean_std(xs: list[float], n_full: int) -> str:
+    xs = [x for x in xs if x == x]
+    if not xs:
+        return "n/a"
+    s = f"{statistics.fmean(xs):.2f}"
+    s += f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else ""
+    return s + (f" (n={len(xs)})" if len(xs) != n_full else "")
+
+
+def done(runs):
+    return [r for r in runs if r.done()]
+
+
+def select_runs(task, targets="qv"):
+    return [nlu_run(task, targets, m, lr, s, "select") for s in SEEDS["nlu"] for lr in LRS["nlu"]
+            for m in ("uniform", "sensitivity")]
+
+
+def variant(task, lr, s, key):
+    """The run of one table row: key = alloc, or (alloc, policy, source)."""
+    alloc, policy, source = key if isinstance(key, tuple) else (key, "scale", "diag")
+    return nlu_run(task, "qv", alloc, lr, s, "", policy=policy, source=source)
+
+
+ROWS = [("uniform", NAMES["uniform"]), ("sensitivity", NAMES["sensitivity"]), ("global", NAMES["global"]),
+        ("local", NAMES["local"]), ("pra", NAMES["pra"]), ("half-mu", NAMES["half-mu"]),
+        (("sensitivity", "constant", "diag"), "Sensitivity-LoRA, α policy constant"),
+        (("sensitivity", "rslora", "diag"), "Sensitivity-LoRA, α policy rslora"),
+        (("sensitivity", "scale", "obs"), "Sensitivity-LoRA, obs metric source")]
+
+
+def nlu_main() -> list[str]:
+    lrs = {t: pick_lr(select_runs(t)) for t in NLU_TASKS}
+    n = len(SEEDS["nlu"])
+    out = ["| method (q,v; r_avg 4) | " + " | ".join(f"{t} (lr {lrs[t]:g})" if lrs[t] else t for t in NLU_TASKS)
+           + " | mean of tasks | trainable (LoRA) params |", "|---" * (len(NLU_TASKS) + 3) + "|"]
+    for key, label in ROWS:
+        cells, means, params = [], [], set()
+        for t in NLU_TASKS:
+            runs = done([variant(t, lrs[t], s, key) for s in SEEDS["nlu"]]) if lrs[t] else []
+            xs = [score(r, "test") for r in runs]
+            cells.append(mean_std(xs, n))
+            means.append(statistics.fmean(xs) if len(xs) == n else None)
+            params |= {load(r, "metrics.json")["lora_params"] for r in runs}
+        avg = f"{statistics.fmean(means):.2f}" if None not in means else "n/a"
+        out.append(f"| {label} | " + " | ".join(cells) + f" | {avg} | {', '.join(f'{p:,}' for p in sorted(params))} |")
+    return out
+
+
+def nlu_seeds() -> list[str]:
+    lrs = {t: pick_lr(select_runs(t)) for t in NLU_TASKS}
+    out = ["| method | " + " | ".join(f"{t} s{s}" for t in NLU_TASKS for s in SEEDS["nlu"]) + " |",
+           "|---" * (1 + len(NLU_TASKS) * len(SEEDS["nlu"])) + "|"]
+    for key, label in ROWS:
+        cells = []
+        for t in NLU_TASKS:
+            for s in SEEDS["nlu"]:
+                r = variant(t, lrs[t], s, key) if lrs[t] else None
+                cells.append(f"{score(r, 'test'):.2f}" if r and r.done() else "n/a")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out
+
+
+def paired() -> list[str]:
+    """Sensitivity-LoRA minus uniform, per (task, seed), test and dev: the paired view of the main table."""
+    lrs = {t: pick_lr(select_runs(t)) for t in NLU_TASKS}
+    out = ["| task | seed | dev Δ | test Δ |", "|---|---|---|---|"]
+    wins = total = 0
+    for t in NLU_TASKS:
+        for s in SEEDS["nlu"]:
+            if not lrs[t]:
+                continue
+            a, b = variant(t, lrs[t], s, "sensitivity"), variant(t, lrs[t], s, "uniform")
+            if not (a.done() and b.done()):
+                continue
+            d_dev, d_test = score(a, "dev") - score(b, "dev"), score(a, "test") - score(b, "test")
+            wins, total = wins + (d_test > 0), total + 1
+            out.append(f"| {t} | {s} | {d_dev:+.2f} | {d_test:+.2f} |")
+    out.append(f"\nSensitivity-LoRA beats uniform LoRA on the test split in {wins} of {total} paired runs.")
+    return out
+
+
+def nlu_select(targets="qv") -> list[str]:
+    out = ["| task | method | " + " | ".join(f"lr {lr:g}" for lr in LRS["nlu"]) + " |",
+           "|---|---" + "|---" * len(LRS["nlu"]) + "|"]
+    for t in NLU_TASKS:
+        chosen = pick_lr(select_runs(t, targets))
+        for m in ("uniform", "sensitivity"):
+            cells = []
+            for lr in LRS["nlu"]:
+                xs = [score(r, "dev") for r in done([nlu_run(t, targets, m, lr, s, "") for s in SEEDS["nlu"]])]
+                c = mean_std(xs, len(SEEDS["nlu"]))
+                cells.append(f"**{c}**" if lr == chosen else c)
+            out.append(f"| {t} | {NAMES[m]} | " + " | ".join(cells) + " |")
+    return out
+
+
+def nlu_own_lr() -> list[str]:
+    """Each method at its own dev-best learning rate (phase lr-sweep): does the comparison survive per-method
+    tuning?"""
+    n = len(SEEDS["nlu"])
+    out = ["| method | " + " | ".join(NLU_TASKS) + " |", "|---" * (len(NLU_TASKS) + 1) + "|"]
+    for m in NAMES:
+        cells = []
+        for t in NLU_TASKS:
+            groups = {lr: [nlu_run(t, "qv", m, lr, s, "") for s in SEEDS["nlu"]] for lr in LRS["nlu"]}
+            lr = pick_lr([r for g in groups.values() for r in g])
+            cells.append(f"{mean_std([score(r, 'test') for r in groups[lr]], n)} (lr {lr:g})" if lr else "n/a")
+        out.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
+    return out
+
+
+def nlu_all_linear() -> list[str]:
+    n = len(SEEDS["nlu"])
+    out = ["| method (all linear; r_avg 4) | " + " | ".join(NLU_TASKS) + " | LoRA params |",
+           "|---" * (len(NLU_TASKS) + 2) + "|"]
+    lrs = {t: pick_lr(select_runs(t, "all")) for t in NLU_TASKS}
+    for m in ("uniform", "sensitivity"):
+        cells, params = [], set()
+        for t in NLU_TASKS:
+            runs = done([nlu_run(t, "all", m, lrs[t], s, "") for s in SEEDS["nlu"]]) if lrs[t] else []
+            cells.append(f"{mean_std([score(r, 'test') for r in runs], n)}" + (f" (lr {lrs[t]:g})" if lrs[t] else ""))
+            params |= {load(r, "metrics.json")["lora_params"] for r in runs}
+        out.append(f"| {NAMES[m]} | " + " | ".join(cells) + f" | {', '.join(f'{p:,}' for p in sorted(params))} |")
+    return out
+
+
+def allocation(run: Run) -> dict:
+    return {"theta": {k: v["theta"] for k, v in load(run, "sensitivity.json")["modules"].items()},
+            "ranks": load(run, "ranks.json")}
+
+
+def diag_obs() -> list[str]:
+    lrs = {t: pick_lr(select_runs(t)) for t in NLU_TASKS}
+    out = ["| task | seed | τ-b θ (diag vs obs) | τ-b ranks | ranks diag | ranks obs | test diag | test obs |",
+           "|---|---|---|---|---|---|---|---|"]
+    for t in NLU_TASKS:
+        for s in SEEDS["nlu"]:
+            if not lrs[t]:
+                continue
+            a, b = variant(t, lrs[t], s, "sensitivity"), variant(t, lrs[t], s, ("sensitivity", "scale", "obs"))
+            if not (a.done() and b.done()):
+                continue
+            st = stability(allocation(a), allocation(b))
+            ra, rb = (" ".join(str(v) for v in load(r, "ranks.json").values()) for r in (a, b))
+            out.append(f"| {t} | {s} | {st['tau_theta']:.3f} | {st['tau_ranks']:.3f} | {ra} | {rb} | "
+                       f"{score(a, 'test'):.2f} | {score(b, 'test'):.2f} |")
+    return out
+
+
+def epoch_tau() -> list[str]:
+    """τ-b of θ after each epoch against epoch 0 (paper Table 6), over every Sensitivity-LoRA run that kept it."""
+    rows = []
+    groups = [(f"MiniLM {t}, {tg}", [nlu_run(t, tg, "sensitivity", lr, s, "") for lr in LRS["nlu"]
+                                     for s in SEEDS["nlu"]]) for tg in ("qv", "all") for t in NLU_TASKS]
+    groups += [(f"SmolLM2 wiki-describe, {tg}", [nlg_run(tg, "sensitivity", lr, s) for lr in LRS["nlg"]
+                                                 for s in SEEDS["nlg"]]) for tg in ("attn", "mlp")]
+    width = 0
+    for label, runs in groups:
+        per_epoch: dict[int, list] = {}
+        modules = None
+        for r in done(runs):
+            eps = load(r, "epoch_sensitivity.json")["epochs"]
+            modules = len(eps[0]["theta"])
+            for e in eps[1:]:
+                st = stability(eps[0], e)
+                per_epoch.setdefault(e["epoch"], []).append((st["tau_theta"], st["tau_ranks"]))
+        if not per_epoch:
+            continue
+        width = max(width, max(per_epoch))
+        cells = [f"{min(v[0] for v in per_epoch[e]):.3f}–{max(v[0] for v in per_epoch[e]):.3f} "
+                 f"({min(v[1] for v in per_epoch[e]):.2f}–{max(v[1] for v in per_epoch[e]):.2f})"
+                 for e in sorted(per_epoch)]
+        rows.append(f"| {label} | {modules} | {len(done(runs))} | " + " | ".join(cells) + " |")
+    head = ["| runs | matrices | runs | " + " | ".join(f"epoch {e}" for e in range(1, width + 1)) + " |",
+            "|---" * (3 + width) + "|"]
+    return head + rows
+
+
+def nlg() -> list[str]:
+    n = len(SEEDS["nlg"])
+    out = ["| targets | method | lr (dev) | " + " | ".join(f"test {g}" for g in GEN) + " | mean | dev rougeL | "
+           "LoRA params |", "|---" * 9 + "|"]
+    for tg, label in (("attn", "q,k,v,o"), ("mlp", "q,k,v,o + MLP")):
+        lr = pick_lr([nlg_run(tg, m, lr, s) for s in SEEDS["nlg"] for lr in LRS["nlg"]
+                      for m in ("uniform", "sensitivity")])
+        if lr is None:
+            out.append(f"| {label} | (selection runs incomplete) |" + " |" * 7)
+            continue
+        for m in ("uniform", "sensitivity"):
+            runs = done([nlg_run(tg, m, lr, s) for s in SEEDS["nlg"]])
+            cols = [[score(r, "test", g) for r in runs] for g in GEN]
+            avg = [statistics.fmean(c) for c in zip(*cols)]
+            params = {load(r, "metrics.json")["lora_params"] for r in runs}
+            out.append(f"| {label} | {NAMES[m]} | {lr:g} | " + " | ".join(mean_std(c, n) for c in cols)
+                       + f" | {mean_std(avg, n)} | {mean_std([score(r, 'dev') for r in runs], n)} | "
+                       + ", ".join(f"{p:,}" for p in sorted(params)) + " |")
+    return out
+
+
+def nlg_seeds() -> list[str]:
+    out = ["| run | " + " | ".join(f"dev {g}" for g in GEN) + " | " + " | ".join(f"test {g}" for g in GEN) + " |",
+           "|---" * 7 + "|"]
+    for r in done(grid.nlg_plan()):
+        out.append(f"| {r.name} | " + " | ".join(f"{score(r, 'dev', g):.2f}" for g in GEN) + " | "
+                   + " | ".join(f"{score(r, 'test', g):.2f}" for g in GEN) + " |")
+    return out
+
+
+TABLES = {"nlu-main": nlu_main, "nlu-seeds": nlu_seeds, "nlu-paired": paired, "nlu-select": nlu_select,
+          "nlu-select-all": lambda: nlu_select("all"), "nlu-own-lr": nlu_own_lr, "nlu-all-linear": nlu_all_linear,
+          "diag-obs": diag_obs, "epoch-tau": epoch_tau, "nlg": nlg, "nlg-seeds": nlg_seeds}
+
+
+def fill(text: str) -> str:
+    """Replace the body of every table block; a block naming an unknown table is an error."""
+    def body(m):
+        name = m.group(1)
+        if name not in TABLES:
+            raise KeyError(f"README.md: unknown table block {name!r}; known: {', '.join(TABLES)}")
+        return f"<!-- table:{name} -->\n" + "\n".join(TABLES[name]()) + f"\n<!-- /table:{name} -->"
+    return re.sub(r"<!-- table:([\w-]+) -->.*?<!-- /table:\1 -->", body, text, flags=re.S)
+
+
+if __name__ == "__main__":
+    readme = HERE / "README.md"
+    readme.write_text(fill(readme.read_text()))
+    print(f"filled {readme}")

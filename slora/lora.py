@@ -289,8 +289,9 @@ def merged_copy(model: nn.Module) -> nn.Module:
     sensitivity (paper Table 6). `model` itself is left as it was."""
     out = copy.deepcopy(model)
     for name, m in lora_modules(out).items():
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
-                           dtype=m.weight.dtype)
+        # skip_init: no random init, so a copy draws nothing from the global RNG (dropout masks stay the same)
+        linear = nn.utils.skip_init(nn.Linear, m.in_features, m.out_features, bias=m.bias is not None,
+                                    device=m.weight.device, dtype=m.weight.dtype)
         with torch.no_grad():
             linear.weight.copy_(m.weight if m.merged else m.weight + m.delta_weight())
             if m.bias is not None:

@@ -173,3 +173,18 @@ def test_epoch_sensitivity_remeasures_the_merged_weights(tmp_path, cls_data):
     for h, e in zip(history, epochs[1:]):
         tau = stability(epochs[0], e)
         assert h["sensitivity"] == {"tau_theta": tau["tau_theta"], "tau_ranks": tau["tau_ranks"]}
+
+
+def test_epoch_sensitivity_does_not_change_the_training(tmp_path, cls_data):
+    # The re-measurement after each epoch must draw nothing from the RNG that dropout uses: the same run with and
+    # without it logs the same losses and saves the same adapter. (merged_copy once built its layers with
+    # nn.Linear's random init, which shifted every later dropout mask.)
+    model = tiny_model_dir(tmp_path / "m", "encoder")
+    common = ("--targets", "all-linear", "--epochs", "3", "--max-steps", "0", "--lora-dropout", "0.3")
+    a = run(tmp_path, model, cls_data, *common, out="plain")
+    b = run(tmp_path, model, cls_data, *common, "--epoch-sensitivity", out="tracked")
+    losses = [[json.loads(line).get("loss") for line in (o / "log.jsonl").read_text().splitlines()
+               if json.loads(line)["event"] == "step"] for o in (a, b)]
+    assert losses[0] == losses[1] and len(losses[0]) == 15
+    wa, wb = (load_file(o / "adapter" / "adapter_model.safetensors") for o in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

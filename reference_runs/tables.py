@@ -65,7 +65,7 @@ ROWS = [("uniform", NAMES["uniform"]), ("sensitivity", NAMES["sensitivity"]), ("
         (("sensitivity", "scale", "obs"), "Sensitivity-LoRA, obs metric source")]
 
 
-def nlu_main() -> list[str]:
+def nlu_main(split: str = "test") -> list[str]:
     lrs = {t: pick_lr(select_runs(t)) for t in NLU_TASKS}
     n = len(SEEDS["nlu"])
     out = ["| method (q,v; r_avg 4) | " + " | ".join(f"{t} (lr {lrs[t]:g})" if lrs[t] else t for t in NLU_TASKS)
@@ -74,7 +74,7 @@ def nlu_main() -> list[str]:
         cells, means, params = [], [], set()
         for t in NLU_TASKS:
             runs = done([variant(t, lrs[t], s, key) for s in SEEDS["nlu"]]) if lrs[t] else []
-            xs = [score(r, "test") for r in runs]
+            xs = [score(r, split) for r in runs]
             cells.append(mean_std(xs, n))
             means.append(statistics.fmean(xs) if len(xs) == n else None)
             params |= {load(r, "metrics.json")["lora_params"] for r in runs}
@@ -113,6 +113,29 @@ def paired() -> list[str]:
             wins, total = wins + (d_test > 0), total + 1
             out.append(f"| {t} | {s} | {d_dev:+.2f} | {d_test:+.2f} |")
     out.append(f"\nSensitivity-LoRA beats uniform LoRA on the test split in {wins} of {total} paired runs.")
+    return out
+
+
+def nlu_ranks() -> list[str]:
+    """The q,v rank vectors (layer order, query then value) of each allocation at seed 0, and in how many
+    (task, seed) pairs each equals Sensitivity-LoRA's."""
+    lrs = {t: pick_lr(select_runs(t)) for t in NLU_TASKS}
+    out = ["| allocation | " + " | ".join(f"{t} ranks (seed 0)" for t in NLU_TASKS) + " | same ranks as SRA |",
+           "|---" * (len(NLU_TASKS) + 2) + "|"]
+    for key, label in ROWS[:6] + ROWS[-1:]:
+        cells, same, total = [], 0, 0
+        for t in NLU_TASKS:
+            if not lrs[t]:
+                cells.append("n/a")
+                continue
+            for s in SEEDS["nlu"]:
+                r, ref = variant(t, lrs[t], s, key), variant(t, lrs[t], s, "sensitivity")
+                if r.done() and ref.done():
+                    same += load(r, "ranks.json") == load(ref, "ranks.json")
+                    total += 1
+                if s == SEEDS["nlu"][0]:
+                    cells.append(" ".join(map(str, load(r, "ranks.json").values())) if r.done() else "n/a")
+        out.append(f"| {label} | " + " | ".join(cells) + f" | {same} of {total} |")
     return out
 
 
@@ -231,7 +254,7 @@ def nlg_seeds() -> list[str]:
     return out
 
 
-TABLES = {"nlu-main": nlu_main, "nlu-seeds": nlu_seeds, "nlu-paired": paired, "nlu-select": nlu_select,
+TABLES = {"nlu-main": nlu_main, "nlu-main-dev": lambda: nlu_main("dev"), "nlu-seeds": nlu_seeds, "nlu-paired": paired, "nlu-ranks": nlu_ranks, "nlu-select": nlu_select,
           "nlu-select-all": lambda: nlu_select("all"), "nlu-all-linear": nlu_all_linear,
           "diag-obs": diag_obs, "epoch-tau": epoch_tau, "nlg": nlg, "nlg-seeds": nlg_seeds}
 

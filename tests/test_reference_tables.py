@@ -1,0 +1,69 @@
+"""Fast checks of the recorded comparison runs (reference_runs/{nlu,nlg}) and of the README tables built from them.
+
+- reference_runs/README.md is in sync with the run folders: running tables.py again changes nothing;
+- every run that grid.py plans is recorded, complete, and nothing unplanned is;
+- each folder's command.txt is the command grid.py would give, and args.json is what that command parses to;
+- the recorded ranks follow from the recorded θ under today's allocation code (exactly).
+"""
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from slora import allocate, finetune
+
+ROOT = Path(__file__).resolve().parents[1] / "reference_runs"
+sys.path.insert(0, str(ROOT))
+import grid  # noqa: E402
+import tables  # noqa: E402
+
+PLANNED = grid.nlu_plan() + grid.nlg_plan()
+
+
+def recorded_folders():
+    return sorted(p.parent for suite in ("nlu", "nlg") for p in (ROOT / suite).glob("*/*/env.json"))
+
+
+def test_readme_tables_are_generated_from_the_run_folders():
+    readme = (ROOT / "README.md").read_text()
+    assert "<!-- table:nlu-main -->" in readme and "<!-- table:nlg -->" in readme
+    assert tables.fill(readme) == readme, "reference_runs/README.md is stale: run python reference_runs/tables.py"
+
+
+def test_unknown_table_block_is_an_error():
+    with pytest.raises(KeyError, match="no-such-table"):
+        tables.fill("<!-- table:no-such-table -->\nold\n<!-- /table:no-such-table -->")
+
+
+def test_every_planned_run_is_recorded_and_nothing_else():
+    planned = {r.folder for r in PLANNED}
+    recorded = set(recorded_folders())
+    assert not planned - recorded, f"planned but not recorded: {sorted(planned - recorded)[:5]}"
+    assert not recorded - planned, f"recorded but not planned: {sorted(recorded - planned)[:5]}"
+    partial = [p for suite in ("nlu", "nlg") for p in (ROOT / suite).glob("*/.*partial*")]
+    assert not partial, f"half-written run folders: {partial[:3]}"
+
+
+@pytest.mark.parametrize("run", PLANNED, ids=lambda r: f"{r.suite}/{r.task}/{r.name}")
+def test_recorded_run_matches_its_command_and_its_ranks_follow_from_theta(run):
+    folder = run.folder
+    command = (folder / "command.txt").read_text().strip()
+    argv = shlex.split(command.removeprefix("python -m slora.finetune "))
+    assert argv[:len(shlex.split(run.args))] == shlex.split(run.args), "command.txt is not grid.py's command"
+    recorded = json.loads((folder / "args.json").read_text())
+    parsed = vars(finetune.parse_args(argv))
+    assert {k: v for k, v in recorded.items() if k != "resolved"} == parsed
+
+    sens = json.loads((folder / "sensitivity.json").read_text())
+    cfg, mods = sens["config"], sens["modules"]
+    shapes = {n: (m["d_in"], m["d_out"]) for n, m in mods.items()}
+    cap = {n: min(d_in, d_out) if cfg["r_max"] is None else min(d_in, d_out, cfg["r_max"])
+           for n, (d_in, d_out) in shapes.items()}
+    got = allocate.allocate({n: m["theta"] for n, m in mods.items()}, cfg["r_avg"], method=cfg["method"],
+                            unit=cfg["unit"], shapes=shapes, rounding=cfg["rounding"], categories=cfg["categories"],
+                            r_min=cfg["r_min"], r_max=cap)
+    assert got.ranks == json.loads((folder / "ranks.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["budget"]["achieved"] == metrics["budget"]["target"] == sum(got.ranks.values())

@@ -1,8 +1,8 @@
 """The fine-tuning comparisons of reference_runs/: every run is one `python -m slora.finetune` command.
 
-    python reference_runs/grid.py nlu --workers 8 --device cuda --budget-s 540   # MiniLM, paper Tables 1, 3, 7
-    python reference_runs/grid.py nlg --workers 8 --device cuda --budget-s 540   # SmolLM2, paper Table 2
-    python reference_runs/grid.py nlu --list                                      # what is done, what is pending
+    python reference_runs/grid.py nlu --device cuda --workers 10   # MiniLM, paper Tables 1, 3, 7 (one H200: ~20 min)
+    python reference_runs/grid.py nlg --workers 2 --threads 1      # SmolLM2, paper Table 2 (2 CPU cores: ~1 h)
+    python reference_runs/grid.py nlu --list                       # what is done, what is pending
 
 Each run's folder is reference_runs/<suite>/<task>/<run>/: the run folder of slora.finetune (args.json,
 sensitivity.json, ranks.json, ranks.svg, metrics.json, log.jsonl, epoch_sensitivity.json where asked) plus

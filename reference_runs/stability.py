@@ -6,57 +6,57 @@ Every allocation is one `python -m slora.finetune --allocate-only` run (all-line
 - calibration domains: rt (movie sentences), tweets, amazon, nyt (VADER), ptb, wiki;
 - calibration size: 10, 20, 50 and 100 % of the wiki sequences;
 - one full-mode run per model for the dominance of each H (the assumption of Eqs. 6-7).
-Kendall's τ-b between allocations is taken over θ and over the rank vectors (slora.stability). The tables in
-stability/README.md are generated from results.json by this script, never by hand.
+Each run is recorded in stability/<model>/<key>/ (run folder, command.txt, env.json; see grid.py) and is not run
+again once recorded. Kendall's τ-b between allocations is taken over θ and over the rank vectors (slora.stability).
+results.json collects θ, ranks and Hessian diagnostics of all runs; the tables in stability/README.md are generated
+from it by this script, never by hand.
 """
 import json
-import shlex
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from slora import finetune
+from grid import Run, execute
 from slora.stability import stability
 
 HERE = Path(__file__).resolve().parent / "stability"
 MODELS = {"minilm": "--model minilm --task rt-polarity --max-len 128",
           "smollm2": "--model smollm2 --task wiki-describe --max-len 128"}
-COMMON = "--allocate-only --targets all-linear --r-avg 8 --seed 0 --device cpu --batch-size 16"
+COMMON = "--allocate-only --targets all-linear --r-avg 8 --seed 0 --batch-size 16"  # + --device cpu
 DOMAINS = ("rt", "tweets", "amazon", "nyt", "ptb", "wiki")
 N_CALIB = 128  # sequences per calibration set
 FRACTIONS = (0.1, 0.2, 0.5, 1.0)
 
 
-def allocation(args: str, tmp: Path) -> dict:
-    """Run one --allocate-only job; return its command, θ, ranks and per-module Hessian diagnostics."""
-    out = tmp / f"run{len(list(tmp.iterdir()))}"
-    argv = shlex.split(args) + ["--out", str(out)]
-    t0 = time.time()
-    finetune.main(argv)
-    sens = json.loads((out / "sensitivity.json").read_text())
-    return {"command": "python -m slora.finetune " + args, "wall_s": round(time.time() - t0, 1),
+def allocation(model: str, key: str, args: str) -> dict:
+    """One --allocate-only job, recorded like the grid runs in stability/<model>/<key>/ (command.txt, env.json and
+    the run folder); a recorded one is not run again. Returns its command, θ, ranks and Hessian diagnostics."""
+    run = Run("stability", model, key.replace(":", "-"), args, "stability")
+    if not run.done():
+        print(f"[stability] {execute(run, 'cpu', 1)}", flush=True)
+    sens = json.loads((run.folder / "sensitivity.json").read_text())
+    env = json.loads((run.folder / "env.json").read_text())
+    return {"command": "python -m slora.finetune " + args, "wall_s": env["wall_s"], "torch": env["torch"],
             "theta": {k: v["theta"] for k, v in sens["modules"].items()},
-            "ranks": json.loads((out / "ranks.json").read_text()),
+            "ranks": json.loads((run.folder / "ranks.json").read_text()),
             "hessian": sens["config"]["hessian"]}
 
 
 def collect() -> dict:
     res = {"torch": torch.__version__, "models": {}}
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        for model, margs in MODELS.items():
-            runs = {}
-            for dom in DOMAINS:
-                runs[f"domain:{dom}"] = allocation(f"{margs} {COMMON} --calib {dom} --calib-n {N_CALIB}", tmp)
-            for frac in FRACTIONS:
-                n = max(1, round(frac * N_CALIB))
-                runs[f"fraction:{frac:g}"] = allocation(f"{margs} {COMMON} --calib wiki --calib-n {n}", tmp)
-            runs["full:wiki"] = allocation(f"{margs} {COMMON} --calib wiki --calib-n {N_CALIB} --hessian full", tmp)
-            res["models"][model] = runs
-            print(f"[stability] {model}: {len(runs)} allocations", flush=True)
+    for model, margs in MODELS.items():
+        runs = {}
+        for dom in DOMAINS:
+            runs[f"domain:{dom}"] = allocation(model, f"domain:{dom}",
+                                               f"{margs} {COMMON} --calib {dom} --calib-n {N_CALIB}")
+        for frac in FRACTIONS:
+            n = max(1, round(frac * N_CALIB))
+            runs[f"fraction:{frac:g}"] = allocation(model, f"fraction:{frac:g}",
+                                                    f"{margs} {COMMON} --calib wiki --calib-n {n}")
+        runs["full:wiki"] = allocation(model, "full:wiki",
+                                       f"{margs} {COMMON} --calib wiki --calib-n {N_CALIB} --hessian full")
+        res["models"][model] = runs
     return res
 
 

@@ -11,7 +11,6 @@ import json
 import re
 import statistics
 import sys
-from pathlib import Path
 
 import grid
 from grid import HERE, LRS, NLU_TASKS, SEEDS, Run, nlg_run, nlu_run, pick_lr

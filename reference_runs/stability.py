@@ -29,34 +29,31 @@ N_CALIB = 128  # sequences per calibration set
 FRACTIONS = (0.1, 0.2, 0.5, 1.0)
 
 
-def allocation(model: str, key: str, args: str) -> dict:
-    """One --allocate-only job, recorded like the grid runs in stability/<model>/<key>/ (command.txt, env.json and
-    the run folder); a recorded one is not run again. Returns its command, θ, ranks and Hessian diagnostics."""
-    run = Run("stability", model, key.replace(":", "-"), args, "stability")
-    if not run.done():
-        print(f"[stability] {execute(run, 'cpu', 1)}", flush=True)
-    sens = json.loads((run.folder / "sensitivity.json").read_text())
-    env = json.loads((run.folder / "env.json").read_text())
-    return {"command": "python -m slora.finetune " + args, "wall_s": env["wall_s"], "torch": env["torch"],
-            "theta": {k: v["theta"] for k, v in sens["modules"].items()},
-            "ranks": json.loads((run.folder / "ranks.json").read_text()),
-            "hessian": sens["config"]["hessian"]}
+def plan() -> list[Run]:
+    """The 11 allocate-only runs per model, keyed stability/<model>/<key>/."""
+    runs = []
+    for model, margs in MODELS.items():
+        keys = {f"domain:{d}": f"--calib {d} --calib-n {N_CALIB}" for d in DOMAINS}
+        keys |= {f"fraction:{f:g}": f"--calib wiki --calib-n {max(1, round(f * N_CALIB))}" for f in FRACTIONS}
+        keys["full:wiki"] = f"--calib wiki --calib-n {N_CALIB} --hessian full"
+        runs += [Run("stability", model, key.replace(":", "-"), f"{margs} {COMMON} {extra}", key)
+                 for key, extra in keys.items()]
+    return runs
 
 
 def collect() -> dict:
+    """Run what is not recorded yet (on the CPU, one at a time); return θ, ranks and Hessian diagnostics of all,
+    as {"torch", "models": {model: {key: {...}}}} (the key is kept in Run.phase)."""
     res = {"torch": torch.__version__, "models": {}}
-    for model, margs in MODELS.items():
-        runs = {}
-        for dom in DOMAINS:
-            runs[f"domain:{dom}"] = allocation(model, f"domain:{dom}",
-                                               f"{margs} {COMMON} --calib {dom} --calib-n {N_CALIB}")
-        for frac in FRACTIONS:
-            n = max(1, round(frac * N_CALIB))
-            runs[f"fraction:{frac:g}"] = allocation(model, f"fraction:{frac:g}",
-                                                    f"{margs} {COMMON} --calib wiki --calib-n {n}")
-        runs["full:wiki"] = allocation(model, "full:wiki",
-                                       f"{margs} {COMMON} --calib wiki --calib-n {N_CALIB} --hessian full")
-        res["models"][model] = runs
+    for run in plan():
+        if not run.done():
+            print(f"[stability] {execute(run, 'cpu', 1)}", flush=True)
+        sens = json.loads((run.folder / "sensitivity.json").read_text())
+        env = json.loads((run.folder / "env.json").read_text())
+        res["models"].setdefault(run.task, {})[run.phase] = {
+            "command": (run.folder / "command.txt").read_text().strip(), "wall_s": env["wall_s"],
+            "torch": env["torch"], "theta": {k: v["theta"] for k, v in sens["modules"].items()},
+            "ranks": json.loads((run.folder / "ranks.json").read_text()), "hessian": sens["config"]["hessian"]}
     return res
 
 

@@ -217,10 +217,10 @@ def epoch_tau() -> list[str]:
         cells = [f"{min(v[0] for v in per_epoch[e]):.3f}–{max(v[0] for v in per_epoch[e]):.3f} "
                  f"({min(v[1] for v in per_epoch[e]):.2f}–{max(v[1] for v in per_epoch[e]):.2f})"
                  for e in sorted(per_epoch)]
-        rows.append(f"| {label} | {modules} | {len(done(runs))} | " + " | ".join(cells) + " |")
-    head = ["| runs | matrices | runs | " + " | ".join(f"epoch {e}" for e in range(1, width + 1)) + " |",
-            "|---" * (3 + width) + "|"]
-    return head + rows
+        rows.append((f"| {label} | {modules} | {len(done(runs))} | " + " | ".join(cells), len(cells)))
+    head = ["| model, task, targets | matrices | seeds | " + " | ".join(f"epoch {e}" for e in range(1, width + 1))
+            + " |", "|---" * (3 + width) + "|"]
+    return head + [row + " | —" * (width - n) + " |" for row, n in rows]
 
 
 def nlg() -> list[str]:

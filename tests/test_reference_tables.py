@@ -1,4 +1,4 @@
-"""Fast checks of the recorded comparison runs (reference_runs/{nlu,nlg}) and of the README tables built from them.
+"""Fast checks of the recorded runs (reference_runs/{nlu,nlg,stability}) and of the README tables built from them.
 
 - reference_runs/README.md is in sync with the run folders: running tables.py again changes nothing;
 - every run that grid.py plans is recorded, complete, and nothing unplanned is;
@@ -17,13 +17,15 @@ from slora import allocate, finetune
 ROOT = Path(__file__).resolve().parents[1] / "reference_runs"
 sys.path.insert(0, str(ROOT))
 import grid  # noqa: E402
+import stability  # noqa: E402  (reference_runs/stability.py)
 import tables  # noqa: E402
 
-PLANNED = grid.nlu_plan() + grid.nlg_plan()
+SUITES = ("nlu", "nlg", "stability")
+PLANNED = grid.nlu_plan() + grid.nlg_plan() + stability.plan()
 
 
 def recorded_folders():
-    return sorted(p.parent for suite in ("nlu", "nlg") for p in (ROOT / suite).glob("*/*/env.json"))
+    return sorted(p.parent for suite in SUITES for p in (ROOT / suite).glob("*/*/env.json"))
 
 
 def test_readme_tables_are_generated_from_the_run_folders():
@@ -42,7 +44,7 @@ def test_every_planned_run_is_recorded_and_nothing_else():
     recorded = set(recorded_folders())
     assert not planned - recorded, f"planned but not recorded: {sorted(planned - recorded)[:5]}"
     assert not recorded - planned, f"recorded but not planned: {sorted(recorded - planned)[:5]}"
-    partial = [p for suite in ("nlu", "nlg") for p in (ROOT / suite).glob("*/.*partial*")]
+    partial = [p for suite in SUITES for p in (ROOT / suite).glob("*/.*partial*")]
     assert not partial, f"half-written run folders: {partial[:3]}"
 
 

@@ -68,7 +68,7 @@ def nlu_main(split: str = "test") -> list[str]:
     lrs = {t: pick_lr(select_runs(t)) for t in NLU_TASKS}
     n = len(SEEDS["nlu"])
     out = ["| method (q,v; r_avg 4) | " + " | ".join(f"{t} (lr {lrs[t]:g})" if lrs[t] else t for t in NLU_TASKS)
-           + " | mean of tasks | trainable (LoRA) params |", "|---" * (len(NLU_TASKS) + 3) + "|"]
+           + " | mean of tasks | LoRA params |", "|---" * (len(NLU_TASKS) + 3) + "|"]
     for key, label in ROWS:
         cells, means, params = [], [], set()
         for t in NLU_TASKS:

@@ -125,7 +125,9 @@ def out_dir(args) -> Path:
         else:
             prev = {k: v for k, v in json.loads(old.read_text()).items() if k not in ("resolved", "out")}
             new = {k: v for k, v in vars(args).items() if k != "out"}  # the folder itself may be spelled otherwise
-            diff = sorted(k for k in set(prev) | set(new) if prev.get(k) != new.get(k))
+            # an option added after that run was recorded ran at its default there
+            defaults = vars(parse_args([]))
+            diff = sorted(k for k in set(prev) | set(new) if prev.get(k, defaults.get(k)) != new.get(k))
             if diff:
                 raise FileExistsError(f"{out}: already holds a different run (arguments differ in: "
                                       f"{', '.join(diff)}); choose another --out")

@@ -188,3 +188,16 @@ def test_epoch_sensitivity_does_not_change_the_training(tmp_path, cls_data):
     assert losses[0] == losses[1] and len(losses[0]) == 15
     wa, wb = (load_file(o / "adapter" / "adapter_model.safetensors") for o in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_run_folder_from_before_an_option_existed(tmp_path, cls_data):
+    # A run folder recorded before an option was added has no key for it in args.json: that run used the default,
+    # so re-running it at the default replaces it, and a run that sets the option is a different run.
+    model = tiny_model_dir(tmp_path / "m", "encoder")
+    first = run(tmp_path, model, cls_data, "--allocate-only", out="old")
+    args = json.loads((first / "args.json").read_text())
+    del args["epoch_sensitivity"]
+    (first / "args.json").write_text(json.dumps(args))
+    assert run(tmp_path, model, cls_data, "--allocate-only", out="old") == first
+    with pytest.raises(FileExistsError, match=r"arguments differ in: epoch_sensitivity\)"):
+        run(tmp_path, model, cls_data, "--allocate-only", "--epoch-sensitivity", out="old")

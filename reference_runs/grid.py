@@ -69,6 +69,15 @@ class Run:
     def done(self) -> bool:
         return (self.folder / "env.json").is_file()
 
+    def read(self, name: str):
+        """One JSON file of the recorded run folder."""
+        return json.loads((self.folder / name).read_text())
+
+    def allocation(self) -> dict:
+        """{"theta": {module: θ}, "ranks": {module: r}}, the form slora.stability.stability compares."""
+        return {"theta": {k: v["theta"] for k, v in self.read("sensitivity.json")["modules"].items()},
+                "ranks": self.read("ranks.json")}
+
 
 def lr_tag(lr: float) -> str:
     return f"lr{lr:.0e}".replace("e-0", "e-")
@@ -92,9 +101,10 @@ def nlg_run(targets, alloc, lr, seed) -> Run:
     return Run("nlg", "wiki-describe", f"{targets}-{alloc}-{lr_tag(lr)}-s{seed}", args, "compare")
 
 
-def main_score(run: Run, split: str = "dev") -> float:
-    m = json.loads((run.folder / "metrics.json").read_text())
-    v = m["final"][split][m["main_metric"]]
+def score(run: Run, split: str = "dev", metric: str | None = None) -> float:
+    """A final score of a recorded run (the task's main metric by default); NaN where it was undefined."""
+    m = run.read("metrics.json")
+    v = m["final"][split][metric or m["main_metric"]]
     return float("nan") if v is None else v
 
 
@@ -105,7 +115,7 @@ def pick_lr(runs: list[Run]) -> float | None:
         return None
     by_lr: dict[float, list[float]] = {}
     for r in runs:
-        s = main_score(r)
+        s = score(r)
         by_lr.setdefault(run_lr(r), []).append(-1e9 if s != s else s)
     return max(by_lr, key=lambda lr: (statistics.fmean(by_lr[lr]), -lr))  # ties: the smaller rate
 
@@ -115,12 +125,23 @@ def run_lr(run: Run) -> float:
     return float(a[a.index("--lr") + 1])
 
 
+def select_runs(task: str, targets: str = "qv") -> list[Run]:
+    """The lr-selection group of a task: uniform and Sensitivity-LoRA at every rate and seed."""
+    phase = "select" if targets == "qv" else "all-linear"
+    return [nlu_run(task, targets, m, lr, s, phase) for s in SEEDS["nlu"] for lr in LRS["nlu"]
+            for m in ("uniform", "sensitivity")]
+
+
+def picked_lrs(targets: str = "qv") -> dict[str, float | None]:
+    """{task: the dev-picked learning rate, or None while its selection group is incomplete}."""
+    return {t: pick_lr(select_runs(t, targets)) for t in NLU_TASKS}
+
+
 def nlu_plan() -> list[Run]:
     """Every NLU run whose inputs are known now, in priority order (phase "methods" needs phase 1's choice)."""
     S, L = SEEDS["nlu"], LRS["nlu"]
     plan = []
-    select = {t: [nlu_run(t, "qv", m, lr, s, "select") for s in S for lr in L for m in ("uniform", "sensitivity")]
-              for t in NLU_TASKS}
+    select = {t: select_runs(t) for t in NLU_TASKS}
     for s in S:  # seed-major: an early stop still leaves whole seeds
         plan += [r for t in NLU_TASKS for r in select[t] if r.name.endswith(f"-s{s}")]
     for t in NLU_TASKS:
@@ -153,24 +174,32 @@ def _init_worker(threads: int):
     torch.set_num_threads(threads)
 
 
-def execute(run: Run, device: str, workers: int) -> str:
-    """One recorded run (in a worker process): the finetune job, then command.txt and env.json."""
+def record(argv: list[str], concurrent_runs: int = 1, keep_adapter: bool = False) -> float:
+    """Run `python -m slora.finetune ARGV` (ARGV ends with --out FOLDER) from the repository root, then write
+    command.txt and env.json (device, torch, wall time) into its folder; returns the wall time. env.json is
+    written last, so its presence marks a complete recording (Run.done)."""
     import torch
     from slora import finetune
     os.chdir(ROOT)  # relative paths in args.json and command.txt: the same on every clone
-    out = run.folder.relative_to(ROOT)
-    argv = shlex.split(run.args) + ["--device", device, "--out", str(out)]
     t0 = time.time()
-    finetune.main(argv)
+    out = finetune.main(argv)
     wall = time.time() - t0
-    shutil.rmtree(out / "adapter", ignore_errors=True)
+    if not keep_adapter:
+        shutil.rmtree(out / "adapter", ignore_errors=True)
     (out / "command.txt").write_text("python -m slora.finetune " + " ".join(argv) + "\n")
-    dev = torch.device(device)
+    dev = torch.device(json.loads((out / "args.json").read_text())["device"])
     env = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "python": platform.python_version(), "wall_s": round(wall, 1),
-           "concurrent_runs": workers}
-    (out / "env.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")  # last: marks the run done
+           "concurrent_runs": concurrent_runs}
+    (out / "env.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
+    return wall
+
+
+def execute(run: Run, device: str, workers: int) -> str:
+    """One grid run (in a worker process), recorded in run.folder without its adapter."""
+    wall = record(shlex.split(run.args) + ["--device", device, "--out", str(run.folder.relative_to(ROOT))],
+                  concurrent_runs=workers)
     return f"{run.suite}/{run.task}/{run.name}: {wall:.0f}s"
 
 

@@ -48,12 +48,10 @@ def collect() -> dict:
     for run in plan():
         if not run.done():
             print(f"[stability] {execute(run, 'cpu', 1)}", flush=True)
-        sens = json.loads((run.folder / "sensitivity.json").read_text())
-        env = json.loads((run.folder / "env.json").read_text())
-        res["models"].setdefault(run.task, {})[run.phase] = {
+        env = run.read("env.json")
+        res["models"].setdefault(run.task, {})[run.phase] = run.allocation() | {
             "command": (run.folder / "command.txt").read_text().strip(), "wall_s": env["wall_s"],
-            "torch": env["torch"], "theta": {k: v["theta"] for k, v in sens["modules"].items()},
-            "ranks": json.loads((run.folder / "ranks.json").read_text()), "hessian": sens["config"]["hessian"]}
+            "torch": env["torch"], "hessian": run.read("sensitivity.json")["config"]["hessian"]}
     return res
 
 

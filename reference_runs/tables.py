@@ -7,13 +7,13 @@ epoch_sensitivity.json). Learning rates are picked on the dev split by grid.pick
 chose what to run; test scores are only reported. Scores are ×100 (as in the paper); mean ± sample std over seeds,
 with the number of seeds when it is not the full count.
 """
-import json
 import re
 import statistics
 import sys
 
 import grid
-from grid import HERE, LRS, NLU_TASKS, SEEDS, Run, nlg_run, nlu_run, pick_lr
+from grid import (HERE, LRS, NLU_TASKS, SEEDS, Run, nlg_run, nlu_run, pick_lr, picked_lrs,
+                  select_runs)
 
 sys.path.insert(0, str(HERE.parent))
 from slora.stability import stability  # noqa: E402
@@ -23,14 +23,8 @@ NAMES = {"uniform": "LoRA (uniform)", "sensitivity": "Sensitivity-LoRA", "global
 GEN = ("bleu4", "rouge1", "rougeL")
 
 
-def load(run: Run, name: str):
-    return json.loads((run.folder / name).read_text())
-
-
-def score(run: Run, split: str, metric: str | None = None):
-    m = load(run, "metrics.json")
-    v = m["final"][split][metric or m["main_metric"]]
-    return float("nan") if v is None else 100 * v
+def score(run: Run, split: str, metric: str | None = None) -> float:
+    return 100 * grid.score(run, split, metric)
 
 
 def mean_std(xs: list[float], n_full: int) -> str:
@@ -44,11 +38,6 @@ def mean_std(xs: list[float], n_full: int) -> str:
 
 def done(runs):
     return [r for r in runs if r.done()]
-
-
-def select_runs(task, targets="qv"):
-    return [nlu_run(task, targets, m, lr, s, "select") for s in SEEDS["nlu"] for lr in LRS["nlu"]
-            for m in ("uniform", "sensitivity")]
 
 
 def variant(task, lr, s, key):
@@ -65,7 +54,7 @@ ROWS = [("uniform", NAMES["uniform"]), ("sensitivity", NAMES["sensitivity"]), ("
 
 
 def nlu_main(split: str = "test") -> list[str]:
-    lrs = {t: pick_lr(select_runs(t)) for t in NLU_TASKS}
+    lrs = picked_lrs()
     n = len(SEEDS["nlu"])
     out = ["| method (q,v; r_avg 4) | " + " | ".join(f"{t} (lr {lrs[t]:g})" if lrs[t] else t for t in NLU_TASKS)
            + " | mean of tasks | LoRA params |", "|---" * (len(NLU_TASKS) + 3) + "|"]
@@ -76,14 +65,14 @@ def nlu_main(split: str = "test") -> list[str]:
             xs = [score(r, split) for r in runs]
             cells.append(mean_std(xs, n))
             means.append(statistics.fmean(xs) if len(xs) == n else None)
-            params |= {load(r, "metrics.json")["lora_params"] for r in runs}
+            params |= {r.read("metrics.json")["lora_params"] for r in runs}
         avg = f"{statistics.fmean(means):.2f}" if None not in means else "n/a"
         out.append(f"| {label} | " + " | ".join(cells) + f" | {avg} | {', '.join(f'{p:,}' for p in sorted(params))} |")
     return out
 
 
 def nlu_seeds() -> list[str]:
-    lrs = {t: pick_lr(select_runs(t)) for t in NLU_TASKS}
+    lrs = picked_lrs()
     out = ["| method | " + " | ".join(f"{t} s{s}" for t in NLU_TASKS for s in SEEDS["nlu"]) + " |",
            "|---" * (1 + len(NLU_TASKS) * len(SEEDS["nlu"])) + "|"]
     for key, label in ROWS:
@@ -98,7 +87,7 @@ def nlu_seeds() -> list[str]:
 
 def paired() -> list[str]:
     """Sensitivity-LoRA minus uniform, per (task, seed), test and dev: the paired view of the main table."""
-    lrs = {t: pick_lr(select_runs(t)) for t in NLU_TASKS}
+    lrs = picked_lrs()
     out = ["| task | seed | dev Δ | test Δ |", "|---|---|---|---|"]
     wins = total = 0
     for t in NLU_TASKS:
@@ -118,7 +107,7 @@ def paired() -> list[str]:
 def nlu_ranks() -> list[str]:
     """The q,v rank vectors (layer order, query then value) of each allocation at seed 0, and in how many
     (task, seed) pairs each equals Sensitivity-LoRA's."""
-    lrs = {t: pick_lr(select_runs(t)) for t in NLU_TASKS}
+    lrs = picked_lrs()
     out = ["| allocation | " + " | ".join(f"{t} ranks (seed 0)" for t in NLU_TASKS) + " | same ranks as SRA |",
            "|---" * (len(NLU_TASKS) + 2) + "|"]
     for key, label in ROWS[:6] + ROWS[-1:]:
@@ -130,10 +119,10 @@ def nlu_ranks() -> list[str]:
             for s in SEEDS["nlu"]:
                 r, ref = variant(t, lrs[t], s, key), variant(t, lrs[t], s, "sensitivity")
                 if r.done() and ref.done():
-                    same += load(r, "ranks.json") == load(ref, "ranks.json")
+                    same += r.read("ranks.json") == ref.read("ranks.json")
                     total += 1
                 if s == SEEDS["nlu"][0]:
-                    cells.append(" ".join(map(str, load(r, "ranks.json").values())) if r.done() else "n/a")
+                    cells.append(" ".join(map(str, r.read("ranks.json").values())) if r.done() else "n/a")
         out.append(f"| {label} | " + " | ".join(cells) + f" | {same} of {total} |")
     return out
 
@@ -157,24 +146,19 @@ def nlu_all_linear() -> list[str]:
     n = len(SEEDS["nlu"])
     out = ["| method (all linear; r_avg 4) | " + " | ".join(NLU_TASKS) + " | LoRA params |",
            "|---" * (len(NLU_TASKS) + 2) + "|"]
-    lrs = {t: pick_lr(select_runs(t, "all")) for t in NLU_TASKS}
+    lrs = picked_lrs("all")
     for m in ("uniform", "sensitivity"):
         cells, params = [], set()
         for t in NLU_TASKS:
             runs = done([nlu_run(t, "all", m, lrs[t], s, "") for s in SEEDS["nlu"]]) if lrs[t] else []
             cells.append(f"{mean_std([score(r, 'test') for r in runs], n)}" + (f" (lr {lrs[t]:g})" if lrs[t] else ""))
-            params |= {load(r, "metrics.json")["lora_params"] for r in runs}
+            params |= {r.read("metrics.json")["lora_params"] for r in runs}
         out.append(f"| {NAMES[m]} | " + " | ".join(cells) + f" | {', '.join(f'{p:,}' for p in sorted(params))} |")
     return out
 
 
-def allocation(run: Run) -> dict:
-    return {"theta": {k: v["theta"] for k, v in load(run, "sensitivity.json")["modules"].items()},
-            "ranks": load(run, "ranks.json")}
-
-
 def diag_obs() -> list[str]:
-    lrs = {t: pick_lr(select_runs(t)) for t in NLU_TASKS}
+    lrs = picked_lrs()
     out = ["| task | seed | τ-b θ (diag vs obs) | τ-b ranks | ranks diag | ranks obs | test diag | test obs |",
            "|---|---|---|---|---|---|---|---|"]
     for t in NLU_TASKS:
@@ -184,8 +168,8 @@ def diag_obs() -> list[str]:
             a, b = variant(t, lrs[t], s, "sensitivity"), variant(t, lrs[t], s, ("sensitivity", "scale", "obs"))
             if not (a.done() and b.done()):
                 continue
-            st = stability(allocation(a), allocation(b))
-            ra, rb = (" ".join(str(v) for v in load(r, "ranks.json").values()) for r in (a, b))
+            st = stability(a.allocation(), b.allocation())
+            ra, rb = (" ".join(str(v) for v in r.read("ranks.json").values()) for r in (a, b))
             out.append(f"| {t} | {s} | {st['tau_theta']:.3f} | {st['tau_ranks']:.3f} | {ra} | {rb} | "
                        f"{score(a, 'test'):.2f} | {score(b, 'test'):.2f} |")
     return out
@@ -206,7 +190,7 @@ def epoch_tau() -> list[str]:
         per_epoch: dict[int, list] = {}
         modules = None
         for r in done(runs):
-            eps = load(r, "epoch_sensitivity.json")["epochs"]
+            eps = r.read("epoch_sensitivity.json")["epochs"]
             modules = len(eps[0]["theta"])
             for e in eps[1:]:
                 st = stability(eps[0], e)
@@ -237,7 +221,7 @@ def nlg() -> list[str]:
             runs = done([nlg_run(tg, m, lr, s) for s in SEEDS["nlg"]])
             cols = [[score(r, "test", g) for r in runs] for g in GEN]
             avg = [statistics.fmean(c) for c in zip(*cols)]
-            params = {load(r, "metrics.json")["lora_params"] for r in runs}
+            params = {r.read("metrics.json")["lora_params"] for r in runs}
             out.append(f"| {label} | {NAMES[m]} | {lr:g} | " + " | ".join(mean_std(c, n) for c in cols)
                        + f" | {mean_std(avg, n)} | {mean_std([score(r, 'dev') for r in runs], n)} | "
                        + ", ".join(f"{p:,}" for p in sorted(params)) + " |")

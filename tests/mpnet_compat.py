@@ -104,11 +104,11 @@ def check_adapter(path, tok, pad_id, n, adapter):
         with torch.no_grad():
             a = ours(ids, mask)
             b = theirs(input_ids=ids, attention_mask=mask).logits
-            moved = (a - base(ids, mask)).abs().max().item()  # how far LoRA moves slora's logits (not vacuous)
+            moved = (a - base(ids, mask)).abs().max().item()  # how far the adapter (LoRA and its head) moves them
         d = (a - b).abs().max().item()
         worst = max(worst, d)
         lines.append(f"SEQ_CLS adapter in PEFT, {label}: logits max|diff| {d:.2e} (max |logit| {b.abs().max():.2f}; "
-                     f"LoRA moves logits by {moved:.2e}; ranks {sorted(set(cfg['rank_pattern'].values()))})")
+                     f"the adapter moves logits by {moved:.2e}; ranks {sorted(set(cfg['rank_pattern'].values()))})")
     return worst, lines
 
 

@@ -192,3 +192,26 @@ def test_rank_order_of_draws_is_reproducible():
     s = {n: torch.tensor(sorted([rnd.random() for _ in range(5)], reverse=True), dtype=torch.float64)
          for n in NAMES[:6]}
     assert eva.allocate(s, 3) == eva.allocate(dict(reversed(list(s.items()))), 3)
+
+
+def test_finetune_alloc_eva_end_to_end_on_tiny_models(tmp_path):
+    """--alloc eva through python -m slora.finetune: the encoder (one pass) and the decoder (streamed full H);
+    --eva-rho 1 gives uniform ranks; the budget is exact and the concentration record is in sensitivity.json."""
+    import json
+
+    from tests.test_finetune import run, write_jsonl
+    from tests.tiny import WORDS, tiny_model_dir
+    rows = [{"text": f"the movie was {WORDS[i % 8]} and {WORDS[(3 * i) % 8]}", "label": i % 2} for i in range(24)]
+    cls = write_jsonl(tmp_path / "train.jsonl", rows[:20]), write_jsonl(tmp_path / "dev.jsonl", rows[20:])
+    gen = (write_jsonl(tmp_path / "gtrain.jsonl", [{"prompt": f"say {w}", "response": w} for w in WORDS[:10]]),
+           write_jsonl(tmp_path / "gdev.jsonl", [{"prompt": "say a", "response": "a"}] * 2))
+    enc, dec = tiny_model_dir(tmp_path / "e", "encoder"), tiny_model_dir(tmp_path / "d", "decoder")
+    for model, data, kind, name in ((enc, cls, "classification", "enc"), (dec, gen, "instructions", "dec")):
+        common = ("--allocate-only", "--alloc", "eva", "--targets", "all-linear", "--r-avg", "4")
+        out = run(tmp_path, model, data, *common, kind=kind, out=name)
+        ranks = json.loads((out / "ranks.json").read_text())
+        sens = json.loads((out / "sensitivity.json").read_text())
+        assert sum(ranks.values()) == 4 * len(ranks) and max(ranks.values()) <= 8
+        assert sens["config"]["mode"] == "full" and "concentration" in sens["config"]
+        uni = run(tmp_path, model, data, *common, "--eva-rho", "1", kind=kind, out=name + "-rho1")
+        assert set(json.loads((uni / "ranks.json").read_text()).values()) == {4}

@@ -5,12 +5,13 @@ explained-variance ratios of all matrices' components globally, and gives each m
 components among the top `budget` of them, where budget = r_avg · (number of matrices) and no matrix may take more
 than round(ρ·r_avg) components. ρ = 1 is uniform LoRA; PEFT's default is ρ = 2.
 
-slora already holds what EVA decomposes: in mode "full", H = (2/N)·Σ_t x_t x_tᵀ over the calibration tokens
-(hessian.HessianAccumulator). The explained-variance ratios are the eigenvalues of H over its trace; the factor 2/N
-cancels in the ratio. Two differences from PEFT, both chosen on purpose and stated in README.md:
+slora already holds what EVA decomposes: in mode "full", H = (2/N)·Σ_t x_t x_tᵀ over the calibration tokens and
+their mean µ (hessian.HessianAccumulator). Both count every unmasked token once, as PEFT's default
+prepare_layer_inputs_fn does. The ratios are the eigenvalues over the trace; constant factors (2/N, N/(N-1)) cancel.
 - centring. PEFT's IncrementalPCA subtracts the running token mean, so its ratios are those of the covariance
-  C = H/2 - µµᵀ. slora's H is the uncentred second moment (what the Sensitivity-LoRA metrics read), so its first
-  component includes the mean direction. `ratios(h, mean=µ)` gives PEFT's centred ratios where µ is known.
+  C = H/2 - µµᵀ; `ratios(h, mean=µ)` computes exactly those, and `--alloc eva` uses them by default
+  (SensitivityConfig.eva_centred). Without the mean, H's first component also carries the mean direction: on
+  SmolLM2 q,v that moves 54 of 480 ranks against PEFT (tests/eva_compat.py), so it is kept only as an option.
 - exactness. PEFT's incremental low-rank SVD stops once the needed components are stable to a cosine of τ = 0.99
   between batches, and may cycle the data loader; here the spectrum is the exact float64 eigh of H over one pass.
 
@@ -49,7 +50,7 @@ def ratios(h: torch.Tensor, mean: torch.Tensor | None = None, tokens: int | None
     ev = torch.linalg.eigvalsh((m + m.T) / 2).flip(0).clamp_min(0.0)  # descending
     total = ev.sum()
     if not total > 0:
-        raise ValueError("ratios: H is zero (every calibration input was 0)")
+        raise ValueError("ratios: the (co)variance is zero (every calibration input was 0, or, centred, the same)")
     return ev / total
 
 

@@ -87,6 +87,9 @@ class HessianAccumulator:
         self.mode, self.dtype, self.tokens, self.tile = mode, dtype, 0, tile
         self._h = torch.zeros(shape, dtype=dtype, device=device)
         self._mirrored = True  # False while the lower triangle is stale
+        # full mode also keeps the running token mean µ (d_in,): EVA's covariance is H/2 - µµᵀ (slora.eva); the
+        # O(n·d_in) sum costs nothing beside the O(n·d_in²) Gram
+        self.mean = torch.zeros(d_in, dtype=dtype, device=device) if mode == "full" else None
 
     @property
     def value(self) -> torch.Tensor:
@@ -114,6 +117,7 @@ class HessianAccumulator:
             self._h.mul_(keep).add_(sq, alpha=scale)
         else:
             self._add_gram(x, keep, scale)
+            self.mean.mul_(keep).add_(x.sum(0, dtype=self.dtype), alpha=1.0 / (self.tokens + n))
         self.tokens += n
 
     def _add_gram(self, x: torch.Tensor, keep: float, scale: float) -> None:
@@ -377,6 +381,7 @@ class HessianStats:
     offdiag_share: float | None = None
     dominant_rows: float | None = None
     hessian: torch.Tensor | None = None  # (d_in, d_in) on CPU, only when asked to keep it
+    mean: torch.Tensor | None = None  # (d_in,) float64 CPU: token mean µ of the input (mode "full")
 
 
 def reduce(acc: HessianAccumulator, owner: str, *, percdamp: float = 0.01, blocksize: int = 128,
@@ -389,6 +394,7 @@ def reduce(acc: HessianAccumulator, owner: str, *, percdamp: float = 0.01, block
         stats.inv_diag = inv.inv_diag.to("cpu", torch.float64)
         stats.damping, stats.percdamp = inv.damping, inv.percdamp
         stats.offdiag_share, stats.dominant_rows = dominance(acc.value)
+        stats.mean = acc.mean.to("cpu", torch.float64)
         if keep_hessian:
             stats.hessian = acc.value.to("cpu")
     return stats

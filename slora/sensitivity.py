@@ -32,6 +32,7 @@ class SensitivityConfig:
     r_avg: float = 8  # average rank; the budget is that of uniform LoRA at r_avg (App. A.2: 4 NLU, 8 NLG)
     method: str = "sra"  # "sra" (Eq. 15), "pra" (§4.4), "uniform" or "eva" (EVA's rule on eig(H), needs mode "full")
     eva_rho: float = eva.RHO  # EVA: a matrix takes at most round(eva_rho·r_avg) ranks; 1 is uniform
+    eva_centred: bool = True  # EVA on the covariance H/2 - µµᵀ as PEFT (True) or on slora's uncentred H (False)
     categories: int = 3  # PRA groups
     unit: str = "rank"  # budget unit: "rank" or "param" (d_in + d_out per rank)
     r_min: int = 1  # smallest rank; 0 allowed (no adapter)
@@ -128,7 +129,7 @@ def _eva(modules: dict[str, nn.Linear], stats: dict[str, hessian.HessianStats], 
         if owner not in spectra:
             if stats[name].hessian is None:
                 raise ValueError(f"{name}: method 'eva' needs the whole H (keep_hessian) but it was not kept")
-            spectra[owner] = eva.ratios(stats[name].hessian)
+            spectra[owner] = eva.ratios(stats[name].hessian, mean=stats[name].mean if cfg.eva_centred else None)
     ranks = eva.allocate({n: spectra[stats[n].owner] for n in modules}, cfg.r_avg, rho=cfg.eva_rho,
                          groups={n: stats[n].owner for n in modules}, limit=cap, r_min=cfg.r_min)
     total = sum(ranks.values())

@@ -8,9 +8,10 @@ the same weights (transformers loads the asset folder slora loads), and the same
 every target, rho). PEFT's EVA runs with its defaults (tau 0.99, incremental low-rank PCA, cycling the batches until
 the needed components converge). Printed, per model:
   1. PEFT's ranks (EVA's rank_pattern, every target listed);
-  2. slora eva, centred:   EVA's rule on eig of the exact covariance C = H/2 - µµᵀ (µ: token mean from a hook here),
-     r_min 0 -- what PEFT computes, without its incremental-SVD tolerance;
-  3. slora eva, uncentred: `--alloc eva --r-min 0` as shipped (eig of H itself);
+  2. slora eva, centred:   `--alloc eva --r-min 0` as shipped: EVA's rule on eig of the exact covariance
+     C = H/2 - µµᵀ (µ: the accumulator's token mean, checked here against a hook's) -- what PEFT computes, without
+     its incremental-SVD tolerance;
+  3. slora eva, uncentred: the same on eig of H itself (SensitivityConfig(eva_centred=False));
   4. the matrices where they differ, and for each the explained-variance ratios at the cut, so each difference
      can be told apart as a near-tie at the budget boundary (tolerance) or a real disagreement.
 Exits 1 when (2) and PEFT differ by more than `--max-moved` ranks in total (default 0: any difference is reported).
@@ -85,8 +86,9 @@ def main(argv=None):
 
     # slora: exact H (float64), its eigenvalues, and the token means for the centred covariance
     stats = hessian.collect(model, batches, modules, mode="full", dtype=torch.float64, keep_hessian=True)
-    means = token_means(model, batches, modules)
     owner = {n: stats[n].owner for n in modules}
+    means = token_means(model, batches, modules)  # an independent check of the accumulator's running mean
+    mean_err = max(float((stats[n].mean - means[n]).abs().max() / means[n].abs().max()) for n in set(owner.values()))
     limit = {n: min(m.in_features, m.out_features) for n, m in modules.items()}
     spec_c = {n: eva.ratios(stats[n].hessian, mean=means[owner[n]]) for n in modules}
     spec_u = {n: eva.ratios(stats[n].hessian) for n in modules}
@@ -104,7 +106,7 @@ def main(argv=None):
 
     tokens = stats[next(iter(modules))].tokens
     print(f"{args.model} {task}, targets {targets}, r_avg {r_avg}, rho {args.rho}: {len(modules)} matrices, "
-          f"{len(batches)} batches, {tokens} tokens")
+          f"{len(batches)} batches, {tokens} tokens; accumulator mean vs hook mean: max rel diff {mean_err:.1e}")
     print(f"{'module':52s} {'PEFT':>5s} {'centred':>8s} {'uncentred':>10s}")
     for n in modules:
         print(f"{n:52s} {peft_ranks[n]:5d} {centred[n]:8d} {uncentred[n]:10d}")

@@ -215,3 +215,13 @@ def test_finetune_alloc_eva_end_to_end_on_tiny_models(tmp_path):
         assert sens["config"]["mode"] == "full" and "concentration" in sens["config"]
         uni = run(tmp_path, model, data, *common, "--eva-rho", "1", kind=kind, out=name + "-rho1")
         assert set(json.loads((uni / "ranks.json").read_text()).values()) == {4}
+
+
+@given(st.integers(1, 30), st.integers(1, 6), st.integers(0, 2 ** 16), st.integers(1, 4))
+def test_full_mode_accumulator_keeps_the_token_mean_over_any_batch_split(n, d, seed, parts):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 3 + 1
+    acc = hessian.HessianAccumulator(d, "full", torch.float64)
+    for chunk in torch.tensor_split(x, parts):
+        acc.add_batch(chunk)
+    np.testing.assert_allclose(acc.mean.numpy(), x.numpy().mean(0), rtol=0, atol=64 * n * EPS * 4)

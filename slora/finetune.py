@@ -26,7 +26,7 @@ from slora.lora import ALPHA_POLICIES
 from slora.models import load_model, load_tokenizer
 from slora.models.bert import BertModel, for_sequence_classification
 from slora.sensitivity import SensitivityConfig, compute
-from slora.train import EpochSensitivity, finetune
+from slora.train import EpochSensitivity, finetune, set_activation_checkpointing
 
 # Model presets: the offline assets by name (anything else is a path to a Hugging Face-format folder).
 PRESETS = ("minilm", "smollm2")
@@ -102,7 +102,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for data order, head and LoRA init, dropout")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="autocast: auto = bf16 on CUDA, fp32 on CPU; weights stay fp32")
+                   help="autocast: auto = bf16 on CUDA or on a bf16 base, fp32 otherwise")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="frozen base weights, loaded straight into this dtype on the device: auto = bf16 on CUDA "
+                        "(fp32 with --precision fp32), fp32 on CPU; LoRA factors and the task head stay fp32")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer layer's activations in the backward pass (less memory, "
+                        "about one more forward pass of time)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     # output
     p.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
@@ -178,7 +184,10 @@ def run(args, tmp: Path):
     log = Log(tmp / "log.jsonl")
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    bf16_base = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda" and args.precision != "fp32")
+    if bf16_base and args.precision == "fp32":
+        raise ValueError("--precision fp32 needs an fp32 base: add --dtype fp32 (a bf16 base computes in bf16)")
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and (device.type == "cuda" or bf16_base))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     times = {}
 
@@ -189,7 +198,7 @@ def run(args, tmp: Path):
         model_path = model_dir(args.model)
     else:
         model_path = Path(args.model)
-    body = load_model(model_path, device=device)
+    body = load_model(model_path, dtype=torch.bfloat16 if bf16_base else torch.float32, device=device)
     tok = load_tokenizer(model_path)
     family = "encoder" if isinstance(body, BertModel) else "decoder"
     for k, v in FAMILY_DEFAULTS[family].items():
@@ -240,7 +249,9 @@ def run(args, tmp: Path):
         # full-mode Hessians of a decoder are streamed layer by layer (GPTQ-style): one layer's H lives at a time
         blocks = ([(f"model.layers.{i}", layer) for i, layer in enumerate(m.model.layers)]
                   if family == "decoder" and cfg.mode == "full" else None)
-        return compute(m, batches, cfg, blocks=blocks, progress=progress)
+        # a bf16 base calibrates in bf16 (the fp32 task head under autocast); statistics still accumulate in fp32
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_base):
+            return compute(m, batches, cfg, blocks=blocks, progress=progress)
 
     sens, ranks = measure(model, progress)
     times["calibrate_allocate_s"] = time.time() - t0
@@ -253,6 +264,7 @@ def run(args, tmp: Path):
 
     if not args.allocate_only:
         tracker = EpochSensitivity(measure, sens, ranks) if args.epoch_sensitivity else None
+        set_activation_checkpointing(model, args.activation_checkpointing)
         result = finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker)
         times.update(result.pop("times"))
         if tracker:

@@ -120,6 +120,17 @@ class EpochSensitivity:
         return {"tau_theta": tau["tau_theta"], "tau_ranks": tau["tau_ranks"]}
 
 
+def set_activation_checkpointing(model, on: bool = True) -> int:
+    """Switch per-layer activation checkpointing on every layer stack of `model` that offers it (the
+    `activation_checkpointing` flag of LlamaModel and BertEncoder); returns how many stacks were switched."""
+    stacks = [m for m in model.modules() if hasattr(type(m), "activation_checkpointing")]
+    if on and not stacks:
+        raise ValueError(f"{type(model).__name__} has no layer stack that supports activation checkpointing")
+    for m in stacks:
+        m.activation_checkpointing = on
+    return len(stacks)
+
+
 # -----------------------------------------------------------------------------
 # The loop
 

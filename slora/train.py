@@ -26,11 +26,14 @@ from itertools import islice
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from slora import data, scoring
 from slora.lora import apply_lora, lora_parameters_count, mark_only_lora_trainable, merged_copy
 from slora.stability import stability
 
+
+LM_CHUNK = 1024  # positions per LM-head + loss chunk under --activation-checkpointing (torchtune chunks too)
 
 # -----------------------------------------------------------------------------
 # Loss and evaluation
@@ -46,8 +49,15 @@ def target_count(batch: dict, kind: str) -> int:
     return int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
 
 
-def loss_sum(model, batch: dict, kind: str, device) -> torch.Tensor:
-    """Sum (not mean) of the per-example or per-token losses of one micro-batch, in fp32."""
+def loss_sum(model, batch: dict, kind: str, device, lm_chunk: int | None = None) -> torch.Tensor:
+    """Sum (not mean) of the per-example or per-token losses of one micro-batch, in fp32.
+
+    lm_chunk (causal LM only): run the LM head and the loss over `lm_chunk` positions at a time, each chunk
+    recomputed in the backward pass, so the (B, T, V) logits and their fp32 copy never exist whole (at
+    LLaMA-3's V = 128,256 and 2 x 2048 tokens they are 1 GB bf16 + 2 GB fp32, plus as much again for the
+    gradient). Same sum, added in another order."""
+    if kind == "generation" and lm_chunk:
+        return _lm_loss_sum_chunked(model, forward_inputs(batch, device), batch["labels"].to(device), lm_chunk)
     out = model(**forward_inputs(batch, device))
     y = batch["labels"].to(device)
     if kind == "classification":
@@ -57,6 +67,23 @@ def loss_sum(model, batch: dict, kind: str, device) -> torch.Tensor:
     # causal LM: position t predicts token t+1; prompt and pad tokens carry label -100 (response-only loss)
     return F.cross_entropy(out[:, :-1].float().reshape(-1, out.shape[-1]), y[:, 1:].reshape(-1),
                            ignore_index=data.IGNORE_INDEX, reduction="sum")
+
+
+def _head_loss_sum(head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # (B, C, V) for one chunk of C positions
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=data.IGNORE_INDEX,
+                           reduction="sum")
+
+
+def _lm_loss_sum_chunked(model, inputs: dict, y: torch.Tensor, chunk: int) -> torch.Tensor:
+    h = model.model(**inputs)[:, :-1]  # (B, T-1, D): position t predicts token t+1
+    y = y[:, 1:]  # (B, T-1)
+    total = None
+    for t0 in range(0, h.shape[1], chunk):
+        part = torch.utils.checkpoint.checkpoint(_head_loss_sum, model.lm_head, h[:, t0:t0 + chunk],
+                                                 y[:, t0:t0 + chunk], use_reentrant=False)
+        total = part if total is None else total + part
+    return total
 
 
 def step_denominator(count: int) -> int:
@@ -187,6 +214,8 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
     warmup = max(1, round(args.warmup * total))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup))
+    # with activation checkpointing the LM head and loss run in chunks too (their logits are the largest tensors)
+    lm_chunk = LM_CHUNK if getattr(args, "activation_checkpointing", False) else None
     state = TrainState()
     if checkpoint is not None and checkpoint.exists():
         state = checkpoint.restore(model, opt, sched, device)
@@ -212,7 +241,7 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
             step_loss = None
             for batch in group:
                 with autocast:
-                    loss = loss_sum(model, batch, spec.kind, device) / denom
+                    loss = loss_sum(model, batch, spec.kind, device, lm_chunk) / denom
                 loss.backward()
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
                 state.tokens += int(batch["attention_mask"].sum())

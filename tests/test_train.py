@@ -158,3 +158,25 @@ def test_bf16_base_with_fp32_compute_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--precision fp32 needs an fp32 base"):
         finetune.main(["--dtype", "bf16", "--precision", "fp32", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_chunked_lm_loss_equals_the_whole_loss_and_gradients():
+    # lm_chunk runs the head and loss over a few positions at a time, recomputed in backward: same sum, same grads
+    model = tiny_llama().double()
+    apply_lora(model, {f"model.layers.{i}.mlp.up_proj": 2 for i in (0, 1)}, 4.0)
+    randomize_lora(model)
+    mark_only_lora_trainable(model, extra=())
+    model.train()
+    batch = lm_batch(3, B=4, T=11, vocab=model.config.vocab_size)
+    grads = []
+    for chunk in (None, 3, 100):
+        loss = train.loss_sum(model, batch, "generation", "cpu", lm_chunk=chunk)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    (whole, gw), *chunked = grads
+    for loss, g in chunked:
+        torch.testing.assert_close(loss, whole, **TOL)
+        assert g.keys() == gw.keys() and len(g) == 4
+        for n in g:
+            torch.testing.assert_close(g[n], gw[n], **TOL, msg=n)

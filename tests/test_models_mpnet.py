@@ -180,3 +180,11 @@ def test_finetune_run_on_tiny_mpnet(tmp_path):
     assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["classifier"]
     back = load_adapter(for_sequence_classification(load_model(model), 2, seed=5), out / "adapter")
     assert sorted(n for n, _ in back.named_modules() if n.endswith("lora_A")) == sorted(f"{k}.lora_A" for k in ranks)
+
+
+def test_missing_asset_says_how_to_fetch_it(tmp_path, monkeypatch):
+    from slora import finetune
+    monkeypatch.setenv("SLORA_HOME", str(tmp_path / "home"))
+    with pytest.raises(FileNotFoundError, match=r"run `python -m slora.assets --only mpnet` first"):
+        finetune.main(["--model", "mpnet", "--allocate-only", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run.partial-*"))  # nothing half written

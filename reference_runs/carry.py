@@ -93,7 +93,7 @@ def split_mpnet(parts: int = 4):
 def join(name: str):
     from slora.assets import slora_home, verify_file
     home = slora_home()
-    if not (home / "stamps").is_dir():
+    if name != "mpnet" and not (home / "stamps" / "vader.json").is_file():
         shutil.copytree(CARRY / "a" / "home", home, dirs_exist_ok=True)
     if name == "minilm":
         out = home / "models" / MINILM[0] / MINILM[1]

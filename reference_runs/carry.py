@@ -3,8 +3,8 @@
     python reference_runs/carry.py split          # here: .carry/{a,b,c,d}, each under 64 MiB
     python reference_runs/carry.py join minilm    # there, after the calls that carried a and b
     python reference_runs/carry.py join smollm2   # there, after the calls that carried c and d
-    python reference_runs/carry.py split-mpnet    # here: .carry/{m1,m2,m3,m4}, MPNet as bf16, each under 64 MiB
-    python reference_runs/carry.py join mpnet     # there, after the four calls that carried m1..m4
+    python reference_runs/carry.py split-mpnet    # here: .carry/m1..m5, MPNet as bf16 + the data, each < 48 MiB
+    python reference_runs/carry.py join mpnet     # there, after the five calls that carried m1..m5
 
 MiniLM's model.safetensors (91 MB) and SmolLM2's GGUF (98 MB) are each cut in two byte ranges, carried by two
 consecutive calls (the machine keeps ignored files between calls while it stays warm), and joined there. A join
@@ -12,7 +12,8 @@ checks the size and sha256 of the whole file against the published ones (slora.a
 and builds $SLORA_HOME there as `python -m slora.assets` does here: SmolLM2 is converted from the GGUF by
 slora.gguf, exactly as here.
 
-MPNet's fp32 weights (439 MB) would take seven calls; they travel as bf16 (219 MB, four calls). Rounding to bf16
+MPNet's fp32 weights (439 MB) would take nine calls beside the working tree (about 14 MB); they travel as bf16
+(219 MB, five calls), with the VADER and Wikipedia data as a gzipped tar in the first. Rounding to bf16
 here is the same round-to-nearest-even `load_model(dtype=torch.bfloat16)` applies, so a run there with the default
 `--dtype auto` (bf16 on CUDA) sees exactly the weights it would have loaded from the fp32 file. The join checks the
 sha256 of the bf16 file computed here.
@@ -60,7 +61,7 @@ def split():
         print(f".carry/{part}: {size / 2**20:.1f} MiB")
 
 
-def split_mpnet(parts: int = 4):
+def split_mpnet(parts: int = 5):
     import hashlib
 
     import torch
@@ -83,7 +84,9 @@ def split_mpnet(parts: int = 4):
     skel = CARRY / "m1" / "home" / "models" / "mpnet-base"
     shutil.copytree(src, skel, ignore=shutil.ignore_patterns("model.safetensors"))
     (CARRY / "m1" / "home" / "stamps").mkdir(parents=True)
-    shutil.copy(slora_home() / "stamps" / "mpnet.json", CARRY / "m1" / "home" / "stamps")
+    for stamp in ("mpnet", "vader", "wiki"):
+        shutil.copy(slora_home() / "stamps" / f"{stamp}.json", CARRY / "m1" / "home" / "stamps")
+    shutil.make_archive(str(CARRY / "m1" / "data"), "gztar", root_dir=slora_home(), base_dir="data")
     (CARRY / "m1" / "mpnet.sha256").write_text(f"{len(data)} {hashlib.sha256(data).hexdigest()}\n")
     for i in range(parts):
         size = sum(p.stat().st_size for p in (CARRY / f"m{i + 1}").rglob("*") if p.is_file())
@@ -110,10 +113,11 @@ def join(name: str):
     elif name == "mpnet":
         import hashlib
         size, digest = (CARRY / "m1" / "mpnet.sha256").read_text().split()
-        data = b"".join((CARRY / f"m{i}" / "mpnet.part").read_bytes() for i in range(1, 5))
+        data = b"".join((CARRY / f"m{i}" / "mpnet.part").read_bytes() for i in range(1, 6))
         if len(data) != int(size) or hashlib.sha256(data).hexdigest() != digest:
             raise SystemExit("join mpnet: the joined bf16 file does not match the sha256 computed before the carry")
         shutil.copytree(CARRY / "m1" / "home", home, dirs_exist_ok=True)
+        shutil.unpack_archive(CARRY / "m1" / "data.tar.gz", home)
         (home / "models" / "mpnet-base" / "model.safetensors").write_bytes(data)
     else:
         raise SystemExit(f"join: unknown asset {name!r} (minilm, smollm2, mpnet)")

@@ -17,7 +17,7 @@ from slora.models.bert import BertConfig, BertModel
 from slora.models.llama import LlamaConfig, LlamaForCausalLM
 
 ENCODER_TYPES = ("bert", "roberta")
-DECODER_TYPES = ("llama",)
+DECODER_TYPES = ("llama", "qwen2", "mistral")  # one decoder (models/llama.py) for the three families
 
 # Keys that checkpoints carry but the models do not use, dropped on purpose:
 # - `embeddings.position_ids` / `embeddings.token_type_ids`: index buffers older transformers versions saved;

@@ -126,6 +126,38 @@ def test_spm_bad_vocabularies_are_named(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# LLaMA-3 byte-level BPE (`llama-bpe`) on the tiny vocabulary of tests/gguf_writer.py
+
+def write_llama_bpe(path, extra_tokens=()):
+    tokens, types, merges = gw.tiny_vocab()
+    tokens, types = tokens + list(extra_tokens), types + [1] * len(extra_tokens)
+    md = gw.llama_metadata(dict(layers=1, dim=64, heads=4, kv_heads=2, ffn=96), len(tokens),
+                           **{"tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": tokens,
+                              "tokenizer.ggml.token_type": (gw.ARRAY, (gw.I32, types))})
+    gw.write_gguf(path, md, [])
+    return read_gguf(path)
+
+
+def test_llama_bpe_split(tmp_path):
+    # LLaMA-3's regex, worked by hand: letters take one leading non-letter (the space), contractions split off,
+    # a space before digits stands alone, digits go in runs of at most 3, punctuation keeps its trailing
+    # newlines, and of two spaces before a word the first stands alone (\s+(?!\S)).
+    tok = hf_tokenizer(write_llama_bpe(tmp_path / "b.gguf"))
+    pieces = [p for p, _ in tok.pre_tokenizer.pre_tokenize_str("Hello world's 12345!!\n\n  x")]
+    assert pieces == ["Hello", "Ġworld", "'s", "Ġ", "123", "45", "!!ĊĊ", "Ġ", "Ġx"]
+
+
+def test_llama_bpe_ignore_merges_takes_whole_vocabulary_words(tmp_path):
+    # "Ġworld" is in the vocabulary but no merge reaches it: llama.cpp (ignore_merges) emits it whole,
+    # merging alone would stop at "Ġwor" "l" "d"
+    tokens, _, _ = gw.tiny_vocab()
+    tok = hf_tokenizer(write_llama_bpe(tmp_path / "b.gguf", extra_tokens=["Ġworld"]))
+    assert tok.encode(" world", add_special_tokens=False).ids == [len(tokens)]
+    assert [tokens[i] for i in tok.encode(" worlds", add_special_tokens=False).ids] == ["Ġwor", "l", "d", "s"]
+    assert tok.encode("hi").ids[0] == 1  # llama.cpp's default for llama-bpe: bos prepended
+
+
+# -----------------------------------------------------------------------------
 # Slow tier: llama.cpp's own test vectors
 
 def read_vectors(folder, name):

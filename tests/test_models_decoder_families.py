@@ -130,3 +130,26 @@ def test_mistral_generate_with_cache_matches_full_rerun_past_the_window():
         for _ in range(6):
             seq = torch.cat([seq, m(seq)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("family", [dict(model_type="qwen2", qkv_bias=True),
+                                    dict(model_type="mistral", sliding_window=4)])
+def test_finetune_runs_on_each_family(tmp_path, family):
+    # the whole pipeline (calibration, allocation, LoRA on q/k/v/o including the biased ones, training,
+    # generation past the window) on a tiny folder of each family
+    from slora import finetune
+    from tests.tiny import tiny_tokenizer
+    tok, n = tiny_tokenizer("decoder")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    save_model(tiny_llama(seed=1, vocab_size=n, **family), tmp_path / "m", tokenizer=tmp_path / "tokenizer.json")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == family["model_type"]
+    rows = "".join(json.dumps({"prompt": "what is the capital of france", "response": "paris"}) + "\n"
+                   for _ in range(6))
+    (tmp_path / "train.jsonl").write_text(rows)
+    out = finetune.main(["--model", str(tmp_path / "m"), "--task", "jsonl", "--jsonl-kind", "instructions",
+                         "--train-file", str(tmp_path / "train.jsonl"), "--dev-file", str(tmp_path / "train.jsonl"),
+                         "--batch-size", "4", "--calib-n", "4", "--max-steps", "2", "--gen-tokens", "3",
+                         "--out", str(tmp_path / "run")])
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert set(ranks) == {f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qkvo"}
+    assert "bleu4" in json.loads((out / "metrics.json").read_text())["final"]["dev"]

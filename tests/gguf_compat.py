@@ -11,6 +11,9 @@ Q4_1, F16, F32 tensors, q/k rows in llama.cpp's order):
     compared twice: as transformers loads it, and with slora's config.json (its recovered rope_scaling) passed
     as `config=`. The second must agree; the first shows what ignoring rope_freqs costs.
 Logits on 2 × 48 tokens, fp32. Exits 1 when a case that must agree differs by more than --tol.
+When the optional asset `vocab` is built (python -m slora.assets --only vocab), it also counts, on llama.cpp's
+test vectors, the strings that transformers' GGUF tokenizer conversion and slora's get wrong (for information:
+only slora's count must be 0).
 """
 import argparse
 import json
@@ -35,6 +38,29 @@ def hf_logits(folder, name, ids, config=None):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch.float32, **kw)
     with torch.no_grad():
         return model.eval()(input_ids=ids).logits
+
+
+def compare_tokenizers() -> bool:
+    from slora.assets import data_dir
+    from slora.gguf import read_gguf
+    from slora.gguf_tokenizer import hf_tokenizer
+    from tests.test_gguf_tokenizer import read_vectors
+    try:
+        folder = data_dir("vocab")
+    except FileNotFoundError as e:
+        print(f"tokenizers: skipped ({e})")
+        return True
+    ok = True
+    for name in ("llama-spm", "llama-bpe"):
+        theirs = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=f"ggml-vocab-{name}.gguf")
+        ours = hf_tokenizer(read_gguf(folder / f"ggml-vocab-{name}.gguf"))
+        vectors = read_vectors(folder, name)
+        bad_theirs = sum(theirs.encode(t, add_special_tokens=False) != ids for t, ids in vectors)
+        bad_ours = sum(ours.encode(t, add_special_tokens=False).ids != ids for t, ids in vectors)
+        print(f"tokenizer {name}: llama.cpp test strings tokenized wrongly: slora {bad_ours} of {len(vectors)}, "
+              f"transformers' GGUF conversion {bad_theirs} of {len(vectors)}")
+        ok &= bad_ours == 0
+    return ok
 
 
 def main(argv=None):
@@ -71,6 +97,7 @@ def main(argv=None):
         print(f"llama3 GGUF: slora vs transformers with slora's config.json, logits max|Δ| {with_cfg:.2e}")
         print(f"llama3 GGUF: slora vs transformers' GGUF loader as is (no llama3 scaling), max|Δ| {as_loaded:.2e}")
         ok &= with_cfg <= args.tol
+    ok &= compare_tokenizers()
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 

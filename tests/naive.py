@@ -88,7 +88,8 @@ def mpnet_bucket(offset: int) -> int:
 def mpnet_hidden(sd: dict, n_layers: int, n_heads: int, eps: float, ids: torch.Tensor,
                  mask: torch.Tensor, pad: int = 1) -> torch.Tensor:
     """Last hidden states (B, T, D) of an MPNet encoder from its state dict, in float64, attention as loops over
-    batch, head and query (one softmax over the real keys per query). Padded positions come out too (they attend to the real keys) but are not compared."""
+    batch, head and query (one softmax over the real keys per query). Padded positions come out too (they attend
+    to the real keys) but are not compared."""
     w = {k: v.to(torch.float64) for k, v in sd.items()}
     B, T = ids.shape
 

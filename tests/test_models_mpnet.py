@@ -180,3 +180,42 @@ def test_finetune_run_on_tiny_mpnet(tmp_path):
     assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["classifier"]
     back = load_adapter(for_sequence_classification(load_model(model), 2, seed=5), out / "adapter")
     assert sorted(n for n, _ in back.named_modules() if n.endswith("lora_A")) == sorted(f"{k}.lora_A" for k in ranks)
+
+
+def test_missing_asset_says_how_to_fetch_it(tmp_path, monkeypatch):
+    from slora import finetune
+    monkeypatch.setenv("SLORA_HOME", str(tmp_path / "home"))
+    with pytest.raises(FileNotFoundError, match=r"run `python -m slora.assets --only mpnet` first"):
+        finetune.main(["--model", "mpnet", "--allocate-only", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run.partial-*"))  # nothing half written
+
+
+# -----------------------------------------------------------------------------
+# gpu tier (skipped without CUDA): the float bias mask through CUDA's attention kernels, fp32 and bf16 autocast
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_and_runs_under_bf16_autocast():
+    m = tiny_mpnet(seed=3)
+    ids, mask = padded_batch(4, (136, 90))
+    with torch.no_grad():
+        want = m(ids, mask)
+    m.cuda()
+    ids, mask = ids.cuda(), mask.cuda()
+    real = mask.bool()
+    with torch.no_grad():
+        got = m(ids, mask)
+    # fp32 on both devices (TF32 is off by default for matmuls): the CPU test's 512·eps32
+    torch.testing.assert_close(got[real].cpu(), want[real.cpu()], rtol=0, atol=512 * EPS32)
+    m.train()  # dropout on, and a backward pass through the -inf-masked bias in bf16
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = m(ids, mask)
+    out[real].float().square().mean().backward()
+    assert torch.isfinite(out[real].float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    assert m.encoder.relative_attention_bias.weight.grad.abs().sum() > 0  # the shared table is trained too
+    m.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        low = m(ids, mask).float()
+    # bf16 keeps 8 significant bits (eps 2^-7); two post-LN layers of O(1) activations: 16·eps_bf16 = 0.125
+    torch.testing.assert_close(low[real].cpu(), want[real.cpu()], rtol=0,
+                               atol=16 * torch.finfo(torch.bfloat16).eps)

@@ -20,7 +20,7 @@ from slora.models.llama import LlamaConfig, LlamaForCausalLM
 from slora.models.mpnet import MPNetConfig, MPNetModel
 
 ENCODER_TYPES = ("bert", "roberta", "mpnet")
-DECODER_TYPES = ("llama",)
+DECODER_TYPES = ("llama", "qwen2", "mistral")  # one decoder (models/llama.py) for the three families
 
 # Keys that checkpoints carry but the models do not use, dropped on purpose:
 # - `embeddings.position_ids` / `embeddings.token_type_ids`: index buffers older transformers versions saved;

@@ -296,8 +296,8 @@ def report(res: dict) -> str:
     if "mpnet" not in res["figure"]:
         out += ["MPNet (the RoBERTa-base-shaped model, 12 layers, 96 ranks) is missing: slora had no `--model mpnet` "
                 "preset when this was generated. Once it has, `python reference_runs/figure3.py` adds it.", ""]
-    out += ["Figures: " + ", ".join(f"[`{m}.svg`]({m}.svg)" for m in res["figure"]) + ", [`paper.svg`](paper.svg) "
-            "(the paper's bar heights drawn the same way).", "",
+    out += ["Figures: " + ", ".join(f"[`{m}.svg`]({m}.svg)" for m in res["figure"]) + ", [`paper.svg`](paper.svg) and "
+            "[`paper-gpt2.svg`](paper-gpt2.svg) (the paper's bar heights drawn the same way).", "",
             "Runs: " + "; ".join(f"`{e['command']}`" for e in res["figure"].values()), ""]
     out += all_linear_report(res)
     return "\n".join(out) + "\n"

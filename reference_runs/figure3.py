@@ -342,8 +342,15 @@ def all_linear_report(res: dict) -> list[str]:
         v = summary(ranks)
         out.append(f"| {label} | {v['max']} | {v['rank1']} | {v['top5pct_share']:.0%} | "
                    f"{'yes' if v['warn'] else 'no'} |")
+    types = list(dict.fromkeys(n.rsplit(".", 1)[1] for n in sra["ranks"]))
+    out += ["", "Σ rank by module type (30 matrices each; uniform LoRA gives 240):", "",
+            "| allocation | " + " | ".join(types) + " |", "|---" * (len(types) + 1) + "|"]
+    for label, ranks in variants.items():
+        per = {t: sum(r for n, r in ranks.items() if n.endswith("." + t)) for t in types}
+        out.append(f"| {label} | " + " | ".join(str(per[t]) for t in types) + " |")
     out += ["", "The capped SRA rows re-allocate the recorded θ with `slora.allocate` (water-filling gives what the "
-            "cap frees to the other matrices in proportion to θ); EVA is its own run, on eig(H).", ""]
+            "cap frees to the other matrices in proportion to θ); EVA is its own run, on the centred covariance of "
+            "each input (as PEFT).", ""]
     return out
 
 

@@ -319,7 +319,8 @@ def all_linear_report(res: dict) -> list[str]:
            "term is the trace, so a matrix whose input carries a huge feature gets a huge θ. Columns: the largest "
            "feature's share of tr(H), the share of tr(H) contributed by the first token of each sequence, and the "
            "largest |x| seen (feature index).", "",
-           "| module | tr(H) | θ | rank (SRA) | top feature share | top-5 share | first-token share | max abs x (feature) |",
+           "| module | tr(H) | θ | rank (SRA) | top feature share | top-5 share | first-token share "
+           "| max abs x (feature) |",
            "|---|---|---|---|---|---|---|---|"]
     ev = res["evidence"]
     down = sorted((n for n in ev if n.endswith("down_proj")), key=lambda n: -ev[n]["trace"])

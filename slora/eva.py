@@ -1,4 +1,4 @@
-"""EVA's rank allocation (Explained Variance Adaptation, arXiv 2410.07170 §3.2) on slora's statistics, as pure functions.
+"""EVA's rank allocation (Explained Variance Adaptation, arXiv 2410.07170 §3.2) on slora's statistics (pure).
 
 EVA (PEFT `tuners/lora/eva.py`, `_get_rank_distribution`) decomposes the inputs of every target matrix, ranks the
 explained-variance ratios of all matrices' components globally, and gives each matrix as many ranks as it has

@@ -27,8 +27,9 @@ EXIT_INTERRUPT = 130  # 128 + SIGINT
 EXIT_TERM = 143       # 128 + SIGTERM
 
 
-class SloraError(Exception):
-    """A failure that names its culprit (a file, `file:line`, tensor, module or `--flag`)."""
+class SloraError(ValueError):
+    """A failure that names its culprit (a file, `file:line`, tensor, module or `--flag`). A ValueError: bad input
+    is what it reports, and callers that catch ValueError keep working."""
 
     def __init__(self, culprit, message: str):
         self.culprit, self.message = str(culprit), message

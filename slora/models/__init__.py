@@ -93,9 +93,10 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Mod
     try:
         cfg = build_config(hf, path / "config.json")
     except (KeyError, ValueError, TypeError, AttributeError) as e:  # from_hf_config on a value of the wrong kind
-        if isinstance(e, SloraError):
+        what = str(e.args[0]) if e.args else type(e).__name__
+        if what.startswith(str(path / "config.json")):  # already names the file
             raise
-        raise SloraError(path / "config.json", e.args[0] if e.args else type(e).__name__) from None
+        raise SloraError(path / "config.json", what) from None
     sd = read_tensors(path, dtype=dtype, device=device)
     if isinstance(cfg, BertConfig):
         sd = _encoder_state(sd, cfg.model_type)

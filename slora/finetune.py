@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from slora import data, scoring
+from slora import data, scoring, text
 from slora.adapter import save_adapter
 from slora.checkpoint import atomic_folder
 from slora.heatmap import ranks_svg
@@ -176,26 +176,26 @@ def loss_fn(model, batch, kind: str, device):
         return F.mse_loss(out.float().squeeze(-1), y)
     # causal LM: position t predicts token t+1; prompt and pad tokens carry label -100 (response-only loss)
     return F.cross_entropy(out[:, :-1].float().reshape(-1, out.shape[-1]), y[:, 1:].reshape(-1),
-                           ignore_index=data.IGNORE_INDEX)
+                           ignore_index=text.IGNORE_INDEX)
 
 
 @torch.no_grad()
 def evaluate(model, tok, spec, examples, args, pad_id, device, autocast) -> dict:
     model.eval()
     if spec.kind == "generation":
-        feats = data.encode_prompts(tok, examples, args.max_len)
+        feats = text.encode_prompts(tok, examples, args.max_len)
         stops = [i for i in (tok.token_to_id("<|im_end|>"), model.config.eos_token_id) if isinstance(i, int)]
         preds = []
-        for batch in data.iterate_batches(feats, args.batch_size, pad_id, side="left"):
+        for batch in text.iterate_batches(feats, args.batch_size, pad_id, side="left"):
             with autocast:
                 out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                      max_new_tokens=args.gen_tokens, eos_token_id=stops)
-            preds += data.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
+            preds += text.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
         refs = [e.label for e in examples]
     else:
-        feats = data.encode_encoder(tok, examples, args.max_len)
+        feats = text.encode_encoder(tok, examples, args.max_len)
         preds = []
-        for batch in data.iterate_batches(feats, args.batch_size, pad_id):
+        for batch in text.iterate_batches(feats, args.batch_size, pad_id):
             with autocast:
                 logits = model(**forward_inputs(batch, device)).float()
             preds += (logits.squeeze(-1) if spec.kind == "regression" else logits.argmax(-1)).tolist()
@@ -273,7 +273,7 @@ def run(args, tmp: Path):
     t0 = time.time()
     calib = data.calibration_examples(args.calib, min(args.calib_n, len(train)) if args.calib == "task"
                                       else args.calib_n, train=train, seed=args.seed)
-    batches = data.calibration_batches(tok, calib, decoder=family == "decoder", max_len=args.calib_len,
+    batches = text.calibration_batches(tok, calib, decoder=family == "decoder", max_len=args.calib_len,
                                        batch_size=args.batch_size, pad_id=pad_id)
     method, variant = ALLOC[args.alloc]
     cfg = SensitivityConfig(targets=args.targets, mode="full" if args.metric_source == "obs" else args.hessian,
@@ -349,9 +349,9 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
     n_lora = lora_parameters_count(model)
 
     if spec.kind == "generation":
-        feats = data.encode_lm(tok, train, args.max_len, eos_id=model.config.eos_token_id)
+        feats = text.encode_lm(tok, train, args.max_len, eos_id=model.config.eos_token_id)
     else:
-        feats = data.encode_encoder(tok, train, args.max_len)
+        feats = text.encode_encoder(tok, train, args.max_len)
     per_epoch = math.ceil(len(feats) / args.batch_size)
     total = math.ceil(args.epochs * per_epoch / args.grad_accum)
     total = min(total, args.max_steps) if args.max_steps else total
@@ -365,7 +365,7 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
     t_eval = 0.0
     for epoch in range(math.ceil(total * args.grad_accum / per_epoch)):
         model.train()
-        for batch in data.iterate_batches(feats, args.batch_size, pad_id, generator=g):
+        for batch in text.iterate_batches(feats, args.batch_size, pad_id, generator=g):
             with autocast:
                 loss = loss_fn(model, batch, spec.kind, device)
             (loss / args.grad_accum).backward()

@@ -140,7 +140,7 @@ def test_epoch_sensitivity_remeasures_the_merged_weights(tmp_path, cls_data):
     # --epoch-sensitivity (paper Table 6): epoch 0 is the run's own allocation; after each epoch θ and ranks are
     # re-measured on the fine-tuned weights. The oracle for the last epoch is independent of the training loop:
     # the saved adapter loaded onto a fresh model, merged into plain layers, and calibrated on the same batches.
-    from slora import data
+    from slora import data, text
     from slora.lora import merged_copy
     from slora.models import load_tokenizer
     from slora.models.bert import for_sequence_classification
@@ -160,7 +160,7 @@ def test_epoch_sensitivity_remeasures_the_merged_weights(tmp_path, cls_data):
     _, splits = data.load_jsonl("classification", train, dev, seed=0)
     tok = load_tokenizer(model)
     calib = data.calibration_examples("task", 16, train=splits["train"], seed=0)
-    batches = data.calibration_batches(tok, calib, decoder=False, max_len=128, batch_size=8, pad_id=0)
+    batches = text.calibration_batches(tok, calib, decoder=False, max_len=128, batch_size=8, pad_id=0)
     fields = set(SensitivityConfig.__dataclass_fields__)
     cfg = SensitivityConfig(**{k: v for k, v in sens["config"].items() if k in fields})
     m = load_adapter(for_sequence_classification(load_model(model), 2, seed=7), out / "adapter")

@@ -252,8 +252,9 @@ def test_jsonl_errors(tmp_path):
         data.read_jsonl(f, "classification")
     write_jsonl(f, [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
     d = write_jsonl(tmp_path / "d.jsonl", [{"text": "c", "label": 0}, {"text": "d", "label": 2}])
-    with pytest.raises(ValueError, match=r"d.jsonl:2: label 2 out of range \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"d.jsonl:2: label 2 is outside the classes 0..1 seen in training"):
         data.load_jsonl("classification", f, d)
+    assert data.load_jsonl("classification", f, d, num_labels=3)[0].num_labels == 3  # stated: class 2 exists
 
 
 # -----------------------------------------------------------------------------

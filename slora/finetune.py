@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,9 @@ import torch.nn.functional as F
 
 from slora import data, scoring, text
 from slora.adapter import save_adapter
+from slora.argcheck import check_finetune_args
 from slora.checkpoint import atomic_folder
+from slora.errors import ArgumentParser, SloraError, cli
 from slora.heatmap import ranks_svg
 from slora.lora import ALPHA_POLICIES, apply_lora, lora_parameters_count, mark_only_lora_trainable, merged_copy
 from slora.models import load_model, load_tokenizer
@@ -42,7 +43,7 @@ ALLOC = {"sensitivity": ("sra", "sensitivity"), "uniform": ("uniform", "sensitiv
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m slora.finetune", description=__doc__.split("\n\n")[1],
+    p = ArgumentParser(prog="python -m slora.finetune", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model and task
     p.add_argument("--model", default="minilm", help="preset (minilm, smollm2) or a Hugging Face-format folder")
@@ -56,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=None, help="tokens per sequence (default 128 encoder, 256 decoder)")
     p.add_argument("--max-train", type=int, default=None, help="use only the first N training examples (count)")
     p.add_argument("--max-eval", type=int, default=None, help="evaluate on the first N dev/test examples (count)")
+    p.add_argument("--num-labels", type=int, default=None, help="classes of --jsonl-kind classification (default: "
+                   "those seen in training, which must be 0..K-1)")
     # calibration (paper §4.6-4.7)
     p.add_argument("--calib", default="task", help="calibration text: task (its training inputs), ptb, wiki, rt, "
                    "tweets, amazon, nyt, or a text file with one sequence per line")
@@ -108,7 +111,9 @@ def parse_args(argv=None):
     # output
     p.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
     p.add_argument("--log-every", type=int, default=10, help="progress line every N optimizer steps")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_finetune_args(args, PRESETS, data.TASKS, data.CALIBRATION_SOURCES)
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -249,13 +254,14 @@ def run(args, tmp: Path):
     args.lora_alpha = 2 * args.r_avg if args.lora_alpha is None else args.lora_alpha
     args.calib_len = args.max_len if args.calib_len is None else args.calib_len
     pad_id = body.config.pad_token_id if body.config.pad_token_id is not None else body.config.eos_token_id
-    resolved = {k: v for k, v in vars(args).items() if given[k] != v}
-    write_json(tmp / "args.json", given | {"resolved": resolved | {"model_path": str(model_path), "family": family}})
+    resolved = {k: v for k, v in vars(args).items() if given[k] != v} | {"model_path": str(model_path),
+                                                                          "family": family}
+    write_json(tmp / "args.json", given | {"resolved": resolved})
 
     # ---- data: task splits (seeded) and the encoder's task head
     if args.task == "jsonl":
         spec, splits = data.load_jsonl(args.jsonl_kind, args.train_file, args.dev_file, args.test_file,
-                                       seed=args.seed)
+                                       num_labels=args.num_labels, seed=args.seed)
     else:
         spec, splits = data.get_task(args.task), data.load_task(args.task, glue_dir=args.glue_dir, seed=args.seed)
     if (spec.kind == "generation") != (family == "decoder"):
@@ -263,6 +269,17 @@ def run(args, tmp: Path):
                          f" model; {args.model} is a {family}")
     train = splits["train"][:args.max_train]
     evals = {k: v[:args.max_eval] for k, v in splits.items() if k != "train"}
+    data.check_classes(spec, train, args.train_file or f"task {spec.name}")
+    n_calib = min(args.calib_n, len(train)) if args.calib == "task" else args.calib_n
+    # a count asked for but not available is recorded as what was used (args.json "resolved"), never as asked
+    used = {k: n for k, asked, n in (("max_train", args.max_train, len(train)), ("calib_n", args.calib_n, n_calib),
+                                     ("max_eval", args.max_eval, max(map(len, evals.values()), default=0)))
+            if asked is not None and n < asked}
+    if used:
+        resolved |= used
+        write_json(tmp / "args.json", given | {"resolved": resolved})
+        log("counts", "fewer examples than asked for; using " + ", ".join(f"{k} {v}" for k, v in used.items()),
+            **used)
     model = body if family == "decoder" else for_sequence_classification(body, spec.num_labels, args.seed)
     model.to(device).eval()
     times["load_s"] = time.time() - t0
@@ -271,8 +288,7 @@ def run(args, tmp: Path):
 
     # ---- calibrate, metrics, allocate (paper §3, Eqs. 8-15)
     t0 = time.time()
-    calib = data.calibration_examples(args.calib, min(args.calib_n, len(train)) if args.calib == "task"
-                                      else args.calib_n, train=train, seed=args.seed)
+    calib = data.calibration_examples(args.calib, n_calib, train=train, seed=args.seed)
     batches = text.calibration_batches(tok, calib, decoder=family == "decoder", max_len=args.calib_len,
                                        batch_size=args.batch_size, pad_id=pad_id)
     method, variant = ALLOC[args.alloc]
@@ -409,4 +425,4 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

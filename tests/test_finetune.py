@@ -147,7 +147,7 @@ def test_epoch_sensitivity_remeasures_the_merged_weights(tmp_path, cls_data):
     from slora.sensitivity import SensitivityConfig, compute
     from slora.stability import stability
     model = tiny_model_dir(tmp_path / "m", "encoder")
-    out = run(tmp_path, model, cls_data, "--targets", "all-linear", "--epochs", "2", "--max-steps", "0",
+    out = run(tmp_path, model, cls_data, "--targets", "all-linear", "--epochs", "2", "--max-steps", "1000",
               "--lr", "2e-2", "--lora-dropout", "0", "--epoch-sensitivity")
     epochs = json.loads((out / "epoch_sensitivity.json").read_text())["epochs"]
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
@@ -180,7 +180,7 @@ def test_epoch_sensitivity_does_not_change_the_training(tmp_path, cls_data):
     # without it logs the same losses and saves the same adapter. (merged_copy once built its layers with
     # nn.Linear's random init, which shifted every later dropout mask.)
     model = tiny_model_dir(tmp_path / "m", "encoder")
-    common = ("--targets", "all-linear", "--epochs", "3", "--max-steps", "0", "--lora-dropout", "0.3")
+    common = ("--targets", "all-linear", "--epochs", "3", "--max-steps", "1000", "--lora-dropout", "0.3")
     a = run(tmp_path, model, cls_data, *common, out="plain")
     b = run(tmp_path, model, cls_data, *common, "--epoch-sensitivity", out="tracked")
     losses = [[json.loads(line).get("loss") for line in (o / "log.jsonl").read_text().splitlines()

@@ -17,7 +17,6 @@ comparison baselines: when missing, their rows say so and the run goes on.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -27,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from slora import hessian
+from slora.argcheck import check_device, check_ranges
+from slora.errors import ArgumentParser, cli
 from slora.lora import apply_lora, mark_only_lora_trainable
 from slora.models.llama import LlamaConfig, LlamaForCausalLM
 from slora.sensitivity import SensitivityConfig, compute, from_stats
@@ -387,7 +388,7 @@ def report(r: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m slora.bench", description=__doc__.split("\n\n")[1])
+    p = ArgumentParser(prog="python -m slora.bench", description=__doc__.split("\n\n")[1])
     p.add_argument("--small", action="store_true", help="tiny shapes on the CPU in seconds (CI smoke test)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
     p.add_argument("--batches", type=int, default=16, help="calibration batches (count)")
@@ -398,7 +399,8 @@ def main(argv=None):
     p.add_argument("--train-steps", type=int, default=10, help="timed training steps (count)")
     p.add_argument("--out", default=None, help="folder for result.json and output.txt")
     args = p.parse_args(argv)
-    device = torch.device("cpu" if args.small else args.device)
+    check_ranges(args)
+    device = torch.device("cpu") if args.small else check_device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if args.small:
         args.batches, args.batch_size, args.seq_len, args.train_batch, args.train_seq_len = 2, 2, 32, 2, 32
@@ -434,4 +436,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -312,6 +312,10 @@ def read_jsonl(path, kind: str) -> list[Example]:
     return out
 
 
+TASK_JSONL_CLS = TaskSpec("jsonl-classification", "classification", 2, ("text", "text_pair"), "label",
+                          ("accuracy",), "accuracy")  # the kind and name; num_labels comes from the data
+
+
 def load_jsonl(kind: str, train, dev=None, test=None, *, num_labels: int | None = None, seed: int = 0,
                holdout: float = 0.1) -> tuple[TaskSpec, dict[str, list[Example]]]:
     """(spec, splits) for user JSONL files. kind: "classification" (integer labels 0..num_labels-1; num_labels
@@ -344,6 +348,7 @@ def load_jsonl(kind: str, train, dev=None, test=None, *, num_labels: int | None 
                              f"0..K-1: renumber them, or pass --num-labels K if some classes have no training example")
     else:
         k = num_labels
+    check_classes(TASK_JSONL_CLS, splits["train"], train)
     for part, items in splits.items():
         for e in items:
             if not 0 <= e.label < k:
@@ -351,10 +356,8 @@ def load_jsonl(kind: str, train, dev=None, test=None, *, num_labels: int | None 
                         else f"--num-labels is {num_labels}")
                 raise SloraError(where[part, e.uid], f"label {e.label} is outside the classes 0..{k - 1} "
                                  f"{'seen in training' if num_labels is None else 'stated'}; {hint}")
-    spec = TaskSpec("jsonl-classification", "classification", k, ("text", "text_pair"), "label", ("accuracy",),
-                    "accuracy", tuple(str(i) for i in range(k)))
-    check_classes(spec, splits["train"], train)
-    return spec, splits
+    return TaskSpec(TASK_JSONL_CLS.name, "classification", k, ("text", "text_pair"), "label", ("accuracy",),
+                    "accuracy", tuple(str(i) for i in range(k))), splits
 
 
 def check_classes(spec: TaskSpec, train: Sequence[Example], source) -> None:

@@ -1,0 +1,531 @@
+"""The adversarial corpus (issue 13): bad models, GGUFs, data, flags and adapters, as a new user meets them.
+
+Every case runs a command's `main(argv)` in-process through `slora.errors.run_cli`, the runner behind
+`python -m slora.<command>`, and asserts the convention: the exit status (2 invalid argument, 1 bad input),
+exactly one line `error: <culprit>: ...` on stderr that names the culprit, no traceback, and nothing left behind
+or lost (the case's folder holds exactly the files it held before, and no `.partial` temporary folder).
+Cases are tables with ids, so the file reads as the corpus; signals run real processes in the slow tier.
+"""
+import json
+import os
+import signal
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from slora import assets, finetune, gguf
+from slora.adapter import CONFIG, PREFIX, WEIGHTS, load_adapter, save_adapter
+from slora.errors import run_cli
+from slora.lora import apply_lora, lora_modules
+from tests.gguf_writer import encode
+from tests.test_gguf import build_tiny_llama
+from tests.tiny import WORDS, randomize_lora, tiny_llama, tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -----------------------------------------------------------------------------
+# Shared inputs: tiny models and data, built once
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("base")
+    pos, neg = WORDS[:4], WORDS[4:8]
+    rows = [{"text": f"the movie was {(pos if i % 2 else neg)[i % 4]}", "label": i % 2} for i in range(24)]
+    gen = [{"prompt": "what is the capital of france", "response": "paris"}] * 12
+    return {"enc": tiny_model_dir(d / "enc", "encoder"), "dec": tiny_model_dir(d / "dec", "decoder"),
+            "train": jsonl(d / "train.jsonl", rows[:16]), "dev": jsonl(d / "dev.jsonl", rows[16:]),
+            "gtrain": jsonl(d / "gtrain.jsonl", gen[:8]), "gdev": jsonl(d / "gdev.jsonl", gen[8:])}
+
+
+def jsonl(path, rows):
+    """Rows as JSON lines; a str row is written as it is (a broken line), bytes as raw bytes."""
+    raw = b"".join((r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode()) + b"\n"
+                   for r in rows)
+    Path(path).write_bytes(raw)
+    return Path(path)
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: (size, content hash)} of every file and folder under `folder`."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        out[rel] = (p.stat().st_size, hash(p.read_bytes())) if p.is_file() else "dir"
+    return out
+
+
+def expect_one_line(code, expected_code, err, culprit):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == expected_code, err
+    assert "Traceback" not in err, err
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    assert culprit in errors[0], f"{culprit!r} not named in: {errors[0]}"
+    assert all(line.startswith(("error: ", "note: ")) for line in lines), err
+
+
+@dataclass
+class Case:
+    id: str
+    make: Callable       # (tmp, base) -> argv; writes the damaged input under tmp
+    code: int            # expected exit status
+    culprit: str         # text the error line must contain; formatted with tmp and the base paths
+
+    def param(self):
+        return pytest.param(self, id=self.id)
+
+
+def run_case(main, case: Case, tmp_path, base, capsys):
+    argv = [str(a) for a in case.make(tmp_path, base)]
+    before = snapshot(tmp_path)
+    code = run_cli(main, argv)
+    _, err = capsys.readouterr()
+    expect_one_line(code, case.code, err, case.culprit.format(tmp=tmp_path, **base))
+    assert snapshot(tmp_path) == before, "files were added, changed or removed"
+    return err
+
+
+# -----------------------------------------------------------------------------
+# python -m slora.finetune: flags (exit 2, before anything loads)
+
+def ft(tmp, b, *extra, model=None, train=None, dev=None, kind="classification"):
+    return ["--model", model or b["enc"], "--task", "jsonl", "--jsonl-kind", kind, "--train-file",
+            train or b["train"], "--dev-file", dev or b["dev"], "--batch-size", 8, "--calib-n", 8,
+            "--max-steps", 1, "--threads", 1, "--out", tmp / "run", *extra]
+
+
+def flag(name, value, culprit=None):
+    return Case(f"{name}={value}", lambda t, b: ft(t, b, name, value), 2, culprit or name)
+
+
+FLAGS = [flag(*c) for c in [
+    ("--max-train", -5), ("--max-train", 0), ("--max-eval", 0), ("--max-steps", 0), ("--max-steps", -1),
+    ("--calib-n", 0), ("--calib-len", 1), ("--batch-size", 0), ("--grad-accum", 0), ("--gen-tokens", 0),
+    ("--threads", 0), ("--log-every", 0), ("--pra-groups", 0), ("--r-min", -1), ("--r-max", 0),
+    ("--num-labels", 1), ("--seed", -1), ("--max-len", 1),
+    ("--lr", "inf"), ("--lr", "nan"), ("--lr", 0), ("--lr", -1e-3), ("--grad-clip", "nan"), ("--grad-clip", -1),
+    ("--lora-dropout", 1.5), ("--lora-dropout", 1), ("--lora-dropout", "nan"), ("--k-frac", 0),
+    ("--k-frac", 1.5), ("--er-alpha", 0), ("--warmup", 1), ("--warmup", -0.1), ("--epochs", 0),
+    ("--epochs", "inf"), ("--weight-decay", -1), ("--r-avg", 0), ("--r-avg", "nan"), ("--lora-alpha", 0),
+    ("--lora-alpha", "inf"), ("--device", "cuda:99"), ("--device", "gpu"), ("--lr", "fast"),
+    ("--alloc", "best"), ("--model", "/no/such/model"), ("--task", "imdb"), ("--calib", "/no/such/calib.txt"),
+    ("--seed", 2 ** 63)]] + [
+    Case("r-max-below-r-min", lambda t, b: ft(t, b, "--r-min", 3, "--r-max", 2), 2, "--r-max"),
+    Case("unknown-flag", lambda t, b: ft(t, b, "--learning-rate", 1), 2, "--learning-rate"),
+    Case("glue-without-dir", lambda t, b: ["--task", "sst2", "--out", t / "run"], 2, "--glue-dir"),
+    Case("glue-dir-missing", lambda t, b: ["--task", "sst2", "--glue-dir", t / "glue", "--out", t / "run"], 2,
+         "--glue-dir"),
+    Case("jsonl-without-train", lambda t, b: ["--task", "jsonl", "--out", t / "run"], 2, "--train-file"),
+    Case("train-file-missing", lambda t, b: ft(t, b, train=t / "none.jsonl"), 2, "none.jsonl"),
+    Case("dev-file-missing", lambda t, b: ft(t, b, dev=t / "none.jsonl"), 2, "--dev-file"),
+    Case("train-file-for-named-task", lambda t, b: ["--task", "rt-polarity", "--train-file", b["train"]], 2,
+         "--train-file"),
+    Case("num-labels-for-instructions", lambda t, b: ft(t, b, "--num-labels", 3, kind="instructions"), 2,
+         "--num-labels"),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in FLAGS])
+def test_flags(case, tmp_path, base, capsys):
+    run_case(finetune.main, case, tmp_path, base, capsys)
+    assert not (tmp_path / "run").exists()
+
+
+# -----------------------------------------------------------------------------
+# python -m slora.finetune: data files (exit 1, before training)
+
+def data_case(id, rows, culprit, which="train", kind="classification", extra=(), code=1):
+    def make(t, b):
+        f = jsonl(t / f"{which}.jsonl", rows)
+        files = {"train": f} if which == "train" else {which: f}
+        return ft(t, b, *extra, kind=kind, **files)
+    return Case(id, make, code, culprit)
+
+
+TWO = [{"text": "good movie", "label": 0}, {"text": "bad movie", "label": 1}] * 4
+DATA = [
+    data_case("bad-json", TWO + ['{"text": "x", "label": '], "{tmp}/train.jsonl:9"),
+    data_case("not-utf8", TWO + [b'{"text": "caf\xe9", "label": 0}'], "{tmp}/train.jsonl:9"),
+    data_case("not-an-object", TWO + ["[1, 2]"], "{tmp}/train.jsonl:9"),
+    data_case("missing-text", TWO + [{"label": 0}], "{tmp}/train.jsonl:9"),
+    data_case("label-string", TWO + [{"text": "x", "label": "pos"}], "{tmp}/train.jsonl:9"),
+    data_case("label-bool", TWO + [{"text": "x", "label": True}], "{tmp}/train.jsonl:9"),
+    data_case("label-float", TWO + [{"text": "x", "label": 1.5}], "{tmp}/train.jsonl:9"),
+    data_case("text-pair-int", TWO + [{"text": "x", "text_pair": 3, "label": 0}], "{tmp}/train.jsonl:9"),
+    data_case("empty-file", [], "{tmp}/train.jsonl"),
+    data_case("blank-lines-only", ["", "  "], "{tmp}/train.jsonl"),
+    data_case("single-class", [{"text": "good movie", "label": 0}] * 8, "{tmp}/train.jsonl"),
+    data_case("label-gap-1000", TWO + [{"text": "x", "label": 1000}], "{tmp}/train.jsonl:9"),
+    data_case("negative-label", TWO + [{"text": "x", "label": -1}], "{tmp}/train.jsonl:9"),
+    data_case("dev-label-unseen", [{"text": "x", "label": 2}], "{tmp}/dev.jsonl:1", which="dev"),
+    data_case("dev-label-above-num-labels", [{"text": "x", "label": 2}], "{tmp}/dev.jsonl:1", which="dev",
+              extra=("--num-labels", 2)),
+    data_case("train-label-above-num-labels", TWO + [{"text": "x", "label": 2}], "{tmp}/train.jsonl:9",
+              extra=("--num-labels", 2)),
+    data_case("max-train-one-class", TWO, "{tmp}/train.jsonl", extra=("--max-train", 1)),
+    data_case("instructions-missing-response", [{"prompt": "what"}], "{tmp}/train.jsonl:1", kind="instructions"),
+    data_case("instructions-prompt-int", [{"prompt": 3, "response": "x"}], "{tmp}/train.jsonl:1",
+              kind="instructions"),
+    data_case("classification-file-as-instructions", TWO, "{tmp}/train.jsonl:1", kind="instructions"),
+    data_case("dev-bad-json", ["{"], "{tmp}/dev.jsonl:1", which="dev"),
+    data_case("dev-empty", [], "{tmp}/dev.jsonl", which="dev"),
+    Case("calib-file-not-utf8", lambda t, b: ft(t, b, "--calib", jsonl(t / "c.txt", [b"ok", b"\xff\xfe"])), 1,
+         "{tmp}/c.txt:2"),
+    Case("calib-file-empty", lambda t, b: ft(t, b, "--calib", jsonl(t / "c.txt", [])), 1, "c.txt"),
+    Case("calib-file-too-short", lambda t, b: ft(t, b, "--calib", jsonl(t / "c.txt", ["one line"])), 1, "c.txt"),
+    Case("decoder-for-classification", lambda t, b: ft(t, b, model=b["dec"]), 1, "jsonl-classification"),
+    Case("encoder-for-instructions", lambda t, b: ft(t, b, train=b["gtrain"], dev=b["gdev"],
+                                                     kind="instructions"), 1, "jsonl-instructions"),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in DATA])
+def test_data(case, tmp_path, base, capsys):
+    run_case(finetune.main, case, tmp_path, base, capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_counts_that_cannot_be_met_are_recorded_as_used(tmp_path, base, capsys):
+    # the run succeeds; args.json keeps what was asked under its flag and what was used under "resolved"
+    out = finetune.main([str(a) for a in ft(tmp_path, base, "--calib-n", 100000, "--max-train", 500,
+                                            "--allocate-only")])
+    args = json.loads((out / "args.json").read_text())
+    assert (args["calib_n"], args["max_train"]) == (100000, 500)
+    assert (args["resolved"]["calib_n"], args["resolved"]["max_train"]) == (16, 16)
+
+
+def test_num_labels_states_classes_absent_from_training(tmp_path, base):
+    dev = jsonl(tmp_path / "dev.jsonl", [{"text": "x", "label": 2}, {"text": "y", "label": 0}])
+    out = finetune.main([str(a) for a in ft(tmp_path, base, "--num-labels", 3, dev=dev)])
+    assert load_file(str(out / "adapter" / WEIGHTS))[f"{PREFIX}classifier.weight"].shape[0] == 3
+
+
+# -----------------------------------------------------------------------------
+# python -m slora.finetune: damaged model folders (exit 1, at load)
+
+def damaged(id, fn, culprit, kind="enc"):
+    """A copy of a tiny model folder changed by fn(folder); the run must fail (exit 1) naming the culprit."""
+    def make(t, b):
+        folder = t / "model"
+        shutil.copytree(b[kind], folder)
+        fn(folder)
+        return ft(t, b, model=folder) if kind == "enc" else ft(t, b, model=folder, train=b["gtrain"],
+                                                                   dev=b["gdev"], kind="instructions")
+    return Case(id, make, 1, culprit)
+
+
+def edit_config(**changes):
+    def fn(folder):
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.update(changes)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return fn
+
+
+def edit_weights(fn_sd):
+    def fn(folder):
+        sd = load_file(str(folder / "model.safetensors"))
+        fn_sd(sd)
+        save_file(sd, str(folder / "model.safetensors"))
+    return fn
+
+
+def poison(name, value):
+    def fn(sd):
+        sd[name] = sd[name].clone()
+        sd[name].view(-1)[3] = value
+    return edit_weights(fn)
+
+
+def shard(folder, weight_map):
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+WORD = "embeddings.word_embeddings.weight"
+MODELS = [damaged(*c) for c in [
+    ("no-config", lambda f: (f / "config.json").unlink(), "config.json"),
+    ("config-bad-json", lambda f: (f / "config.json").write_text("{"), "{tmp}/model/config.json:1"),
+    ("config-not-utf8", lambda f: (f / "config.json").write_bytes(b'{"a": "\xff"}'), "{tmp}/model/config.json"),
+    ("config-a-list", lambda f: (f / "config.json").write_text("[]"), "{tmp}/model/config.json"),
+    ("model-type-unknown", edit_config(model_type="mamba"), "{tmp}/model/config.json"),
+    ("hidden-size-missing", edit_config(hidden_size=None), "{tmp}/model/config.json"),
+    ("hidden-size-string", edit_config(hidden_size="32"), "hidden_size"),
+    ("hidden-size-zero", edit_config(hidden_size=0), "hidden_size"),
+    ("heads-zero", edit_config(num_attention_heads=0), "num_attention_heads"),
+    ("heads-not-dividing", edit_config(num_attention_heads=5), "num_attention_heads"),
+    ("layer-norm-eps-negative", edit_config(layer_norm_eps=-1), "layer_norm_eps"),
+    ("vocab-mismatch", edit_config(vocab_size=99), WORD),
+    ("no-weights", lambda f: (f / "model.safetensors").unlink(), "{tmp}/model"),
+    ("weights-truncated", lambda f: (f / "model.safetensors").write_bytes(
+        (f / "model.safetensors").read_bytes()[:500]), "{tmp}/model/model.safetensors"),
+    ("weights-garbage", lambda f: (f / "model.safetensors").write_bytes(b"\x00" * 64), "model.safetensors"),
+    ("weight-nan", poison(WORD, float("nan")), WORD),
+    ("weight-inf", poison("encoder.layer.1.attention.self.query.weight", float("inf")), "attention.self.query"),
+    ("extra-tensor", edit_weights(lambda sd: sd.update(extra=torch.zeros(2))), "extra"),
+    ("missing-tensor", edit_weights(lambda sd: sd.pop("encoder.layer.0.output.dense.weight")),
+     "encoder.layer.0.output.dense.weight"),
+    ("index-bad-json", lambda f: (f / "model.safetensors.index.json").write_text("{x"), "index.json"),
+    ("index-no-weight-map", lambda f: (f / "model.safetensors.index.json").write_text("{}"), "weight_map"),
+    ("index-shard-missing", lambda f: shard(f, {WORD: "model-00002.safetensors"}), "model-00002.safetensors"),
+    ("index-shard-path", lambda f: shard(f, {WORD: "../../etc/passwd"}), "../../etc/passwd"),
+    ("tokenizer-missing", lambda f: (f / "tokenizer.json").unlink(), "tokenizer.json"),
+    ("tokenizer-corrupt", lambda f: (f / "tokenizer.json").write_text('{"model": 3}'), "tokenizer.json"),
+    ("tokenizer-not-utf8", lambda f: (f / "tokenizer.json").write_bytes(b"\xff\xfe\x00"), "tokenizer.json"),
+    ("empty-folder", lambda f: [p.unlink() for p in list(f.iterdir())], "config.json"),
+    ("decoder-nan", poison("model.layers.0.self_attn.q_proj.weight", float("nan")), "q_proj", "dec"),
+    ("decoder-rms-eps-zero", edit_config(rms_norm_eps=0), "rms_norm_eps", "dec"),
+    ("decoder-kv-heads-not-dividing", edit_config(num_key_value_heads=3), "num_key_value_heads", "dec"),
+]]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in MODELS])
+def test_models(case, tmp_path, base, capsys):
+    run_case(finetune.main, case, tmp_path, base, capsys)
+    assert not (tmp_path / "run").exists()
+
+
+# -----------------------------------------------------------------------------
+# python -m slora.gguf
+
+def gguf_file(fn=None, **kw):
+    def make(t, b):
+        build_tiny_llama(t / "m.gguf", **kw)
+        if fn:
+            fn(t / "m.gguf")
+        return [t / "m.gguf", t / "hf"]
+    return make
+
+
+def nan_tensor():
+    w = np.zeros(64, np.float32)
+    w[1] = np.nan
+    return [("output_norm.weight", (64,), "F32", encode(w, "F32")[0])]
+
+
+def existing_out(t, b):
+    build_tiny_llama(t / "m.gguf")
+    (t / "hf").mkdir()
+    (t / "hf" / "NOTES.md").write_text("mine")
+    return [t / "m.gguf", t / "hf"]
+
+
+GGUF = [
+    Case("missing-file", lambda t, b: [t / "none.gguf", t / "hf"], 2, "none.gguf"),
+    Case("a-folder", lambda t, b: [t, t / "hf"], 2, "{tmp}"),
+    Case("no-arguments", lambda t, b: [], 2, "gguf"),
+    Case("empty-file", gguf_file(lambda p: p.write_bytes(b"")), 1, "m.gguf"),
+    Case("bad-magic", gguf_file(lambda p: p.write_bytes(b"GGUX" + p.read_bytes()[4:])), 1, "m.gguf"),
+    Case("truncated", gguf_file(lambda p: p.write_bytes(p.read_bytes()[:2000])), 1, "m.gguf"),
+    Case("truncated-data", gguf_file(lambda p: p.write_bytes(p.read_bytes()[:-100])), 1, "m.gguf"),
+    Case("version-99", gguf_file(lambda p: p.write_bytes(p.read_bytes()[:4] + (99).to_bytes(4, "little")
+                                                         + p.read_bytes()[8:])), 1, "m.gguf"),
+    Case("not-llama", gguf_file(**{"general.architecture": "falcon"}), 1, "falcon"),
+    Case("missing-tensor", gguf_file(drop=("blk.1.ffn_up.weight",)), 1, "m.gguf"),
+    Case("nan-tensor", gguf_file(drop=("output_norm.weight",), extra_tensors=nan_tensor()), 1,
+         "model.norm.weight"),
+    Case("out-exists", existing_out, 1, "{tmp}/hf"),
+    Case("bad-pre-tokenizer", gguf_file(**{"tokenizer.ggml.pre": "qwen9"}), 1, "qwen9"),
+    Case("spm-vocab", gguf_file(**{"tokenizer.ggml.model": "bert"}), 1, "m.gguf"),
+]
+@pytest.mark.parametrize("case", [c.param() for c in GGUF])
+def test_gguf(case, tmp_path, base, capsys):
+    run_case(gguf.main, case, tmp_path, base, capsys)
+    assert not list(tmp_path.glob(".hf.partial-*"))
+
+
+def test_gguf_stale_partial_is_reported_and_removed(tmp_path, capsys):
+    build_tiny_llama(tmp_path / "m.gguf")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs: the conversion it names was killed
+    stale = tmp_path / f".hf.partial-{dead.pid}-abc"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\x00" * 1000)
+    old = tmp_path / ".hf.partial-k2j3h4"  # the older unnamed form
+    old.mkdir()
+    assert run_cli(gguf.main, [str(tmp_path / "m.gguf"), str(tmp_path / "hf")]) == 0
+    err = capsys.readouterr().err
+    assert not stale.exists() and not old.exists() and (tmp_path / "hf" / "config.json").is_file()
+    assert f"note: removed {stale}" in err and f"note: removed {old}" in err
+
+
+def test_gguf_live_partial_is_refused(tmp_path, base, capsys):
+    # a conversion still running (its process alive) owns the temporary folder: a second one refuses at once
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        build_tiny_llama(tmp_path / "m.gguf")
+        (tmp_path / f".hf.partial-{live.pid}-xyz").mkdir()
+        case = Case("live-partial", lambda t, b: [t / "m.gguf", t / "hf"], 1, f"process {live.pid}")
+        run_case(gguf.main, case, tmp_path, base, capsys)
+    finally:
+        live.kill()
+        live.wait()
+
+
+# -----------------------------------------------------------------------------
+# Adapters: load_adapter on a model that must stay unchanged when the adapter is refused
+
+@pytest.fixture
+def adapter(tmp_path):
+    model = tiny_llama(seed=5)
+    ranks = {f"model.layers.{i}.self_attn.{p}": 2 for i in range(2) for p in ("q_proj", "v_proj")}
+    apply_lora(model, ranks, alpha=4, alpha_policy="scale")
+    randomize_lora(model)
+    return save_adapter(model, tmp_path / "adapter", "tiny-llama", "CAUSAL_LM")
+
+
+def edit_adapter(config=None, tensors=None, raw=None):
+    def fn(folder):
+        if config is not None:
+            cfg = json.loads((folder / CONFIG).read_text())
+            cfg.update(config(cfg) if callable(config) else config)
+            (folder / CONFIG).write_text(json.dumps(cfg))
+        if raw is not None:
+            (folder / raw[0]).write_bytes(raw[1])
+        if tensors is not None:
+            t = load_file(str(folder / WEIGHTS))
+            tensors(t)
+            save_file(t, str(folder / WEIGHTS))
+    return fn
+
+
+V1 = "model.layers.1.self_attn.v_proj"
+EVIL = "(([a-z0-9]|\\.)+)+X"
+ADAPTERS = [
+    ("use-rslora-string", edit_adapter({"use_rslora": "false"}), "use_rslora"),
+    ("inference-mode-string", edit_adapter({"inference_mode": "true"}), "inference_mode"),
+    ("fan-in-fan-out-string", edit_adapter({"fan_in_fan_out": "false"}), "fan_in_fan_out"),
+    ("r-string", edit_adapter({"r": "2"}), "r = '2'"),
+    ("r-zero", edit_adapter({"r": 0}), "r = 0"),
+    ("r-bool", edit_adapter({"r": True}), "r = True"),
+    ("r-float", edit_adapter({"r": 1.5}), "r = 1.5"),
+    ("r-missing", edit_adapter(lambda c: {k: v for k, v in c.items() if k != "r"} | {"r": None}), "r"),
+    ("alpha-string", edit_adapter({"lora_alpha": "4"}), "lora_alpha"),
+    ("alpha-nan", edit_adapter(raw=None, config={"lora_alpha": float("nan")}), "lora_alpha"),
+    ("last-alpha-invalid", edit_adapter(lambda c: {"alpha_pattern": {**c["alpha_pattern"],
+                                                                      V1.replace(".", "\\."): "x"}}),
+     "alpha_pattern"),
+    ("last-alpha-inf", edit_adapter(lambda c: {"alpha_pattern": {**c["alpha_pattern"],
+                                                                  V1.replace(".", "\\."): float("inf")}}),
+     "alpha_pattern"),
+    ("rank-pattern-negative", edit_adapter({"rank_pattern": {"q_proj": -1}}), "rank_pattern"),
+    ("rank-pattern-bool", edit_adapter({"rank_pattern": {"q_proj": True}}), "rank_pattern"),
+    ("rank-pattern-a-list", edit_adapter({"rank_pattern": ["q_proj"]}), "rank_pattern"),
+    ("rank-pattern-catastrophic", edit_adapter({"rank_pattern": {EVIL: 2}}), "nested quantifier"),
+    ("alpha-pattern-catastrophic", edit_adapter({"alpha_pattern": {"(a*)*b": 2}}), "nested quantifier"),
+    ("target-modules-catastrophic", edit_adapter({"target_modules": EVIL}), "target_modules"),
+    ("target-modules-lookahead", edit_adapter({"target_modules": "(?=q).*"}), "target_modules"),
+    ("rank-pattern-backreference", edit_adapter({"rank_pattern": {"(q)\\1": 2}}), "rank_pattern"),
+    ("rank-pattern-unbalanced", edit_adapter({"rank_pattern": {"q_proj)": 2}}), "rank_pattern"),
+    ("target-modules-int-entry", edit_adapter({"target_modules": ["q_proj", 7]}), "target_modules"),
+    ("target-modules-number", edit_adapter({"target_modules": 5}), "target_modules"),
+    ("target-modules-none-match", edit_adapter({"target_modules": ["nothing"], "rank_pattern": {},
+                                                "alpha_pattern": {}}), "match no module"),
+    ("modules-to-save-string", edit_adapter({"modules_to_save": "lm_head"}), "modules_to_save"),
+    ("modules-to-save-catastrophic", edit_adapter({"modules_to_save": ["(x+)+y"]}), "modules_to_save"),
+    ("dropout-1.5", edit_adapter({"lora_dropout": 1.5}), "lora_dropout"),
+    ("dropout-string", edit_adapter({"lora_dropout": "0.1"}), "lora_dropout"),
+    ("use-dora", edit_adapter({"use_dora": True}), "use_dora"),
+    ("peft-type-ia3", edit_adapter({"peft_type": "IA3"}), "peft_type"),
+    ("init-pissa", edit_adapter({"init_lora_weights": "pissa"}), "pissa"),
+    ("config-a-list", edit_adapter(raw=(CONFIG, b"[]")), CONFIG),
+    ("config-bad-json", edit_adapter(raw=(CONFIG, b"{")), CONFIG),
+    ("config-not-utf8", edit_adapter(raw=(CONFIG, b'{"r": "\xff"}')), CONFIG),
+    ("weights-garbage", edit_adapter(raw=(WEIGHTS, b"\x00" * 40)), WEIGHTS),
+    ("weights-missing", lambda f: (f / WEIGHTS).unlink(), WEIGHTS),
+    ("lora-b-nan", edit_adapter(tensors=lambda t: t[f"{PREFIX}{V1}.lora_B.weight"].fill_(float("nan"))),
+     f"{V1}.lora_B.weight"),
+    ("tensor-int", edit_adapter(tensors=lambda t: t.update(
+        {f"{PREFIX}{V1}.lora_A.weight": t[f"{PREFIX}{V1}.lora_A.weight"].to(torch.int32)})), f"{V1}.lora_A"),
+    ("tensor-missing", edit_adapter(tensors=lambda t: t.pop(f"{PREFIX}{V1}.lora_A.weight")), f"{V1}.lora_A"),
+    ("tensor-misshaped", edit_adapter(tensors=lambda t: t.update(
+        {f"{PREFIX}{V1}.lora_A.weight": torch.zeros(3, 32)})), f"{V1}.lora_A"),
+]
+
+
+@pytest.mark.parametrize("id,edit,culprit", ADAPTERS, ids=[a[0] for a in ADAPTERS])
+def test_adapters(id, edit, culprit, adapter, tmp_path, capsys):
+    edit(adapter)
+    model = tiny_llama(seed=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    files = snapshot(tmp_path)
+    t0 = time.perf_counter()
+    code = run_cli(lambda argv: load_adapter(model, adapter), [])
+    elapsed = time.perf_counter() - t0
+    expect_one_line(code, 1, capsys.readouterr().err, culprit)
+    assert elapsed < 5, f"refusing took {elapsed:.1f} s"  # bounded: a hostile pattern is refused, not run
+    assert not lora_modules(model), "a refused adapter left LoRA layers installed"
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert snapshot(tmp_path) == files
+
+
+def test_all_linear_is_resolved_as_peft_does(adapter):
+    # PEFT's _maybe_include_all_linear_layers: every nn.Linear except the output head (lm_head)
+    cfg = json.loads((adapter / CONFIG).read_text())
+    cfg.update(target_modules="all-linear", rank_pattern={}, alpha_pattern={}, r=2, lora_alpha=4)
+    (adapter / CONFIG).write_text(json.dumps(cfg))
+    t = load_file(str(adapter / WEIGHTS))
+    model = tiny_llama(seed=5)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    for n in names:
+        lin = model.get_submodule(n)
+        t.setdefault(f"{PREFIX}{n}.lora_A.weight", torch.zeros(2, lin.in_features))
+        t.setdefault(f"{PREFIX}{n}.lora_B.weight", torch.zeros(lin.out_features, 2))
+    save_file(t, str(adapter / WEIGHTS))
+    load_adapter(model, adapter)
+    assert sorted(lora_modules(model)) == sorted(names) and "lm_head" not in lora_modules(model)
+
+
+# -----------------------------------------------------------------------------
+# python -m slora.assets
+
+def test_assets_unknown_name_is_a_usage_error(capsys):
+    expect_one_line(run_cli(assets.main, ["--only", "nope"]), 2, capsys.readouterr().err, "--only")
+
+
+# -----------------------------------------------------------------------------
+# Signals (slow tier: real processes, as a user's shell sends them)
+
+def _start(tmp_path, base, *extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    argv = [str(a) for a in ft(tmp_path, base, "--max-steps", 100000, "--epochs", 100000, "--log-every", 1,
+                               *extra)]
+    return subprocess.Popen([sys.executable, "-m", "slora.finetune", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_training_leaves_nothing(sig, code, tmp_path, base):
+    proc = _start(tmp_path, base)
+    try:
+        deadline = time.time() + 120
+        while not list(tmp_path.glob(".run.partial-*")) and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # inside training by now on the tiny model
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    expect_one_line(proc.returncode, code, err, "temporary files were removed")
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run.partial-*"))
+
+
+@pytest.mark.slow
+def test_debug_shows_the_traceback(tmp_path, base):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", SLORA_DEBUG="1")
+    p = subprocess.run([sys.executable, "-m", "slora.finetune", "--lr", "inf"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" in p.stderr and p.stderr.rstrip().splitlines()[-1].startswith(
+        "error: --lr:")

@@ -269,8 +269,9 @@ def check_config(config, path: Path, model: nn.Module):
         raise SloraError(path, f"must hold a JSON object, not a {type(config).__name__}")
     for k, t in TYPES.items():
         if k in config and not isinstance(config[k], t):
+            kinds = [x.__name__.replace("NoneType", "null") for x in (t if isinstance(t, tuple) else (t,))]
             raise SloraError(path, f"{k} = {config[k]!r} is a {type(config[k]).__name__}; expected "
-                                   f"{' or '.join(x.__name__.replace('NoneType', 'null') for x in (t if isinstance(t, tuple) else (t,)))}")
+                                   f"{' or '.join(kinds)}")
     for k, v in REQUIRED_VALUES.items():
         if config.get(k, v) != v:
             raise SloraError(path, f"{k}={config[k]!r} is not supported by slora (only {v!r})")

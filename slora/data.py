@@ -405,5 +405,6 @@ def calibration_examples(source: str, n: int, *, train: Sequence[Example] | None
     else:
         raise ValueError(f"calibration source {source!r} is neither one of {CALIBRATION_SOURCES} nor a file")
     if not 0 < n <= len(pool):
-        raise ValueError(f"calibration source {source!r} has {len(pool)} sequences; cannot draw {n}")
+        culprit = source if source not in CALIBRATION_SOURCES else f"calibration source {source!r}"
+        raise SloraError(culprit, f"has {len(pool)} sequences (non-empty lines); cannot draw {n}: lower --calib-n")
     return seeded_order(pool, seed)[:n]

@@ -265,8 +265,8 @@ def run(args, tmp: Path):
     else:
         spec, splits = data.get_task(args.task), data.load_task(args.task, glue_dir=args.glue_dir, seed=args.seed)
     if (spec.kind == "generation") != (family == "decoder"):
-        raise ValueError(f"task {spec.name} ({spec.kind}) needs a {'decoder' if spec.kind == 'generation' else 'encoder'}"
-                         f" model; {args.model} is a {family}")
+        need, have = ("a decoder", "an encoder") if family == "encoder" else ("an encoder", "a decoder")
+        raise SloraError(args.model, f"is {have}, but task {spec.name} ({spec.kind}) needs {need}")
     train = splits["train"][:args.max_train]
     evals = {k: v[:args.max_eval] for k, v in splits.items() if k != "train"}
     data.check_classes(spec, train, args.train_file or f"task {spec.name}")

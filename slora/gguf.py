@@ -469,7 +469,7 @@ def main(argv=None):
     ap.add_argument("out_dir", help="folder to create (must not exist)")
     args = ap.parse_args(argv)
     if not Path(args.gguf).is_file():
-        raise UsageError(args.gguf, "no such file")
+        raise UsageError(args.gguf, "is a folder, not a .gguf file" if Path(args.gguf).is_dir() else "no such file")
     print(f"wrote {convert_gguf_to_hf(args.gguf, args.out_dir)}")
 
 

@@ -275,7 +275,7 @@ def test_calibration_sources(tmp_path, assets):
     train = data.load_task("rt-polarity", data_dir=assets)["train"]
     task = data.calibration_examples("task", 5, train=train, seed=0)
     assert set(task) <= set(train) and len(task) == 5
-    with pytest.raises(ValueError, match="has 2 sequences; cannot draw 3"):
+    with pytest.raises(ValueError, match="has 2 sequences .non-empty lines.; cannot draw 3"):
         data.calibration_examples(str(text), 3)
     with pytest.raises(ValueError, match=r"'wikitext' is neither one of \('task', 'ptb', 'wiki'"):
         data.calibration_examples("wikitext", 3)

@@ -181,11 +181,12 @@ DATA = [
     data_case("dev-empty", [], "{tmp}/dev.jsonl", which="dev"),
     Case("calib-file-not-utf8", lambda t, b: ft(t, b, "--calib", jsonl(t / "c.txt", [b"ok", b"\xff\xfe"])), 1,
          "{tmp}/c.txt:2"),
-    Case("calib-file-empty", lambda t, b: ft(t, b, "--calib", jsonl(t / "c.txt", [])), 1, "c.txt"),
-    Case("calib-file-too-short", lambda t, b: ft(t, b, "--calib", jsonl(t / "c.txt", ["one line"])), 1, "c.txt"),
-    Case("decoder-for-classification", lambda t, b: ft(t, b, model=b["dec"]), 1, "jsonl-classification"),
+    Case("calib-file-empty", lambda t, b: ft(t, b, "--calib", jsonl(t / "c.txt", [])), 1, "{tmp}/c.txt: has 0"),
+    Case("calib-file-too-short", lambda t, b: ft(t, b, "--calib", jsonl(t / "c.txt", ["one line"])), 1,
+         "{tmp}/c.txt: has 1"),
+    Case("decoder-for-classification", lambda t, b: ft(t, b, model=b["dec"]), 1, "{dec}: is a decoder"),
     Case("encoder-for-instructions", lambda t, b: ft(t, b, train=b["gtrain"], dev=b["gdev"],
-                                                     kind="instructions"), 1, "jsonl-instructions"),
+                                                     kind="instructions"), 1, "{enc}: is an encoder"),
 ]
 
 
@@ -258,7 +259,10 @@ MODELS = [damaged(*c) for c in [
     ("config-not-utf8", lambda f: (f / "config.json").write_bytes(b'{"a": "\xff"}'), "{tmp}/model/config.json"),
     ("config-a-list", lambda f: (f / "config.json").write_text("[]"), "{tmp}/model/config.json"),
     ("model-type-unknown", edit_config(model_type="mamba"), "{tmp}/model/config.json"),
-    ("hidden-size-missing", edit_config(hidden_size=None), "{tmp}/model/config.json"),
+    ("hidden-size-null", edit_config(hidden_size=None), "hidden_size is null"),
+    ("hidden-size-absent", lambda f: (f / "config.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((f / "config.json").read_text()).items() if k != "hidden_size"})),
+     "hidden_size"),
     ("hidden-size-string", edit_config(hidden_size="32"), "hidden_size"),
     ("hidden-size-zero", edit_config(hidden_size=0), "hidden_size"),
     ("heads-zero", edit_config(num_attention_heads=0), "num_attention_heads"),
@@ -321,7 +325,7 @@ def existing_out(t, b):
 
 GGUF = [
     Case("missing-file", lambda t, b: [t / "none.gguf", t / "hf"], 2, "none.gguf"),
-    Case("a-folder", lambda t, b: [t, t / "hf"], 2, "{tmp}"),
+    Case("a-folder", lambda t, b: [t, t / "hf"], 2, "{tmp}: is a folder"),
     Case("no-arguments", lambda t, b: [], 2, "gguf"),
     Case("empty-file", gguf_file(lambda p: p.write_bytes(b"")), 1, "m.gguf"),
     Case("bad-magic", gguf_file(lambda p: p.write_bytes(b"GGUX" + p.read_bytes()[4:])), 1, "m.gguf"),

@@ -49,6 +49,7 @@ def _decoder_state(sd: dict, cfg: LlamaConfig) -> dict:
 # Sizes that must be positive integers when present (a 0 or "32" fails deep inside the model code otherwise).
 POSITIVE_INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim", "type_vocab_size")
+NULLABLE_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings")  # null: derived or defaulted
 POSITIVE_REAL_FIELDS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
 
 
@@ -56,6 +57,8 @@ def check_config_values(hf: dict, source) -> None:
     """Types and ranges of the size fields, checked before any model code sees them; errors name the field."""
     for k in POSITIVE_INT_FIELDS:
         v = hf.get(k)
+        if v is None and k in hf and k not in NULLABLE_FIELDS:
+            raise SloraError(source, f"{k} is null; it must be a positive integer")
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             raise SloraError(source, f"{k} = {v!r} must be a positive integer")
     for k in POSITIVE_REAL_FIELDS:

@@ -270,8 +270,8 @@ def check_config(config, path: Path, model: nn.Module):
     for k, t in TYPES.items():
         if k in config and not isinstance(config[k], t):
             kinds = [x.__name__.replace("NoneType", "null") for x in (t if isinstance(t, tuple) else (t,))]
-            raise SloraError(path, f"{k} = {config[k]!r} is a {type(config[k]).__name__}; expected "
-                                   f"{' or '.join(kinds)}")
+            raise SloraError(path, f"{k} = {config[k]!r} has the wrong type ({type(config[k]).__name__}); "
+                                   f"expected {' or '.join(kinds)}")
     for k, v in REQUIRED_VALUES.items():
         if config.get(k, v) != v:
             raise SloraError(path, f"{k}={config[k]!r} is not supported by slora (only {v!r})")
@@ -326,9 +326,12 @@ def read_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
     except Exception as e:  # safetensors raises its own SafetensorError for a bad header or short file
         raise SloraError(folder / WEIGHTS, f"cannot read safetensors file: {e}") from None
     for k, t in tensors.items():
-        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-            raise SloraError(f"{folder / WEIGHTS}: tensor {k!r}", f"{t.dtype} tensor with non-finite values or "
-                                                                  f"not floating point; the adapter is damaged")
+        if not t.is_floating_point():
+            raise SloraError(f"{folder / WEIGHTS}: tensor {k!r}", f"is {t.dtype}; LoRA factors and heads are "
+                                                                  f"floating point")
+        if not bool(torch.isfinite(t).all()):
+            raise SloraError(f"{folder / WEIGHTS}: tensor {k!r}", "holds NaN or inf values; the adapter is damaged "
+                                                                  "or was saved from a diverged run")
     return config, tensors
 
 

@@ -533,3 +533,21 @@ def test_debug_shows_the_traceback(tmp_path, base):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" in p.stderr and p.stderr.rstrip().splitlines()[-1].startswith(
         "error: --lr:")
+
+
+def test_adapter_failing_midway_is_undone(adapter, monkeypatch):
+    # the last line of defence: should the change itself fail after some layers were swapped, they are put back
+    import slora.adapter as ad
+    real = ad.apply_lora
+
+    def apply_then_fail(model, *a, **kw):
+        real(model, *a, **kw)
+        assert lora_modules(model)  # the layers are in: the failure comes after the change began
+        raise RuntimeError("simulated failure after the layers were swapped")
+    monkeypatch.setattr(ad, "apply_lora", apply_then_fail)
+    model = tiny_llama(seed=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="simulated"):
+        load_adapter(model, adapter)
+    assert not lora_modules(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -84,7 +84,7 @@ def one_line(e: BaseException) -> str:
         text = f"{e.filename}: {e.strerror}"
     elif isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
         text = e.args[0]  # str(KeyError) would wrap the message in quotes
-    elif isinstance(e, (SloraError, ValueError, TypeError, OSError, LookupError)) or \
+    elif isinstance(e, (SloraError, ValueError, TypeError, OSError, LookupError, ArithmeticError)) or \
             type(e).__name__ in ("GGUFError", "AssetError"):
         text = str(e)
     else:  # not raised by slora's own checks: say what it is and where the traceback can be seen

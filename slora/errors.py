@@ -46,7 +46,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum, frame):
-    raise Terminated()
+    raise Terminated(f"signal {signum}")
 
 
 @contextmanager
@@ -84,8 +84,8 @@ def one_line(e: BaseException) -> str:
         text = f"{e.filename}: {e.strerror}"
     elif isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
         text = e.args[0]  # str(KeyError) would wrap the message in quotes
-    elif isinstance(e, (SloraError, ValueError, TypeError, OSError, LookupError, ArithmeticError)) or \
-            type(e).__name__ in ("GGUFError", "AssetError"):
+    elif isinstance(e, (ValueError, TypeError, OSError, LookupError, ArithmeticError)) or \
+            type(e).__module__.startswith("slora."):  # slora's own error types put the culprit first
         text = str(e)
     else:  # not raised by slora's own checks: say what it is and where the traceback can be seen
         text = f"unexpected {type(e).__name__}: {e} (run with SLORA_DEBUG=1 for the traceback)"

@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from slora.errors import sigterm_as_interrupt  # SIGTERM unwinds as Ctrl-C does (raised as Terminated)
 
 LOCK = ".slora-lock"
 PARTIAL = ".slora-partial"
@@ -122,22 +123,6 @@ def locked(out: Path) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt in the main thread for the block, so that it cleans up as Ctrl-C does."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # -----------------------------------------------------------------------------

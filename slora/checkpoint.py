@@ -27,9 +27,10 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
-def read_json(path, what: str = "JSON file"):
+def read_json(path, what: str | None = None):
     """A JSON file's value; bad UTF-8 or bad JSON is an error naming the file (and the line)."""
     path = Path(path)
+    what = what or path.name
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:

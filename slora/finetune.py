@@ -21,6 +21,7 @@ import torch
 from slora import data, runfolder, text
 from slora.adapter import save_adapter
 from slora.argcheck import check_finetune_args
+from slora.checkpoint import read_json
 from slora.errors import ArgumentParser, SloraError, UsageError, cli
 from slora.heatmap import ranks_svg
 from slora.lora import ALPHA_POLICIES
@@ -134,7 +135,7 @@ def parse_args(argv=None):
 
 def resumed_args(out: Path) -> argparse.Namespace:
     """The arguments of the interrupted run in `out`, as it recorded them; options added since run at default."""
-    stored = json.loads((runfolder.partial_of(out) / "args.json").read_text())
+    stored = read_json(runfolder.partial_of(out) / "args.json")
     stored.pop("resolved", None)
     return argparse.Namespace(**(vars(parse_args([])) | stored | {"resume": None, "replace": False}))
 
@@ -282,7 +283,7 @@ def run(args, tmp: Path, resume: bool = False):
             return compute(m, batches, cfg, blocks=blocks, progress=progress)
 
     if resume:  # allocation is deterministic: the interrupted run's own result is read back, not recomputed
-        sens, ranks = (json.loads((tmp / f).read_text()) for f in ("sensitivity.json", "ranks.json"))
+        sens, ranks = (read_json(tmp / f) for f in ("sensitivity.json", "ranks.json"))
     else:
         sens, ranks = measure(model, progress)
         write_json(tmp / "sensitivity.json", sens)

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from slora.checkpoint import read_json
 from slora.errors import sigterm_as_interrupt  # SIGTERM unwinds as Ctrl-C does (raised as Terminated)
 
 LOCK = ".slora-lock"
@@ -58,7 +59,7 @@ def complete_files(out: Path) -> list[str] | None:
     """Names of the complete run's files in OUT (from the manifest, or the legacy names), None if none is there."""
     out = Path(out)
     if (out / MANIFEST).is_file():
-        return json.loads((out / MANIFEST).read_text())["files"]
+        return read_json(out / MANIFEST)["files"]
     if (out / "args.json").is_file() and (out / "metrics.json").is_file():
         return [n for n in LEGACY_FILES if (out / n).exists()]
     return None
@@ -107,6 +108,9 @@ def locked(out: Path) -> Iterator[None]:
             except (OSError, json.JSONDecodeError):
                 held = {}  # being written this instant, or damaged: treated as held
             pid, host = held.get("pid"), held.get("host")
+            if not isinstance(pid, int):
+                raise RunFolderError(f"{path}: lock file without a process id (being written this instant, or "
+                                     f"damaged); if no slora run is using {out}, remove it") from None
             if host == me["host"] and isinstance(pid, int) and not _alive(pid):
                 print(f"{path}: stale lock of process {pid} (started {held.get('started')}, no longer running): "
                       f"taken over", flush=True)

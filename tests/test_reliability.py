@@ -299,6 +299,80 @@ def test_models(case, tmp_path, base, capsys):
 
 
 # -----------------------------------------------------------------------------
+# python -m slora.finetune: run folders that hold something (data loss, concurrency, divergence)
+
+def quick(t, b, *extra):
+    return ft(t, b, "--allocate-only", *extra)
+
+
+def complete_run(t, b):
+    finetune.main([str(a) for a in quick(t, b)])
+    (t / "run" / "NOTES.md").write_text("the user's notes")
+    (t / "run" / "plots").mkdir()
+    return quick(t, b, "--seed", 1)
+
+
+def with_file(name, content="mine"):
+    def make(t, b):
+        (t / "run").mkdir()
+        (t / "run" / name).write_text(content)
+        return quick(t, b)
+    return make
+
+
+def lock_of(pid, host=None):
+    def make(t, b):
+        import socket
+        (t / "run").mkdir()
+        (t / "run" / ".slora-lock").write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
+                                                           "started": "earlier"}))
+        return quick(t, b)
+    return make
+
+
+def damaged_manifest(t, b):
+    finetune.main([str(a) for a in quick(t, b)])
+    (t / "run" / ".slora-run.json").write_text("{")
+    return quick(t, b)
+
+
+def diverging(t, b):
+    (t / "run").mkdir()
+    (t / "run" / "NOTES.md").write_text("kept")
+    return ft(t, b, "--lr", 1e30, "--max-steps", 3)
+
+
+RUNS = [
+    Case("complete-run-again", complete_run, 1, "{tmp}/run: already holds a complete run"),
+    Case("out-is-a-file", lambda t, b: quick(t, b) if (t / "run").write_text("x") else [], 1, "{tmp}/run"),
+    Case("user-args-json", with_file("args.json"), 1, "{tmp}/run: holds args.json"),
+    Case("user-adapter-folder", lambda t, b: (t / "run" / "adapter").mkdir(parents=True) or quick(t, b), 1,
+         "{tmp}/run"),
+    Case("live-lock", lock_of(os.getppid()), 1, f"pid {os.getppid()}"),
+    Case("lock-of-other-host", lock_of(1, "elsewhere"), 1, "host elsewhere"),
+    Case("damaged-lock", with_file(".slora-lock", "{"), 1, "{tmp}/run/.slora-lock: lock file without a process id"),
+    Case("damaged-manifest", damaged_manifest, 1, "{tmp}/run/.slora-run.json"),
+    Case("resume-nothing", lambda t, b: ["--resume", t / "never"], 1, "{tmp}/never"),
+    Case("resume-complete-run", lambda t, b: finetune.main([str(a) for a in quick(t, b)]) and
+         ["--resume", t / "run"], 1, "{tmp}/run: holds a complete run"),
+    Case("resume-with-flags", lambda t, b: ["--resume", t / "run", "--lr", 1], 2, "--resume"),
+    Case("diverging-lr", diverging, 1, "step 2: loss nan is not finite"),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in RUNS])
+def test_run_folders(case, tmp_path, base, capsys):
+    run_case(finetune.main, case, tmp_path, base, capsys)
+
+
+def test_replace_removes_only_slora_files(tmp_path, base):
+    argv = complete_run(tmp_path, base)
+    finetune.main([str(a) for a in argv + ["--replace"]])
+    assert (tmp_path / "run" / "NOTES.md").read_text() == "the user's notes" and (tmp_path / "run" / "plots").is_dir()
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["seed"] == 1
+
+
+# -----------------------------------------------------------------------------
 # python -m slora.gguf
 
 def gguf_file(fn=None, **kw):
@@ -514,7 +588,7 @@ def test_signal_during_training_leaves_nothing(sig, code, tmp_path, base):
     proc = _start(tmp_path, base)
     try:
         deadline = time.time() + 120
-        while not list(tmp_path.glob(".run.partial-*")) and time.time() < deadline:
+        while not (tmp_path / "run" / ".slora-partial").is_dir() and time.time() < deadline:
             time.sleep(0.2)
         time.sleep(3)  # inside training by now on the tiny model
         proc.send_signal(sig)
@@ -523,7 +597,7 @@ def test_signal_during_training_leaves_nothing(sig, code, tmp_path, base):
         if proc.poll() is None:
             proc.kill()
     expect_one_line(proc.returncode, code, err, "temporary files were removed")
-    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run.partial-*"))
+    assert not (tmp_path / "run").exists()  # no checkpoint was written: nothing to resume, nothing kept
 
 
 @pytest.mark.slow

@@ -625,3 +625,31 @@ def test_adapter_failing_midway_is_undone(adapter, monkeypatch):
         load_adapter(model, adapter)
     assert not lora_modules(model)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_out_one_refuses(tmp_path, base):
+    # started together with different seeds: one finishes, the other refuses at once naming the first's pid
+    procs = [_start(tmp_path, base, "--seed", s) for s in (0, 1)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=20))
+        except subprocess.TimeoutExpired:
+            outs.append(None)
+    refused = [(p, o) for p, o in zip(procs, outs) if o is not None and p.returncode == 1]
+    try:
+        assert len(refused) == 1, [(p.returncode, o) for p, o in zip(procs, outs)]
+        (p, (_, err)), = refused
+        other = next(q for q in procs if q is not p)
+        # usually "in use by another slora run (pid N ...)"; in the instant the lock is being written the
+        # lock file itself is named: either way the run folder is the culprit
+        expect_one_line(p.returncode, 1, err, str(tmp_path / "run"))
+        assert f"pid {other.pid}" in err or "lock file" in err
+        assert other.poll() is None  # the first keeps running, untouched
+    finally:
+        for q in procs:
+            if q.poll() is None:
+                q.send_signal(signal.SIGTERM)
+                q.communicate(timeout=60)
+    assert not (tmp_path / "run").exists()  # the survivor, stopped before a checkpoint, left nothing

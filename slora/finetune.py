@@ -171,6 +171,22 @@ class Log:
             print(text, flush=True)
 
 
+def fit_positions(args, given: dict, config, family: str):
+    """Sequence lengths within the model's positions: a --max-len/--calib-len asked for beyond them is an error; the
+    family default is cut to fit (recorded under "resolved"). --gen-tokens beyond them would generate for ever."""
+    # RoBERTa's positions start after padding_idx (fairseq), so two of its table rows are never a token's
+    limit = config.max_position_embeddings - (config.pad_token_id + 1 if getattr(config, "model_type", "") == "roberta" else 0)
+    for name in ("max_len", "calib_len"):
+        value = getattr(args, name)
+        if value is not None and value > limit:
+            if given[name] is not None:
+                raise UsageError(f"--{name.replace('_', '-')}", f"{value} is beyond the {limit} positions of "
+                                                                f"{args.model} (max_position_embeddings)")
+            setattr(args, name, limit)
+    if family == "decoder" and args.gen_tokens > limit:
+        raise UsageError("--gen-tokens", f"{args.gen_tokens} is beyond the {limit} positions of {args.model}")
+
+
 # -----------------------------------------------------------------------------
 # The job
 
@@ -222,6 +238,7 @@ def run(args, tmp: Path, resume: bool = False):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.lora_alpha = 2 * args.r_avg if args.lora_alpha is None else args.lora_alpha
+    fit_positions(args, given, body.config, family)
     args.calib_len = args.max_len if args.calib_len is None else args.calib_len
     pad_id = body.config.pad_token_id if body.config.pad_token_id is not None else body.config.eos_token_id
     resolved = {k: v for k, v in vars(args).items() if given[k] != v} | {"model_path": str(model_path),

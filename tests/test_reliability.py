@@ -130,6 +130,12 @@ FLAGS = [flag(*c) for c in [
     Case("dev-file-missing", lambda t, b: ft(t, b, dev=t / "none.jsonl"), 2, "--dev-file"),
     Case("train-file-for-named-task", lambda t, b: ["--task", "rt-polarity", "--train-file", b["train"]], 2,
          "--train-file"),
+    # checked against the model's positions once its config is read (tiny encoder: 64, tiny decoder: 128)
+    Case("max-len-beyond-positions", lambda t, b: ft(t, b, "--max-len", 1000), 2, "--max-len"),
+    Case("calib-len-beyond-positions", lambda t, b: ft(t, b, "--calib-len", 65), 2, "--calib-len"),
+    Case("gen-tokens-beyond-positions", lambda t, b: ft(t, b, "--gen-tokens", 100000, model=b["dec"],
+                                                        train=b["gtrain"], dev=b["gdev"], kind="instructions"),
+         2, "--gen-tokens"),
     Case("num-labels-for-instructions", lambda t, b: ft(t, b, "--num-labels", 3, kind="instructions"), 2,
          "--num-labels"),
 ]

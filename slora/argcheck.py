@@ -22,6 +22,7 @@ COUNTS = {
     "max_steps": 1, "batch_size": 1, "grad_accum": 1, "gen_tokens": 1, "threads": 1, "log_every": 1,
     "r_min": 0,  # 0: a matrix may get no adapter (--help)
     "r_max": 1, "num_labels": 2, "seed": 0,
+    "save_every": 0,  # 0: no training checkpoints (--help)
     "batches": 1, "seq_len": 1, "train_batch": 1, "train_seq_len": 1, "train_steps": 1,  # slora.bench
 }
 # Real numbers: (low, high, low included, high included); every one must also be finite.

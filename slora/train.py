@@ -33,7 +33,9 @@ from slora.lora import apply_lora, lora_parameters_count, mark_only_lora_trainab
 from slora.stability import stability
 
 
-LM_CHUNK = 1024  # positions per LM-head + loss chunk under --activation-checkpointing (torchtune chunks too)
+# positions per LM-head + loss chunk under --activation-checkpointing: torchtune's CEWithChunkedOutputLoss uses 8
+# chunks, 256 positions at 2048; at LLaMA-3's vocabulary one chunk of 2 x 256 holds 0.26 GB of fp32 logits
+LM_CHUNK = 256
 
 # -----------------------------------------------------------------------------
 # Loss and evaluation

@@ -91,29 +91,31 @@ def lora_grads(model, batch, kind, checkpointing: bool) -> dict:
     return out
 
 
-@pytest.mark.parametrize("family", ["decoder", "encoder"])
+@pytest.mark.parametrize("family", ["decoder", "bert", "mpnet"])
 def test_activation_checkpointing_gives_the_same_nonzero_lora_gradients(family, monkeypatch):
-    from slora.models import bert, llama
-    from slora.models.bert import for_sequence_classification
+    from slora.models import bert, for_sequence_classification, llama, mpnet
+    from tests.tiny import tiny_bert, tiny_mpnet
     calls = []
-    for mod in (bert, llama):  # count the layers that really went through torch.utils.checkpoint
-        monkeypatch.setattr(mod, "checkpoint", lambda fn, *a, _c=mod.checkpoint, **kw: calls.append(1) or _c(fn, *a, **kw))
-    from tests.tiny import tiny_bert
+    for mod in (bert, llama, mpnet):  # count the layers that really went through torch.utils.checkpoint
+        real = mod.checkpoint
+        monkeypatch.setattr(mod, "checkpoint", lambda fn, *a, _c=real, **kw: calls.append(1) or _c(fn, *a, **kw))
     if family == "decoder":
         model, kind = tiny_llama(), "generation"
         targets = [f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj")]
         batch = lm_batch(1, B=4, T=10, vocab=model.config.vocab_size)
     else:
-        body = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        body = tiny_bert(**no_dropout) if family == "bert" else tiny_mpnet(**no_dropout)
         model, kind = for_sequence_classification(body, 3, seed=0), "classification"
-        targets = [f"bert.encoder.layer.{i}.{m}" for i in (0, 1) for m in ("attention.self.query", "output.dense")]
+        q = "attention.self.query" if family == "bert" else "attention.attn.q"
+        targets = [f"{family}.encoder.layer.{i}.{m}" for i in (0, 1) for m in (q, "output.dense")]
         g = torch.Generator().manual_seed(2)
         batch = {"input_ids": torch.randint(4, 53, (4, 9), generator=g),
                  "attention_mask": torch.tensor([[1] * 9, [1] * 7 + [0] * 2, [1] * 5 + [0] * 4, [1] * 9]),
                  "labels": torch.tensor([0, 2, 1, 2])}
     apply_lora(model, {t: 2 for t in targets}, 4.0, dropout=0.0)
     randomize_lora(model)
-    mark_only_lora_trainable(model, extra=("classifier",) if family == "encoder" else ())
+    mark_only_lora_trainable(model, extra=("classifier",) if family != "decoder" else ())
     plain = lora_grads(model, batch, kind, False)
     assert not calls
     ckpt = lora_grads(model, batch, kind, True)

@@ -130,7 +130,6 @@ def parse_args(argv=None):
                         "the arguments are the run's own")
     p.add_argument("--log-every", type=int, default=10, help="progress line every N optimizer steps")
     args = p.parse_args(argv)
-    check_finetune_args(args, PRESETS, data.TASKS, data.CALIBRATION_SOURCES)
     if args.resume is not None and len(argv if argv is not None else sys.argv[1:]) > 2:
         raise UsageError("--resume", "takes no other flags: the arguments come from the run's own args.json")
     return args
@@ -201,6 +200,8 @@ def main(argv=None):
         args = resumed_args(out)
     else:
         out = Path(args.out) if args.out else Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{args.task}-{args.alloc}")
+    # values checked here, not in parse_args: a command recorded on another machine (--device cuda) still parses
+    check_finetune_args(args, PRESETS, data.TASKS, data.CALIBRATION_SOURCES)
     if args.threads:
         torch.set_num_threads(args.threads)
     # a diverged run is no resume point: resuming it would diverge again

@@ -177,7 +177,8 @@ def fit_positions(args, given: dict, config, family: str):
     """Sequence lengths within the model's positions: a --max-len/--calib-len asked for beyond them is an error; the
     family default is cut to fit (recorded under "resolved"). --gen-tokens beyond them would generate for ever."""
     # RoBERTa's positions start after padding_idx (fairseq), so two of its table rows are never a token's
-    limit = config.max_position_embeddings - (config.pad_token_id + 1 if getattr(config, "model_type", "") == "roberta" else 0)
+    roberta = getattr(config, "model_type", "") == "roberta"
+    limit = config.max_position_embeddings - (config.pad_token_id + 1 if roberta else 0)
     for name in ("max_len", "calib_len"):
         value = getattr(args, name)
         if value is not None and value > limit:

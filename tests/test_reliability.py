@@ -588,6 +588,19 @@ def _start(tmp_path, base, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def test_sigterm_inside_an_atomic_folder_removes_it(tmp_path):
+    # slora.gguf, save_adapter and write_folder write through checkpoint.atomic_folder: SIGTERM unwinds as Ctrl-C
+    from slora.checkpoint import atomic_folder
+    from slora.errors import Terminated
+    with pytest.raises(Terminated):
+        with atomic_folder(tmp_path / "out") as tmp:
+            (tmp / "half.bin").write_bytes(b"\x00" * 100)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was only there for the block
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_during_training_leaves_nothing(sig, code, tmp_path, base):

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slora import assets, finetune, gguf
+from slora import assets, bench, finetune, gguf
 from slora.adapter import CONFIG, PREFIX, WEIGHTS, load_adapter, save_adapter
 from slora.errors import run_cli
 from slora.lora import apply_lora, lora_modules
@@ -571,10 +571,21 @@ def test_all_linear_is_resolved_as_peft_does(adapter):
 
 
 # -----------------------------------------------------------------------------
-# python -m slora.assets
+# python -m slora.assets and python -m slora.bench
 
-def test_assets_unknown_name_is_a_usage_error(capsys):
-    expect_one_line(run_cli(assets.main, ["--only", "nope"]), 2, capsys.readouterr().err, "--only")
+OTHER_COMMANDS = [
+    (assets.main, ["--only", "nope"], "--only"),
+    (assets.main, ["--lst"], "--lst"),
+    (bench.main, ["--batches", "0"], "--batches"),
+    (bench.main, ["--seq-len", "-1"], "--seq-len"),
+    (bench.main, ["--train-steps", "0"], "--train-steps"),
+    (bench.main, ["--device", "cuda:99"], "--device"),
+]
+
+
+@pytest.mark.parametrize("main,argv,culprit", OTHER_COMMANDS, ids=[" ".join(c[1]) for c in OTHER_COMMANDS])
+def test_assets_and_bench_arguments(main, argv, culprit, tmp_path, capsys):
+    expect_one_line(run_cli(main, argv), 2, capsys.readouterr().err, culprit)
 
 
 # -----------------------------------------------------------------------------

@@ -95,6 +95,8 @@ def check_finetune_args(args, presets, tasks, calib_sources) -> None:
     if args.r_max is not None and args.r_max < args.r_min:
         raise UsageError("--r-max", f"{args.r_max} is below --r-min {args.r_min}")
     check_device(args.device)
+    if getattr(args, "precision", None) == "fp32" and getattr(args, "dtype", None) == "bf16":
+        raise UsageError("--precision", "fp32 needs an fp32 base: add --dtype fp32 (a bf16 base computes in bf16)")
     if args.model not in presets and not Path(args.model).is_dir():
         raise UsageError("--model", f"{args.model!r} is neither a preset ({', '.join(presets)}) nor a folder")
     if args.task not in tasks and args.task != "jsonl":

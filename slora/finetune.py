@@ -22,11 +22,11 @@ import torch
 from slora import data, runfolder, text
 from slora.adapter import save_adapter
 from slora.argcheck import check_finetune_args
-from slora.checkpoint import read_json
+from slora.checkpoint import read_config, read_json
 from slora.errors import ArgumentParser, SloraError, UsageError, cli
 from slora.heatmap import ranks_svg
 from slora.lora import ALPHA_POLICIES
-from slora.models import for_sequence_classification, load_model, load_tokenizer
+from slora.models import DECODER_TYPES, for_sequence_classification, load_model, load_tokenizer
 from slora.models.llama import LlamaForCausalLM
 from slora.sensitivity import SensitivityConfig, compute
 from slora.resume import Checkpointer
@@ -173,20 +173,28 @@ class Log:
             print(text, flush=True)
 
 
-def fit_positions(args, given: dict, config, family: str):
-    """Sequence lengths within the model's positions: a --max-len/--calib-len asked for beyond them is an error; the
-    family default is cut to fit (recorded under "resolved"). --gen-tokens beyond them would generate for ever."""
-    # RoBERTa's positions start after padding_idx (fairseq), so two of its table rows are never a token's
-    roberta = getattr(config, "model_type", "") == "roberta"
-    limit = config.max_position_embeddings - (config.pad_token_id + 1 if roberta else 0)
+def position_limit(hf: dict) -> int | None:
+    """Tokens a sequence may hold in a model of this config.json; None when the config does not say."""
+    n = hf.get("max_position_embeddings")
+    if not isinstance(n, int) or isinstance(n, bool):
+        return None
+    # RoBERTa and MPNet count positions from padding_idx + 1 (fairseq), so the rows below are never a token's
+    pad = hf.get("pad_token_id")
+    return n - (pad + 1 if hf.get("model_type") in ("roberta", "mpnet") and isinstance(pad, int) else 0)
+
+
+def check_positions(args, hf: dict, decoder: bool):
+    """Lengths asked for beyond the model's positions are argument errors, found from config.json before the
+    weights load; --gen-tokens beyond them would generate for minutes."""
+    limit = position_limit(hf)
+    if limit is None:
+        return
     for name in ("max_len", "calib_len"):
         value = getattr(args, name)
         if value is not None and value > limit:
-            if given[name] is not None:
-                raise UsageError(f"--{name.replace('_', '-')}", f"{value} is beyond the {limit} positions of "
-                                                                f"{args.model} (max_position_embeddings)")
-            setattr(args, name, limit)
-    if family == "decoder" and args.gen_tokens > limit:
+            raise UsageError(f"--{name.replace('_', '-')}", f"{value} is beyond the {limit} positions of "
+                                                            f"{args.model} (max_position_embeddings)")
+    if decoder and args.gen_tokens > limit:
         raise UsageError("--gen-tokens", f"{args.gen_tokens} is beyond the {limit} positions of {args.model}")
 
 
@@ -236,6 +244,8 @@ def run(args, tmp: Path, resume: bool = False):
         model_path = model_dir(args.model)
     else:
         model_path = Path(args.model)
+    hf = read_config(model_path)
+    check_positions(args, hf, decoder=hf.get("model_type") in DECODER_TYPES)
     body = load_model(model_path, dtype=torch.bfloat16 if bf16_base else torch.float32, device=device)
     tok = load_tokenizer(model_path)
     family = "decoder" if isinstance(body, LlamaForCausalLM) else "encoder"
@@ -245,7 +255,9 @@ def run(args, tmp: Path, resume: bool = False):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.lora_alpha = 2 * args.r_avg if args.lora_alpha is None else args.lora_alpha
-    fit_positions(args, given, body.config, family)
+    limit = position_limit(hf)
+    if limit is not None and args.max_len > limit:  # the family default, cut to the model: recorded as resolved
+        args.max_len = limit
     args.calib_len = args.max_len if args.calib_len is None else args.calib_len
     pad_id = body.config.pad_token_id if body.config.pad_token_id is not None else body.config.eos_token_id
     resolved = {k: v for k, v in vars(args).items() if given[k] != v} | {"model_path": str(model_path),

@@ -136,6 +136,8 @@ FLAGS = [flag(*c) for c in [
     Case("gen-tokens-beyond-positions", lambda t, b: ft(t, b, "--gen-tokens", 100000, model=b["dec"],
                                                         train=b["gtrain"], dev=b["gdev"], kind="instructions"),
          2, "--gen-tokens"),
+    Case("bf16-base-fp32-compute", lambda t, b: ft(t, b, "--dtype", "bf16", "--precision", "fp32"), 2,
+         "--precision"),
     Case("num-labels-for-instructions", lambda t, b: ft(t, b, "--num-labels", 3, kind="instructions"), 2,
          "--num-labels"),
 ]

@@ -158,7 +158,7 @@ def test_bf16_base_with_checkpointing_end_to_end(tmp_path, kind):
 
 
 def test_bf16_base_with_fp32_compute_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="--precision fp32 needs an fp32 base"):
+    with pytest.raises(ValueError, match="--precision: fp32 needs an fp32 base"):
         finetune.main(["--dtype", "bf16", "--precision", "fp32", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 

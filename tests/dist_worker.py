@@ -1,0 +1,61 @@
+"""One rank of the distributed calibration tests (tests/test_dist.py): run as `python tests/dist_worker.py
+calib KIND MODEL_DIR N_SEQ BATCH MODE OUT` under tests/dist_launch.launch, or called in-process with no process
+group as the one-process oracle. Writes what the rank ends with as JSON: token counts, diag(H) and diag(H⁻¹)
+per module, θ and ranks."""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from slora import data, dist, hessian, hessian_dist
+from slora.models import load_model
+from slora.sensitivity import SensitivityConfig, compute
+
+
+def calib_batches(n_seq: int, batch: int, vocab: int, pad_id: int, encoder: bool) -> list[dict]:
+    """Seeded sequences of lengths 1..12, so most batches are padded."""
+    g = torch.Generator().manual_seed(7)
+    feats = []
+    for _ in range(n_seq):
+        ids = torch.randint(4, vocab, (int(torch.randint(1, 13, (1,), generator=g)),), generator=g).tolist()
+        feats.append(data.Features(ids, [0] * len(ids) if encoder else None))
+    return list(data.iterate_batches(feats, batch, pad_id))
+
+
+def calibrate(kind: str, model_dir: str, n_seq: int, batch: int, mode: str) -> dict:
+    model = load_model(model_dir)
+    encoder = kind == "encoder"
+    batches = [{k: v for k, v in b.items() if k != "labels"}
+               for b in calib_batches(n_seq, batch, model.config.vocab_size, 0, encoder)]
+    mine = dist.shard(batches)
+    blocks = None if encoder else [(f"model.layers.{i}", m) for i, m in enumerate(model.model.layers)]
+    cfg = SensitivityConfig(targets="all-linear", mode=mode, source="obs" if mode == "full" else "diag", r_avg=2)
+    modules = hessian.find_linears(model, cfg.targets)
+    kw = dict(mode=mode)
+    if blocks is None:
+        stats = hessian.collect(model, mine, modules, **kw)
+    else:
+        stats = hessian.collect_streaming(blocks, hessian.capture_inputs(model, blocks[0][1], mine), modules, **kw)
+    stats = hessian_dist.gather_stats(stats, modules)
+    sens, ranks = compute(model, mine, cfg, blocks=blocks)
+    return {"batches": len(mine), "tokens": {n: s.tokens for n, s in stats.items()},
+            "diag": {n: s.diag.tolist() for n, s in stats.items()},
+            "inv_diag": {n: None if s.inv_diag is None else s.inv_diag.tolist() for n, s in stats.items()},
+            "theta": {n: v["theta"] for n, v in sens["modules"].items()}, "ranks": ranks,
+            "real_tokens": int(sum(int(b["attention_mask"].sum()) for b in mine))}
+
+
+if __name__ == "__main__":
+    what, *rest = sys.argv[1:]
+    d = dist.init("cpu")
+    with dist.guard():
+        if what == "calib":
+            kind, model_dir, n_seq, batch, mode, out = rest
+            res = calibrate(kind, model_dir, int(n_seq), int(batch), mode)
+            with open(f"{out}.{d.rank}.json", "w") as f:
+                json.dump(res, f)
+        else:
+            raise SystemExit(f"unknown worker task {what!r}")
+    dist.teardown()

@@ -17,17 +17,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from slora import data, scoring
+from slora import data
 from slora.adapter import save_adapter
 from slora.checkpoint import atomic_folder
 from slora.heatmap import ranks_svg
-from slora.lora import ALPHA_POLICIES, apply_lora, lora_parameters_count, mark_only_lora_trainable, merged_copy
+from slora.lora import ALPHA_POLICIES
 from slora.models import load_model, load_tokenizer
 from slora.models.bert import BertModel, for_sequence_classification
 from slora.sensitivity import SensitivityConfig, compute
-from slora.stability import stability
+from slora.train import EpochSensitivity, finetune
 
 # Model presets: the offline assets by name (anything else is a path to a Hugging Face-format folder).
 PRESETS = ("minilm", "smollm2")
@@ -161,56 +160,6 @@ class Log:
 
 
 # -----------------------------------------------------------------------------
-# Loss and evaluation
-
-def forward_inputs(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
-def loss_fn(model, batch, kind: str, device):
-    out = model(**forward_inputs(batch, device))
-    y = batch["labels"].to(device)
-    if kind == "classification":
-        return F.cross_entropy(out.float(), y)
-    if kind == "regression":
-        return F.mse_loss(out.float().squeeze(-1), y)
-    # causal LM: position t predicts token t+1; prompt and pad tokens carry label -100 (response-only loss)
-    return F.cross_entropy(out[:, :-1].float().reshape(-1, out.shape[-1]), y[:, 1:].reshape(-1),
-                           ignore_index=data.IGNORE_INDEX)
-
-
-@torch.no_grad()
-def evaluate(model, tok, spec, examples, args, pad_id, device, autocast) -> dict:
-    model.eval()
-    if spec.kind == "generation":
-        feats = data.encode_prompts(tok, examples, args.max_len)
-        stops = [i for i in (tok.token_to_id("<|im_end|>"), model.config.eos_token_id) if isinstance(i, int)]
-        preds = []
-        for batch in data.iterate_batches(feats, args.batch_size, pad_id, side="left"):
-            with autocast:
-                out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                     max_new_tokens=args.gen_tokens, eos_token_id=stops)
-            preds += data.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
-        refs = [e.label for e in examples]
-    else:
-        feats = data.encode_encoder(tok, examples, args.max_len)
-        preds = []
-        for batch in data.iterate_batches(feats, args.batch_size, pad_id):
-            with autocast:
-                logits = model(**forward_inputs(batch, device)).float()
-            preds += (logits.squeeze(-1) if spec.kind == "regression" else logits.argmax(-1)).tolist()
-        refs = [f.labels for f in feats]
-    return scoring.score(spec.metrics, preds, refs)
-
-
-def lr_at(step: int, total: int, warmup: int) -> float:
-    """Linear warmup to 1 over `warmup` steps, then linear decay to 0 at `total` (LoRA paper's schedule)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-# -----------------------------------------------------------------------------
 # The job
 
 def main(argv=None):
@@ -312,100 +261,6 @@ def run(args, tmp: Path):
         write_json(tmp / "metrics.json", result | {"times": times, "budget": budget})
     else:
         write_json(tmp / "metrics.json", {"times": times, "budget": budget, "allocate_only": True})
-
-
-class EpochSensitivity:
-    """θ and ranks re-measured on the fine-tuned weights after each epoch, against epoch 0 (paper Table 6).
-
-    `measure(model)` is the run's own calibration + metrics + allocation; the model it gets is a merged copy
-    (LoRA folded into W, lora.merged_copy), so the Hessians see the fine-tuned layer inputs."""
-
-    def __init__(self, measure, sens: dict, ranks: dict):
-        self.measure = measure
-        self.epochs = [self._entry(0, sens, ranks)]
-
-    @staticmethod
-    def _entry(epoch: int, sens: dict, ranks: dict) -> dict:
-        return {"epoch": epoch, "theta": {k: v["theta"] for k, v in sens["modules"].items()}, "ranks": dict(ranks)}
-
-    def __call__(self, model, epoch: int) -> dict:
-        """Measure after `epoch`; return {"tau_theta", "tau_ranks"} against epoch 0 (Kendall's τ-b)."""
-        t0 = time.time()
-        sens, ranks = self.measure(merged_copy(model).eval())
-        self.epochs.append(self._entry(epoch, sens, ranks) | {"seconds": time.time() - t0})
-        tau = stability(self.epochs[0], self.epochs[-1])
-        return {"tau_theta": tau["tau_theta"], "tau_ranks": tau["tau_ranks"]}
-
-
-def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker=None) -> dict:
-    """Apply LoRA with the allocated ranks, train with AdamW, evaluate every epoch (and re-measure the sensitivity
-    with `tracker`, an EpochSensitivity). Returns metrics.json content."""
-    g = torch.Generator().manual_seed(args.seed)
-    apply_lora(model, ranks, args.lora_alpha, alpha_policy=args.alpha_policy, dropout=args.lora_dropout,
-               generator=g)
-    mark_only_lora_trainable(model, extra=("classifier",) if spec.kind != "generation" else ())
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in params)
-    n_lora = lora_parameters_count(model)
-
-    if spec.kind == "generation":
-        feats = data.encode_lm(tok, train, args.max_len, eos_id=model.config.eos_token_id)
-    else:
-        feats = data.encode_encoder(tok, train, args.max_len)
-    per_epoch = math.ceil(len(feats) / args.batch_size)
-    total = math.ceil(args.epochs * per_epoch / args.grad_accum)
-    total = min(total, args.max_steps) if args.max_steps else total
-    warmup = max(1, round(args.warmup * total))
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup))
-    log("train", f"training {n_train:,} parameters ({n_lora:,} LoRA) for {total} steps", trainable=n_train,
-        lora=n_lora, steps=total)
-
-    history, step, micro, tokens, t_start = [], 0, 0, 0, time.time()
-    t_eval = 0.0
-    for epoch in range(math.ceil(total * args.grad_accum / per_epoch)):
-        model.train()
-        for batch in data.iterate_batches(feats, args.batch_size, pad_id, generator=g):
-            with autocast:
-                loss = loss_fn(model, batch, spec.kind, device)
-            (loss / args.grad_accum).backward()
-            tokens += int(batch["attention_mask"].sum())
-            micro += 1
-            if micro % args.grad_accum:
-                continue
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if step % args.log_every == 0 or step == total:
-                el = time.time() - t_start - t_eval
-                log("step", f"step {step}/{total} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
-                    f"{tokens / el:,.0f} tok/s ETA {el / step * (total - step):.0f}s", step=step,
-                    loss=loss.item(), lr=sched.get_last_lr()[0], tokens_per_s=tokens / el)
-            if step >= total:
-                break
-        t0 = time.time()
-        scores = {k: evaluate(model, tok, spec, v, args, pad_id, device, autocast) for k, v in evals.items()
-                  if k.startswith("dev")}
-        if tracker:
-            scores["sensitivity"] = tracker(model, epoch + 1)
-        t_eval += time.time() - t0
-        history.append({"epoch": epoch + 1, "step": step, **scores})
-        log("eval", f"epoch {epoch + 1}: " + json.dumps(scores), **history[-1])
-        if step >= total:
-            break
-    train_s = time.time() - t_start - t_eval
-    t0 = time.time()
-    # final scores: the last epoch's dev scores and, once, the held-out splits (never used for selection)
-    final = {k: v for k, v in history[-1].items() if k.startswith("dev")}
-    final |= {k: evaluate(model, tok, spec, v, args, pad_id, device, autocast) for k, v in evals.items()
-              if not k.startswith("dev")}
-    log("final", "final: " + json.dumps(final), **final)
-    return {"epochs": history, "final": final, "main_metric": spec.main_metric, "trainable_params": n_train,
-            "lora_params": n_lora, "steps": step,
-            "times": {"train_s": train_s, "eval_s": t_eval + time.time() - t0}}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from slora import data
+from slora import data, dist, parallel
 from slora.adapter import save_adapter
 from slora.checkpoint import atomic_folder
 from slora.heatmap import ranks_svg
@@ -104,6 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="autocast: auto = bf16 on CUDA, fp32 on CPU; weights stay fp32")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 per transformer "
+                   "layer (for models larger than one device) instead of DDP's full copy per rank")
     # output
     p.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
     p.add_argument("--log-every", type=int, default=10, help="progress line every N optimizer steps")
@@ -143,7 +145,8 @@ def write_json(path: Path, obj):
         if isinstance(x, (list, tuple)):
             return [clean(v) for v in x]
         return x
-    path.write_text(json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    if dist.get().is_main:  # torchrun: rank 0 alone writes the run folder
+        path.write_text(json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 class Log:
@@ -153,6 +156,8 @@ class Log:
         self.path = path
 
     def __call__(self, event: str, text: str = "", **fields):
+        if not dist.get().is_main:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
         if text:
@@ -166,10 +171,18 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = out_dir(args)
-    with atomic_folder(out) as tmp:  # a failed run leaves nothing half written; a re-run replaces its twin
-        run(args, tmp)
-    print(f"run folder: {out}")
+    d = dist.init(args.device)  # torchrun's environment, or one process without a process group
+    with dist.guard():  # torchrun: a failure on any rank ends every rank with its error
+        if d.is_main:
+            out = out_dir(args)
+            with atomic_folder(out) as tmp:  # a failed run leaves nothing half written; a re-run replaces its twin
+                run(args, tmp)
+        else:  # the other ranks compute alongside and write nothing (write_json and Log skip them)
+            out = None
+            run(args, Path(f"<rank {d.rank} writes no run folder>"))
+    dist.teardown()
+    if d.is_main:
+        print(f"run folder: {out}")
     return out
 
 
@@ -177,7 +190,7 @@ def run(args, tmp: Path):
     given = dict(vars(args))  # as parsed; the family defaults below are recorded apart, under "resolved"
     log = Log(tmp / "log.jsonl")
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = dist.get().device if dist.get().world > 1 else torch.device(args.device)  # cuda:LOCAL_RANK
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     times = {}
@@ -234,7 +247,8 @@ def run(args, tmp: Path):
         if done == total or done % 10 == 0:
             log("calibrate", f"calibrate {done}/{total} batches", done=done, total=total)
 
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    # torchrun: each rank calibrates on its contiguous share of the batches; sums are reduced over ranks
+    batches = [{k: v.to(device) for k, v in b.items()} for b in dist.shard(batches)]
 
     def measure(m, progress=None):
         # full-mode Hessians of a decoder are streamed layer by layer (GPTQ-style): one layer's H lives at a time
@@ -246,18 +260,24 @@ def run(args, tmp: Path):
     times["calibrate_allocate_s"] = time.time() - t0
     write_json(tmp / "sensitivity.json", sens)
     write_json(tmp / "ranks.json", ranks)
-    (tmp / "ranks.svg").write_text(ranks_svg(ranks, title=f"{args.model} {spec.name}: {args.alloc} ranks"))
+    if dist.get().is_main:
+        (tmp / "ranks.svg").write_text(ranks_svg(ranks, title=f"{args.model} {spec.name}: {args.alloc} ranks"))
     budget = sens["config"]["budget"]
     log("allocate", f"ranks: {len(ranks)} matrices, sum {sum(ranks.values())}, budget {budget}", budget=budget,
         ranks=ranks)
 
     if not args.allocate_only:
+        if args.epoch_sensitivity and args.fsdp:
+            raise ValueError("--epoch-sensitivity re-measures a merged copy of the model, which --fsdp shards; "
+                             "use DDP (no --fsdp) or one process")
         tracker = EpochSensitivity(measure, sens, ranks) if args.epoch_sensitivity else None
         result = finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker)
         times.update(result.pop("times"))
         if tracker:
             write_json(tmp / "epoch_sensitivity.json", {"epochs": tracker.epochs})
-        save_adapter(model, tmp / "adapter", str(model_path), "CAUSAL_LM" if family == "decoder" else "SEQ_CLS")
+        parallel.full_trainable(model)  # FSDP2: gather the adapter on every rank (a collective), rank 0 writes
+        if dist.get().is_main:
+            save_adapter(model, tmp / "adapter", str(model_path), "CAUSAL_LM" if family == "decoder" else "SEQ_CLS")
         write_json(tmp / "metrics.json", result | {"times": times, "budget": budget})
     else:
         write_json(tmp / "metrics.json", {"times": times, "budget": budget, "allocate_only": True})

@@ -9,7 +9,10 @@ import sys
 
 import torch
 
-from slora import data, dist, hessian, hessian_dist
+from safetensors.torch import save_file
+
+from slora import data, dist, hessian, hessian_dist, parallel, train
+from slora.lora import apply_lora, mark_only_lora_trainable
 from slora.models import load_model
 from slora.sensitivity import SensitivityConfig, compute
 
@@ -47,6 +50,40 @@ def calibrate(kind: str, model_dir: str, n_seq: int, batch: int, mode: str) -> d
             "real_tokens": int(sum(int(b["attention_mask"].sum()) for b in mine))}
 
 
+def lm_features(n_seq: int, vocab: int) -> list[data.Features]:
+    """Seeded LM sequences of lengths 2..12 whose first tokens are a prompt (label IGNORE_INDEX): uneven target
+    counts per sequence and padding in every batch."""
+    g = torch.Generator().manual_seed(11)
+    feats = []
+    for _ in range(n_seq):
+        n = int(torch.randint(2, 13, (1,), generator=g))
+        ids = torch.randint(4, vocab, (n,), generator=g).tolist()
+        prompt = int(torch.randint(0, n, (1,), generator=g))
+        feats.append(data.Features(ids, None, [data.IGNORE_INDEX] * prompt + ids[prompt:]))
+    return feats
+
+
+def grads(model_dir: str, batch: int, accum: int, fsdp: bool, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """One optimizer step's gradients: tiny decoder, seeded non-zero LoRA on every linear, dropout 0, micro-batch
+    `batch` per rank (global world·batch), `accum` micro-batches; 11 sequences, so the last is short."""
+    from tests.tiny import randomize_lora
+    model = load_model(model_dir)
+    ranks = {n: 2 for n in hessian.find_linears(model, "all-linear")}
+    apply_lora(model, ranks, 4.0, generator=torch.Generator().manual_seed(0))
+    randomize_lora(model, seed=3)
+    mark_only_lora_trainable(model, extra=())
+    fwd = parallel.wrap(model, fsdp)
+    world = dist.get().world
+    feats = lm_features(11, model.config.vocab_size)
+    group = [parallel.local_rows(b) for b in data.iterate_batches(feats, batch * world, 0)][:accum]
+    model.train()
+    loss = train.backward_step(fwd, group, "lm", torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    out = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).contiguous()
+           for n, p in model.named_parameters() if p.requires_grad}
+    out["loss"] = torch.tensor([parallel.global_count(loss.item()) / world], dtype=torch.float64)
+    return out
+
+
 if __name__ == "__main__":
     what, *rest = sys.argv[1:]
     d = dist.init("cpu")
@@ -56,6 +93,9 @@ if __name__ == "__main__":
             res = calibrate(kind, model_dir, int(n_seq), int(batch), mode)
             with open(f"{out}.{d.rank}.json", "w") as f:
                 json.dump(res, f)
+        elif what == "grads":
+            model_dir, batch, accum, fsdp, out = rest
+            save_file(grads(model_dir, int(batch), int(accum), fsdp == "fsdp"), f"{out}.{d.rank}.safetensors")
         else:
             raise SystemExit(f"unknown worker task {what!r}")
     dist.teardown()

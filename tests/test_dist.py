@@ -1,6 +1,10 @@
 """slora.dist and data-parallel calibration on CPU (gloo): each rank calibrates on a contiguous shard of the
 batches, sums are reduced and normalised once, rank 0 allocates and broadcasts.
 
+Training: N ranks at micro-batch b against one process at N·b (fp32, dropout 0): the loss and every LoRA gradient
+within rtol = atol = 1e-5 (torchtune's distributed recipe test uses the same; the difference is the order of the
+cross-rank sum), run folders with the same ranks and the adapter written once, by rank 0.
+
 Stated tolerances: token counts exact; diag(H) and diag(H⁻¹) within rtol 1e-6 of one process (fp32 sums in
 another order: a few ulps per addition, far below 1e-6 for these ~100-token sums); ranks exactly equal (they are
 computed once, on rank 0); every rank ends with identical results (bitwise: they come from one broadcast).
@@ -12,11 +16,14 @@ import json
 import math
 
 import pytest
+import torch
 from hypothesis import example, given, strategies as st
 
 from slora import dist, hessian_dist
 from tests.dist_launch import launch
-from tests.dist_worker import calibrate
+from safetensors.torch import load_file
+
+from tests.dist_worker import calibrate, grads
 from tests.tiny import tiny_model_dir
 
 RTOL = 1e-6
@@ -65,6 +72,7 @@ def check_against_one_process(tmp_path, kind, world, n_seq, batch, mode):
     return got
 
 
+@pytest.mark.slow
 def test_two_ranks_uneven_padded_encoder_diag(tmp_path):
     got = check_against_one_process(tmp_path, "encoder", 2, n_seq=7, batch=2, mode="diag")  # 4 batches: 2 + 2
     assert [g["batches"] for g in got] == [2, 2]
@@ -80,3 +88,93 @@ def test_two_ranks_uneven_padded_encoder_diag(tmp_path):
 ])
 def test_ranks_match_one_process(tmp_path, kind, world, n_seq, batch, mode):
     check_against_one_process(tmp_path, kind, world, n_seq, batch, mode)
+
+
+# -----------------------------------------------------------------------------
+# Training: gradients of one optimizer step (slora.train.backward_step) against one process at N·b
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,batch,accum,how", [
+    (2, 5, 2, "ddp"),   # 11 sequences: global batches of 10 and 1, so rank 1 has no row in the second
+    (3, 2, 2, "ddp"),   # global 6 and 5: uneven rows and target counts, accumulation without sync
+    (1, 4, 2, "ddp"),   # torchrun with one process
+    (2, 3, 2, "fsdp"),  # FSDP2 on a CPU mesh: parity catches a sum-instead-of-average (pytorch#162338)
+    (3, 5, 1, "fsdp"),  # 11 rows over 3 ranks: 4, 4, 3
+])
+def test_gradients_match_one_process(tmp_path, world, batch, accum, how):
+    model = tiny_model_dir(tmp_path / "m", "decoder")
+    want = grads(str(model), batch * world, accum, False)
+    res = launch(world, ["tests/dist_worker.py", "grads", str(model), str(batch), str(accum), how, str(tmp_path / "g")])
+    for rank, (rc, text, _) in enumerate(res):
+        assert rc == 0, f"rank {rank} failed:\n{text[-3000:]}"
+    got = [load_file(tmp_path / f"g.{r}.safetensors") for r in range(world)]
+    assert got[0].keys() == want.keys()
+    for name in want:
+        assert want[name].abs().max() > 0, name  # a zero gradient would make the comparison vacuous
+        torch.testing.assert_close(got[0][name], want[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        for r in range(1, world):
+            assert torch.equal(got[r][name], got[0][name]), (name, r)  # every rank steps with the same gradient
+
+
+# -----------------------------------------------------------------------------
+# End to end: torchrun-style launch of python -m slora.finetune
+
+def run_argv(model, data, out, batch, *extra):
+    train, dev = data
+    return ["--model", str(model), "--task", "jsonl", "--train-file", str(train), "--dev-file", str(dev),
+            "--batch-size", str(batch), "--calib-n", "16", "--max-steps", "3", "--log-every", "1", "--r-avg", "2",
+            "--lora-dropout", "0", "--device", "cpu", "--out", str(out), *extra]
+
+
+def log_rows(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def cls_files(tmp_path_factory):
+    from tests.tiny import WORDS
+    d = tmp_path_factory.mktemp("cls")
+    pos, neg = WORDS[:4], WORDS[4:8]
+    rows = [{"text": f"the movie was {(pos if i % 2 else neg)[i % 4]} {WORDS[i % 9]}" * (1 + i % 3), "label": i % 2}
+            for i in range(47)]
+    write = lambda p, rs: p.write_text("".join(json.dumps(r) + "\n" for r in rs)) and p  # noqa: E731
+    return write(d / "train.jsonl", rows[:37]), write(d / "dev.jsonl", rows[37:])
+
+
+def check_run_matches_one_process(tmp_path, cls_files, world, *extra):
+    from slora import finetune
+    model = tiny_model_dir(tmp_path / "m", "encoder")
+    cfg = json.loads((model / "config.json").read_text())  # dropout 0 in BERT too: the runs must be comparable
+    (model / "config.json").write_text(json.dumps(cfg | {"hidden_dropout_prob": 0.0,
+                                                         "attention_probs_dropout_prob": 0.0}))
+    one = finetune.main(run_argv(model, cls_files, tmp_path / "one", 4 * world, "--calib-n", "16", *extra))
+    out = tmp_path / "many"
+    res = launch(world, ["-m", "slora.finetune", *run_argv(model, cls_files, out, 4, *extra)])
+    for rank, (rc, text, _) in enumerate(res):
+        assert rc == 0, f"rank {rank} failed:\n{text[-3000:]}"
+    assert sum("run folder:" in text for _, text, _ in res) == 1  # rank 0 alone reports (and writes) the folder
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert not list(tmp_path.glob(".*partial*")) and not list(tmp_path.glob("<rank*"))
+    assert json.loads((out / "ranks.json").read_text()) == json.loads((one / "ranks.json").read_text())
+    rows, ref = log_rows(out), log_rows(one)
+    assert sum(r["event"] == "train" for r in rows) == 1  # one writer: no line twice
+    train_row = next(r for r in rows if r["event"] == "train")
+    assert train_row["world_size"] == world and train_row["global_batch"] == 4 * world
+    steps = [r for r in rows if r["event"] == "step"]
+    assert all(r["tokens_per_s"] > 0 for r in steps)
+    assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in ref if r["event"] == "step"], rel=1e-5)
+    a, b = (load_file(p / "adapter" / "adapter_model.safetensors") for p in (out, one))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+    m1, m2 = (json.loads((p / "metrics.json").read_text()) for p in (out, one))
+    assert m1["final"] == m2["final"] and m1["steps"] == m2["steps"]
+
+
+def test_ddp_run_folder_matches_one_process(tmp_path, cls_files):
+    check_run_matches_one_process(tmp_path, cls_files, 2)
+
+
+@pytest.mark.slow
+def test_fsdp_run_folder_matches_one_process(tmp_path, cls_files):
+    check_run_matches_one_process(tmp_path, cls_files, 3, "--fsdp")

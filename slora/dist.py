@@ -247,6 +247,8 @@ def _watch_errors(stop: threading.Event) -> None:
             return
         print(f"slora: rank {_state.rank} stops because {msg}", file=sys.stderr, flush=True)
         traceback.print_stack(sys._current_frames().get(threading.main_thread().ident), file=sys.stderr)
+        sys.stderr.flush()
+        time.sleep(3 * POLL_S)  # rank 0 hosts the store outside torchrun: let the other watchers read it first
         os._exit(1)
 
 

@@ -111,6 +111,13 @@ def full_trainable(model: nn.Module) -> None:
     """FSDP2: replace every sharded trainable parameter (a DTensor) by its full tensor, on every rank, so the
     adapter can be read as from one process. Collective: all ranks call it, then rank 0 writes (torchtune's
     save order; calling full_tensor() under `if rank == 0` deadlocks). The model cannot train after this."""
+    if dist.get().world == 1:
+        return
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()  # the root stays unsharded after its last forward: registered params are then plain
+            # tensors whose storage FSDP frees later; resharded, they are the DTensor shards again
     for name, p in list(model.named_parameters()):
         if p.requires_grad and hasattr(p, "full_tensor"):
             owner, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]

@@ -96,6 +96,11 @@ if __name__ == "__main__":
         elif what == "grads":
             model_dir, batch, accum, fsdp, out = rest
             save_file(grads(model_dir, int(batch), int(accum), fsdp == "fsdp"), f"{out}.{d.rank}.safetensors")
+        elif what == "fail":  # test_failure_inside_a_collective_is_reported
+            dist.all_reduce_sum(torch.ones(1))
+            if d.rank == 1:
+                raise ValueError("injected on rank 1")
+            dist.all_reduce_sum(torch.ones(1))  # never completes: rank 1 is gone
         else:
             raise SystemExit(f"unknown worker task {what!r}")
     dist.teardown()

@@ -142,12 +142,13 @@ def cls_files(tmp_path_factory):
 
 
 def check_run_matches_one_process(tmp_path, cls_files, world, *extra):
+    """`extra` flags go to the N-rank run only (e.g. --fsdp); the oracle is one plain process at N·b."""
     from slora import finetune
     model = tiny_model_dir(tmp_path / "m", "encoder")
     cfg = json.loads((model / "config.json").read_text())  # dropout 0 in BERT too: the runs must be comparable
     (model / "config.json").write_text(json.dumps(cfg | {"hidden_dropout_prob": 0.0,
                                                          "attention_probs_dropout_prob": 0.0}))
-    one = finetune.main(run_argv(model, cls_files, tmp_path / "one", 4 * world, "--calib-n", "16", *extra))
+    one = finetune.main(run_argv(model, cls_files, tmp_path / "one", 4 * world))
     out = tmp_path / "many"
     res = launch(world, ["-m", "slora.finetune", *run_argv(model, cls_files, out, 4, *extra)])
     for rank, (rc, text, _) in enumerate(res):
@@ -178,3 +179,35 @@ def test_ddp_run_folder_matches_one_process(tmp_path, cls_files):
 @pytest.mark.slow
 def test_fsdp_run_folder_matches_one_process(tmp_path, cls_files):
     check_run_matches_one_process(tmp_path, cls_files, 3, "--fsdp")
+
+
+# -----------------------------------------------------------------------------
+# Failure: one rank's error ends every rank, with that error, long before the gloo timeout (30 min by default)
+
+BOUND_S = 60  # generous for a loaded 2-core CI machine; the mechanism itself reacts within dist.POLL_S
+
+
+def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path, cls_files):
+    """Rank 0 alone checks --out (a folder holding something else): it fails before calibration while ranks
+    1 and 2 wait in the first collective. Every rank must end, non-zero, naming rank 0's error."""
+    model = tiny_model_dir(tmp_path / "m", "encoder")
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a run")
+    res = launch(3, ["-m", "slora.finetune", *run_argv(model, cls_files, out, 4)], timeout=BOUND_S + 60)
+    for rank, (rc, text, seconds) in enumerate(res):
+        assert rc not in (0, None), f"rank {rank} did not fail (rc {rc}):\n{text[-2000:]}"
+        assert "does not hold a slora run" in text, f"rank {rank}:\n{text[-2000:]}"
+        assert seconds < BOUND_S, (rank, seconds)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing written
+
+
+@pytest.mark.slow
+def test_failure_inside_a_collective_is_reported(tmp_path):
+    """Rank 1 raises while ranks 0 and 2 are blocked in an all-reduce that can never complete."""
+    res = launch(3, ["tests/dist_worker.py", "fail"], timeout=BOUND_S + 60)
+    for rank, (rc, text, seconds) in enumerate(res):
+        assert rc not in (0, None), f"rank {rank}: rc {rc}\n{text[-2000:]}"
+        assert "rank 1: ValueError: injected on rank 1" in text or rank == 1, text[-2000:]
+        assert seconds < BOUND_S
+    assert "injected on rank 1" in res[1][1]

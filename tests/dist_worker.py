@@ -96,6 +96,12 @@ if __name__ == "__main__":
         elif what == "grads":
             model_dir, batch, accum, fsdp, out = rest
             save_file(grads(model_dir, int(batch), int(accum), fsdp == "fsdp"), f"{out}.{d.rank}.safetensors")
+        elif what == "mismatch":  # test_lora_shape_mismatch_is_an_error_on_every_rank
+            model = load_model(rest[0])
+            names = list(hessian.find_linears(model, "q_proj,v_proj"))
+            apply_lora(model, {n: 2 + (d.rank == 1 and i == 1) for i, n in enumerate(names)}, 4.0)
+            mark_only_lora_trainable(model, extra=())
+            parallel.wrap(model, rest[1] == "fsdp")
         elif what == "fail":  # test_failure_inside_a_collective_is_reported
             dist.all_reduce_sum(torch.ones(1))
             if d.rank == 1:

@@ -120,8 +120,9 @@ def test_gradients_match_one_process(tmp_path, world, batch, accum, how):
 # End to end: torchrun-style launch of python -m slora.finetune
 
 def run_argv(model, data, out, batch, *extra):
-    train, dev = data
-    return ["--model", str(model), "--task", "jsonl", "--train-file", str(train), "--dev-file", str(dev),
+    train, dev, kind = data
+    return ["--model", str(model), "--task", "jsonl", "--jsonl-kind", kind, "--train-file", str(train),
+            "--dev-file", str(dev), "--gen-tokens", "3",
             "--batch-size", str(batch), "--calib-n", "16", "--max-steps", "3", "--log-every", "1", "--r-avg", "2",
             "--lora-dropout", "0", "--device", "cpu", "--out", str(out), *extra]
 
@@ -138,19 +139,30 @@ def cls_files(tmp_path_factory):
     rows = [{"text": f"the movie was {(pos if i % 2 else neg)[i % 4]} {WORDS[i % 9]}" * (1 + i % 3), "label": i % 2}
             for i in range(47)]
     write = lambda p, rs: p.write_text("".join(json.dumps(r) + "\n" for r in rs)) and p  # noqa: E731
-    return write(d / "train.jsonl", rows[:37]), write(d / "dev.jsonl", rows[37:])
+    return write(d / "train.jsonl", rows[:37]), write(d / "dev.jsonl", rows[37:]), "classification"
 
 
-def check_run_matches_one_process(tmp_path, cls_files, world, *extra):
+@pytest.fixture(scope="module")
+def gen_files(tmp_path_factory):
+    from tests.tiny import WORDS
+    d = tmp_path_factory.mktemp("gen")
+    rows = [{"prompt": f"what is the {WORDS[i % 7]} of {WORDS[(3 * i) % 11]}", "response": " ".join(WORDS[i:i + 1 + i % 4])}
+            for i in range(17)]
+    write = lambda p, rs: p.write_text("".join(json.dumps(r) + "\n" for r in rs)) and p  # noqa: E731
+    return write(d / "train.jsonl", rows[:10]), write(d / "dev.jsonl", rows[10:]), "instructions"
+
+
+def check_run_matches_one_process(tmp_path, files, world, *extra):
     """`extra` flags go to the N-rank run only (e.g. --fsdp); the oracle is one plain process at N·b."""
     from slora import finetune
-    model = tiny_model_dir(tmp_path / "m", "encoder")
-    cfg = json.loads((model / "config.json").read_text())  # dropout 0 in BERT too: the runs must be comparable
-    (model / "config.json").write_text(json.dumps(cfg | {"hidden_dropout_prob": 0.0,
-                                                         "attention_probs_dropout_prob": 0.0}))
-    one = finetune.main(run_argv(model, cls_files, tmp_path / "one", 4 * world))
+    model = tiny_model_dir(tmp_path / "m", "encoder" if files[2] == "classification" else "decoder")
+    if files[2] == "classification":  # dropout 0 in BERT too (slora's LLaMA has none): the runs must be comparable
+        cfg = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps(cfg | {"hidden_dropout_prob": 0.0,
+                                                             "attention_probs_dropout_prob": 0.0}))
+    one = finetune.main(run_argv(model, files, tmp_path / "one", 4 * world))
     out = tmp_path / "many"
-    res = launch(world, ["-m", "slora.finetune", *run_argv(model, cls_files, out, 4, *extra)])
+    res = launch(world, ["-m", "slora.finetune", *run_argv(model, files, out, 4, *extra)])
     for rank, (rc, text, _) in enumerate(res):
         assert rc == 0, f"rank {rank} failed:\n{text[-3000:]}"
     assert sum("run folder:" in text for _, text, _ in res) == 1  # rank 0 alone reports (and writes) the folder
@@ -170,6 +182,7 @@ def check_run_matches_one_process(tmp_path, cls_files, world, *extra):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
     m1, m2 = (json.loads((p / "metrics.json").read_text()) for p in (out, one))
     assert m1["final"] == m2["final"] and m1["steps"] == m2["steps"]
+    assert any(v for split in m2["final"].values() for v in split.values())  # scores all 0 would prove little
 
 
 def test_ddp_run_folder_matches_one_process(tmp_path, cls_files):
@@ -179,6 +192,13 @@ def test_ddp_run_folder_matches_one_process(tmp_path, cls_files):
 @pytest.mark.slow
 def test_fsdp_run_folder_matches_one_process(tmp_path, cls_files):
     check_run_matches_one_process(tmp_path, cls_files, 3, "--fsdp")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [(), ("--fsdp",)])
+def test_decoder_run_folder_with_generation_matches_one_process(tmp_path, gen_files, extra):
+    """Generated answers: evaluation split over 3 ranks (DDP) or replicated (FSDP2); same scores as one process."""
+    check_run_matches_one_process(tmp_path, gen_files, 3, *extra)
 
 
 # -----------------------------------------------------------------------------
@@ -211,3 +231,26 @@ def test_failure_inside_a_collective_is_reported(tmp_path):
         assert "rank 1: ValueError: injected on rank 1" in text or rank == 1, text[-2000:]
         assert seconds < BOUND_S
     assert "injected on rank 1" in res[1][1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+def test_lora_shape_mismatch_is_an_error_on_every_rank(tmp_path, how):
+    """Rank 1 builds one LoRA of rank 3 where the others have 2: every rank stops with an error naming it (DDP
+    would fail inside its own shape check on some ranks only; FSDP would hang in an all-gather)."""
+    model = tiny_model_dir(tmp_path / "m", "decoder")
+    res = launch(2, ["tests/dist_worker.py", "mismatch", str(model), how], timeout=BOUND_S + 60)
+    for rank, (rc, text, seconds) in enumerate(res):
+        assert rc not in (0, None), f"rank {rank}: rc {rc}\n{text[-2000:]}"
+        assert "trainable parameter shapes (LoRA ranks, task head) differ across ranks" in text, text[-2000:]
+        assert "model.layers.0.self_attn.v_proj.lora_A.weight" in text, text[-2000:]
+
+
+@pytest.mark.slow
+def test_bench_dist_small_runs_under_torchrun(tmp_path):
+    """python -m slora.bench_dist --small: torchrun (with its agent's store) at 1 and 2 processes on CPU."""
+    from slora import bench_dist
+    r = bench_dist.main(["--small", "--out", str(tmp_path)])
+    assert r["ranks_identical"] and r["runs"]["2"]["world_size"] == 2
+    assert r["calib_speedup"] > 0 and r["train_speedup"] > 0
+    assert json.loads((tmp_path / "result.json").read_text())["gpus"] == 2

@@ -5,7 +5,8 @@ load -> data -> calibrate -> metrics -> allocate -> apply LoRA -> train -> evalu
 describes itself: args.json, sensitivity.json, ranks.json, ranks.svg, metrics.json, log.jsonl and a PEFT adapter.
 
 With no arguments it runs the embedded default: MiniLM on the rt-polarity stand-in task, Sensitivity-LoRA ranks with
-r_avg 4 on query and value. `--model smollm2 --task wiki-describe` runs the LLaMA path.
+r_avg 4 on query and value. `--model smollm2 --task wiki-describe` runs the LLaMA path; `--model mpnet` the
+RoBERTa-base-sized MPNet encoder (an optional asset).
 """
 from __future__ import annotations
 
@@ -23,18 +24,20 @@ from slora.adapter import save_adapter
 from slora.checkpoint import atomic_folder
 from slora.heatmap import ranks_svg
 from slora.lora import ALPHA_POLICIES
-from slora.models import load_model, load_tokenizer
-from slora.models.bert import BertModel, for_sequence_classification
+from slora.models import for_sequence_classification, load_model, load_tokenizer
+from slora.models.llama import LlamaForCausalLM
 from slora.sensitivity import SensitivityConfig, compute
 from slora.train import EpochSensitivity, finetune
 
 # Model presets: the offline assets by name (anything else is a path to a Hugging Face-format folder).
-PRESETS = ("minilm", "smollm2")
+PRESETS = ("minilm", "smollm2", "mpnet")
 # Per-family defaults; the paper uses r_avg 4 for NLU and 8 for NLG (App. A.2) and names no target modules.
 FAMILY_DEFAULTS = {
     "encoder": dict(targets="query,value", r_avg=4, max_len=128),
     "decoder": dict(targets="q_proj,k_proj,v_proj,o_proj", r_avg=8, max_len=256),
 }
+# Encoders that name their query and value projections otherwise (transformers' modeling_mpnet: attention.attn.q/v).
+ENCODER_TARGETS = {"mpnet": "attn.q,attn.v"}
 # --alloc -> (allocation method, θ variant) of slora.sensitivity; "sensitivity" is the paper's full method.
 ALLOC = {"sensitivity": ("sra", "sensitivity"), "uniform": ("uniform", "sensitivity"), "global": ("sra", "global"),
          "local": ("sra", "local"), "pra": ("pra", "sensitivity"), "half-mu": ("sra", "half-mu")}
@@ -44,7 +47,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m slora.finetune", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model and task
-    p.add_argument("--model", default="minilm", help="preset (minilm, smollm2) or a Hugging Face-format folder")
+    p.add_argument("--model", default="minilm", help="preset (minilm, smollm2, mpnet) or a Hugging Face-format folder")
     p.add_argument("--task", default="rt-polarity", help=f"one of {', '.join(data.TASKS)}, or 'jsonl'")
     p.add_argument("--glue-dir", default=None, help="folder holding CoLA/, SST-2/, ... (GLUE tasks)")
     p.add_argument("--jsonl-kind", default="classification", choices=("classification", "instructions"),
@@ -71,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--budget-unit", default="rank", choices=("rank", "param"),
                    help="budget kept exact in ranks (Σr) or in parameters (Σ r·(d_in+d_out))")
     p.add_argument("--targets", default=None, help="comma list of module-name suffixes or all-linear "
-                   "(default query,value encoder; q_proj,k_proj,v_proj,o_proj decoder)")
+                   "(default query,value encoder; attn.q,attn.v mpnet; q_proj,k_proj,v_proj,o_proj decoder)")
     p.add_argument("--r-min", type=int, default=1, help="smallest rank per matrix (0 allowed: no adapter)")
     p.add_argument("--r-max", type=int, default=None, help="largest rank per matrix (default min(d_in, d_out))")
     p.add_argument("--rounding", default="exact", choices=("exact", "paper"),
@@ -204,7 +207,9 @@ def run(args, tmp: Path):
         model_path = Path(args.model)
     body = load_model(model_path, device=device)
     tok = load_tokenizer(model_path)
-    family = "encoder" if isinstance(body, BertModel) else "decoder"
+    family = "decoder" if isinstance(body, LlamaForCausalLM) else "encoder"
+    if args.targets is None and family == "encoder":
+        args.targets = ENCODER_TARGETS.get(body.config.model_type)
     for k, v in FAMILY_DEFAULTS[family].items():
         if getattr(args, k) is None:
             setattr(args, k, v)

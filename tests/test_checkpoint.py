@@ -78,9 +78,9 @@ def test_misshaped_tensor_is_named(tmp_path):
 def test_unsupported_model_type(tmp_path):
     save_model(tiny_bert(), tmp_path / "c")
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
-    cfg["model_type"] = "mpnet"
+    cfg["model_type"] = "gpt2"
     (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="unsupported model_type 'mpnet'"):
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
         load_model(tmp_path / "c")
 
 

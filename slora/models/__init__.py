@@ -1,8 +1,9 @@
 """Load and save Hugging Face-format checkpoint folders with slora's own model code.
 
-`load_model(path)` reads `config.json`, picks the architecture from `model_type` (a two-branch `if`, not a
-registry), builds the model on the meta device (so no weight is ever held twice), and assigns the tensors with a
-strict load. Module names already mirror the checkpoint's, so the only renames are the documented ones below.
+`load_model(path)` reads `config.json`, picks the architecture from `model_type` (a plain `if` over the families
+BERT/RoBERTa, MPNet and LLaMA, not a registry), builds the model on the meta device (so no weight is ever held
+twice), and assigns the tensors with a strict load. Module names already mirror the checkpoint's, so the only
+renames are the documented ones below.
 """
 from __future__ import annotations
 
@@ -13,22 +14,26 @@ import torch.nn as nn
 from tokenizers import Tokenizer
 
 from slora.checkpoint import load_strict, read_config, read_tensors, write_folder
+from slora.models import bert, mpnet
 from slora.models.bert import BertConfig, BertModel
 from slora.models.llama import LlamaConfig, LlamaForCausalLM
+from slora.models.mpnet import MPNetConfig, MPNetModel
 
-ENCODER_TYPES = ("bert", "roberta")
-DECODER_TYPES = ("llama",)
+ENCODER_TYPES = ("bert", "roberta", "mpnet")
+DECODER_TYPES = ("llama", "qwen2", "mistral")  # one decoder (models/llama.py) for the three families
 
 # Keys that checkpoints carry but the models do not use, dropped on purpose:
 # - `embeddings.position_ids` / `embeddings.token_type_ids`: index buffers older transformers versions saved;
-# - `cls.*` (BERT MLM/NSP heads) and `lm_head.*` (RoBERTa MLM head): pre-training heads, not part of the encoder;
+# - `cls.*` (BERT MLM/NSP heads) and `lm_head.*` (RoBERTa and MPNet MLM heads): pre-training heads, not part of
+#   the encoder;
 # - `rotary_emb.inv_freq`: a RoPE buffer old LLaMA checkpoints saved; slora recomputes it from rope_theta.
 ENCODER_DROP_PREFIXES = ("cls.", "lm_head.")
 ENCODER_DROP_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
 def _encoder_state(sd: dict, model_type: str) -> dict:
-    """BertModel keys from a checkpoint saved bare (`encoder.…`) or inside a task model (`bert.encoder.…`)."""
+    """Encoder keys from a checkpoint saved bare (`encoder.…`) or inside a task model (`bert.encoder.…`,
+    `mpnet.encoder.…`)."""
     prefix = f"{model_type}."
     if any(k.startswith(prefix) for k in sd):
         sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
@@ -47,6 +52,8 @@ def _decoder_state(sd: dict, cfg: LlamaConfig) -> dict:
 def build_config(hf: dict, source="config.json"):
     """The slora config dataclass for a Hugging Face config dict; unsupported model_type is an error."""
     model_type = hf.get("model_type")
+    if model_type == "mpnet":
+        return MPNetConfig.from_hf_config(hf)
     if model_type in ENCODER_TYPES:
         return BertConfig.from_hf_config(hf)
     if model_type in DECODER_TYPES:
@@ -56,11 +63,20 @@ def build_config(hf: dict, source="config.json"):
 
 
 def build_model(cfg) -> nn.Module:
+    if isinstance(cfg, MPNetConfig):
+        return MPNetModel(cfg)
     return BertModel(cfg) if isinstance(cfg, BertConfig) else LlamaForCausalLM(cfg)
 
 
+def for_sequence_classification(body: nn.Module, num_labels: int, seed: int = 0) -> nn.Module:
+    """The task model of an encoder's family (transformers' *ForSequenceClassification layout) around `body`,
+    with a freshly initialized head drawn from `seed`."""
+    family = mpnet if isinstance(body, MPNetModel) else bert
+    return family.for_sequence_classification(body, num_labels, seed)
+
+
 def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
-    """A BertModel (encoder; forward -> (B, T, D)) or LlamaForCausalLM (forward -> (B, T, V)) from a folder.
+    """A BertModel or MPNetModel (encoder; forward -> (B, T, D)) or LlamaForCausalLM (forward -> (B, T, V)).
 
     The model is returned in eval mode with its config at `model.config`.
     """
@@ -71,7 +87,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Mod
     except KeyError as e:
         raise ValueError(f"{path / 'config.json'}: {e.args[0]}") from None
     sd = read_tensors(path, dtype=dtype, device=device)
-    if isinstance(cfg, BertConfig):
+    if isinstance(cfg, (BertConfig, MPNetConfig)):
         sd = _encoder_state(sd, cfg.model_type)
         cfg.add_pooling_layer = any(k.startswith("pooler.") for k in sd)
     else:

@@ -53,14 +53,20 @@ def read_tensors(folder, dtype: torch.dtype | None = None, device="cpu") -> dict
             raise FileNotFoundError(f"{path}: shard listed in {INDEX} is missing")
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
-                part = {name: f.get_tensor(name) for name in f.keys()}
+                # cast each tensor as it is read: a bf16 load of an fp32 shard holds one fp32 tensor at a time,
+                # never the whole shard (issue 10: no fp32 copy of the base)
+                part = {name: _cast(f.get_tensor(name), dtype) for name in f.keys()}
         except Exception as e:  # safetensors raises its own SafetensorError for a bad header or short file
             raise ValueError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from None
         for name, t in part.items():
             if name in out:
                 raise ValueError(f"{path}: tensor {name!r} appears in more than one shard")
-            out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            out[name] = t
     return out
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
 def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source) -> nn.Module:

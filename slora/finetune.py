@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from slora import data, dist, parallel
+from slora import data, dist, parallel, runfolder
 from slora.adapter import save_adapter
-from slora.checkpoint import atomic_folder
 from slora.heatmap import ranks_svg
 from slora.lora import ALPHA_POLICIES
 from slora.models import for_sequence_classification, load_model, load_tokenizer
 from slora.models.llama import LlamaForCausalLM
 from slora.sensitivity import SensitivityConfig, compute
-from slora.train import EpochSensitivity, finetune
+from slora.resume import Checkpointer
+from slora.train import EpochSensitivity, NonFiniteError, finetune, set_activation_checkpointing
 
 # Model presets: the offline assets by name (anything else is a path to a Hugging Face-format folder).
 PRESETS = ("minilm", "smollm2", "mpnet")
@@ -105,38 +105,42 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for data order, head and LoRA init, dropout")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="autocast: auto = bf16 on CUDA, fp32 on CPU; weights stay fp32")
+                   help="autocast: auto = bf16 on CUDA or on a bf16 base, fp32 otherwise")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="frozen base weights, loaded straight into this dtype on the device: auto = bf16 on CUDA "
+                        "(fp32 with --precision fp32), fp32 on CPU; LoRA factors and the task head stay fp32")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer layer's activations in the backward pass (less memory, "
+                        "about one more forward pass of time)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 per transformer "
                    "layer (for models larger than one device) instead of DDP's full copy per rank")
     # output
-    p.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
+    p.add_argument("--out", default=None, help="run folder (default: a new folder under runs/); the run is written "
+                   "in OUT/.slora-partial/ and moved into OUT when complete")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a complete or interrupted run already in --out (only slora's own files go)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="write a training checkpoint (resume point) every N optimizer steps (0: none)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the interrupted run in DIR (its --out or in-progress folder); no other flags: "
+                        "the arguments are the run's own")
     p.add_argument("--log-every", type=int, default=10, help="progress line every N optimizer steps")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.resume is not None and len(argv if argv is not None else sys.argv[1:]) > 2:
+        p.error("--resume takes no other flags: the arguments come from the run's own args.json")
+    return args
+
+
+def resumed_args(out: Path) -> argparse.Namespace:
+    """The arguments of the interrupted run in `out`, as it recorded them; options added since run at default."""
+    stored = json.loads((runfolder.partial_of(out) / "args.json").read_text())
+    stored.pop("resolved", None)
+    return argparse.Namespace(**(vars(parse_args([])) | stored | {"resume": None, "replace": False}))
 
 
 # -----------------------------------------------------------------------------
-# Run folder: written under a temporary name and renamed when complete
-
-def out_dir(args) -> Path:
-    """The run folder. One that already holds a run with other arguments, or other files, is an error."""
-    out = Path(args.out) if args.out else Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{args.task}-{args.alloc}")
-    if out.exists():
-        old = out / "args.json"
-        if not old.is_file():
-            if any(out.iterdir()):
-                raise FileExistsError(f"{out}: exists and does not hold a slora run; choose another --out")
-        else:
-            prev = {k: v for k, v in json.loads(old.read_text()).items() if k not in ("resolved", "out")}
-            new = {k: v for k, v in vars(args).items() if k != "out"}  # the folder itself may be spelled otherwise
-            # an option added after that run was recorded ran at its default there
-            defaults = vars(parse_args([]))
-            diff = sorted(k for k in set(prev) | set(new) if prev.get(k, defaults.get(k)) != new.get(k))
-            if diff:
-                raise FileExistsError(f"{out}: already holds a different run (arguments differ in: "
-                                      f"{', '.join(diff)}); choose another --out")
-    return out
-
+# Run folder (slora.runfolder: lock, in-progress folder, completion) and small writers
 
 def write_json(path: Path, obj):
     """Strict JSON: an undefined score (NaN, e.g. the correlation of a constant prediction) is written as null."""
@@ -155,14 +159,16 @@ def write_json(path: Path, obj):
 class Log:
     """Progress lines on stdout and the same records, as JSON, in log.jsonl (one line written per record)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, muted: bool = False):
         self.path = path
+        self.muted = muted  # print only: a resumed run does not record its set-up stages a second time
 
     def __call__(self, event: str, text: str = "", **fields):
-        if not dist.get().is_main:
+        if not dist.get().is_main:  # torchrun: rank 0 alone logs and prints
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+        if not self.muted:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
         if text:
             print(text, flush=True)
 
@@ -172,29 +178,44 @@ class Log:
 
 def main(argv=None):
     args = parse_args(argv)
+    resume = args.resume is not None
+    if resume:
+        out = runfolder.resolve_resume(args.resume)
+        args = resumed_args(out)
+    else:
+        out = Path(args.out) if args.out else Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{args.task}-{args.alloc}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if dist.env_world() > 1 and (resume or args.save_every):
+        raise ValueError("--save-every and --resume are not supported under torchrun yet: run them in one process")
     d = dist.init(args.device)  # torchrun's environment, or one process without a process group
     with dist.guard():  # torchrun: a failure on any rank ends every rank with its error
         if d.is_main:
-            out = out_dir(args)
-            with atomic_folder(out) as tmp:  # a failed run leaves nothing half written; a re-run replaces its twin
-                run(args, tmp)
+            # a diverged run is no resume point: resuming it would diverge again
+            with runfolder.run_folder(out, resume=resume, replace=args.replace,
+                                      keep_on_error=lambda e: not isinstance(e, NonFiniteError)) as tmp:
+                run(args, tmp, resume)
         else:  # the other ranks compute alongside and write nothing (write_json and Log skip them)
-            out = None
-            run(args, Path(f"<rank {d.rank} writes no run folder>"))
+            run(args, Path(f"<rank {d.rank} writes no run folder>"), resume)
     dist.teardown()
     if d.is_main:
         print(f"run folder: {out}")
     return out
 
 
-def run(args, tmp: Path):
+def run(args, tmp: Path, resume: bool = False):
+    """The stages, writing into the in-progress folder `tmp`; `resume`: continue from its newest checkpoint."""
     given = dict(vars(args))  # as parsed; the family defaults below are recorded apart, under "resolved"
-    log = Log(tmp / "log.jsonl")
+    checkpoint = Checkpointer(tmp, args.save_every) if args.save_every or resume else None
+    if resume:
+        checkpoint.truncate_log()  # the steps after the checkpoint are logged again, once, by this run
+    log = Log(tmp / "log.jsonl", muted=resume)
     torch.manual_seed(args.seed)
     device = dist.get().device if dist.get().world > 1 else torch.device(args.device)  # cuda:LOCAL_RANK
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    bf16_base = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda" and args.precision != "fp32")
+    if bf16_base and args.precision == "fp32":
+        raise ValueError("--precision fp32 needs an fp32 base: add --dtype fp32 (a bf16 base computes in bf16)")
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and (device.type == "cuda" or bf16_base))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     times = {}
 
@@ -205,7 +226,7 @@ def run(args, tmp: Path):
         model_path = model_dir(args.model)
     else:
         model_path = Path(args.model)
-    body = load_model(model_path, device=device)
+    body = load_model(model_path, dtype=torch.bfloat16 if bf16_base else torch.float32, device=device)
     tok = load_tokenizer(model_path)
     family = "decoder" if isinstance(body, LlamaForCausalLM) else "encoder"
     if args.targets is None and family == "encoder":
@@ -217,7 +238,9 @@ def run(args, tmp: Path):
     args.calib_len = args.max_len if args.calib_len is None else args.calib_len
     pad_id = body.config.pad_token_id if body.config.pad_token_id is not None else body.config.eos_token_id
     resolved = {k: v for k, v in vars(args).items() if given[k] != v}
-    write_json(tmp / "args.json", given | {"resolved": resolved | {"model_path": str(model_path), "family": family}})
+    if not resume:  # a resumed run keeps the files its first part wrote
+        write_json(tmp / "args.json",
+                   given | {"resolved": resolved | {"model_path": str(model_path), "family": family}})
 
     # ---- data: task splits (seeded) and the encoder's task head
     if args.task == "jsonl":
@@ -259,14 +282,19 @@ def run(args, tmp: Path):
         # full-mode Hessians of a decoder are streamed layer by layer (GPTQ-style): one layer's H lives at a time
         blocks = ([(f"model.layers.{i}", layer) for i, layer in enumerate(m.model.layers)]
                   if family == "decoder" and cfg.mode == "full" else None)
-        return compute(m, batches, cfg, blocks=blocks, progress=progress)
+        # a bf16 base calibrates in bf16 (the fp32 task head under autocast); statistics still accumulate in fp32
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_base):
+            return compute(m, batches, cfg, blocks=blocks, progress=progress)
 
-    sens, ranks = measure(model, progress)
+    if resume:  # allocation is deterministic: the interrupted run's own result is read back, not recomputed
+        sens, ranks = (json.loads((tmp / f).read_text()) for f in ("sensitivity.json", "ranks.json"))
+    else:
+        sens, ranks = measure(model, progress)
+        write_json(tmp / "sensitivity.json", sens)
+        write_json(tmp / "ranks.json", ranks)
+        if dist.get().is_main:
+            (tmp / "ranks.svg").write_text(ranks_svg(ranks, title=f"{args.model} {spec.name}: {args.alloc} ranks"))
     times["calibrate_allocate_s"] = time.time() - t0
-    write_json(tmp / "sensitivity.json", sens)
-    write_json(tmp / "ranks.json", ranks)
-    if dist.get().is_main:
-        (tmp / "ranks.svg").write_text(ranks_svg(ranks, title=f"{args.model} {spec.name}: {args.alloc} ranks"))
     budget = sens["config"]["budget"]
     log("allocate", f"ranks: {len(ranks)} matrices, sum {sum(ranks.values())}, budget {budget}", budget=budget,
         ranks=ranks)
@@ -276,7 +304,12 @@ def run(args, tmp: Path):
             raise ValueError("--epoch-sensitivity re-measures a merged copy of the model, which --fsdp shards; "
                              "use DDP (no --fsdp) or one process")
         tracker = EpochSensitivity(measure, sens, ranks) if args.epoch_sensitivity else None
-        result = finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker)
+        set_activation_checkpointing(model, args.activation_checkpointing)
+        if checkpoint is not None:
+            checkpoint.tracker = tracker
+        log.muted = False
+        result = finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker,
+                          checkpoint)
         times.update(result.pop("times"))
         if tracker:
             write_json(tmp / "epoch_sensitivity.json", {"epochs": tracker.epochs})

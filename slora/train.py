@@ -26,11 +26,16 @@ from itertools import islice
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from slora import data, dist, parallel, scoring
 from slora.lora import apply_lora, lora_parameters_count, mark_only_lora_trainable, merged_copy
 from slora.stability import stability
 
+
+# positions per LM-head + loss chunk under --activation-checkpointing: torchtune's CEWithChunkedOutputLoss uses 8
+# chunks, 256 positions at 2048; at LLaMA-3's vocabulary one chunk of 2 x 256 holds 0.26 GB of fp32 logits
+LM_CHUNK = 256
 
 # -----------------------------------------------------------------------------
 # Loss and evaluation
@@ -46,8 +51,15 @@ def target_count(batch: dict, kind: str) -> int:
     return int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
 
 
-def loss_sum(model, batch: dict, kind: str, device) -> torch.Tensor:
-    """Sum (not mean) of the per-example or per-token losses of one micro-batch, in fp32."""
+def loss_sum(model, batch: dict, kind: str, device, lm_chunk: int | None = None) -> torch.Tensor:
+    """Sum (not mean) of the per-example or per-token losses of one micro-batch, in fp32.
+
+    lm_chunk (causal LM only): run the LM head and the loss over `lm_chunk` positions at a time, each chunk
+    recomputed in the backward pass, so the (B, T, V) logits and their fp32 copy never exist whole (at
+    LLaMA-3's V = 128,256 and 2 x 2048 tokens they are 1 GB bf16 + 2 GB fp32, plus as much again for the
+    gradient). Same sum, added in another order."""
+    if kind == "generation" and lm_chunk:
+        return _lm_loss_sum_chunked(model, forward_inputs(batch, device), batch["labels"].to(device), lm_chunk)
     out = model(**forward_inputs(batch, device))
     y = batch["labels"].to(device)
     if kind == "classification":
@@ -59,6 +71,23 @@ def loss_sum(model, batch: dict, kind: str, device) -> torch.Tensor:
                            ignore_index=data.IGNORE_INDEX, reduction="sum")
 
 
+def _head_loss_sum(head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # (B, C, V) for one chunk of C positions
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=data.IGNORE_INDEX,
+                           reduction="sum")
+
+
+def _lm_loss_sum_chunked(model, inputs: dict, y: torch.Tensor, chunk: int) -> torch.Tensor:
+    h = model.model(**inputs)[:, :-1]  # (B, T-1, D): position t predicts token t+1
+    y = y[:, 1:]  # (B, T-1)
+    total = None
+    for t0 in range(0, h.shape[1], chunk):
+        part = torch.utils.checkpoint.checkpoint(_head_loss_sum, model.lm_head, h[:, t0:t0 + chunk],
+                                                 y[:, t0:t0 + chunk], use_reentrant=False)
+        total = part if total is None else total + part
+    return total
+
+
 def step_denominator(count: int) -> float:
     """The divisor of an optimizer step's summed loss: its target count. One process: the count itself. Under data
     parallelism, the count all-reduced over ranks divided by the world size (DDP averages the gradients), so N
@@ -67,7 +96,8 @@ def step_denominator(count: int) -> float:
     return count if world == 1 else parallel.global_count(count) / world
 
 
-def backward_step(fwd, group: list[tuple[dict, float]], kind: str, device, autocast) -> torch.Tensor:
+def backward_step(fwd, group: list[tuple[dict, float]], kind: str, device, autocast, lm_chunk: int | None = None
+                  ) -> torch.Tensor:
     """Forward and backward of one optimizer step's micro-batches, given as (batch, weight) pairs (weight 0: a
     rank's stand-in row, parallel.local_rows). Gradients accumulate in the parameters, communicated over ranks on
     the last micro-batch only. Returns this rank's part of the step loss (sum over ranks / world = the loss)."""
@@ -76,7 +106,7 @@ def backward_step(fwd, group: list[tuple[dict, float]], kind: str, device, autoc
     for i, (batch, weight) in enumerate(group):
         with parallel.grad_sync(fwd, last=i == len(group) - 1):
             with autocast:
-                loss = loss_sum(fwd, batch, kind, device) * weight / denom
+                loss = loss_sum(fwd, batch, kind, device, lm_chunk) * weight / denom
             loss.backward()
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
     return step_loss
@@ -138,6 +168,17 @@ class EpochSensitivity:
         self.epochs.append(self._entry(epoch, sens, ranks) | {"seconds": time.time() - t0})
         tau = stability(self.epochs[0], self.epochs[-1])
         return {"tau_theta": tau["tau_theta"], "tau_ranks": tau["tau_ranks"]}
+
+
+def set_activation_checkpointing(model, on: bool = True) -> int:
+    """Switch per-layer activation checkpointing on every layer stack of `model` that offers it (the
+    `activation_checkpointing` flag of LlamaModel and BertEncoder); returns how many stacks were switched."""
+    stacks = [m for m in model.modules() if hasattr(type(m), "activation_checkpointing")]
+    if on and not stacks:
+        raise ValueError(f"{type(model).__name__} has no layer stack that supports activation checkpointing")
+    for m in stacks:
+        m.activation_checkpointing = on
+    return len(stacks)
 
 
 # -----------------------------------------------------------------------------
@@ -204,6 +245,10 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup))
     if world > 1:  # dropout differs per rank (torchtune training/seed.py); the LoRA init above did not
         torch.manual_seed(args.seed + dist.get().rank)
+    # with activation checkpointing the LM head and loss run in chunks too (their logits are the largest tensors)
+    # Under torchrun it stays whole: the chunks call model.model and model.lm_head directly, around the DDP wrapper
+    # and FSDP2's root unit (whose forward gathers the head's shards)
+    lm_chunk = LM_CHUNK if getattr(args, "activation_checkpointing", False) and world == 1 else None
     state = TrainState()
     if checkpoint is not None and checkpoint.exists():
         state = checkpoint.restore(model, opt, sched, device)
@@ -226,7 +271,7 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
             pass
         while state.batch < per_epoch and state.step < total:
             group = list(islice(batches, args.grad_accum))
-            step_loss = backward_step(fwd, group, spec.kind, device, autocast)
+            step_loss = backward_step(fwd, group, spec.kind, device, autocast, lm_chunk)
             state.tokens += sum(int(b["attention_mask"].sum()) for b, w in group if w)
             state.batch += len(group)
             if args.grad_clip > 0:

@@ -20,7 +20,7 @@ import torch
 from hypothesis import example, given, strategies as st
 
 from slora import dist, hessian_dist
-from tests.dist_launch import launch
+from tests.dist_launch import ROOT, launch
 from safetensors.torch import load_file
 
 from tests.dist_worker import calibrate, grads
@@ -167,7 +167,7 @@ def check_run_matches_one_process(tmp_path, files, world, *extra):
         assert rc == 0, f"rank {rank} failed:\n{text[-3000:]}"
     assert sum("run folder:" in text for _, text, _ in res) == 1  # rank 0 alone reports (and writes) the folder
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one.iterdir())
-    assert not list(tmp_path.glob(".*partial*")) and not list(tmp_path.glob("<rank*"))
+    assert not list(out.glob(".slora-*")) and not list(tmp_path.glob("<rank*")) and not list(ROOT.glob("<rank*"))
     assert json.loads((out / "ranks.json").read_text()) == json.loads((one / "ranks.json").read_text())
     rows, ref = log_rows(out), log_rows(one)
     assert sum(r["event"] == "train" for r in rows) == 1  # one writer: no line twice
@@ -208,18 +208,18 @@ BOUND_S = 60  # generous for a loaded 2-core CI machine; the mechanism itself re
 
 
 def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path, cls_files):
-    """Rank 0 alone checks --out (a folder holding something else): it fails before calibration while ranks
-    1 and 2 wait in the first collective. Every rank must end, non-zero, naming rank 0's error."""
+    """Rank 0 alone checks --out (a user's ranks.json that a run would overwrite): it fails before calibration
+    while ranks 1 and 2 wait in the first collective. Every rank must end, non-zero, naming rank 0's error."""
     model = tiny_model_dir(tmp_path / "m", "encoder")
     out = tmp_path / "taken"
     out.mkdir()
-    (out / "notes.txt").write_text("not a run")
+    (out / "ranks.json").write_text("{}")
     res = launch(3, ["-m", "slora.finetune", *run_argv(model, cls_files, out, 4)], timeout=BOUND_S + 60)
     for rank, (rc, text, seconds) in enumerate(res):
         assert rc not in (0, None), f"rank {rank} did not fail (rc {rc}):\n{text[-2000:]}"
-        assert "does not hold a slora run" in text, f"rank {rank}:\n{text[-2000:]}"
+        assert "which a run would overwrite" in text, f"rank {rank}:\n{text[-2000:]}"
         assert seconds < BOUND_S, (rank, seconds)
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing written
+    assert sorted(p.name for p in out.iterdir()) == ["ranks.json"]  # nothing written
 
 
 @pytest.mark.slow

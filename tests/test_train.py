@@ -1,5 +1,6 @@
 """slora/train.py: loss normalised per optimizer step, non-finite stop (finetune end to end in test_finetune.py)."""
 import json
+import math
 
 import pytest
 import torch
@@ -75,3 +76,109 @@ def test_inf_learning_rate_stops_with_the_step_and_no_adapter(tmp_path):
     with pytest.raises(train.NonFiniteError, match=r"step 2: .* not finite.*--lr inf"):
         finetune.main(argv)
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+# -----------------------------------------------------------------------------
+# Activation checkpointing
+
+def lora_grads(model, batch, kind, checkpointing: bool) -> dict:
+    train.set_activation_checkpointing(model, checkpointing)
+    model.train()
+    (train.loss_sum(model, batch, kind, "cpu") / train.target_count(batch, kind)).backward()
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("family", ["decoder", "bert", "mpnet"])
+def test_activation_checkpointing_gives_the_same_nonzero_lora_gradients(family, monkeypatch):
+    from slora.models import bert, for_sequence_classification, llama, mpnet
+    from tests.tiny import tiny_bert, tiny_mpnet
+    calls = []
+    for mod in (bert, llama, mpnet):  # count the layers that really went through torch.utils.checkpoint
+        real = mod.checkpoint
+        monkeypatch.setattr(mod, "checkpoint", lambda fn, *a, _c=real, **kw: calls.append(1) or _c(fn, *a, **kw))
+    if family == "decoder":
+        model, kind = tiny_llama(), "generation"
+        targets = [f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj")]
+        batch = lm_batch(1, B=4, T=10, vocab=model.config.vocab_size)
+    else:
+        no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        body = tiny_bert(**no_dropout) if family == "bert" else tiny_mpnet(**no_dropout)
+        model, kind = for_sequence_classification(body, 3, seed=0), "classification"
+        q = "attention.self.query" if family == "bert" else "attention.attn.q"
+        targets = [f"{family}.encoder.layer.{i}.{m}" for i in (0, 1) for m in (q, "output.dense")]
+        g = torch.Generator().manual_seed(2)
+        batch = {"input_ids": torch.randint(4, 53, (4, 9), generator=g),
+                 "attention_mask": torch.tensor([[1] * 9, [1] * 7 + [0] * 2, [1] * 5 + [0] * 4, [1] * 9]),
+                 "labels": torch.tensor([0, 2, 1, 2])}
+    apply_lora(model, {t: 2 for t in targets}, 4.0, dropout=0.0)
+    randomize_lora(model)
+    mark_only_lora_trainable(model, extra=("classifier",) if family != "decoder" else ())
+    plain = lora_grads(model, batch, kind, False)
+    assert not calls
+    ckpt = lora_grads(model, batch, kind, True)
+    assert len(calls) == 2  # both layers
+    lora = [n for n in plain if "lora_" in n]
+    assert len(lora) == 2 * len(targets) and plain.keys() == ckpt.keys()
+    for n in plain:  # recomputation repeats the same fp32 operations: equal up to a few ulps
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=0, atol=16 * torch.finfo(torch.float32).eps
+                                   * plain[n].abs().max().item(), msg=n)
+    for n in lora:
+        assert plain[n].abs().sum() > 0, n
+
+
+def test_activation_checkpointing_is_refused_on_a_model_without_layer_stacks():
+    with pytest.raises(ValueError, match="Linear has no layer stack"):
+        train.set_activation_checkpointing(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_bf16_base_with_checkpointing_end_to_end(tmp_path, kind):
+    # --dtype bf16 on the CPU: base loaded as bf16, autocast on, LoRA and head trained and saved in fp32
+    from safetensors.torch import load_file
+    model = tiny_model_dir(tmp_path / "m", kind)
+    if kind == "encoder":
+        rows = [{"text": f"the movie was {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(24)]
+        extra = []
+    else:
+        rows = [{"prompt": "what is the capital of france", "response": "paris"}] * 12
+        extra = ["--jsonl-kind", "instructions", "--gen-tokens", "2"]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = finetune.main(["--model", str(model), "--task", "jsonl", "--train-file", str(tmp_path / "t.jsonl"),
+                         "--batch-size", "4", "--calib-n", "8", "--max-steps", "2", "--dtype", "bf16",
+                         "--activation-checkpointing", "--out", str(tmp_path / "run"), *extra])
+    sd = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert sd and all(t.dtype == torch.float32 for t in sd.values())
+    assert any("lora_B" in k and t.abs().sum() > 0 for k, t in sd.items())  # it trained
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["event"] == "step"]
+    assert losses and all(math.isfinite(v) for v in losses)
+
+
+def test_bf16_base_with_fp32_compute_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--precision fp32 needs an fp32 base"):
+        finetune.main(["--dtype", "bf16", "--precision", "fp32", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_chunked_lm_loss_equals_the_whole_loss_and_gradients():
+    # lm_chunk runs the head and loss over a few positions at a time, recomputed in backward: same sum, same grads
+    model = tiny_llama().double()
+    apply_lora(model, {f"model.layers.{i}.mlp.up_proj": 2 for i in (0, 1)}, 4.0)
+    randomize_lora(model)
+    mark_only_lora_trainable(model, extra=())
+    model.train()
+    batch = lm_batch(3, B=4, T=11, vocab=model.config.vocab_size)
+    grads = []
+    for chunk in (None, 3, 100):
+        loss = train.loss_sum(model, batch, "generation", "cpu", lm_chunk=chunk)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    (whole, gw), *chunked = grads
+    for loss, g in chunked:
+        torch.testing.assert_close(loss, whole, **TOL)
+        assert g.keys() == gw.keys() and len(g) == 4
+        for n in g:
+            torch.testing.assert_close(g[n], gw[n], **TOL, msg=n)

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from slora.models.bert import ACT, BertIntermediate, BertOutput, BertPooler, RobertaClassificationHead, init_head
 
@@ -197,6 +198,10 @@ class MPNetLayer(nn.Module):
 
 
 class MPNetEncoder(nn.Module):
+    # True: in training, each layer's activations are recomputed in the backward pass instead of kept
+    # (non-reentrant torch.utils.checkpoint; the reentrant variant gives LoRA no gradient, transformers#26221)
+    activation_checkpointing = False
+
     def __init__(self, cfg: MPNetConfig):
         super().__init__()
         self.layer = nn.ModuleList(MPNetLayer(cfg) for _ in range(cfg.num_hidden_layers))
@@ -212,7 +217,10 @@ class MPNetEncoder(nn.Module):
 
     def forward(self, x, bias):
         for layer in self.layer:
-            x = layer(x, bias)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, bias, use_reentrant=False)
+            else:
+                x = layer(x, bias)
         return x
 
 
@@ -273,7 +281,7 @@ def for_sequence_classification(body: MPNetModel, num_labels: int, seed: int = 0
         model = MPNetForSequenceClassification(cfg, num_labels)
     body.pooler, cfg.add_pooling_layer = None, False
     model.mpnet = body
+    # the head is trained, so it stays fp32 on a bf16 base, as the LoRA factors do (autocast runs it in bf16)
     model.classifier.to_empty(device=next(body.parameters()).device)
-    model.classifier.to(next(body.parameters()).dtype)
     init_head(model.classifier, seed)
     return model

@@ -167,7 +167,8 @@ def check_run_matches_one_process(tmp_path, files, world, *extra):
         assert rc == 0, f"rank {rank} failed:\n{text[-3000:]}"
     assert sum("run folder:" in text for _, text, _ in res) == 1  # rank 0 alone reports (and writes) the folder
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one.iterdir())
-    assert not list(out.glob(".slora-*")) and not list(tmp_path.glob("<rank*")) and not list(ROOT.glob("<rank*"))
+    assert not (out / ".slora-lock").exists() and not (out / ".slora-partial").exists()  # completed, unlocked
+    assert not list(tmp_path.glob("<rank*")) and not list(ROOT.glob("<rank*"))  # the other ranks wrote nothing
     assert json.loads((out / "ranks.json").read_text()) == json.loads((one / "ranks.json").read_text())
     rows, ref = log_rows(out), log_rows(one)
     assert sum(r["event"] == "train" for r in rows) == 1  # one writer: no line twice

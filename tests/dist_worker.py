@@ -63,15 +63,17 @@ def lm_features(n_seq: int, vocab: int) -> list[data.Features]:
     return feats
 
 
-def grads(model_dir: str, batch: int, accum: int, fsdp: bool, dtype=torch.float32) -> dict[str, torch.Tensor]:
+def grads(model_dir: str, batch: int, accum: int, fsdp: bool, ckpt: bool = False) -> dict[str, torch.Tensor]:
     """One optimizer step's gradients: tiny decoder, seeded non-zero LoRA on every linear, dropout 0, micro-batch
-    `batch` per rank (global world·batch), `accum` micro-batches; 11 sequences, so the last is short."""
+    `batch` per rank (global world·batch), `accum` micro-batches; 11 sequences, so the last is short. `ckpt`:
+    activation checkpointing per layer, applied before wrapping (torchtune's order)."""
     from tests.tiny import randomize_lora
     model = load_model(model_dir)
     ranks = {n: 2 for n in hessian.find_linears(model, "all-linear")}
     apply_lora(model, ranks, 4.0, generator=torch.Generator().manual_seed(0))
     randomize_lora(model, seed=3)
     mark_only_lora_trainable(model, extra=())
+    train.set_activation_checkpointing(model, ckpt)
     fwd = parallel.wrap(model, fsdp)
     world = dist.get().world
     feats = lm_features(11, model.config.vocab_size)
@@ -95,7 +97,8 @@ if __name__ == "__main__":
                 json.dump(res, f)
         elif what == "grads":
             model_dir, batch, accum, fsdp, out = rest
-            save_file(grads(model_dir, int(batch), int(accum), fsdp == "fsdp"), f"{out}.{d.rank}.safetensors")
+            g = grads(model_dir, int(batch), int(accum), "fsdp" in fsdp, "ckpt" in fsdp)
+            save_file(g, f"{out}.{d.rank}.safetensors")
         elif what == "mismatch":  # test_lora_shape_mismatch_is_an_error_on_every_rank
             model = load_model(rest[0])
             names = list(hessian.find_linears(model, "q_proj,v_proj"))

@@ -100,6 +100,8 @@ def test_ranks_match_one_process(tmp_path, kind, world, n_seq, batch, mode):
     (1, 4, 2, "ddp"),   # torchrun with one process
     (2, 3, 2, "fsdp"),  # FSDP2 on a CPU mesh: parity catches a sum-instead-of-average (pytorch#162338)
     (3, 5, 1, "fsdp"),  # 11 rows over 3 ranks: 4, 4, 3
+    (2, 3, 2, "ddp+ckpt"),   # activation checkpointing per layer, then DDP
+    (2, 3, 2, "fsdp+ckpt"),  # activation checkpointing per layer, then FSDP2 (torchtune's order)
 ])
 def test_gradients_match_one_process(tmp_path, world, batch, accum, how):
     model = tiny_model_dir(tmp_path / "m", "decoder")

@@ -5,6 +5,7 @@ per module, θ and ranks."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -63,12 +64,14 @@ def lm_features(n_seq: int, vocab: int) -> list[data.Features]:
     return feats
 
 
-def grads(model_dir: str, batch: int, accum: int, fsdp: bool, ckpt: bool = False) -> dict[str, torch.Tensor]:
+def grads(model_dir: str, batch: int, accum: int, fsdp: bool, ckpt: bool = False, device=None
+          ) -> dict[str, torch.Tensor]:
     """One optimizer step's gradients: tiny decoder, seeded non-zero LoRA on every linear, dropout 0, micro-batch
     `batch` per rank (global world·batch), `accum` micro-batches; 11 sequences, so the last is short. `ckpt`:
     activation checkpointing per layer, applied before wrapping (torchtune's order)."""
     from tests.tiny import randomize_lora
-    model = load_model(model_dir)
+    device = torch.device(device) if device is not None else dist.get().device
+    model = load_model(model_dir).to(device)
     ranks = {n: 2 for n in hessian.find_linears(model, "all-linear")}
     apply_lora(model, ranks, 4.0, generator=torch.Generator().manual_seed(0))
     randomize_lora(model, seed=3)
@@ -79,8 +82,8 @@ def grads(model_dir: str, batch: int, accum: int, fsdp: bool, ckpt: bool = False
     feats = lm_features(11, model.config.vocab_size)
     group = [parallel.local_rows(b) for b in data.iterate_batches(feats, batch * world, 0)][:accum]
     model.train()
-    loss = train.backward_step(fwd, group, "lm", torch.device("cpu"), torch.autocast("cpu", enabled=False))
-    out = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).contiguous()
+    loss = train.backward_step(fwd, group, "lm", device, torch.autocast(device.type, enabled=False))
+    out = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).contiguous().cpu()
            for n, p in model.named_parameters() if p.requires_grad}
     out["loss"] = torch.tensor([parallel.global_count(loss.item()) / world], dtype=torch.float64)
     return out
@@ -88,7 +91,7 @@ def grads(model_dir: str, batch: int, accum: int, fsdp: bool, ckpt: bool = False
 
 if __name__ == "__main__":
     what, *rest = sys.argv[1:]
-    d = dist.init("cpu")
+    d = dist.init(os.environ.get("SLORA_TEST_DEVICE", "cpu"))  # cuda: tests/test_dist.py's gpu tier
     with dist.guard():
         if what == "calib":
             kind, model_dir, n_seq, batch, mode, out = rest

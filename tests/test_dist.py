@@ -118,6 +118,24 @@ def test_gradients_match_one_process(tmp_path, world, batch, accum, how):
             assert torch.equal(got[r][name], got[0][name]), (name, r)  # every rank steps with the same gradient
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+def test_gradients_match_one_gpu_on_two_gpus(tmp_path, how):
+    """NCCL on 2 GPUs against one GPU at twice the micro-batch, fp32 with TF32 off (torch's default for matmuls).
+    Tolerance rtol = atol = 1e-4: cuBLAS may pick other kernels (another summation order) for other batch shapes."""
+    model = tiny_model_dir(tmp_path / "m", "decoder")
+    want = grads(str(model), 6, 2, False, device="cuda:0")
+    res = launch(2, ["tests/dist_worker.py", "grads", str(model), "3", "2", how, str(tmp_path / "g")],
+                 env={"SLORA_TEST_DEVICE": "cuda"})
+    for rank, (rc, text, _) in enumerate(res):
+        assert rc == 0, f"rank {rank} failed:\n{text[-3000:]}"
+    got = [load_file(tmp_path / f"g.{r}.safetensors") for r in range(2)]
+    for name in want:
+        torch.testing.assert_close(got[0][name], want[name].cpu(), rtol=1e-4, atol=1e-4)
+        assert torch.equal(got[1][name], got[0][name]), name
+
+
 # -----------------------------------------------------------------------------
 # End to end: torchrun-style launch of python -m slora.finetune
 

@@ -129,6 +129,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resume is not None and len(argv if argv is not None else sys.argv[1:]) > 2:
         p.error("--resume takes no other flags: the arguments come from the run's own args.json")
+    if args.save_every < 0:
+        p.error(f"--save-every must be >= 0 (0: no checkpoints), got {args.save_every}")
     return args
 
 

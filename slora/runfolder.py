@@ -111,8 +111,9 @@ def locked(out: Path) -> Iterator[None]:
                       f"taken over", flush=True)
                 path.unlink(missing_ok=True)
                 continue
+            hint = "" if host == me["host"] else f" (if that run is gone, delete {path})"
             raise RunFolderError(f"{out}: in use by another slora run (pid {pid}, host {host}, started "
-                                 f"{held.get('started')}); wait for it or choose another --out") from None
+                                 f"{held.get('started')}); wait for it or choose another --out{hint}") from None
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(me) + "\n")
         break

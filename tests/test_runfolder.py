@@ -85,6 +85,21 @@ def test_interrupted_then_resumed_equals_uninterrupted(setup, reference, tmp_pat
     assert not (out / ".slora-partial").exists()
 
 
+def test_resume_of_a_run_recorded_before_an_option_existed(setup, reference, tmp_path, monkeypatch):
+    # args.json without a key: the run used that option's default, and so does its resumption
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            finetune.main(argv(setup, out))
+    path = out / ".slora-partial" / "args.json"
+    recorded = json.loads(path.read_text())
+    del recorded["activation_checkpointing"], recorded["dtype"]
+    path.write_text(json.dumps(recorded))
+    finetune.main(["--resume", str(out)])
+    assert adapter_bytes(out) == adapter_bytes(reference)
+
+
 @pytest.mark.slow
 def test_kill_9_after_a_checkpoint_then_resume_is_bit_identical(setup, reference, tmp_path):
     # a real subprocess killed with SIGKILL right after step 5 was logged (checkpoint 4 written), then resumed
@@ -117,6 +132,9 @@ def test_resume_refuses_what_is_not_an_interrupted_run(setup, reference, tmp_pat
     with pytest.raises(SystemExit) as e:
         finetune.main(["--resume", str(reference), "--lr", "1"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        finetune.main(argv(setup, tmp_path / "x", "--save-every", "-1"))
+    assert e.value.code == 2 and not (tmp_path / "x").exists()
 
 
 def test_run_stopped_before_its_first_checkpoint_leaves_nothing(setup, tmp_path, monkeypatch):

@@ -146,14 +146,14 @@ def reduce_sum(t: torch.Tensor, dst: int) -> torch.Tensor:
 
 def _encode(obj) -> torch.Tensor:
     # JSON keeps Python floats exactly (repr round-trips) and writes inf/nan as Infinity/NaN
-    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(_comm_device())
+    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(comm_device())
 
 
 def _decode(t: torch.Tensor):
     return json.loads(bytes(t.cpu().tolist()).decode())
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
     return _state.device if _state.backend == "nccl" else torch.device("cpu")
 
 
@@ -162,10 +162,10 @@ def broadcast_json(obj=None):
     if _state.world == 1:
         return obj
     payload = _encode(obj) if _state.is_main else None
-    size = torch.tensor([payload.numel() if payload is not None else 0], device=_comm_device())
+    size = torch.tensor([payload.numel() if payload is not None else 0], device=comm_device())
     tdist.broadcast(size, src=0)
     if payload is None:
-        payload = torch.empty(int(size), dtype=torch.uint8, device=_comm_device())
+        payload = torch.empty(int(size), dtype=torch.uint8, device=comm_device())
     tdist.broadcast(payload, src=0)
     return obj if _state.is_main else _decode(payload)
 
@@ -175,12 +175,12 @@ def all_gather_json(obj) -> list:
     if _state.world == 1:
         return [obj]
     payload = _encode(obj)
-    sizes = [torch.zeros(1, dtype=torch.int64, device=_comm_device()) for _ in range(_state.world)]
-    tdist.all_gather(sizes, torch.tensor([payload.numel()], device=_comm_device()))
+    sizes = [torch.zeros(1, dtype=torch.int64, device=comm_device()) for _ in range(_state.world)]
+    tdist.all_gather(sizes, torch.tensor([payload.numel()], device=comm_device()))
     longest = max(int(s) for s in sizes)
-    padded = torch.zeros(longest, dtype=torch.uint8, device=_comm_device())
+    padded = torch.zeros(longest, dtype=torch.uint8, device=comm_device())
     padded[:payload.numel()] = payload
-    bufs = [torch.empty(longest, dtype=torch.uint8, device=_comm_device()) for _ in range(_state.world)]
+    bufs = [torch.empty(longest, dtype=torch.uint8, device=comm_device()) for _ in range(_state.world)]
     tdist.all_gather(bufs, padded)
     return [_decode(b[:int(s)]) for b, s in zip(bufs, sizes)]
 

@@ -57,7 +57,7 @@ def sync(hooks, modules: dict[str, nn.Linear]) -> None:
     for g in groups:
         if g not in hooks.accs:
             hooks.accs[g] = hooks.empty(modules[g])
-    tokens = torch.tensor([hooks.accs[g].tokens for g in groups], dtype=torch.int64, device=dist._comm_device())
+    tokens = torch.tensor([hooks.accs[g].tokens for g in groups], dtype=torch.int64, device=dist.comm_device())
     dist.all_reduce_sum(tokens)
     where = owners({g: modules[g].in_features for g in groups}, hooks.mode, d.world)
     for i, g in enumerate(groups):

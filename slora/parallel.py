@@ -79,7 +79,7 @@ def global_count(count: float) -> float:
     """Sum of `count` over ranks (the step's target count for the loss normalisation)."""
     if dist.get().world == 1:
         return count
-    t = torch.tensor([float(count)], dtype=torch.float64, device=dist._comm_device())
+    t = torch.tensor([float(count)], dtype=torch.float64, device=dist.comm_device())
     return float(dist.all_reduce_sum(t))
 
 

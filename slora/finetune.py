@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from slora import data, runfolder, text
+from slora import data, dist, parallel, runfolder, text
 from slora.adapter import save_adapter
 from slora.argcheck import check_finetune_args
 from slora.checkpoint import read_config, read_json
@@ -118,6 +118,8 @@ def parse_args(argv=None):
                    help="recompute each transformer layer's activations in the backward pass (less memory, "
                         "about one more forward pass of time)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 per transformer "
+                   "layer (for models larger than one device) instead of DDP's full copy per rank")
     # output
     p.add_argument("--out", default=None, help="run folder (default: a new folder under runs/); the run is written "
                    "in OUT/.slora-partial/ and moved into OUT when complete")
@@ -155,7 +157,8 @@ def write_json(path: Path, obj):
         if isinstance(x, (list, tuple)):
             return [clean(v) for v in x]
         return x
-    path.write_text(json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    if dist.get().is_main:  # torchrun: rank 0 alone writes the run folder
+        path.write_text(json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 class Log:
@@ -166,6 +169,8 @@ class Log:
         self.muted = muted  # print only: a resumed run does not record its set-up stages a second time
 
     def __call__(self, event: str, text: str = "", **fields):
+        if not dist.get().is_main:  # torchrun: rank 0 alone logs and prints
+            return
         if not self.muted:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
@@ -213,11 +218,20 @@ def main(argv=None):
     check_finetune_args(args, PRESETS, data.TASKS, data.CALIBRATION_SOURCES)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # a diverged run is no resume point: resuming it would diverge again
-    with runfolder.run_folder(out, resume=resume, replace=args.replace,
-                              keep_on_error=lambda e: not isinstance(e, NonFiniteError)) as tmp:
-        run(args, tmp, resume)
-    print(f"run folder: {out}")
+    if dist.env_world() > 1 and (resume or args.save_every):
+        raise ValueError("--save-every and --resume are not supported under torchrun yet: run them in one process")
+    d = dist.init(args.device)  # torchrun's environment, or one process without a process group
+    with dist.guard():  # torchrun: a failure on any rank ends every rank with its error
+        if d.is_main:
+            # a diverged run is no resume point: resuming it would diverge again
+            with runfolder.run_folder(out, resume=resume, replace=args.replace,
+                                      keep_on_error=lambda e: not isinstance(e, NonFiniteError)) as tmp:
+                run(args, tmp, resume)
+        else:  # the other ranks compute alongside and write nothing (write_json and Log skip them)
+            run(args, Path(f"<rank {d.rank} writes no run folder>"), resume)
+    dist.teardown()
+    if d.is_main:
+        print(f"run folder: {out}")
     return out
 
 
@@ -229,7 +243,7 @@ def run(args, tmp: Path, resume: bool = False):
         checkpoint.truncate_log()  # the steps after the checkpoint are logged again, once, by this run
     log = Log(tmp / "log.jsonl", muted=resume)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = dist.get().device if dist.get().world > 1 else torch.device(args.device)  # cuda:LOCAL_RANK
     bf16_base = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda" and args.precision != "fp32")
     if bf16_base and args.precision == "fp32":
         raise ValueError("--precision fp32 needs an fp32 base: add --dtype fp32 (a bf16 base computes in bf16)")
@@ -308,7 +322,8 @@ def run(args, tmp: Path, resume: bool = False):
         if done == total or done % 10 == 0:
             log("calibrate", f"calibrate {done}/{total} batches", done=done, total=total)
 
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    # torchrun: each rank calibrates on its contiguous share of the batches; sums are reduced over ranks
+    batches = [{k: v.to(device) for k, v in b.items()} for b in dist.shard(batches)]
 
     def measure(m, progress=None):
         # full-mode Hessians of a decoder are streamed layer by layer (GPTQ-style): one layer's H lives at a time
@@ -324,13 +339,17 @@ def run(args, tmp: Path, resume: bool = False):
         sens, ranks = measure(model, progress)
         write_json(tmp / "sensitivity.json", sens)
         write_json(tmp / "ranks.json", ranks)
-        (tmp / "ranks.svg").write_text(ranks_svg(ranks, title=f"{args.model} {spec.name}: {args.alloc} ranks"))
+        if dist.get().is_main:
+            (tmp / "ranks.svg").write_text(ranks_svg(ranks, title=f"{args.model} {spec.name}: {args.alloc} ranks"))
     times["calibrate_allocate_s"] = time.time() - t0
     budget = sens["config"]["budget"]
     log("allocate", f"ranks: {len(ranks)} matrices, sum {sum(ranks.values())}, budget {budget}", budget=budget,
         ranks=ranks)
 
     if not args.allocate_only:
+        if args.epoch_sensitivity and args.fsdp:
+            raise ValueError("--epoch-sensitivity re-measures a merged copy of the model, which --fsdp shards; "
+                             "use DDP (no --fsdp) or one process")
         tracker = EpochSensitivity(measure, sens, ranks) if args.epoch_sensitivity else None
         set_activation_checkpointing(model, args.activation_checkpointing)
         if checkpoint is not None:
@@ -341,7 +360,9 @@ def run(args, tmp: Path, resume: bool = False):
         times.update(result.pop("times"))
         if tracker:
             write_json(tmp / "epoch_sensitivity.json", {"epochs": tracker.epochs})
-        save_adapter(model, tmp / "adapter", str(model_path), "CAUSAL_LM" if family == "decoder" else "SEQ_CLS")
+        parallel.full_trainable(model)  # FSDP2: gather the adapter on every rank (a collective), rank 0 writes
+        if dist.get().is_main:
+            save_adapter(model, tmp / "adapter", str(model_path), "CAUSAL_LM" if family == "decoder" else "SEQ_CLS")
         write_json(tmp / "metrics.json", result | {"times": times, "budget": budget})
     else:
         write_json(tmp / "metrics.json", {"times": times, "budget": budget, "allocate_only": True})

@@ -16,7 +16,6 @@ installed: wheels are zip files and sdists tar files. Each asset is built in a t
 place; a stamp in $SLORA_HOME/stamps then records what was built, so a second run only checks the stamps.
 The pinned facts come from shared/docs/assets.md.
 """
-import argparse
 import ast
 import hashlib
 import io
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from slora.errors import ArgumentParser, cli, one_line
 from slora.gguf import convert_gguf_to_hf
 
 
@@ -408,7 +408,7 @@ def list_assets() -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m slora.assets",
+    ap = ArgumentParser(prog="python -m slora.assets",
                                  description="Fetch and verify slora's offline models and data into $SLORA_HOME.")
     ap.add_argument("--list", action="store_true", help="list the assets, their folders and state; fetch nothing")
     ap.add_argument("--only", action="append", choices=list(ASSETS), metavar="NAME",
@@ -429,12 +429,12 @@ def main(argv=None) -> int:
             _log(f"[{name}] building {asset.target}: {asset.summary}")
             build(asset)
             _log(f"[{name}] done in {time.perf_counter() - t:.1f} s")
-    except AssetError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except AssetError as e:  # the same one line as slora.errors.cli prints, for callers of main()
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     _log(f"all done in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

@@ -24,7 +24,6 @@ comparison baselines: when missing, their rows say so and the run goes on.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 import torch
 
 from slora import hessian
+from slora.argcheck import check_device, check_ranges
+from slora.errors import ArgumentParser, cli
 from slora.models.llama import LlamaConfig, LlamaForCausalLM
 from slora.sensitivity import SensitivityConfig, compute, from_stats
 
@@ -337,7 +338,7 @@ CASES = ("calibration", "train1b", "train8b")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m slora.bench", description=__doc__.split("\n\n")[1])
+    p = ArgumentParser(prog="python -m slora.bench", description=__doc__.split("\n\n")[1])
     p.add_argument("--small", action="store_true", help="tiny shapes on the CPU in seconds (CI smoke test)")
     p.add_argument("--only", action="append", choices=CASES, default=None,
                    help="run only this case (repeatable); default: all of them")
@@ -353,9 +354,10 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="folder for result.json and output.txt; the keys of an existing "
                    "result.json that this run does not measure are kept")
     args = p.parse_args(argv)
+    check_ranges(args)
     cases = args.only or CASES
     bench_train = _training_cases()
-    device = torch.device("cpu" if args.small else args.device)
+    device = torch.device("cpu") if args.small else check_device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if args.small:
         args.batches, args.batch_size, args.seq_len, args.train_batch, args.train_seq_len = 2, 2, 32, 2, 32
@@ -410,4 +412,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,4 +1,4 @@
-"""Tasks and data: task specs, readers (GLUE, offline stand-ins, JSONL), seeded splits, calibration sets, batches.
+"""What a task is: task specs, readers (GLUE, offline stand-ins, JSONL), seeded splits, calibration sources.
 
   spec = get_task(name); splits = load_task(name, glue_dir=..., seed=0)   -> {"train", "dev"[, "test"]}
   spec, splits = load_jsonl(kind, train_path[, dev_path])                 (user data)
@@ -10,7 +10,7 @@ report "test" once at the end where it exists.
   - Stand-ins: one seeded 80/10/10 split; dev and test get floor(n/10) items each, train the rest.
 Split rule (`seeded_order`): items sorted by `uid`, then permuted by torch.randperm(n, generator=torch.Generator()
 .manual_seed(seed)); test is the last block, dev the block before. Hash seed, dict and file order play no part.
-Batches: dicts of input_ids, attention_mask[, token_type_ids][, labels] tensors, model(**batch)-ready.
+How Examples become tensors (encoding, chat rendering, collation, calibration batches) is slora.batches.
 """
 from __future__ import annotations
 
@@ -18,14 +18,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
-from tokenizers import Tokenizer
 
+from slora.errors import SloraError
 from slora.scoring import GLUE_METRICS
-
-IGNORE_INDEX = -100  # label of tokens that carry no loss (torch cross_entropy's default ignore_index)
 
 
 # -----------------------------------------------------------------------------
@@ -131,11 +129,21 @@ def carve(items: Sequence[Example], fraction: float, seed: int, source) -> dict[
 # GLUE from a local folder in the standard layout (GLUE_DIR/<Task>/{train,dev}.tsv)
 
 
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A text file's contents; bytes that are not UTF-8 are an error naming the file and the line."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise SloraError(f"{path}:{line}", f"byte {raw[e.start]:#04x} is not UTF-8; save the file as UTF-8") from None
+
+
 def _tsv(path: Path) -> list[tuple[int, list[str]]]:
     """(1-based line number, tab-separated fields) of each non-empty line. No quote handling: GLUE's and VADER's
     files are not CSV-quoted (transformers reads GLUE with quotechar=None). CRLF endings and a UTF-8 byte-order
     mark (MRPC) are dropped."""
-    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    lines = read_text(path, "utf-8-sig").split("\n")
     return [(i, line.rstrip("\r").split("\t")) for i, line in enumerate(lines, start=1) if line.rstrip("\r")]
 
 
@@ -214,8 +222,14 @@ def read_wiki(data_dir=None) -> list[dict]:
     path = _data_root(data_dir) / "wiki" / "summaries_en-us.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: Wikipedia summaries not found (run `python -m slora.assets`)")
-    items = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        items = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise SloraError(f"{path}:{e.lineno}", f"not valid JSON ({e.msg}); re-run `python -m slora.assets`") from None
+    if not isinstance(items, dict):
+        raise SloraError(path, "expected a JSON object {key: summary}; re-run `python -m slora.assets`")
     for key, item in items.items():
+        item = item if isinstance(item, dict) else {}
         missing = [f for f in ("title", "extract", "description", "topic") if not isinstance(item.get(f), str)]
         if missing:
             raise ValueError(f"{path}: entry {key!r} lacks string field(s) {missing}")
@@ -276,7 +290,7 @@ def read_jsonl(path, kind: str) -> list[Example]:
         raise FileNotFoundError(f"{path}: JSONL file not found")
     need = {"classification": {"text": str, "label": int}, "instructions": {"prompt": str, "response": str}}[kind]
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+    for i, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -298,6 +312,10 @@ def read_jsonl(path, kind: str) -> list[Example]:
     return out
 
 
+TASK_JSONL_CLS = TaskSpec("jsonl-classification", "classification", 2, ("text", "text_pair"), "label",
+                          ("accuracy",), "accuracy")  # the kind and name; num_labels comes from the data
+
+
 def load_jsonl(kind: str, train, dev=None, test=None, *, num_labels: int | None = None, seed: int = 0,
                holdout: float = 0.1) -> tuple[TaskSpec, dict[str, list[Example]]]:
     """(spec, splits) for user JSONL files. kind: "classification" (integer labels 0..num_labels-1; num_labels
@@ -310,12 +328,48 @@ def load_jsonl(kind: str, train, dev=None, test=None, *, num_labels: int | None 
     splits |= {"test": read_jsonl(test, kind)} if test is not None else {}
     if kind == "instructions":
         return TaskSpec("jsonl-instructions", "generation", 0, ("prompt",), "response", GEN_METRICS, "rougeL"), splits
-    k = num_labels if num_labels is not None else 1 + max(e.label for e in splits["train"])
-    bad = [(e.uid, e.label) for part in splits.values() for e in part if not 0 <= e.label < k]
-    if bad:
-        raise ValueError(f"{bad[0][0]}: label {bad[0][1]} out of range [0, {k})")
-    return TaskSpec("jsonl-classification", "classification", k, ("text", "text_pair"), "label", ("accuracy",),
+    files = {"train": train, "dev": dev if dev is not None else train, "test": test}
+    where = {(part, e.uid): f"{files[part]}:{e.uid.rsplit(':', 1)[1]}" for part, items in splits.items()
+             for e in items}
+    negative = next(((part, e) for part, items in splits.items() for e in items if e.label < 0), None)
+    if negative:
+        raise SloraError(where[negative[0], negative[1].uid], f"label {negative[1].label} is negative; classes are "
+                                                              f"numbered 0..K-1")
+    seen = sorted({e.label for e in splits["train"]})
+    if num_labels is None:
+        # the classes are those seen in training, and they must be 0..K-1: labels {0, 1, 1000} would otherwise
+        # build a 1001-way head with 998 classes that no example ever teaches
+        k = max(seen) + 1
+        gaps = sorted(set(range(k)) - set(seen))
+        if gaps:
+            first = next(e for e in splits["train"] if e.label == seen[-1])
+            raise SloraError(where["train", first.uid], f"label {seen[-1]}, but no training example has class "
+                             f"{', '.join(map(str, gaps[:5]))}{' ...' if len(gaps) > 5 else ''}; labels must be "
+                             f"0..K-1: renumber them, or pass --num-labels K if some classes have no training example")
+    else:
+        k = num_labels
+    check_classes(TASK_JSONL_CLS, splits["train"], train)
+    for part, items in splits.items():
+        for e in items:
+            if not 0 <= e.label < k:
+                hint = ("pass --num-labels K to state the number of classes" if num_labels is None
+                        else f"--num-labels is {num_labels}")
+                raise SloraError(where[part, e.uid], f"label {e.label} is outside the classes 0..{k - 1} "
+                                 f"{'seen in training' if num_labels is None else 'stated'}; {hint}")
+    return TaskSpec(TASK_JSONL_CLS.name, "classification", k, ("text", "text_pair"), "label", ("accuracy",),
                     "accuracy", tuple(str(i) for i in range(k))), splits
+
+
+def check_classes(spec: TaskSpec, train: Sequence[Example], source) -> None:
+    """A classification task trains on at least two classes: with one, every prediction is that class and
+    accuracy on a dev set of the same class reads 1.0 while nothing was learnt."""
+    if spec.kind != "classification":
+        return
+    seen = sorted({e.label for e in train})
+    if len(seen) < 2:
+        raise SloraError(source, f"the {len(train)} training example(s) all have label {seen[0] if seen else None}; "
+                                 f"classification needs at least two classes in training (more or other data, "
+                                 f"or a larger --max-train)")
 
 
 # -----------------------------------------------------------------------------
@@ -328,7 +382,7 @@ def _text_file_examples(path: Path) -> list[Example]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: calibration text not found")
     return [Example(f"{path.name}:{i}", s.strip())
-            for i, s in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1) if s.strip()]
+            for i, s in enumerate(read_text(path).split("\n"), start=1) if s.strip()]
 
 
 def calibration_examples(source: str, n: int, *, train: Sequence[Example] | None = None, seed: int = 0,
@@ -351,150 +405,6 @@ def calibration_examples(source: str, n: int, *, train: Sequence[Example] | None
     else:
         raise ValueError(f"calibration source {source!r} is neither one of {CALIBRATION_SOURCES} nor a file")
     if not 0 < n <= len(pool):
-        raise ValueError(f"calibration source {source!r} has {len(pool)} sequences; cannot draw {n}")
+        culprit = source if source not in CALIBRATION_SOURCES else f"calibration source {source!r}"
+        raise SloraError(culprit, f"has {len(pool)} sequences (non-empty lines); cannot draw {n}: lower --calib-n")
     return seeded_order(pool, seed)[:n]
-
-
-def calibration_batches(tok: Tokenizer, examples: Sequence[Example], *, decoder: bool, max_len: int,
-                        batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Input batches (no labels) in the examples' order. Task examples are encoded as in training (pairs for the
-    encoder, chat-formatted prompt + response for the decoder); plain text as one sequence."""
-    if decoder:
-        feats = [Features(encode_lm(tok, [e], max_len)[0].input_ids if isinstance(e.label, str)
-                          else _ids(tok, e.text)[:max_len]) for e in examples]
-    else:
-        feats = [Features(f.input_ids, f.token_type_ids) for f in encode_encoder(tok, examples, max_len)]
-    return list(iterate_batches(feats, batch_size, pad_id))
-
-
-# -----------------------------------------------------------------------------
-# Tokenization
-
-
-@dataclass
-class Features:
-    input_ids: list[int]
-    token_type_ids: list[int] | None = None         # encoder segment ids; None for decoders
-    labels: int | float | list[int] | None = None   # class id | target | per-token ids (-100 = no loss)
-
-
-def encode_encoder(tok: Tokenizer, examples: Sequence[Example], max_len: int) -> list[Features]:
-    """Single sentences or pairs through the tokenizer's post-processor ([CLS] a [SEP] (b [SEP])), truncated to
-    max_len longest-first as the tokenizers library does: the shorter text keeps min(its length, budget//2)
-    tokens, the longer one the rest. Labels: class ids and regression targets pass through, others become None."""
-    a_all = tok.encode_batch([e.text for e in examples], add_special_tokens=False)
-    b_all = tok.encode_batch([e.text_pair or "" for e in examples], add_special_tokens=False)
-    out = []
-    for e, a, b in zip(examples, a_all, b_all):
-        b = b if e.text_pair is not None else None
-        budget = max_len - tok.num_special_tokens_to_add(b is not None)
-        if budget < (2 if b is not None else 1):
-            raise ValueError(f"max_len {max_len} leaves no room for text after the special tokens")
-        keep_a = min(len(a.ids), budget)
-        if b is not None:
-            short = min(len(a.ids), len(b.ids), budget // 2)
-            keep_a = short if len(a.ids) <= len(b.ids) else min(len(a.ids), budget - short)
-            if len(b.ids) > budget - keep_a:
-                b.truncate(budget - keep_a)
-        if len(a.ids) > keep_a:
-            a.truncate(keep_a)
-        enc = tok.post_process(a, b, add_special_tokens=True)
-        out.append(Features(enc.ids, enc.type_ids, e.label if isinstance(e.label, (int, float)) else None))
-    return out
-
-
-def uses_chatml(tok: Tokenizer) -> bool:
-    """True when the vocabulary has ChatML's markers (SmolLM2-Instruct); both must then be present."""
-    start, end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
-    if (start is None) != (end is None):
-        raise ValueError("tokenizer has only one of <|im_start|> / <|im_end|>; cannot build the chat format")
-    return start is not None
-
-
-def _ids(tok: Tokenizer, text: str) -> list[int]:
-    return tok.encode(text, add_special_tokens=False).ids
-
-
-def encode_prompt_parts(tok: Tokenizer, prompt: str, max_prompt: int) -> list[int]:
-    """Prompt ids, ending where the response starts. ChatML: <|im_start|>user\\n{prompt}<|im_end|>\\n
-    <|im_start|>assistant\\n (no system turn); otherwise the prompt then "\\n". The markers are inserted by id, so
-    they need not be registered as added tokens. Only the prompt body is cut (from its end) to fit max_prompt."""
-    if uses_chatml(tok):
-        s, e = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
-        head, tail = [s] + _ids(tok, "user\n"), [e] + _ids(tok, "\n") + [s] + _ids(tok, "assistant\n")
-    else:
-        head, tail = [], _ids(tok, "\n")
-    room = max_prompt - len(head) - len(tail)
-    if room < 1:
-        raise ValueError(f"max length {max_prompt} leaves no room for the prompt inside its chat markers")
-    return head + _ids(tok, prompt)[:room] + tail
-
-
-def encode_lm(tok: Tokenizer, examples: Sequence[Example], max_len: int, eos_id: int | None = None) -> list[Features]:
-    """Prompt + response (the example's label) for causal-LM training, labels = IGNORE_INDEX on the prompt: the
-    loss is on response tokens only. The response ends with <|im_end|> (ChatML) or eos_id (plain; nothing if
-    None), so the model learns to stop, and keeps up to max_len//2 tokens; the prompt body is cut to fit the rest.
-    No BOS token: SmolLM2's chat template has none."""
-    end = [tok.token_to_id("<|im_end|>")] if uses_chatml(tok) else ([eos_id] if eos_id is not None else [])
-    out = []
-    for e in examples:
-        response = (_ids(tok, e.label) + end)[:max_len // 2]
-        prompt = encode_prompt_parts(tok, e.text, max_len - len(response))
-        out.append(Features(prompt + response, None, [IGNORE_INDEX] * len(prompt) + response))
-    return out
-
-
-def encode_prompts(tok: Tokenizer, examples: Sequence[Example], max_len: int) -> list[Features]:
-    """Generation prompts (no response) for batched greedy decoding; batch them with side="left"."""
-    return [Features(encode_prompt_parts(tok, e.text, max_len)) for e in examples]
-
-
-def decode_generations(tok: Tokenizer, output_ids: torch.Tensor, prompt_width: int,
-                       stop_ids: Sequence[int]) -> list[str]:
-    """The text generated after a left-padded prompt batch of width prompt_width, cut at the first stop id."""
-    rows = output_ids[:, prompt_width:].tolist()
-    cuts = [next((i for i, t in enumerate(row) if t in stop_ids), len(row)) for row in rows]
-    return [tok.decode(row[:cut], skip_special_tokens=True).strip() for row, cut in zip(rows, cuts)]
-
-
-# -----------------------------------------------------------------------------
-# Batching
-
-
-def collate(feats: Sequence[Features], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence of this batch (dynamic padding). Keys: input_ids (pad_id), attention_mask
-    (1 = real token), token_type_ids (0) when present, labels: (B,) long for classes, (B,) float32 for
-    regression, (B, T) long padded with IGNORE_INDEX for token labels."""
-    if side not in ("right", "left"):
-        raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
-    T = max(len(f.input_ids) for f in feats)
-
-    def pad(seq, value):
-        fill = [value] * (T - len(seq))
-        return list(seq) + fill if side == "right" else fill + list(seq)
-
-    batch = {"input_ids": torch.tensor([pad(f.input_ids, pad_id) for f in feats], dtype=torch.long),
-             "attention_mask": torch.tensor([pad([1] * len(f.input_ids), 0) for f in feats], dtype=torch.long)}
-    if feats[0].token_type_ids is not None:
-        batch["token_type_ids"] = torch.tensor([pad(f.token_type_ids, 0) for f in feats], dtype=torch.long)
-    labels = [f.labels for f in feats]
-    if all(isinstance(y, list) for y in labels):
-        batch["labels"] = torch.tensor([pad(y, IGNORE_INDEX) for y in labels], dtype=torch.long)
-    elif all(isinstance(y, int) for y in labels):
-        batch["labels"] = torch.tensor(labels, dtype=torch.long)
-    elif all(isinstance(y, (int, float)) for y in labels):
-        batch["labels"] = torch.tensor(labels, dtype=torch.float32)
-    elif any(y is not None for y in labels):
-        raise ValueError("a batch mixes label types (class ids, targets, token labels or none)")
-    return batch
-
-
-def iterate_batches(feats: Sequence[Features], batch_size: int, pad_id: int, *,
-                    generator: torch.Generator | None = None, side: str = "right") -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of `batch_size` features. With a generator the order is torch.randperm(n, generator): seed one
-    generator once for the whole run and each epoch gets a new, reproducible order. Without one the input order
-    is kept (evaluation: predictions line up with the examples)."""
-    n = len(feats)
-    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
-    for i in range(0, n, batch_size):
-        yield collate([feats[j] for j in order[i:i + batch_size]], pad_id, side)

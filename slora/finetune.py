@@ -19,11 +19,14 @@ from pathlib import Path
 
 import torch
 
-from slora import data, runfolder
+from slora import data, dist, parallel, runfolder, text
 from slora.adapter import save_adapter
+from slora.argcheck import check_finetune_args
+from slora.checkpoint import read_config, read_json
+from slora.errors import ArgumentParser, SloraError, UsageError, cli
 from slora.heatmap import ranks_svg
 from slora.lora import ALPHA_POLICIES
-from slora.models import for_sequence_classification, load_model, load_tokenizer
+from slora.models import DECODER_TYPES, for_sequence_classification, load_model, load_tokenizer
 from slora.models.llama import LlamaForCausalLM
 from slora.sensitivity import SensitivityConfig, compute
 from slora.resume import Checkpointer
@@ -45,7 +48,7 @@ ALLOC = {"sensitivity": ("sra", "sensitivity"), "uniform": ("uniform", "sensitiv
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m slora.finetune", description=__doc__.split("\n\n")[1],
+    p = ArgumentParser(prog="python -m slora.finetune", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model and task
     p.add_argument("--model", default="minilm", help="preset (minilm, smollm2, mpnet) or a Hugging Face-format folder")
@@ -59,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=None, help="tokens per sequence (default 128 encoder, 256 decoder)")
     p.add_argument("--max-train", type=int, default=None, help="use only the first N training examples (count)")
     p.add_argument("--max-eval", type=int, default=None, help="evaluate on the first N dev/test examples (count)")
+    p.add_argument("--num-labels", type=int, default=None, help="classes of --jsonl-kind classification (default: "
+                   "those seen in training, which must be 0..K-1)")
     # calibration (paper §4.6-4.7)
     p.add_argument("--calib", default="task", help="calibration text: task (its training inputs), ptb, wiki, rt, "
                    "tweets, amazon, nyt, or a text file with one sequence per line")
@@ -117,6 +122,8 @@ def parse_args(argv=None):
                    help="recompute each transformer layer's activations in the backward pass (less memory, "
                         "about one more forward pass of time)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 per transformer "
+                   "layer (for models larger than one device) instead of DDP's full copy per rank")
     # output
     p.add_argument("--out", default=None, help="run folder (default: a new folder under runs/); the run is written "
                    "in OUT/.slora-partial/ and moved into OUT when complete")
@@ -130,15 +137,13 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10, help="progress line every N optimizer steps")
     args = p.parse_args(argv)
     if args.resume is not None and len(argv if argv is not None else sys.argv[1:]) > 2:
-        p.error("--resume takes no other flags: the arguments come from the run's own args.json")
-    if args.save_every < 0:
-        p.error(f"--save-every must be >= 0 (0: no checkpoints), got {args.save_every}")
+        raise UsageError("--resume", "takes no other flags: the arguments come from the run's own args.json")
     return args
 
 
 def resumed_args(out: Path) -> argparse.Namespace:
     """The arguments of the interrupted run in `out`, as it recorded them; options added since run at default."""
-    stored = json.loads((runfolder.partial_of(out) / "args.json").read_text())
+    stored = read_json(runfolder.partial_of(out) / "args.json")
     stored.pop("resolved", None)
     return argparse.Namespace(**(vars(parse_args([])) | stored | {"resume": None, "replace": False}))
 
@@ -156,7 +161,8 @@ def write_json(path: Path, obj):
         if isinstance(x, (list, tuple)):
             return [clean(v) for v in x]
         return x
-    path.write_text(json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    if dist.get().is_main:  # torchrun: rank 0 alone writes the run folder
+        path.write_text(json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 class Log:
@@ -167,11 +173,38 @@ class Log:
         self.muted = muted  # print only: a resumed run does not record its set-up stages a second time
 
     def __call__(self, event: str, text: str = "", **fields):
+        if not dist.get().is_main:  # torchrun: rank 0 alone logs and prints
+            return
         if not self.muted:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
         if text:
             print(text, flush=True)
+
+
+def position_limit(hf: dict) -> int | None:
+    """Tokens a sequence may hold in a model of this config.json; None when the config does not say."""
+    n = hf.get("max_position_embeddings")
+    if not isinstance(n, int) or isinstance(n, bool):
+        return None
+    # RoBERTa and MPNet count positions from padding_idx + 1 (fairseq), so the rows below are never a token's
+    pad = hf.get("pad_token_id")
+    return n - (pad + 1 if hf.get("model_type") in ("roberta", "mpnet") and isinstance(pad, int) else 0)
+
+
+def check_positions(args, hf: dict, decoder: bool):
+    """Lengths asked for beyond the model's positions are argument errors, found from config.json before the
+    weights load; --gen-tokens beyond them would generate for minutes."""
+    limit = position_limit(hf)
+    if limit is None:
+        return
+    for name in ("max_len", "calib_len"):
+        value = getattr(args, name)
+        if value is not None and value > limit:
+            raise UsageError(f"--{name.replace('_', '-')}", f"{value} is beyond the {limit} positions of "
+                                                            f"{args.model} (max_position_embeddings)")
+    if decoder and args.gen_tokens > limit:
+        raise UsageError("--gen-tokens", f"{args.gen_tokens} is beyond the {limit} positions of {args.model}")
 
 
 # -----------------------------------------------------------------------------
@@ -185,13 +218,24 @@ def main(argv=None):
         args = resumed_args(out)
     else:
         out = Path(args.out) if args.out else Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{args.task}-{args.alloc}")
+    # values checked here, not in parse_args: a command recorded on another machine (--device cuda) still parses
+    check_finetune_args(args, PRESETS, data.TASKS, data.CALIBRATION_SOURCES)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # a diverged run is no resume point: resuming it would diverge again
-    with runfolder.run_folder(out, resume=resume, replace=args.replace,
-                              keep_on_error=lambda e: not isinstance(e, NonFiniteError)) as tmp:
-        run(args, tmp, resume)
-    print(f"run folder: {out}")
+    if dist.env_world() > 1 and (resume or args.save_every):
+        raise ValueError("--save-every and --resume are not supported under torchrun yet: run them in one process")
+    d = dist.init(args.device)  # torchrun's environment, or one process without a process group
+    with dist.guard():  # torchrun: a failure on any rank ends every rank with its error
+        if d.is_main:
+            # a diverged run is no resume point: resuming it would diverge again
+            with runfolder.run_folder(out, resume=resume, replace=args.replace,
+                                      keep_on_error=lambda e: not isinstance(e, NonFiniteError)) as tmp:
+                run(args, tmp, resume)
+        else:  # the other ranks compute alongside and write nothing (write_json and Log skip them)
+            run(args, Path(f"<rank {d.rank} writes no run folder>"), resume)
+    dist.teardown()
+    if d.is_main:
+        print(f"run folder: {out}")
     return out
 
 
@@ -203,7 +247,7 @@ def run(args, tmp: Path, resume: bool = False):
         checkpoint.truncate_log()  # the steps after the checkpoint are logged again, once, by this run
     log = Log(tmp / "log.jsonl", muted=resume)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = dist.get().device if dist.get().world > 1 else torch.device(args.device)  # cuda:LOCAL_RANK
     bf16_base = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda" and args.precision != "fp32")
     if bf16_base and args.precision == "fp32":
         raise ValueError("--precision fp32 needs an fp32 base: add --dtype fp32 (a bf16 base computes in bf16)")
@@ -218,6 +262,8 @@ def run(args, tmp: Path, resume: bool = False):
         model_path = model_dir(args.model)
     else:
         model_path = Path(args.model)
+    hf = read_config(model_path)
+    check_positions(args, hf, decoder=hf.get("model_type") in DECODER_TYPES)
     body = load_model(model_path, dtype=torch.bfloat16 if bf16_base else torch.float32, device=device)
     tok = load_tokenizer(model_path)
     family = "decoder" if isinstance(body, LlamaForCausalLM) else "encoder"
@@ -227,24 +273,38 @@ def run(args, tmp: Path, resume: bool = False):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.lora_alpha = 2 * args.r_avg if args.lora_alpha is None else args.lora_alpha
+    limit = position_limit(hf)
+    if limit is not None and args.max_len > limit:  # the family default, cut to the model: recorded as resolved
+        args.max_len = limit
     args.calib_len = args.max_len if args.calib_len is None else args.calib_len
     pad_id = body.config.pad_token_id if body.config.pad_token_id is not None else body.config.eos_token_id
-    resolved = {k: v for k, v in vars(args).items() if given[k] != v}
+    resolved = {k: v for k, v in vars(args).items() if given[k] != v} | {"model_path": str(model_path),
+                                                                          "family": family}
     if not resume:  # a resumed run keeps the files its first part wrote
-        write_json(tmp / "args.json",
-                   given | {"resolved": resolved | {"model_path": str(model_path), "family": family}})
+        write_json(tmp / "args.json", given | {"resolved": resolved})
 
     # ---- data: task splits (seeded) and the encoder's task head
     if args.task == "jsonl":
         spec, splits = data.load_jsonl(args.jsonl_kind, args.train_file, args.dev_file, args.test_file,
-                                       seed=args.seed)
+                                       num_labels=args.num_labels, seed=args.seed)
     else:
         spec, splits = data.get_task(args.task), data.load_task(args.task, glue_dir=args.glue_dir, seed=args.seed)
     if (spec.kind == "generation") != (family == "decoder"):
-        raise ValueError(f"task {spec.name} ({spec.kind}) needs a {'decoder' if spec.kind == 'generation' else 'encoder'}"
-                         f" model; {args.model} is a {family}")
+        need, have = ("a decoder", "an encoder") if family == "encoder" else ("an encoder", "a decoder")
+        raise SloraError(args.model, f"is {have}, but task {spec.name} ({spec.kind}) needs {need}")
     train = splits["train"][:args.max_train]
     evals = {k: v[:args.max_eval] for k, v in splits.items() if k != "train"}
+    data.check_classes(spec, train, args.train_file or f"task {spec.name}")
+    n_calib = min(args.calib_n, len(train)) if args.calib == "task" else args.calib_n
+    # a count asked for but not available is recorded as what was used (args.json "resolved"), never as asked
+    used = {k: n for k, asked, n in (("max_train", args.max_train, len(train)), ("calib_n", args.calib_n, n_calib),
+                                     ("max_eval", args.max_eval, max(map(len, evals.values()), default=0)))
+            if asked is not None and n < asked}
+    if used and not resume:
+        resolved |= used
+        write_json(tmp / "args.json", given | {"resolved": resolved})
+        log("counts", "fewer examples than asked for; using " + ", ".join(f"{k} {v}" for k, v in used.items()),
+            **used)
     model = body if family == "decoder" else for_sequence_classification(body, spec.num_labels, args.seed)
     model.to(device).eval()
     times["load_s"] = time.time() - t0
@@ -253,9 +313,8 @@ def run(args, tmp: Path, resume: bool = False):
 
     # ---- calibrate, metrics, allocate (paper §3, Eqs. 8-15)
     t0 = time.time()
-    calib = data.calibration_examples(args.calib, min(args.calib_n, len(train)) if args.calib == "task"
-                                      else args.calib_n, train=train, seed=args.seed)
-    batches = data.calibration_batches(tok, calib, decoder=family == "decoder", max_len=args.calib_len,
+    calib = data.calibration_examples(args.calib, n_calib, train=train, seed=args.seed)
+    batches = text.calibration_batches(tok, calib, decoder=family == "decoder", max_len=args.calib_len,
                                        batch_size=args.batch_size, pad_id=pad_id)
     method, variant = ALLOC[args.alloc]
     full = args.metric_source == "obs" or args.alloc == "eva"  # diag(H⁻¹) and eig(H) need the whole H
@@ -268,7 +327,8 @@ def run(args, tmp: Path, resume: bool = False):
         if done == total or done % 10 == 0:
             log("calibrate", f"calibrate {done}/{total} batches", done=done, total=total)
 
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    # torchrun: each rank calibrates on its contiguous share of the batches; sums are reduced over ranks
+    batches = [{k: v.to(device) for k, v in b.items()} for b in dist.shard(batches)]
 
     def measure(m, progress=None):
         # full-mode Hessians of a decoder are streamed layer by layer (GPTQ-style): one layer's H lives at a time
@@ -279,18 +339,22 @@ def run(args, tmp: Path, resume: bool = False):
             return compute(m, batches, cfg, blocks=blocks, progress=progress)
 
     if resume:  # allocation is deterministic: the interrupted run's own result is read back, not recomputed
-        sens, ranks = (json.loads((tmp / f).read_text()) for f in ("sensitivity.json", "ranks.json"))
+        sens, ranks = (read_json(tmp / f) for f in ("sensitivity.json", "ranks.json"))
     else:
         sens, ranks = measure(model, progress)
         write_json(tmp / "sensitivity.json", sens)
         write_json(tmp / "ranks.json", ranks)
-        (tmp / "ranks.svg").write_text(ranks_svg(ranks, title=f"{args.model} {spec.name}: {args.alloc} ranks"))
+        if dist.get().is_main:
+            (tmp / "ranks.svg").write_text(ranks_svg(ranks, title=f"{args.model} {spec.name}: {args.alloc} ranks"))
     times["calibrate_allocate_s"] = time.time() - t0
     budget = sens["config"]["budget"]
     log("allocate", f"ranks: {len(ranks)} matrices, sum {sum(ranks.values())}, budget {budget}", budget=budget,
         ranks=ranks)
 
     if not args.allocate_only:
+        if args.epoch_sensitivity and args.fsdp:
+            raise ValueError("--epoch-sensitivity re-measures a merged copy of the model, which --fsdp shards; "
+                             "use DDP (no --fsdp) or one process")
         tracker = EpochSensitivity(measure, sens, ranks) if args.epoch_sensitivity else None
         set_activation_checkpointing(model, args.activation_checkpointing)
         if checkpoint is not None:
@@ -301,11 +365,13 @@ def run(args, tmp: Path, resume: bool = False):
         times.update(result.pop("times"))
         if tracker:
             write_json(tmp / "epoch_sensitivity.json", {"epochs": tracker.epochs})
-        save_adapter(model, tmp / "adapter", str(model_path), "CAUSAL_LM" if family == "decoder" else "SEQ_CLS")
+        parallel.full_trainable(model)  # FSDP2: gather the adapter on every rank (a collective), rank 0 writes
+        if dist.get().is_main:
+            save_adapter(model, tmp / "adapter", str(model_path), "CAUSAL_LM" if family == "decoder" else "SEQ_CLS")
         write_json(tmp / "metrics.json", result | {"times": times, "budget": budget})
     else:
         write_json(tmp / "metrics.json", {"times": times, "budget": budget, "allocate_only": True})
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

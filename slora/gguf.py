@@ -8,7 +8,6 @@ No `gguf` package and no pickle: the header is parsed with `struct`, the tensor 
 
 Legend for shape comments: n blocks of 32 weights, H heads, hs head size.
 """
-import argparse
 import json
 import struct
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from slora.checkpoint import atomic_folder
+from slora.errors import ArgumentParser, UsageError, cli
 from slora.gguf_tokenizer import GGUFError, hf_tokenizer, hf_tokenizer_config
 
 GGUF_MAGIC = b"GGUF"
@@ -441,21 +441,35 @@ def convert_gguf_to_hf(gguf_path, out_dir) -> Path:
         raise FileExistsError(f"{out_dir} already exists; remove it before converting {gguf_path} into it")
     gf = read_gguf(gguf_path)
     config = hf_config(gf)
-    with atomic_folder(out_dir) as tmp:
-        save_file(hf_state_dict(gf, config), tmp / "model.safetensors", metadata={"format": "pt"})
+    try:
+        tokenizer = hf_tokenizer(gf)
+    except GGUFError:
+        raise
+    except Exception as e:  # the tokenizers library raises plain Exceptions on a vocabulary it cannot build
+        raise GGUFError(f"{gguf_path}: cannot rebuild the tokenizer from tokenizer.ggml.*: {e}") from None
+    # replace=False: a folder another conversion finished meanwhile is an error, never silently replaced
+    with atomic_folder(out_dir, replace=False) as tmp:
+        sd = hf_state_dict(gf, config)
+        for name, w in sd.items():
+            if not np.isfinite(w).all():
+                raise GGUFError(f"{gguf_path}: tensor {name!r} holds NaN or inf values; the GGUF is damaged")
+        save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        hf_tokenizer(gf).save(str(tmp / "tokenizer.json"))
+        tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(gf, config), indent=2) + "\n")
     return out_dir
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Convert a llama-architecture GGUF into a Hugging Face folder.")
+    ap = ArgumentParser(prog="python -m slora.gguf",
+                        description="Convert a llama-architecture GGUF into a Hugging Face folder.")
     ap.add_argument("gguf", help="path of the .gguf file")
     ap.add_argument("out_dir", help="folder to create (must not exist)")
     args = ap.parse_args(argv)
+    if not Path(args.gguf).is_file():
+        raise UsageError(args.gguf, "is a folder, not a .gguf file" if Path(args.gguf).is_dir() else "no such file")
     print(f"wrote {convert_gguf_to_hf(args.gguf, args.out_dir)}")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

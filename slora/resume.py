@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from slora.checkpoint import read_json
 from slora.runfolder import CHECKPOINT
 from slora.train import TrainState
 
@@ -80,11 +81,11 @@ class Checkpointer:
 
     # -------------------------------------------------------------------------
     def path(self) -> Path:
-        return self.folder / json.loads((self.folder / CHECKPOINT).read_text())["checkpoint"]
+        return self.folder / read_json(self.folder / CHECKPOINT)["checkpoint"]
 
     def truncate_log(self):
         """Cut log.jsonl back to its length at the checkpoint (call before the resumed run logs anything)."""
-        meta = json.loads((self.path() / "state.json").read_text())
+        meta = read_json(self.path() / "state.json")
         with open(self.folder / LOG, "r+b") as f:
             f.truncate(meta["log_bytes"])
 
@@ -92,7 +93,7 @@ class Checkpointer:
         """Load the newest checkpoint into the model's trainable parameters, the optimizer, the schedule, the RNGs
         and the tracker; return the loop's state. Any mismatch with the model is an error naming the tensor."""
         path = self.path()
-        meta = json.loads((path / "state.json").read_text())
+        meta = read_json(path / "state.json")
         tensors = load_file(str(path / "tensors.safetensors"))
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         saved = {k[len("param."):] for k in tensors if k.startswith("param.")}

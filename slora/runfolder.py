@@ -21,12 +21,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from slora.checkpoint import read_json
+from slora.errors import sigterm_as_interrupt  # SIGTERM unwinds as Ctrl-C does (raised as Terminated)
 
 LOCK = ".slora-lock"
 PARTIAL = ".slora-partial"
@@ -57,7 +59,7 @@ def complete_files(out: Path) -> list[str] | None:
     """Names of the complete run's files in OUT (from the manifest, or the legacy names), None if none is there."""
     out = Path(out)
     if (out / MANIFEST).is_file():
-        return json.loads((out / MANIFEST).read_text())["files"]
+        return read_json(out / MANIFEST)["files"]
     if (out / "args.json").is_file() and (out / "metrics.json").is_file():
         return [n for n in LEGACY_FILES if (out / n).exists()]
     return None
@@ -106,6 +108,9 @@ def locked(out: Path) -> Iterator[None]:
             except (OSError, json.JSONDecodeError):
                 held = {}  # being written this instant, or damaged: treated as held
             pid, host = held.get("pid"), held.get("host")
+            if not isinstance(pid, int):
+                raise RunFolderError(f"{path}: lock file without a process id (being written this instant, or "
+                                     f"damaged); if no slora run is using {out}, remove it") from None
             if host == me["host"] and isinstance(pid, int) and not _alive(pid):
                 print(f"{path}: stale lock of process {pid} (started {held.get('started')}, no longer running): "
                       f"taken over", flush=True)
@@ -123,22 +128,6 @@ def locked(out: Path) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt in the main thread for the block, so that it cleans up as Ctrl-C does."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # -----------------------------------------------------------------------------

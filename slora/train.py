@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from slora import data, scoring
+from slora import dist, parallel, scoring, text
 from slora.lora import apply_lora, lora_parameters_count, mark_only_lora_trainable, merged_copy
 from slora.stability import stability
 
@@ -48,7 +48,7 @@ def target_count(batch: dict, kind: str) -> int:
     """How many terms `loss_sum` adds up for `batch`: examples, or LM target tokens (labels not IGNORE_INDEX)."""
     if kind in ("classification", "regression"):
         return int(batch["labels"].shape[0])
-    return int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+    return int((batch["labels"][:, 1:] != text.IGNORE_INDEX).sum())
 
 
 def loss_sum(model, batch: dict, kind: str, device, lm_chunk: int | None = None) -> torch.Tensor:
@@ -68,12 +68,12 @@ def loss_sum(model, batch: dict, kind: str, device, lm_chunk: int | None = None)
         return F.mse_loss(out.float().squeeze(-1), y, reduction="sum")
     # causal LM: position t predicts token t+1; prompt and pad tokens carry label -100 (response-only loss)
     return F.cross_entropy(out[:, :-1].float().reshape(-1, out.shape[-1]), y[:, 1:].reshape(-1),
-                           ignore_index=data.IGNORE_INDEX, reduction="sum")
+                           ignore_index=text.IGNORE_INDEX, reduction="sum")
 
 
 def _head_loss_sum(head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logits = head(h).float()  # (B, C, V) for one chunk of C positions
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=data.IGNORE_INDEX,
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=text.IGNORE_INDEX,
                            reduction="sum")
 
 
@@ -88,33 +88,54 @@ def _lm_loss_sum_chunked(model, inputs: dict, y: torch.Tensor, chunk: int) -> to
     return total
 
 
-def step_denominator(count: int) -> int:
+def step_denominator(count: int) -> float:
     """The divisor of an optimizer step's summed loss: its target count. One process: the count itself. Under data
     parallelism, the count all-reduced over ranks divided by the world size (DDP averages the gradients), so N
     processes at micro-batch b follow one process at N·b (torchtune `training/_grad_scaler.py`)."""
-    return count
+    world = dist.get().world
+    return count if world == 1 else parallel.global_count(count) / world
+
+
+def backward_step(fwd, group: list[tuple[dict, float]], kind: str, device, autocast, lm_chunk: int | None = None
+                  ) -> torch.Tensor:
+    """Forward and backward of one optimizer step's micro-batches, given as (batch, weight) pairs (weight 0: a
+    rank's stand-in row, parallel.local_rows). Gradients accumulate in the parameters, communicated over ranks on
+    the last micro-batch only. Returns this rank's part of the step loss (sum over ranks / world = the loss)."""
+    denom = step_denominator(sum(target_count(b, kind) * w for b, w in group))
+    step_loss = None
+    for i, (batch, weight) in enumerate(group):
+        with parallel.grad_sync(fwd, last=i == len(group) - 1):
+            with autocast:
+                loss = loss_sum(fwd, batch, kind, device, lm_chunk) * weight / denom
+            loss.backward()
+        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+    return step_loss
 
 
 @torch.no_grad()
 def evaluate(model, tok, spec, examples, args, pad_id, device, autocast) -> dict:
     model.eval()
     if spec.kind == "generation":
-        feats = data.encode_prompts(tok, examples, args.max_len)
+        feats = text.encode_prompts(tok, examples, args.max_len)
         stops = [i for i in (tok.token_to_id("<|im_end|>"), model.config.eos_token_id) if isinstance(i, int)]
         preds = []
-        for batch in data.iterate_batches(feats, args.batch_size, pad_id, side="left"):
+        batches = list(text.iterate_batches(feats, args.batch_size, pad_id, side="left"))
+        for batch in parallel.eval_shard(batches, args.fsdp):  # torchrun: this rank's batches, gathered below
             with autocast:
                 out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                      max_new_tokens=args.gen_tokens, eos_token_id=stops)
-            preds += data.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
+            preds += text.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
+        preds = parallel.gather(preds, args.fsdp)
         refs = [e.label for e in examples]
     else:
-        feats = data.encode_encoder(tok, examples, args.max_len)
+        feats = text.encode_encoder(tok, examples, args.max_len)
         preds = []
-        for batch in data.iterate_batches(feats, args.batch_size, pad_id):
+        batches = list(text.iterate_batches(feats, args.batch_size, pad_id))
+        for batch in parallel.eval_shard(batches, args.fsdp):
             with autocast:
                 logits = model(**forward_inputs(batch, device)).float()
             preds += (logits.squeeze(-1) if spec.kind == "regression" else logits.argmax(-1)).tolist()
+        preds = parallel.gather(preds, args.fsdp)
         refs = [f.labels for f in feats]
     return scoring.score(spec.metrics, preds, refs)
 
@@ -199,33 +220,44 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
     apply_lora(model, ranks, args.lora_alpha, alpha_policy=args.alpha_policy, dropout=args.lora_dropout,
                generator=g)
     mark_only_lora_trainable(model, extra=("classifier",) if spec.kind != "generation" else ())
+    # DDP, FSDP2 or the model itself; before `params`: fully_shard replaces parameters by sharded ones
+    fwd = parallel.wrap(model, args.fsdp)
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
     n_lora = lora_parameters_count(model)
 
     if spec.kind == "generation":
-        feats = data.encode_lm(tok, train, args.max_len, eos_id=model.config.eos_token_id)
+        feats = text.encode_lm(tok, train, args.max_len, eos_id=model.config.eos_token_id)
     else:
-        feats = data.encode_encoder(tok, train, args.max_len)
+        feats = text.encode_encoder(tok, train, args.max_len)
     if not feats:
         raise ValueError("no training examples: the training split is empty")
-    per_epoch = math.ceil(len(feats) / args.batch_size)  # micro-batches per epoch
+    world = dist.get().world
+    # torchrun: a global micro-batch holds world·batch-size sequences in the order of one process, and each rank
+    # trains on its contiguous rows of it (parallel.local_rows): N ranks at b follow one process at N·b
+    global_batch = args.batch_size * world
+    per_epoch = math.ceil(len(feats) / global_batch)  # micro-batches per epoch
     steps_per_epoch = math.ceil(per_epoch / args.grad_accum)
     total = math.ceil(args.epochs * steps_per_epoch)
     total = min(total, args.max_steps) if args.max_steps else total
     warmup = max(1, round(args.warmup * total))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup))
+    if world > 1:  # dropout differs per rank (torchtune training/seed.py); the LoRA init above did not
+        torch.manual_seed(args.seed + dist.get().rank)
     # with activation checkpointing the LM head and loss run in chunks too (their logits are the largest tensors)
-    lm_chunk = LM_CHUNK if getattr(args, "activation_checkpointing", False) else None
+    # Under torchrun it stays whole: the chunks call model.model and model.lm_head directly, around the DDP wrapper
+    # and FSDP2's root unit (whose forward gathers the head's shards)
+    lm_chunk = LM_CHUNK if getattr(args, "activation_checkpointing", False) and world == 1 else None
     state = TrainState()
     if checkpoint is not None and checkpoint.exists():
         state = checkpoint.restore(model, opt, sched, device)
         log("resume", f"resumed at step {state.step}/{total} (epoch {state.epoch + 1}, micro-batch {state.batch})",
             step=state.step, epoch=state.epoch, batch=state.batch)
     else:
-        log("train", f"training {n_train:,} parameters ({n_lora:,} LoRA) for {total} steps", trainable=n_train,
-            lora=n_lora, steps=total)
+        log("train", f"training {n_train:,} parameters ({n_lora:,} LoRA) for {total} steps"
+            + (f" on {world} ranks ({'FSDP2' if args.fsdp else 'DDP'})" if world > 1 else ""), trainable=n_train,
+            lora=n_lora, steps=total, world_size=world, global_batch=global_batch * args.grad_accum)
 
     t_start, t_eval, tokens0 = time.time(), 0.0, state.tokens
     while state.step < total:
@@ -234,25 +266,19 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
             state.data_rng = g.get_state()  # the epoch's order is drawn next, from here
         else:
             g.set_state(state.data_rng)  # resumed mid-epoch: draw the same order again, skip what was used
-        batches = data.iterate_batches(feats, args.batch_size, pad_id, generator=g)
+        batches = map(parallel.local_rows, text.iterate_batches(feats, global_batch, pad_id, generator=g))
         for _ in islice(batches, state.batch):
             pass
         while state.batch < per_epoch and state.step < total:
             group = list(islice(batches, args.grad_accum))
-            denom = step_denominator(sum(target_count(b, spec.kind) for b in group))
-            step_loss = None
-            for batch in group:
-                with autocast:
-                    loss = loss_sum(model, batch, spec.kind, device, lm_chunk) / denom
-                loss.backward()
-                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-                state.tokens += int(batch["attention_mask"].sum())
+            step_loss = backward_step(fwd, group, spec.kind, device, autocast, lm_chunk)
+            state.tokens += sum(int(b["attention_mask"].sum()) for b, w in group if w)
             state.batch += len(group)
             if args.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            step_loss = step_loss.item()
+            step_loss = step_loss.item() if world == 1 else parallel.global_count(step_loss.item()) / world
             check_finite(state.step + 1, step_loss, norm.item(), args)
             opt.step()
             sched.step()
@@ -260,7 +286,7 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
             state.step += 1
             if state.step % args.log_every == 0 or state.step == total:
                 el = time.time() - t_start - t_eval
-                done = state.tokens - tokens0
+                done = parallel.global_count(state.tokens - tokens0)  # all ranks: tokens/s of the whole job
                 log("step", f"step {state.step}/{total} loss {step_loss:.4f} lr {sched.get_last_lr()[0]:.2e} "
                     f"{done / el:,.0f} tok/s ETA {el / state.step * (total - state.step):.0f}s", step=state.step,
                     loss=step_loss, lr=sched.get_last_lr()[0], tokens_per_s=done / el)

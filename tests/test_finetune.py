@@ -143,14 +143,14 @@ def test_epoch_sensitivity_remeasures_the_merged_weights(tmp_path, cls_data):
     # --epoch-sensitivity (paper Table 6): epoch 0 is the run's own allocation; after each epoch θ and ranks are
     # re-measured on the fine-tuned weights. The oracle for the last epoch is independent of the training loop:
     # the saved adapter loaded onto a fresh model, merged into plain layers, and calibrated on the same batches.
-    from slora import data
+    from slora import data, text
     from slora.lora import merged_copy
     from slora.models import load_tokenizer
     from slora.models.bert import for_sequence_classification
     from slora.sensitivity import SensitivityConfig, compute
     from slora.stability import stability
     model = tiny_model_dir(tmp_path / "m", "encoder")
-    out = run(tmp_path, model, cls_data, "--targets", "all-linear", "--epochs", "2", "--max-steps", "0",
+    out = run(tmp_path, model, cls_data, "--targets", "all-linear", "--epochs", "2", "--max-steps", "1000",
               "--lr", "2e-2", "--lora-dropout", "0", "--epoch-sensitivity")
     epochs = json.loads((out / "epoch_sensitivity.json").read_text())["epochs"]
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
@@ -163,7 +163,7 @@ def test_epoch_sensitivity_remeasures_the_merged_weights(tmp_path, cls_data):
     _, splits = data.load_jsonl("classification", train, dev, seed=0)
     tok = load_tokenizer(model)
     calib = data.calibration_examples("task", 16, train=splits["train"], seed=0)
-    batches = data.calibration_batches(tok, calib, decoder=False, max_len=128, batch_size=8, pad_id=0)
+    batches = text.calibration_batches(tok, calib, decoder=False, max_len=128, batch_size=8, pad_id=0)
     fields = set(SensitivityConfig.__dataclass_fields__)
     cfg = SensitivityConfig(**{k: v for k, v in sens["config"].items() if k in fields})
     m = load_adapter(for_sequence_classification(load_model(model), 2, seed=7), out / "adapter")
@@ -183,7 +183,7 @@ def test_epoch_sensitivity_does_not_change_the_training(tmp_path, cls_data):
     # without it logs the same losses and saves the same adapter. (merged_copy once built its layers with
     # nn.Linear's random init, which shifted every later dropout mask.)
     model = tiny_model_dir(tmp_path / "m", "encoder")
-    common = ("--targets", "all-linear", "--epochs", "3", "--max-steps", "0", "--lora-dropout", "0.3")
+    common = ("--targets", "all-linear", "--epochs", "3", "--max-steps", "1000", "--lora-dropout", "0.3")
     a = run(tmp_path, model, cls_data, *common, out="plain")
     b = run(tmp_path, model, cls_data, *common, "--epoch-sensitivity", out="tracked")
     losses = [[json.loads(line).get("loss") for line in (o / "log.jsonl").read_text().splitlines()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from slora import data, finetune, train
+from slora import finetune, text, train
 from slora.lora import apply_lora, mark_only_lora_trainable
 from tests.tiny import randomize_lora, tiny_llama, tiny_model_dir
 
@@ -19,8 +19,8 @@ def lm_batch(seed: int, B: int, T: int, vocab: int) -> dict:
     labels = ids.clone()
     for i in range(B):
         start, end = i, T - 2 * i  # prompt of i tokens, 2i pad tokens: the target counts differ row to row
-        labels[i, :start] = data.IGNORE_INDEX
-        labels[i, end:] = data.IGNORE_INDEX
+        labels[i, :start] = text.IGNORE_INDEX
+        labels[i, end:] = text.IGNORE_INDEX
     mask = (torch.arange(T)[None] < (T - 2 * torch.arange(B))[:, None]).long()
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -72,8 +72,9 @@ def test_inf_learning_rate_stops_with_the_step_and_no_adapter(tmp_path):
     rows = [{"text": f"the movie was {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(24)]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = ["--model", str(model), "--task", "jsonl", "--train-file", str(tmp_path / "t.jsonl"), "--batch-size",
-            "8", "--calib-n", "8", "--max-steps", "3", "--lr", "inf", "--out", str(tmp_path / "run")]
-    with pytest.raises(train.NonFiniteError, match=r"step 2: .* not finite.*--lr inf"):
+            "8", "--calib-n", "8", "--max-steps", "3", "--lr", "1e30", "--out", str(tmp_path / "run")]
+    # --lr inf itself is refused as an argument (slora.argcheck); a finite but absurd rate diverges in training
+    with pytest.raises(train.NonFiniteError, match=r"step \d: .* not finite.*--lr 1e\+30"):
         finetune.main(argv)
     assert not (tmp_path / "run" / "adapter").exists()
 
@@ -157,7 +158,7 @@ def test_bf16_base_with_checkpointing_end_to_end(tmp_path, kind):
 
 
 def test_bf16_base_with_fp32_compute_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="--precision fp32 needs an fp32 base"):
+    with pytest.raises(ValueError, match="--precision: fp32 needs an fp32 base"):
         finetune.main(["--dtype", "bf16", "--precision", "fp32", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 

@@ -7,6 +7,7 @@ renames are the documented ones below.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn as nn
 from tokenizers import Tokenizer
 
 from slora.checkpoint import load_strict, read_config, read_tensors, write_folder
+from slora.errors import SloraError
 from slora.models import bert, mpnet
 from slora.models.bert import BertConfig, BertModel
 from slora.models.llama import LlamaConfig, LlamaForCausalLM
@@ -49,9 +51,34 @@ def _decoder_state(sd: dict, cfg: LlamaConfig) -> dict:
     return {k: v for k, v in sd.items() if v is not None}
 
 
+# Sizes that must be positive integers when present (a 0 or "32" fails deep inside the model code otherwise).
+POSITIVE_INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim", "type_vocab_size")
+NULLABLE_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings")  # null: derived or defaulted
+POSITIVE_REAL_FIELDS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
+
+
+def check_config_values(hf: dict, source) -> None:
+    """Types and ranges of the size fields, checked before any model code sees them; errors name the field."""
+    for k in POSITIVE_INT_FIELDS:
+        v = hf.get(k)
+        if v is None and k in hf and k not in NULLABLE_FIELDS:
+            raise SloraError(source, f"{k} is null; it must be a positive integer")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise SloraError(source, f"{k} = {v!r} must be a positive integer")
+    for k in POSITIVE_REAL_FIELDS:
+        v = hf.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+            raise SloraError(source, f"{k} = {v!r} must be a positive finite number")
+    heads, dim = hf.get("num_attention_heads"), hf.get("hidden_size")
+    if heads and dim and hf.get("head_dim") is None and dim % heads:
+        raise SloraError(source, f"hidden_size {dim} is not a multiple of num_attention_heads {heads}")
+
+
 def build_config(hf: dict, source="config.json"):
     """The slora config dataclass for a Hugging Face config dict; unsupported model_type is an error."""
     model_type = hf.get("model_type")
+    check_config_values(hf, source)
     if model_type == "mpnet":
         return MPNetConfig.from_hf_config(hf)
     if model_type in ENCODER_TYPES:
@@ -84,8 +111,11 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Mod
     hf = read_config(path)
     try:
         cfg = build_config(hf, path / "config.json")
-    except KeyError as e:
-        raise ValueError(f"{path / 'config.json'}: {e.args[0]}") from None
+    except (KeyError, ValueError, TypeError, AttributeError) as e:  # from_hf_config on a value of the wrong kind
+        what = str(e.args[0]) if e.args else type(e).__name__
+        if what.startswith(str(path / "config.json")):  # already names the file
+            raise
+        raise SloraError(path / "config.json", what) from None
     sd = read_tensors(path, dtype=dtype, device=device)
     if isinstance(cfg, (BertConfig, MPNetConfig)):
         sd = _encoder_state(sd, cfg.model_type)
@@ -121,7 +151,11 @@ def load_tokenizer(path) -> Tokenizer:
     file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no tokenizer.json")
-    tok = Tokenizer.from_file(str(file))
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a plain Exception for bad JSON or an unknown model type
+        raise SloraError(file, f"cannot read the tokenizer ({e}); the file is damaged or not a tokenizers "
+                               f"tokenizer.json") from None
     tok.no_padding()
     tok.no_truncation()
     return tok

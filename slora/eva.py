@@ -31,11 +31,11 @@ import torch
 RHO = 2.0  # PEFT EvaConfig default: a matrix may take up to round(ρ·r) components
 
 
-def ratios(h: torch.Tensor, mean: torch.Tensor | None = None, tokens: int | None = None) -> torch.Tensor:
+def ratios(h: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
     """Explained-variance ratios of one input, descending, float64 on CPU, shape (d_in,).
 
     h (d_in, d_in) is slora's H = (2/N)·Σ x xᵀ. Without `mean` the ratios are eig(H)/tr(H) (uncentred second
-    moment). With the token mean µ (d_in,) and the count N they are eig(C)/tr(C) for C = Σ (x-µ)(x-µ)ᵀ/(N-1),
+    moment). With the token mean µ (d_in,) they are eig(C)/tr(C) for C = Σ (x-µ)(x-µ)ᵀ/(N-1),
     the sample covariance PEFT's IncrementalPCA decomposes: C = N/(N-1)·(H/2 - µµᵀ).
     Eigenvalues below 0 (rounding of a PSD matrix) are set to 0.
     """

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from slora import data, scoring, text
-from slora.adapter import save_adapter
+from slora.adapter import mis_scaled_modules, save_adapter
 from slora.checkpoint import atomic_folder
 from slora.heatmap import ranks_svg
 from slora.lora import ALPHA_POLICIES, apply_lora, lora_parameters_count, mark_only_lora_trainable, merged_copy
@@ -89,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--alpha-policy", default="scale", choices=ALPHA_POLICIES,
                    help="α for unequal ranks: scale (α·r/r_avg: one scaling for all), constant (α/r), rslora (α/√r)")
     p.add_argument("--lora-dropout", type=float, default=0.1, help="dropout probability on the LoRA input")
+    p.add_argument("--fold-scaling", action="store_true",
+                   help="fold each module's α_w/r_w ÷ (lora_alpha/r) into its B in the saved adapter, so a server "
+                        "that applies one global lora_alpha/r (vLLM) scales every module right")
     # training
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the training set (may be fractional)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (count)")
@@ -308,10 +311,28 @@ def run(args, tmp: Path):
         times.update(result.pop("times"))
         if tracker:
             write_json(tmp / "epoch_sensitivity.json", {"epochs": tracker.epochs})
-        save_adapter(model, tmp / "adapter", str(model_path), "CAUSAL_LM" if family == "decoder" else "SEQ_CLS")
+        save_adapter(model, tmp / "adapter", str(model_path), "CAUSAL_LM" if family == "decoder" else "SEQ_CLS",
+                     fold_scaling=args.fold_scaling)
+        log_serving(log, model, tmp / "adapter", args.fold_scaling)
         write_json(tmp / "metrics.json", result | {"times": times, "budget": budget})
     else:
         write_json(tmp / "metrics.json", {"times": times, "budget": budget, "allocate_only": True})
+
+
+def log_serving(log, model, adapter, folded: bool):
+    """Record in log.jsonl whether one global lora_alpha/r (vLLM drops rank_pattern/alpha_pattern) reproduces every
+    module's scaling, and the largest rank (vLLM's --max-lora-rank must be at least that); warn when it does not.
+    PEFT's LoraConfig has no free-text field, so this note lives in the run folder, not in adapter_config.json."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    bad = mis_scaled_modules(model, config)
+    max_rank = max(config["rank_pattern"].values())
+    log("serving", f"adapter: global lora_alpha/r = {config['lora_alpha']}/{config['r']}, max rank {max_rank}"
+        + (", scaling folded into B" if folded else ""), global_alpha=config["lora_alpha"], global_r=config["r"],
+        max_rank=max_rank, folded=folded, mis_scaled=bad)
+    if bad:
+        log("warning", f"WARNING: {len(bad)} of {len(config['rank_pattern'])} modules have α/r != lora_alpha/r "
+            f"(e.g. {bad[0]}): servers that apply one global α/r (vLLM drops rank_pattern/alpha_pattern) will "
+            f"mis-scale this adapter; re-run with --fold-scaling or --alpha-policy scale")
 
 
 class EpochSensitivity:

@@ -14,12 +14,13 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from slora import data, scoring, text
+from slora import chat, data, scoring, text
 from slora.adapter import mis_scaled_modules, save_adapter
 from slora.checkpoint import atomic_folder
 from slora.heatmap import ranks_svg
@@ -48,8 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default="minilm", help="preset (minilm, smollm2) or a Hugging Face-format folder")
     p.add_argument("--task", default="rt-polarity", help=f"one of {', '.join(data.TASKS)}, or 'jsonl'")
     p.add_argument("--glue-dir", default=None, help="folder holding CoLA/, SST-2/, ... (GLUE tasks)")
-    p.add_argument("--jsonl-kind", default="classification", choices=("classification", "instructions"),
-                   help="record type of --task jsonl files")
+    p.add_argument("--jsonl-kind", default="classification", choices=data.JSONL_KINDS,
+                   help="record type of --task jsonl files: {text, label}, {prompt, response}, or chat "
+                        "{messages: [{role, content}, ...]} in the model's own chat template")
     p.add_argument("--train-file", default=None, help="JSONL training file (--task jsonl)")
     p.add_argument("--dev-file", default=None, help="JSONL dev file (--task jsonl); default: 10%% of train")
     p.add_argument("--test-file", default=None, help="JSONL test file (--task jsonl); optional")
@@ -187,7 +189,7 @@ def evaluate(model, tok, spec, examples, args, pad_id, device, autocast) -> dict
     model.eval()
     if spec.kind == "generation":
         feats = text.encode_prompts(tok, examples, args.max_len)
-        stops = [i for i in (tok.token_to_id("<|im_end|>"), model.config.eos_token_id) if isinstance(i, int)]
+        stops = chat.stop_ids(tok) + [i for i in (model.config.eos_token_id,) if isinstance(i, int)]
         preds = []
         for batch in text.iterate_batches(feats, args.batch_size, pad_id, side="left"):
             with autocast:
@@ -264,6 +266,10 @@ def run(args, tmp: Path):
     if (spec.kind == "generation") != (family == "decoder"):
         raise ValueError(f"task {spec.name} ({spec.kind}) needs a {'decoder' if spec.kind == 'generation' else 'encoder'}"
                          f" model; {args.model} is a {family}")
+    if spec.name == "jsonl-chat":  # the model's template decides; a model without one is refused here
+        chat.template_family(tok)
+        system = chat.default_system(model_path, tok)
+        splits = {k: [replace(e, text=chat.with_default_system(e.text, system)) for e in v] for k, v in splits.items()}
     train = splits["train"][:args.max_train]
     evals = {k: v[:args.max_eval] for k, v in splits.items() if k != "train"}
     model = body if family == "decoder" else for_sequence_classification(body, spec.num_labels, args.seed)

@@ -80,14 +80,15 @@ def _ids(tok: Tokenizer, text: str) -> list[int]:
 
 
 def _head_and_body(tok: Tokenizer, head: str, body: str) -> tuple[list[int], int]:
-    """ids of head + body encoded as one string, and how many of them are the head's. The head must tokenize
-    the same alone (true for byte-level BPE, whose pre-tokenizer splits at newlines); otherwise the loss
-    boundary would fall inside a token and that is an error."""
+    """ids of head + body encoded as one string (as transformers tokenizes the rendered template), and how many
+    of them are header: the longest prefix they share with the head encoded alone. When the body starts with
+    whitespace a byte-level BPE may merge it with the header's last "\n" (SmolLM2: "\n " is one token); that
+    token carries content, so it counts as content (and gets the loss in an assistant turn)."""
     both, alone = _ids(tok, head + body), _ids(tok, head)
-    if both[:len(alone)] != alone:
-        raise ValueError(f"the tokenizer merges the chat header {head!r} with the message text {body[:20]!r}; "
-                         f"cannot tell header from content")
-    return both, len(alone)
+    n = 0
+    while n < min(len(both), len(alone)) and both[n] == alone[n]:
+        n += 1
+    return both, n
 
 
 def render_turns(tok: Tokenizer, messages: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[bool]]]:

@@ -152,3 +152,16 @@ def test_finetune_on_chat_data(tmp_path):
         finetune.main(["--model", str(tmp_path / "plain"), "--task", "jsonl",
                        "--jsonl-kind", "chat", "--train-file", str(train), "--dev-file", str(dev),
                        "--out", str(tmp_path / "run2")])
+
+
+def test_header_merged_with_leading_whitespace_counts_as_content():
+    # byte-level BPEs pre-tokenize "\n " as one piece (SmolLM2), so "assistant\n sat" has no token boundary after
+    # the header's "\n"; the merged token carries content, so it is trained, and the ids stay the template's
+    vocab = {t: i for i, t in enumerate(["<unk>", "<|im_start|>", "<|im_end|>", "\n", "\n ", " "] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n ?|[^\s]+| "), behavior="isolated")
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    messages = (("user", "the cat"), ("assistant", " sat"))
+    turns = chat.render_turns(tok, messages)
+    assert [i for t, _ in turns for i in t] == tok.encode(rendered("chatml", messages), add_special_tokens=False).ids
+    assert [i for i, keep in zip(*turns[1]) if keep] == [vocab["\n "], vocab["sat"], vocab["<|im_end|>"]]

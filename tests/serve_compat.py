@@ -5,7 +5,7 @@
         --dev-file /tmp/chat/dev.jsonl --max-steps 6 --batch-size 8 --max-len 192 --calib-n 32 --max-eval 8 \\
         --alpha-policy constant --fold-scaling --out /tmp/chat-run
     python -m slora.merge /tmp/chat-run /tmp/chat-merged
-    PYTHONPATH=. python tests/serve_compat.py /tmp/chat-run /tmp/chat-merged --chat /tmp/chat/train.jsonl
+    PYTHONPATH=. python tests/serve_compat.py /tmp/chat-run /tmp/chat-merged --chat /tmp/chat/*.jsonl
 
 Not collected by pytest (no `test_` prefix): it imports transformers and peft, which slora never does. On the run's
 dev conversations (rendered by slora, right-padded) it reports max |Δ| of the logits over real tokens between
@@ -13,7 +13,8 @@ dev conversations (rendered by slora, right-padded) it reports max |Δ| of the l
   - transformers' base + PEFT's `PeftModel.from_pretrained(adapter)`;
   - transformers' AutoModelForCausalLM on the merged folder, and slora's `load_model` on it;
   - a one-global-scaling loader as vLLM is (lora_alpha/r on every module), emulated in slora;
-and how far LoRA moves the logits (so that the comparisons are not vacuous). Then the chat rendering: slora's ids
+and how far LoRA moves the logits (so that the comparisons are not vacuous), and how far the fp32 unmerged and
+merged models each are from the same LoRA model evaluated in float64 (the fp32 rounding floor). Then the chat rendering: slora's ids
 against `apply_chat_template` (full conversation; context + generation prompt) for the run's tokenizer on every
 record of --chat, and for LLaMA-3 on the same records with the vocabulary of `ggml-vocab-llama-bpe.gguf` (assets,
 data/llama-vocab) and Meta-Llama-3-8B-Instruct's public template. Exits 1 when a figure exceeds --tol or an id
@@ -36,7 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from slora import chat, data, text  # noqa: E402
 from slora.adapter import load_adapter  # noqa: E402
-from slora.lora import lora_modules  # noqa: E402
+from slora.lora import lora_modules, module_alphas  # noqa: E402
 from slora.merge import base_path  # noqa: E402
 from slora.models import load_model, load_tokenizer  # noqa: E402
 
@@ -82,21 +83,43 @@ def logits_report(run, merged, n, max_len):
         ours_model = load_adapter(load_model(base), run / "adapter").eval()
         ours = ours_model(x, mask)
         rows.append(("LoRA effect (slora LoRA vs base)", max_diff(ours, plain, mask), None))
+        rows.append(("base only: transformers vs slora (the fp32 floor)",
+                     max_diff(load_hf(base)(input_ids=x, attention_mask=mask).logits, plain, mask), None))
         pm = PeftModel.from_pretrained(load_hf(base), str(run / "adapter")).eval()
         rows.append(("transformers + PEFT adapter", max_diff(pm(input_ids=x, attention_mask=mask).logits, ours, mask),
                      "tol"))
         rows.append(("transformers merged folder", max_diff(load_hf(merged)(input_ids=x, attention_mask=mask).logits,
                                                             ours, mask), "tol"))
-        rows.append(("slora load_model(merged)", max_diff(load_model(merged)(x, mask), ours, mask), "tol"))
+        merged_logits = load_model(merged)(x, mask)
+        rows.append(("slora load_model(merged)", max_diff(merged_logits, ours, mask), "tol"))
+        # the fp32 floor: both the unmerged and the merged model against the same LoRA model run in float64
+        r64 = load_adapter(load_model(base, dtype=torch.float64), run / "adapter").eval()(x, mask)
+        rows.append(("float64 oracle vs slora LoRA (unmerged, fp32)", max_diff(ours.double(), r64, mask), None))
+        rows.append(("float64 oracle vs slora merged (fp32)", max_diff(merged_logits.double(), r64, mask), None))
         cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
         s = cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg["use_rslora"] else cfg["r"])
-        per_module = {m.scaling for m in lora_modules(ours_model).values()}
-        for m in lora_modules(ours_model).values():
+        layers = lora_modules(ours_model)
+        per_module = {m.scaling for m in layers.values()}
+        # the run's own per-module scalings, before any folding (lora.module_alphas with the run's policy; for
+        # "scale" r_ref is the mean of the live ranks here, which differs from the run's when it has rank-0 modules)
+        res = args | args.get("resolved", {})
+        ranks = {n: m.r for n, m in layers.items()}
+        policy = res["alpha_policy"]
+        alphas = module_alphas(ranks, res["lora_alpha"], policy, use_rslora=policy == "rslora")
+        trained = {n: alphas[n] / (ranks[n] ** 0.5 if policy == "rslora" else ranks[n]) for n in ranks}
+        folded = bool(res.get("fold_scaling"))
+        for n, m in layers.items():
             m.scaling = s  # what vLLM does: one lora_alpha/r for every module
         rows.append((f"one global lora_alpha/r = {cfg['lora_alpha']}/{cfg['r']} (vLLM-style)",
                      max_diff(ours_model(x, mask), ours, mask), "tol"))
-    info = (f"{len(dev)} dev conversations, {int(mask.sum())} tokens; ranks {sorted(set(cfg['rank_pattern'].values()))}"
-            f", per-module scalings {sorted(per_module)}")
+        if folded:  # the same adapter written without --fold-scaling: B unfolded, still one global scaling
+            for n, m in layers.items():
+                m.scaling = s * s / trained[n]  # s on the unfolded B = B_folded·s/s_w
+            rows.append(("  same, adapter written without --fold-scaling", max_diff(ours_model(x, mask), ours, mask),
+                         None))
+    top = (ours.abs() * mask[..., None]).max().item()
+    info = (f"{len(dev)} dev conversations, {int(mask.sum())} tokens, max |logit| {top:.2f}; "
+            f"ranks {sorted(set(cfg['rank_pattern'].values()))}, per-module scalings {sorted(per_module)}")
     return rows, info
 
 
@@ -154,7 +177,7 @@ def main():
         ok &= not bad
         print(f"  {label:<52} max|Δ logits| {value:.3e}{'  EXCEEDS' if bad else ''}")
     if ARGS.chat:
-        records = data.read_jsonl(ARGS.chat, "chat") + EDGE
+        records = [e for f in ARGS.chat for e in data.read_jsonl(f, "chat")] + EDGE
         base = base_path(ARGS.run, None)
         tok = load_tokenizer(base)
         full, prompt, n = rendering_report(tok, AutoTokenizer.from_pretrained(str(base)), records,
@@ -178,7 +201,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a slora run folder trained with --jsonl-kind chat")
     parser.add_argument("merged", type=Path, help="python -m slora.merge output of that run")
-    parser.add_argument("--chat", type=Path, default=None, help="chat JSONL whose rendering to compare")
+    parser.add_argument("--chat", type=Path, nargs="*", default=(), help="chat JSONL files whose rendering to compare")
     parser.add_argument("--llama3-vocab", type=Path,
                         default=Path.home() / ".cache/slora/data/llama-vocab/ggml-vocab-llama-bpe.gguf",
                         help="vocab-only LLaMA-3 GGUF (assets)")

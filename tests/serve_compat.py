@@ -83,7 +83,7 @@ def logits_report(run, merged, n, max_len):
         ours_model = load_adapter(load_model(base), run / "adapter").eval()
         ours = ours_model(x, mask)
         rows.append(("LoRA effect (slora LoRA vs base)", max_diff(ours, plain, mask), None))
-        rows.append(("base only: transformers vs slora (the fp32 floor)",
+        rows.append(("base only: transformers vs slora (no LoRA)",
                      max_diff(load_hf(base)(input_ids=x, attention_mask=mask).logits, plain, mask), None))
         pm = PeftModel.from_pretrained(load_hf(base), str(run / "adapter")).eval()
         rows.append(("transformers + PEFT adapter", max_diff(pm(input_ids=x, attention_mask=mask).logits, ours, mask),

@@ -3,12 +3,20 @@
     python reference_runs/carry.py split          # here: .carry/{a,b,c,d}, each under 64 MiB
     python reference_runs/carry.py join minilm    # there, after the calls that carried a and b
     python reference_runs/carry.py join smollm2   # there, after the calls that carried c and d
+    python reference_runs/carry.py split-mpnet    # here: .carry/m1..m5, MPNet as bf16 + the data, each < 48 MiB
+    python reference_runs/carry.py join mpnet     # there, after the five calls that carried m1..m5
 
 MiniLM's model.safetensors (91 MB) and SmolLM2's GGUF (98 MB) are each cut in two byte ranges, carried by two
 consecutive calls (the machine keeps ignored files between calls while it stays warm), and joined there. A join
 checks the size and sha256 of the whole file against the published ones (slora.assets) before anything uses it,
 and builds $SLORA_HOME there as `python -m slora.assets` does here: SmolLM2 is converted from the GGUF by
 slora.gguf, exactly as here.
+
+MPNet's fp32 weights (439 MB) would take nine calls beside the working tree (about 14 MB); they travel as bf16
+(219 MB, five calls), with the VADER and Wikipedia data as a gzipped tar in the first. Rounding to bf16
+here is the same round-to-nearest-even `load_model(dtype=torch.bfloat16)` applies, so a run there with the default
+`--dtype auto` (bf16 on CUDA) sees exactly the weights it would have loaded from the fp32 file. The join checks the
+sha256 of the bf16 file computed here.
 """
 import shutil
 import sys
@@ -53,10 +61,42 @@ def split():
         print(f".carry/{part}: {size / 2**20:.1f} MiB")
 
 
+def split_mpnet(parts: int = 5):
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from slora.assets import slora_home
+    src = slora_home() / "models" / "mpnet-base"
+    sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in load_file(src / "model.safetensors").items()}
+    tmp = CARRY / "mpnet-bf16.safetensors"
+    CARRY.mkdir(exist_ok=True)
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    data = tmp.read_bytes()
+    tmp.unlink()
+    step = -(-len(data) // parts)
+    for i in range(parts):
+        part = CARRY / f"m{i + 1}"
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        (part / "mpnet.part").write_bytes(data[i * step:(i + 1) * step])
+    skel = CARRY / "m1" / "home" / "models" / "mpnet-base"
+    shutil.copytree(src, skel, ignore=shutil.ignore_patterns("model.safetensors"))
+    (CARRY / "m1" / "home" / "stamps").mkdir(parents=True)
+    for stamp in ("mpnet", "vader", "wiki"):
+        shutil.copy(slora_home() / "stamps" / f"{stamp}.json", CARRY / "m1" / "home" / "stamps")
+    shutil.make_archive(str(CARRY / "m1" / "data"), "gztar", root_dir=slora_home(), base_dir="data")
+    (CARRY / "m1" / "mpnet.sha256").write_text(f"{len(data)} {hashlib.sha256(data).hexdigest()}\n")
+    for i in range(parts):
+        size = sum(p.stat().st_size for p in (CARRY / f"m{i + 1}").rglob("*") if p.is_file())
+        print(f".carry/m{i + 1}: {size / 2**20:.1f} MiB")
+
+
 def join(name: str):
     from slora.assets import slora_home, verify_file
     home = slora_home()
-    if not (home / "stamps").is_dir():
+    if name != "mpnet" and not (home / "stamps" / "vader.json").is_file():
         shutil.copytree(CARRY / "a" / "home", home, dirs_exist_ok=True)
     if name == "minilm":
         out = home / "models" / MINILM[0] / MINILM[1]
@@ -70,8 +110,17 @@ def join(name: str):
         out = home / "models" / "smollm2-135m"
         shutil.rmtree(out, ignore_errors=True)
         convert_gguf_to_hf(gguf, out)
+    elif name == "mpnet":
+        import hashlib
+        size, digest = (CARRY / "m1" / "mpnet.sha256").read_text().split()
+        data = b"".join((CARRY / f"m{i}" / "mpnet.part").read_bytes() for i in range(1, 6))
+        if len(data) != int(size) or hashlib.sha256(data).hexdigest() != digest:
+            raise SystemExit("join mpnet: the joined bf16 file does not match the sha256 computed before the carry")
+        shutil.copytree(CARRY / "m1" / "home", home, dirs_exist_ok=True)
+        shutil.unpack_archive(CARRY / "m1" / "data.tar.gz", home)
+        (home / "models" / "mpnet-base" / "model.safetensors").write_bytes(data)
     else:
-        raise SystemExit(f"join: unknown asset {name!r} (minilm, smollm2)")
+        raise SystemExit(f"join: unknown asset {name!r} (minilm, smollm2, mpnet)")
     print(f"joined and verified {name} into {home}")
 
 
@@ -79,6 +128,8 @@ if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     if sys.argv[1:] == ["split"]:
         split()
+    elif sys.argv[1:] == ["split-mpnet"]:
+        split_mpnet()
     elif sys.argv[1:2] == ["join"] and len(sys.argv) == 3:
         join(sys.argv[2])
     else:

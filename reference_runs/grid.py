@@ -2,6 +2,7 @@
 
     python reference_runs/grid.py nlu --device cuda --workers 10   # MiniLM, paper Tables 1, 3, 7 (one H200: ~20 min)
     python reference_runs/grid.py nlg --workers 2 --threads 1      # SmolLM2, paper Table 2 (2 CPU cores: ~1 h)
+    python reference_runs/grid.py mpnet --device cuda --workers 16 # MPNet, every method with its own dev-picked lr
     python reference_runs/grid.py nlu --list                       # what is done, what is pending
 
 Each run's folder is reference_runs/<suite>/<task>/<run>/: the run folder of slora.finetune (args.json,
@@ -19,6 +20,11 @@ Selection, on the dev split only (the test split is read once per run, after tra
   the rate picked for uniform and Sensitivity-LoRA.
 - NLG. Uniform and Sensitivity-LoRA, attention-only and attention+MLP, two seeds, one fixed learning rate (the
   CPU-sized setting below; not tuned).
+- MPNet (issue 11: RoBERTa-base shape). Every method at every learning rate of LRS, five seeds, on q,v and on all
+  linear layers; the learning rate is picked on dev **per method** (and per task and target set), so no method is
+  compared at a rate tuned for another (the tuning critique of arXiv 2602.04998). Methods: uniform, Sensitivity-LoRA,
+  Sg, Sl, PRA, the obs metric source, and EVA (`--alloc eva`, ρ = 2). All linear layers once more with the budget
+  kept in parameters (`--budget-unit param`) for the methods whose ranks differ between matrix shapes.
 A seed fixes the data split, the calibration sample, the head and LoRA init, the batch order and dropout; every
 method of one seed sees the same split, so the methods are compared pairwise.
 """
@@ -41,8 +47,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-SEEDS = {"nlu": (0, 1, 2), "nlg": (0, 1)}
-LRS = {"nlu": (5e-4, 1e-3, 2e-3), "nlg": (1e-3,)}
+SEEDS = {"nlu": (0, 1, 2), "nlg": (0, 1), "mpnet": (0, 1, 2, 3, 4)}
+LRS = {"nlu": (5e-4, 1e-3, 2e-3), "nlg": (1e-3,), "mpnet": (5e-4, 1e-3, 2e-3)}
 NLU_TASKS = ("rt-polarity", "rt-regression", "wiki-topic")
 NLU_COMMON = "--model minilm --epochs 3 --batch-size 32 --log-every 50"
 # NLG is sized for the 2-core CPU (about 100 training tokens/s for SmolLM2): the full-size version (7,890 examples
@@ -51,6 +57,15 @@ NLU_COMMON = "--model minilm --epochs 3 --batch-size 32 --log-every 50"
 NLG_COMMON = ("--model smollm2 --task wiki-describe --max-train 160 --max-eval 100 --max-len 96 --calib-n 64 "
               "--epochs 2 --batch-size 8 --gen-tokens 16 --log-every 5")
 ABLATIONS = ("global", "local", "pra", "half-mu")
+# MPNet: one epoch over the full training split, like the default run (the paper's 10 epochs over 7 methods x 3 lrs x
+# 5 seeds x 3 tasks do not fit one session's device time; every method gets the same schedule)
+MPNET_COMMON = "--model mpnet --epochs 1 --batch-size 32 --log-every 50"
+# method -> finetune arguments; "obs" is Sensitivity-LoRA on the OBS saliency (full-mode H)
+MPNET_METHODS = {"uniform": "--alloc uniform", "sensitivity": "--alloc sensitivity", "global": "--alloc global",
+                 "local": "--alloc local", "pra": "--alloc pra", "obs": "--alloc sensitivity --metric-source obs",
+                 "eva": "--alloc eva"}
+# with the budget in parameters, the methods whose ranks differ between matrix shapes (uniform is the baseline)
+MPNET_PARAM_METHODS = ("uniform", "sensitivity", "pra", "eva")
 MLP = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -99,6 +114,26 @@ def nlg_run(targets, alloc, lr, seed) -> Run:
     extra = "--epoch-sensitivity " if alloc == "sensitivity" else ""
     args = f"{NLG_COMMON} --alloc {alloc} --lr {lr:g} --seed {seed} {tag}{extra}".strip()
     return Run("nlg", "wiki-describe", f"{targets}-{alloc}-{lr_tag(lr)}-s{seed}", args, "compare")
+
+
+def mpnet_run(task, targets, method, lr, seed, unit="rank") -> Run:
+    """targets "qv" (query, value) or "all" (every linear layer); unit "param" keeps the budget in parameters."""
+    tag = {"qv": "", "all": "--targets all-linear "}[targets] + ("--budget-unit param " if unit == "param" else "")
+    name = f"{targets}{'-param' if unit == 'param' else ''}-{method}-{lr_tag(lr)}-s{seed}"
+    args = f"{MPNET_COMMON} --task {task} {MPNET_METHODS[method]} --lr {lr:g} --seed {seed} {tag}".strip()
+    return Run("mpnet", task, name, args, f"{targets}{'-param' if unit == 'param' else ''}")
+
+
+def mpnet_plan() -> list[Run]:
+    """q,v first, then all linear layers, then the parameter budget; seed-major inside each, so that an early stop
+    leaves whole seeds of every method at every learning rate (what the per-method lr pick needs)."""
+    plan = []
+    for targets, unit, methods in (("qv", "rank", MPNET_METHODS), ("all", "rank", MPNET_METHODS),
+                                   ("all", "param", MPNET_PARAM_METHODS[1:])):
+        for s in SEEDS["mpnet"]:
+            plan += [mpnet_run(t, targets, m, lr, s, unit) for t in NLU_TASKS for lr in LRS["mpnet"]
+                     for m in methods]
+    return plan
 
 
 def score(run: Run, split: str = "dev", metric: str | None = None) -> float:
@@ -163,7 +198,7 @@ def nlg_plan() -> list[Run]:
             for m in ("uniform", "sensitivity")]
 
 
-PLANS = {"nlu": nlu_plan, "nlg": nlg_plan}
+PLANS = {"nlu": nlu_plan, "nlg": nlg_plan, "mpnet": mpnet_plan}
 
 
 # -----------------------------------------------------------------------------

@@ -18,5 +18,6 @@ RUNS = {
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or RUNS:
-        record(shlex.split(RUNS[name]) + ["--out", f"reference_runs/{name}"], keep_adapter=True)
+        # --replace: re-recording replaces the run files; command.txt and env.json are rewritten by record()
+        record(shlex.split(RUNS[name]) + ["--out", f"reference_runs/{name}", "--replace"], keep_adapter=True)
         print(f"recorded {HERE / name}")

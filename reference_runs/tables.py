@@ -12,14 +12,16 @@ import statistics
 import sys
 
 import grid
-from grid import (HERE, LRS, NLU_TASKS, SEEDS, Run, nlg_run, nlu_run, pick_lr, picked_lrs,
-                  select_runs)
+from grid import (HERE, LRS, MPNET_METHODS, MPNET_PARAM_METHODS, NLU_TASKS, SEEDS, Run, mpnet_run, nlg_run, nlu_run, pick_lr,
+                  picked_lrs, select_runs)
+from paired import paired_differences, summary
 
 sys.path.insert(0, str(HERE.parent))
 from slora.stability import stability  # noqa: E402
 
 NAMES = {"uniform": "LoRA (uniform)", "sensitivity": "Sensitivity-LoRA", "global": "Sg-LoRA (global only)",
-         "local": "Sl-LoRA (local only)", "pra": "PRA", "half-mu": "0.5/µ weights"}
+         "local": "Sl-LoRA (local only)", "pra": "PRA", "half-mu": "0.5/µ weights",
+         "obs": "Sensitivity-LoRA, obs source", "eva": "EVA (ρ = 2)"}
 GEN = ("bleu4", "rouge1", "rougeL")
 
 
@@ -237,9 +239,62 @@ def nlg_seeds() -> list[str]:
     return out
 
 
+def mpnet_seeds(targets: str, unit: str = "rank") -> list[int]:
+    """The seeds whose every run of this comparison (all tasks, methods and learning rates) is recorded: every
+    method is compared on the same seeds, and a seed the device time did not finish counts for none."""
+    methods = [m for m in MPNET_METHODS if unit == "rank" or m in MPNET_PARAM_METHODS]
+    return [s for s in SEEDS["mpnet"]
+            if all(mpnet_run(t, targets, m, lr, s, "rank" if m == "uniform" else unit).done()
+                   for t in NLU_TASKS for m in methods for lr in LRS["mpnet"])]
+
+
+def mpnet_scores(task, targets, method, seeds, unit="rank") -> tuple[float | None, dict]:
+    """(the method's own dev-picked lr over `seeds`, {seed: test score at that lr}); (None, {}) without seeds."""
+    unit = "rank" if method == "uniform" else unit  # uniform ranks do not depend on the budget unit
+    lr = pick_lr([mpnet_run(task, targets, method, lr, s, unit) for lr in LRS["mpnet"] for s in seeds])
+    if lr is None:
+        return None, {}
+    return lr, {s: score(mpnet_run(task, targets, method, lr, s, unit), "test") for s in seeds}
+
+
+def mpnet_compare(targets: str, unit: str = "rank") -> list[str]:
+    """Test ×100 per task at each method's own dev-picked lr, and the paired difference against uniform LoRA (also
+    at its own lr) over the (task, seed) pairs: mean, 95 % bootstrap interval, wins-losses and sign-test p."""
+    methods = [m for m in MPNET_METHODS if unit == "rank" or m in MPNET_PARAM_METHODS]
+    seeds = mpnet_seeds(targets, unit)
+    n = len(seeds)
+    out = [f"Seeds complete: {', '.join(map(str, seeds)) or 'none'} of {len(SEEDS['mpnet'])} planned.", "",
+           "| method | " + " | ".join(NLU_TASKS) + " | Δ vs uniform (95 % CI) | wins-losses | sign p | "
+           "LoRA params |", "|---" * (len(NLU_TASKS) + 5) + "|"]
+    base = {}
+    for t in NLU_TASKS:
+        base |= {(t, s): v for s, v in mpnet_scores(t, targets, "uniform", seeds)[1].items()}
+    for m in methods:
+        cells, mine, params = [], {}, set()
+        for t in NLU_TASKS:
+            lr, by_seed = mpnet_scores(t, targets, m, seeds, unit)
+            cells.append(f"{mean_std(list(by_seed.values()), n)} (lr {lr:g})" if lr else "n/a")
+            mine |= {(t, s): v for s, v in by_seed.items()}
+            if lr:
+                params |= {mpnet_run(t, targets, m, lr, s, "rank" if m == "uniform" else unit)
+                           .read("metrics.json")["lora_params"] for s in seeds}
+        diffs = paired_differences(mine, base) if m != "uniform" else []
+        if diffs:
+            st = summary(diffs)
+            stats = (f"{st['mean']:+.2f} [{st['ci95'][0]:+.2f}, {st['ci95'][1]:+.2f}] | {st['wins']}-{st['losses']} | "
+                     f"{st['sign_p']:.3f}")
+        else:
+            stats = "— | — | —"
+        out.append(f"| {NAMES[m]} | " + " | ".join(cells) + f" | {stats} | "
+                   + (", ".join(f"{p:,}" for p in sorted(params)) or "n/a") + " |")
+    return out
+
+
 TABLES = {"nlu-main": nlu_main, "nlu-main-dev": lambda: nlu_main("dev"), "nlu-seeds": nlu_seeds, "nlu-paired": paired, "nlu-ranks": nlu_ranks, "nlu-select": nlu_select,
           "nlu-select-all": lambda: nlu_select("all"), "nlu-all-linear": nlu_all_linear,
-          "diag-obs": diag_obs, "epoch-tau": epoch_tau, "nlg": nlg, "nlg-seeds": nlg_seeds}
+          "diag-obs": diag_obs, "epoch-tau": epoch_tau, "nlg": nlg, "nlg-seeds": nlg_seeds,
+          "mpnet-qv": lambda: mpnet_compare("qv"), "mpnet-all": lambda: mpnet_compare("all"),
+          "mpnet-all-param": lambda: mpnet_compare("all", "param")}
 
 
 def fill(text: str) -> str:

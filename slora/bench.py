@@ -1,4 +1,4 @@
-"""python -m slora.bench [--small] [--out DIR]
+"""python -m slora.bench [--small] [--only CASE] [--out DIR]
 
 Side-by-side measurements of what slora costs on the current device, every figure and ratio from one run:
 
@@ -11,23 +11,29 @@ Side-by-side measurements of what slora costs on the current device, every figur
    batch, and whether any rank changes when the accumulation runs in float64.
 3. A LoRA training step with the allocated ranks at LLaMA-3.2-1B shape: slora against PEFT on transformers'
    model (same ranks through `rank_pattern`, same batch and sequence length), when peft is installed.
+4. LoRA training at LLaMA-3.1-8B shape (issue 10 §5): random bf16 base, every linear layer adapted with ranks
+   allocated at r_avg 8 (diag calibration on one 2 x 1024 batch), micro-batch 2 x 2048, activation checkpointing
+   (slora's per-layer non-reentrant checkpointing; transformers' gradient checkpointing, non-reentrant), each
+   library's own training loss (slora's chunked LM head; transformers' `labels=`). Tokens/s and peak memory of
+   both, and their ratio (goals: >= 1.10x PEFT, <= 22 GB).
 
-`--small` runs tiny shapes on the CPU in seconds (the CI smoke test). transformers and peft are optional
+`--only CASE` (calibration, train1b, train8b; repeatable) runs a subset; with `--out` the keys of an existing
+result.json that were not re-measured are kept. `--small` runs tiny shapes on the CPU in seconds (the CI smoke
+test). transformers and peft are optional
 comparison baselines: when missing, their rows say so and the run goes on.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from slora import hessian
-from slora.lora import apply_lora, mark_only_lora_trainable
+from slora.argcheck import check_device, check_ranges
+from slora.errors import ArgumentParser, cli
 from slora.models.llama import LlamaConfig, LlamaForCausalLM
 from slora.sensitivity import SensitivityConfig, compute, from_stats
 
@@ -77,8 +83,8 @@ def reset_peak(device):
 def random_llama(cfg: LlamaConfig, device, dtype) -> LlamaForCausalLM:
     """slora's LLaMA with N(0, 0.02²) weights made on the device (no host copy, no checkpoint)."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model.to_empty(device=device).to(dtype)
+        model = LlamaForCausalLM(cfg).to(dtype)  # dtype chosen on meta: no fp32 copy is ever made on the device
+    model.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -276,77 +282,30 @@ def transformers_forward(cfg: LlamaConfig, batches, device, dtype) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# 3. LoRA training step: slora vs PEFT
-
-def train_steps(model, ids, params, device, steps: int, autocast) -> float:
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step():
-        with autocast:
-            logits = model(ids)
-            out = logits.logits if hasattr(logits, "logits") else logits
-            loss = F.cross_entropy(out[:, :-1].float().reshape(-1, out.shape[-1]), ids[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-    for _ in range(2):
-        step()  # warm-up
-    return timed(step, device, repeat=steps)
-
-
-def bench_training(cfg, B, T, device, dtype, steps: int, with_peft: bool) -> dict:
-    model = random_llama(cfg, device, dtype)
-    g = torch.Generator(device=device).manual_seed(1)
-    ids = torch.randint(0, cfg.vocab_size, (B, T), device=device, generator=g)
-    calib = [{"input_ids": ids[:, : T // 2]}]
-    _, ranks = compute(model, calib, SensitivityConfig(targets="all-linear", r_avg=8, mode="diag"))
-    ranks = {k: v for k, v in ranks.items() if v > 0}
-    apply_lora(model, ranks, alpha=16.0, alpha_policy="scale")
-    mark_only_lora_trainable(model, extra=())
-    model.train()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    params = [p for p in model.parameters() if p.requires_grad]
-    res = {"train_shape": f"{B}x{T}", "train_lora_params": sum(p.numel() for p in params),
-           "train_rank_sum": sum(ranks.values())}
-    reset_peak(device)
-    res["train_step_s_slora"] = train_steps(model, ids, params, device, steps, autocast)
-    res["peak_mem_gb_train_slora"] = peak_gb(device)
-    if not with_peft:
-        return res
-    try:
-        import peft
-        import transformers
-    except ImportError:
-        res.update(train_step_s_peft=None, peft="not installed")
-        return res
-    from slora.adapter import adapter_config
-    lcfg = adapter_config(model, "random", "CAUSAL_LM")
-    del model, params
-    hf = transformers_llama(transformers.LlamaForCausalLM, cfg, device, dtype)
-    keep = {"r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "lora_dropout", "use_rslora",
-            "bias", "task_type"}
-    try:
-        pm = peft.get_peft_model(hf, peft.LoraConfig(**{k: v for k, v in lcfg.items() if k in keep}))
-    except Exception as e:
-        res.update(train_step_s_peft=None, peft=f"failed: {e!r}"[:300])
-        return res
-    pm.train()
-    params = [p for p in pm.parameters() if p.requires_grad]
-    res["train_lora_params_peft"] = sum(p.numel() for p in params)
-    reset_peak(device)
-    res["train_step_s_peft"] = train_steps(pm, ids, params, device, steps, autocast)
-    res["peak_mem_gb_train_peft"] = peak_gb(device)
-    res["peft"] = peft.__version__
-    return res
-
-
-# -----------------------------------------------------------------------------
 # Report
 
+def _training_cases():
+    """slora.bench_train (cases 3 and 4), which builds on this module's helpers, hence imported at run time."""
+    from slora import bench_train
+    return bench_train
+
+
 def report(r: dict) -> str:
+    """The table printed and written to output.txt: one section per case that ran."""
+    lines = [f"device: {r['device']}   torch {r['torch']}"]
+    if "forward_s" in r:
+        lines += report_calibration(r)
+    bench_train = _training_cases()
+    if "train_step_s_slora" in r:
+        lines += bench_train.report_training(r)
+    if "train8b_step_s_slora" in r:
+        lines += bench_train.report_train8b(r)
+    return "\n".join(lines)
+
+
+def report_calibration(r: dict) -> list[str]:
     f = r["forward_s"]
-    lines = [f"device: {r['device']}   torch {r['torch']}   calibration tokens: {r['tokens']:,}",
+    lines = [f"calibration tokens: {r['tokens']:,}",
              f"weights: {r['weights_gb']:.2f} GB",
              f"bare forward, slora:        {f:8.3f} s   {r['flops_forward'] / f / 1e12:7.1f} TFLOP/s"]
     if r.get("forward_s_transformers"):
@@ -372,57 +331,76 @@ def report(r: dict) -> str:
     for name, a in r["accuracy"].items():
         lines.append(f"  H accuracy {name:18s} max rel err diag {a['diag_rel_err']:.2e}   "
                      f"max |ΔH_ij|/sqrt(H_ii H_jj) {a['offdiag_err_over_sqrt_hii_hjj']:.2e}  (target diag <= 1e-3)")
-    s = r["train_step_s_slora"]
-    if s is None:
-        return "\n".join(lines + [f"LoRA training step: failed ({r.get('train_error')})"])
-    lines.append(f"LoRA train step ({r['train_model']}, {r['train_shape']}, Σr {r['train_rank_sum']}): "
-                 f"slora {s:.4f} s")
-    if r.get("train_step_s_peft"):
-        p = r["train_step_s_peft"]
-        lines.append(f"                      PEFT {p:.4f} s   slora throughput / PEFT = {p / s:.3f}  "
-                     f"(target >= 1.10)")
-    else:
-        lines.append(f"                      PEFT skipped ({r.get('peft')})")
-    return "\n".join(lines)
+    return lines
+
+
+CASES = ("calibration", "train1b", "train8b")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m slora.bench", description=__doc__.split("\n\n")[1])
+    p = ArgumentParser(prog="python -m slora.bench", description=__doc__.split("\n\n")[1])
     p.add_argument("--small", action="store_true", help="tiny shapes on the CPU in seconds (CI smoke test)")
+    p.add_argument("--only", action="append", choices=CASES, default=None,
+                   help="run only this case (repeatable); default: all of them")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
     p.add_argument("--batches", type=int, default=16, help="calibration batches (count)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per calibration batch")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration sequence")
-    p.add_argument("--train-batch", type=int, default=4, help="sequences per training step")
-    p.add_argument("--train-seq-len", type=int, default=2048, help="tokens per training sequence")
+    p.add_argument("--train-batch", type=int, default=4, help="sequences per training step (1B case)")
+    p.add_argument("--train-seq-len", type=int, default=2048, help="tokens per training sequence (1B case)")
+    p.add_argument("--train8b-batch", type=int, default=2, help="sequences per training step (8B case)")
+    p.add_argument("--train8b-seq-len", type=int, default=2048, help="tokens per training sequence (8B case)")
     p.add_argument("--train-steps", type=int, default=10, help="timed training steps (count)")
-    p.add_argument("--out", default=None, help="folder for result.json and output.txt")
+    p.add_argument("--out", default=None, help="folder for result.json and output.txt; the keys of an existing "
+                   "result.json that this run does not measure are kept")
     args = p.parse_args(argv)
-    device = torch.device("cpu" if args.small else args.device)
+    check_ranges(args)
+    cases = args.only or CASES
+    bench_train = _training_cases()
+    device = torch.device("cpu") if args.small else check_device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if args.small:
         args.batches, args.batch_size, args.seq_len, args.train_batch, args.train_seq_len = 2, 2, 32, 2, 32
-        args.train_steps = 2
+        args.train8b_batch, args.train8b_seq_len, args.train_steps = 2, 32, 2
     calib_shape = "tiny" if args.small else "llama-3.1-8b"
     train_shape = "tiny" if args.small else "llama-3.2-1b"
-    cfg = LlamaConfig(**SHAPES[calib_shape])
-    g = torch.Generator(device=device).manual_seed(0)
-    batches = [torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), device=device, generator=g)
-               for _ in range(args.batches)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    res = {"device": name, "torch": torch.__version__, "calib_model": calib_shape, "train_model": train_shape,
+    res = {"device": name, "torch": torch.__version__,
            "command": "python -m slora.bench " + " ".join(argv if argv is not None else sys.argv[1:])}
-    res.update(bench_calibration(cfg, batches, device, dtype, with_transformers=True))
-    del batches
-    print(f"[bench] calibration done: forward {res['forward_s']:.3f} s, diag {res['calib_diag_s']:.3f} s, "
-          f"full {res['calib_full_s']:.3f} s", flush=True)
-    try:
-        res.update(bench_training(LlamaConfig(**SHAPES[train_shape]), args.train_batch, args.train_seq_len,
-                                  device, dtype, args.train_steps, with_peft=True))
-    except Exception as e:  # reported in the table and result.json rather than losing the calibration figures
-        res.update(train_step_s_slora=None, train_error=f"{e!r}"[:300], train_rank_sum=None, train_shape=None)
+    if "calibration" in cases:
+        cfg = LlamaConfig(**SHAPES[calib_shape])
+        g = torch.Generator(device=device).manual_seed(0)
+        batches = [torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), device=device, generator=g)
+                   for _ in range(args.batches)]
+        res["calib_model"] = calib_shape
+        res.update(bench_calibration(cfg, batches, device, dtype, with_transformers=True))
+        del batches
+        print(f"[bench] calibration done: forward {res['forward_s']:.3f} s, diag {res['calib_diag_s']:.3f} s, "
+              f"full {res['calib_full_s']:.3f} s", flush=True)
+    if "train1b" in cases:
+        res["train_model"] = train_shape
+        try:
+            res.update(bench_train.bench_training(LlamaConfig(**SHAPES[train_shape]), args.train_batch,
+                                                  args.train_seq_len, device, dtype, args.train_steps, with_peft=True))
+        except Exception as e:  # reported in the table and result.json rather than losing the other figures
+            res.update(train_step_s_slora=None, train_error=f"{e!r}"[:300], train_rank_sum=None, train_shape=None)
+        reset_peak(device)
+    if "train8b" in cases:
+        # issue 10 §5: LLaMA-3.1-8B shape, bf16 base, micro-batch 2 x 2048, activation checkpointing on both sides
+        res["train8b_model"] = calib_shape
+        try:
+            res.update(bench_train.bench_training(LlamaConfig(**SHAPES[calib_shape]), args.train8b_batch,
+                                                  args.train8b_seq_len, device, dtype, args.train_steps,
+                                                  with_peft=True, checkpointing=True, prefix="train8b",
+                                                  own_loss=True))
+        except Exception as e:
+            res.update(train8b_step_s_slora=None, train8b_tokens_per_s_slora=None, train8b_error=f"{e!r}"[:300])
+        reset_peak(device)
+    if args.out and (Path(args.out) / "result.json").is_file():
+        old = json.loads((Path(args.out) / "result.json").read_text())
+        res = old | res | {"command": "; ".join(dict.fromkeys(filter(None, (old.get("command"), res["command"]))))}
     text = report(res)
-    if res["profile_full_layer"].get("torch_profiler"):
+    if (res.get("profile_full_layer") or {}).get("torch_profiler"):
         text += "\n\ntorch.profiler, full mode, one streamed layer:\n" + res["profile_full_layer"]["torch_profiler"]
     print(text)
     if args.out:
@@ -434,4 +412,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

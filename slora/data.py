@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from slora.errors import SloraError
 from slora.scoring import GLUE_METRICS
 
 
@@ -129,11 +130,21 @@ def carve(items: Sequence[Example], fraction: float, seed: int, source) -> dict[
 # GLUE from a local folder in the standard layout (GLUE_DIR/<Task>/{train,dev}.tsv)
 
 
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A text file's contents; bytes that are not UTF-8 are an error naming the file and the line."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise SloraError(f"{path}:{line}", f"byte {raw[e.start]:#04x} is not UTF-8; save the file as UTF-8") from None
+
+
 def _tsv(path: Path) -> list[tuple[int, list[str]]]:
     """(1-based line number, tab-separated fields) of each non-empty line. No quote handling: GLUE's and VADER's
     files are not CSV-quoted (transformers reads GLUE with quotechar=None). CRLF endings and a UTF-8 byte-order
     mark (MRPC) are dropped."""
-    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    lines = read_text(path, "utf-8-sig").split("\n")
     return [(i, line.rstrip("\r").split("\t")) for i, line in enumerate(lines, start=1) if line.rstrip("\r")]
 
 
@@ -212,8 +223,14 @@ def read_wiki(data_dir=None) -> list[dict]:
     path = _data_root(data_dir) / "wiki" / "summaries_en-us.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: Wikipedia summaries not found (run `python -m slora.assets`)")
-    items = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        items = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise SloraError(f"{path}:{e.lineno}", f"not valid JSON ({e.msg}); re-run `python -m slora.assets`") from None
+    if not isinstance(items, dict):
+        raise SloraError(path, "expected a JSON object {key: summary}; re-run `python -m slora.assets`")
     for key, item in items.items():
+        item = item if isinstance(item, dict) else {}
         missing = [f for f in ("title", "extract", "description", "topic") if not isinstance(item.get(f), str)]
         if missing:
             raise ValueError(f"{path}: entry {key!r} lacks string field(s) {missing}")
@@ -278,7 +295,7 @@ def read_jsonl(path, kind: str) -> list[Example]:
     need = {"classification": {"text": str, "label": int}, "instructions": {"prompt": str, "response": str},
             "chat": {}}[kind]
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+    for i, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -327,6 +344,10 @@ def chat_example(obj: dict, uid: str, where: str) -> Example:
     return Example(uid, tuple(pairs[:-1]), None, pairs[-1][1])
 
 
+TASK_JSONL_CLS = TaskSpec("jsonl-classification", "classification", 2, ("text", "text_pair"), "label",
+                          ("accuracy",), "accuracy")  # the kind and name; num_labels comes from the data
+
+
 def load_jsonl(kind: str, train, dev=None, test=None, *, num_labels: int | None = None, seed: int = 0,
                holdout: float = 0.1) -> tuple[TaskSpec, dict[str, list[Example]]]:
     """(spec, splits) for user JSONL files. kind: "classification" (integer labels 0..num_labels-1; num_labels
@@ -341,12 +362,48 @@ def load_jsonl(kind: str, train, dev=None, test=None, *, num_labels: int | None 
         return TaskSpec("jsonl-instructions", "generation", 0, ("prompt",), "response", GEN_METRICS, "rougeL"), splits
     if kind == "chat":  # scored on the final assistant turn
         return TaskSpec("jsonl-chat", "generation", 0, ("messages",), "messages", GEN_METRICS, "rougeL"), splits
-    k = num_labels if num_labels is not None else 1 + max(e.label for e in splits["train"])
-    bad = [(e.uid, e.label) for part in splits.values() for e in part if not 0 <= e.label < k]
-    if bad:
-        raise ValueError(f"{bad[0][0]}: label {bad[0][1]} out of range [0, {k})")
-    return TaskSpec("jsonl-classification", "classification", k, ("text", "text_pair"), "label", ("accuracy",),
+    files = {"train": train, "dev": dev if dev is not None else train, "test": test}
+    where = {(part, e.uid): f"{files[part]}:{e.uid.rsplit(':', 1)[1]}" for part, items in splits.items()
+             for e in items}
+    negative = next(((part, e) for part, items in splits.items() for e in items if e.label < 0), None)
+    if negative:
+        raise SloraError(where[negative[0], negative[1].uid], f"label {negative[1].label} is negative; classes are "
+                                                              f"numbered 0..K-1")
+    seen = sorted({e.label for e in splits["train"]})
+    if num_labels is None:
+        # the classes are those seen in training, and they must be 0..K-1: labels {0, 1, 1000} would otherwise
+        # build a 1001-way head with 998 classes that no example ever teaches
+        k = max(seen) + 1
+        gaps = sorted(set(range(k)) - set(seen))
+        if gaps:
+            first = next(e for e in splits["train"] if e.label == seen[-1])
+            raise SloraError(where["train", first.uid], f"label {seen[-1]}, but no training example has class "
+                             f"{', '.join(map(str, gaps[:5]))}{' ...' if len(gaps) > 5 else ''}; labels must be "
+                             f"0..K-1: renumber them, or pass --num-labels K if some classes have no training example")
+    else:
+        k = num_labels
+    check_classes(TASK_JSONL_CLS, splits["train"], train)
+    for part, items in splits.items():
+        for e in items:
+            if not 0 <= e.label < k:
+                hint = ("pass --num-labels K to state the number of classes" if num_labels is None
+                        else f"--num-labels is {num_labels}")
+                raise SloraError(where[part, e.uid], f"label {e.label} is outside the classes 0..{k - 1} "
+                                 f"{'seen in training' if num_labels is None else 'stated'}; {hint}")
+    return TaskSpec(TASK_JSONL_CLS.name, "classification", k, ("text", "text_pair"), "label", ("accuracy",),
                     "accuracy", tuple(str(i) for i in range(k))), splits
+
+
+def check_classes(spec: TaskSpec, train: Sequence[Example], source) -> None:
+    """A classification task trains on at least two classes: with one, every prediction is that class and
+    accuracy on a dev set of the same class reads 1.0 while nothing was learnt."""
+    if spec.kind != "classification":
+        return
+    seen = sorted({e.label for e in train})
+    if len(seen) < 2:
+        raise SloraError(source, f"the {len(train)} training example(s) all have label {seen[0] if seen else None}; "
+                                 f"classification needs at least two classes in training (more or other data, "
+                                 f"or a larger --max-train)")
 
 
 # -----------------------------------------------------------------------------
@@ -359,7 +416,7 @@ def _text_file_examples(path: Path) -> list[Example]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: calibration text not found")
     return [Example(f"{path.name}:{i}", s.strip())
-            for i, s in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1) if s.strip()]
+            for i, s in enumerate(read_text(path).split("\n"), start=1) if s.strip()]
 
 
 def calibration_examples(source: str, n: int, *, train: Sequence[Example] | None = None, seed: int = 0,
@@ -382,5 +439,6 @@ def calibration_examples(source: str, n: int, *, train: Sequence[Example] | None
     else:
         raise ValueError(f"calibration source {source!r} is neither one of {CALIBRATION_SOURCES} nor a file")
     if not 0 < n <= len(pool):
-        raise ValueError(f"calibration source {source!r} has {len(pool)} sequences; cannot draw {n}")
+        culprit = source if source not in CALIBRATION_SOURCES else f"calibration source {source!r}"
+        raise SloraError(culprit, f"has {len(pool)} sequences (non-empty lines); cannot draw {n}: lower --calib-n")
     return seeded_order(pool, seed)[:n]

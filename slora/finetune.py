@@ -5,7 +5,8 @@ load -> data -> calibrate -> metrics -> allocate -> apply LoRA -> train -> evalu
 describes itself: args.json, sensitivity.json, ranks.json, ranks.svg, metrics.json, log.jsonl and a PEFT adapter.
 
 With no arguments it runs the embedded default: MiniLM on the rt-polarity stand-in task, Sensitivity-LoRA ranks with
-r_avg 4 on query and value. `--model smollm2 --task wiki-describe` runs the LLaMA path.
+r_avg 4 on query and value. `--model smollm2 --task wiki-describe` runs the LLaMA path; `--model mpnet` the
+RoBERTa-base-sized MPNet encoder (an optional asset).
 """
 from __future__ import annotations
 
@@ -18,35 +19,39 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from slora import chat, data, scoring, text
+from slora import chat, data, dist, parallel, runfolder, text
 from slora.adapter import mis_scaled_modules, save_adapter
-from slora.checkpoint import atomic_folder
+from slora.argcheck import check_finetune_args
+from slora.checkpoint import read_config, read_json
+from slora.errors import ArgumentParser, SloraError, UsageError, cli
 from slora.heatmap import ranks_svg
-from slora.lora import ALPHA_POLICIES, apply_lora, lora_parameters_count, mark_only_lora_trainable, merged_copy
-from slora.models import load_model, load_tokenizer
-from slora.models.bert import BertModel, for_sequence_classification
+from slora.lora import ALPHA_POLICIES
+from slora.models import DECODER_TYPES, for_sequence_classification, load_model, load_tokenizer
+from slora.models.llama import LlamaForCausalLM
 from slora.sensitivity import SensitivityConfig, compute
-from slora.stability import stability
+from slora.resume import Checkpointer
+from slora.train import EpochSensitivity, NonFiniteError, finetune, set_activation_checkpointing
 
 # Model presets: the offline assets by name (anything else is a path to a Hugging Face-format folder).
-PRESETS = ("minilm", "smollm2")
+PRESETS = ("minilm", "smollm2", "mpnet")
 # Per-family defaults; the paper uses r_avg 4 for NLU and 8 for NLG (App. A.2) and names no target modules.
 FAMILY_DEFAULTS = {
     "encoder": dict(targets="query,value", r_avg=4, max_len=128),
     "decoder": dict(targets="q_proj,k_proj,v_proj,o_proj", r_avg=8, max_len=256),
 }
+# Encoders that name their query and value projections otherwise (transformers' modeling_mpnet: attention.attn.q/v).
+ENCODER_TARGETS = {"mpnet": "attn.q,attn.v"}
 # --alloc -> (allocation method, θ variant) of slora.sensitivity; "sensitivity" is the paper's full method.
 ALLOC = {"sensitivity": ("sra", "sensitivity"), "uniform": ("uniform", "sensitivity"), "global": ("sra", "global"),
          "local": ("sra", "local"), "pra": ("pra", "sensitivity"), "half-mu": ("sra", "half-mu")}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m slora.finetune", description=__doc__.split("\n\n")[1],
+    p = ArgumentParser(prog="python -m slora.finetune", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model and task
-    p.add_argument("--model", default="minilm", help="preset (minilm, smollm2) or a Hugging Face-format folder")
+    p.add_argument("--model", default="minilm", help="preset (minilm, smollm2, mpnet) or a Hugging Face-format folder")
     p.add_argument("--task", default="rt-polarity", help=f"one of {', '.join(data.TASKS)}, or 'jsonl'")
     p.add_argument("--glue-dir", default=None, help="folder holding CoLA/, SST-2/, ... (GLUE tasks)")
     p.add_argument("--jsonl-kind", default="classification", choices=data.JSONL_KINDS,
@@ -58,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=None, help="tokens per sequence (default 128 encoder, 256 decoder)")
     p.add_argument("--max-train", type=int, default=None, help="use only the first N training examples (count)")
     p.add_argument("--max-eval", type=int, default=None, help="evaluate on the first N dev/test examples (count)")
+    p.add_argument("--num-labels", type=int, default=None, help="classes of --jsonl-kind classification (default: "
+                   "those seen in training, which must be 0..K-1)")
     # calibration (paper §4.6-4.7)
     p.add_argument("--calib", default="task", help="calibration text: task (its training inputs), ptb, wiki, rt, "
                    "tweets, amazon, nyt, or a text file with one sequence per line")
@@ -74,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--budget-unit", default="rank", choices=("rank", "param"),
                    help="budget kept exact in ranks (Σr) or in parameters (Σ r·(d_in+d_out))")
     p.add_argument("--targets", default=None, help="comma list of module-name suffixes or all-linear "
-                   "(default query,value encoder; q_proj,k_proj,v_proj,o_proj decoder)")
+                   "(default query,value encoder; attn.q,attn.v mpnet; q_proj,k_proj,v_proj,o_proj decoder)")
     p.add_argument("--r-min", type=int, default=1, help="smallest rank per matrix (0 allowed: no adapter)")
     p.add_argument("--r-max", type=int, default=None, help="largest rank per matrix (default min(d_in, d_out))")
     p.add_argument("--rounding", default="exact", choices=("exact", "paper"),
@@ -108,36 +115,42 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for data order, head and LoRA init, dropout")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="autocast: auto = bf16 on CUDA, fp32 on CPU; weights stay fp32")
+                   help="autocast: auto = bf16 on CUDA or on a bf16 base, fp32 otherwise")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="frozen base weights, loaded straight into this dtype on the device: auto = bf16 on CUDA "
+                        "(fp32 with --precision fp32), fp32 on CPU; LoRA factors and the task head stay fp32")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer layer's activations in the backward pass (less memory, "
+                        "about one more forward pass of time)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 per transformer "
+                   "layer (for models larger than one device) instead of DDP's full copy per rank")
     # output
-    p.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
+    p.add_argument("--out", default=None, help="run folder (default: a new folder under runs/); the run is written "
+                   "in OUT/.slora-partial/ and moved into OUT when complete")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a complete or interrupted run already in --out (only slora's own files go)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="write a training checkpoint (resume point) every N optimizer steps (0: none)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the interrupted run in DIR (its --out or in-progress folder); no other flags: "
+                        "the arguments are the run's own")
     p.add_argument("--log-every", type=int, default=10, help="progress line every N optimizer steps")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.resume is not None and len(argv if argv is not None else sys.argv[1:]) > 2:
+        raise UsageError("--resume", "takes no other flags: the arguments come from the run's own args.json")
+    return args
+
+
+def resumed_args(out: Path) -> argparse.Namespace:
+    """The arguments of the interrupted run in `out`, as it recorded them; options added since run at default."""
+    stored = read_json(runfolder.partial_of(out) / "args.json")
+    stored.pop("resolved", None)
+    return argparse.Namespace(**(vars(parse_args([])) | stored | {"resume": None, "replace": False}))
 
 
 # -----------------------------------------------------------------------------
-# Run folder: written under a temporary name and renamed when complete
-
-def out_dir(args) -> Path:
-    """The run folder. One that already holds a run with other arguments, or other files, is an error."""
-    out = Path(args.out) if args.out else Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{args.task}-{args.alloc}")
-    if out.exists():
-        old = out / "args.json"
-        if not old.is_file():
-            if any(out.iterdir()):
-                raise FileExistsError(f"{out}: exists and does not hold a slora run; choose another --out")
-        else:
-            prev = {k: v for k, v in json.loads(old.read_text()).items() if k not in ("resolved", "out")}
-            new = {k: v for k, v in vars(args).items() if k != "out"}  # the folder itself may be spelled otherwise
-            # an option added after that run was recorded ran at its default there
-            defaults = vars(parse_args([]))
-            diff = sorted(k for k in set(prev) | set(new) if prev.get(k, defaults.get(k)) != new.get(k))
-            if diff:
-                raise FileExistsError(f"{out}: already holds a different run (arguments differ in: "
-                                      f"{', '.join(diff)}); choose another --out")
-    return out
-
+# Run folder (slora.runfolder: lock, in-progress folder, completion) and small writers
 
 def write_json(path: Path, obj):
     """Strict JSON: an undefined score (NaN, e.g. the correlation of a constant prediction) is written as null."""
@@ -149,70 +162,50 @@ def write_json(path: Path, obj):
         if isinstance(x, (list, tuple)):
             return [clean(v) for v in x]
         return x
-    path.write_text(json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    if dist.get().is_main:  # torchrun: rank 0 alone writes the run folder
+        path.write_text(json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 class Log:
     """Progress lines on stdout and the same records, as JSON, in log.jsonl (one line written per record)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, muted: bool = False):
         self.path = path
+        self.muted = muted  # print only: a resumed run does not record its set-up stages a second time
 
     def __call__(self, event: str, text: str = "", **fields):
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+        if not dist.get().is_main:  # torchrun: rank 0 alone logs and prints
+            return
+        if not self.muted:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
         if text:
             print(text, flush=True)
 
 
-# -----------------------------------------------------------------------------
-# Loss and evaluation
-
-def forward_inputs(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
-def loss_fn(model, batch, kind: str, device):
-    out = model(**forward_inputs(batch, device))
-    y = batch["labels"].to(device)
-    if kind == "classification":
-        return F.cross_entropy(out.float(), y)
-    if kind == "regression":
-        return F.mse_loss(out.float().squeeze(-1), y)
-    # causal LM: position t predicts token t+1; prompt and pad tokens carry label -100 (response-only loss)
-    return F.cross_entropy(out[:, :-1].float().reshape(-1, out.shape[-1]), y[:, 1:].reshape(-1),
-                           ignore_index=text.IGNORE_INDEX)
+def position_limit(hf: dict) -> int | None:
+    """Tokens a sequence may hold in a model of this config.json; None when the config does not say."""
+    n = hf.get("max_position_embeddings")
+    if not isinstance(n, int) or isinstance(n, bool):
+        return None
+    # RoBERTa and MPNet count positions from padding_idx + 1 (fairseq), so the rows below are never a token's
+    pad = hf.get("pad_token_id")
+    return n - (pad + 1 if hf.get("model_type") in ("roberta", "mpnet") and isinstance(pad, int) else 0)
 
 
-@torch.no_grad()
-def evaluate(model, tok, spec, examples, args, pad_id, device, autocast) -> dict:
-    model.eval()
-    if spec.kind == "generation":
-        feats = text.encode_prompts(tok, examples, args.max_len)
-        stops = chat.stop_ids(tok) + [i for i in (model.config.eos_token_id,) if isinstance(i, int)]
-        preds = []
-        for batch in text.iterate_batches(feats, args.batch_size, pad_id, side="left"):
-            with autocast:
-                out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                     max_new_tokens=args.gen_tokens, eos_token_id=stops)
-            preds += text.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
-        refs = [e.label for e in examples]
-    else:
-        feats = text.encode_encoder(tok, examples, args.max_len)
-        preds = []
-        for batch in text.iterate_batches(feats, args.batch_size, pad_id):
-            with autocast:
-                logits = model(**forward_inputs(batch, device)).float()
-            preds += (logits.squeeze(-1) if spec.kind == "regression" else logits.argmax(-1)).tolist()
-        refs = [f.labels for f in feats]
-    return scoring.score(spec.metrics, preds, refs)
-
-
-def lr_at(step: int, total: int, warmup: int) -> float:
-    """Linear warmup to 1 over `warmup` steps, then linear decay to 0 at `total` (LoRA paper's schedule)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+def check_positions(args, hf: dict, decoder: bool):
+    """Lengths asked for beyond the model's positions are argument errors, found from config.json before the
+    weights load; --gen-tokens beyond them would generate for minutes."""
+    limit = position_limit(hf)
+    if limit is None:
+        return
+    for name in ("max_len", "calib_len"):
+        value = getattr(args, name)
+        if value is not None and value > limit:
+            raise UsageError(f"--{name.replace('_', '-')}", f"{value} is beyond the {limit} positions of "
+                                                            f"{args.model} (max_position_embeddings)")
+    if decoder and args.gen_tokens > limit:
+        raise UsageError("--gen-tokens", f"{args.gen_tokens} is beyond the {limit} positions of {args.model}")
 
 
 # -----------------------------------------------------------------------------
@@ -220,21 +213,46 @@ def lr_at(step: int, total: int, warmup: int) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
+    resume = args.resume is not None
+    if resume:
+        out = runfolder.resolve_resume(args.resume)
+        args = resumed_args(out)
+    else:
+        out = Path(args.out) if args.out else Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{args.task}-{args.alloc}")
+    # values checked here, not in parse_args: a command recorded on another machine (--device cuda) still parses
+    check_finetune_args(args, PRESETS, data.TASKS, data.CALIBRATION_SOURCES)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = out_dir(args)
-    with atomic_folder(out) as tmp:  # a failed run leaves nothing half written; a re-run replaces its twin
-        run(args, tmp)
-    print(f"run folder: {out}")
+    if dist.env_world() > 1 and (resume or args.save_every):
+        raise ValueError("--save-every and --resume are not supported under torchrun yet: run them in one process")
+    d = dist.init(args.device)  # torchrun's environment, or one process without a process group
+    with dist.guard():  # torchrun: a failure on any rank ends every rank with its error
+        if d.is_main:
+            # a diverged run is no resume point: resuming it would diverge again
+            with runfolder.run_folder(out, resume=resume, replace=args.replace,
+                                      keep_on_error=lambda e: not isinstance(e, NonFiniteError)) as tmp:
+                run(args, tmp, resume)
+        else:  # the other ranks compute alongside and write nothing (write_json and Log skip them)
+            run(args, Path(f"<rank {d.rank} writes no run folder>"), resume)
+    dist.teardown()
+    if d.is_main:
+        print(f"run folder: {out}")
     return out
 
 
-def run(args, tmp: Path):
+def run(args, tmp: Path, resume: bool = False):
+    """The stages, writing into the in-progress folder `tmp`; `resume`: continue from its newest checkpoint."""
     given = dict(vars(args))  # as parsed; the family defaults below are recorded apart, under "resolved"
-    log = Log(tmp / "log.jsonl")
+    checkpoint = Checkpointer(tmp, args.save_every) if args.save_every or resume else None
+    if resume:
+        checkpoint.truncate_log()  # the steps after the checkpoint are logged again, once, by this run
+    log = Log(tmp / "log.jsonl", muted=resume)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    device = dist.get().device if dist.get().world > 1 else torch.device(args.device)  # cuda:LOCAL_RANK
+    bf16_base = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda" and args.precision != "fp32")
+    if bf16_base and args.precision == "fp32":
+        raise ValueError("--precision fp32 needs an fp32 base: add --dtype fp32 (a bf16 base computes in bf16)")
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and (device.type == "cuda" or bf16_base))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     times = {}
 
@@ -245,33 +263,53 @@ def run(args, tmp: Path):
         model_path = model_dir(args.model)
     else:
         model_path = Path(args.model)
-    body = load_model(model_path, device=device)
+    hf = read_config(model_path)
+    check_positions(args, hf, decoder=hf.get("model_type") in DECODER_TYPES)
+    body = load_model(model_path, dtype=torch.bfloat16 if bf16_base else torch.float32, device=device)
     tok = load_tokenizer(model_path)
-    family = "encoder" if isinstance(body, BertModel) else "decoder"
+    family = "decoder" if isinstance(body, LlamaForCausalLM) else "encoder"
+    if args.targets is None and family == "encoder":
+        args.targets = ENCODER_TARGETS.get(body.config.model_type)
     for k, v in FAMILY_DEFAULTS[family].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.lora_alpha = 2 * args.r_avg if args.lora_alpha is None else args.lora_alpha
+    limit = position_limit(hf)
+    if limit is not None and args.max_len > limit:  # the family default, cut to the model: recorded as resolved
+        args.max_len = limit
     args.calib_len = args.max_len if args.calib_len is None else args.calib_len
     pad_id = body.config.pad_token_id if body.config.pad_token_id is not None else body.config.eos_token_id
-    resolved = {k: v for k, v in vars(args).items() if given[k] != v}
-    write_json(tmp / "args.json", given | {"resolved": resolved | {"model_path": str(model_path), "family": family}})
+    resolved = {k: v for k, v in vars(args).items() if given[k] != v} | {"model_path": str(model_path),
+                                                                          "family": family}
+    if not resume:  # a resumed run keeps the files its first part wrote
+        write_json(tmp / "args.json", given | {"resolved": resolved})
 
     # ---- data: task splits (seeded) and the encoder's task head
     if args.task == "jsonl":
         spec, splits = data.load_jsonl(args.jsonl_kind, args.train_file, args.dev_file, args.test_file,
-                                       seed=args.seed)
+                                       num_labels=args.num_labels, seed=args.seed)
     else:
         spec, splits = data.get_task(args.task), data.load_task(args.task, glue_dir=args.glue_dir, seed=args.seed)
     if (spec.kind == "generation") != (family == "decoder"):
-        raise ValueError(f"task {spec.name} ({spec.kind}) needs a {'decoder' if spec.kind == 'generation' else 'encoder'}"
-                         f" model; {args.model} is a {family}")
+        need, have = ("a decoder", "an encoder") if family == "encoder" else ("an encoder", "a decoder")
+        raise SloraError(args.model, f"is {have}, but task {spec.name} ({spec.kind}) needs {need}")
     if spec.name == "jsonl-chat":  # the model's template decides; a model without one is refused here
         chat.template_family(tok)
         system = chat.default_system(model_path, tok)
         splits = {k: [replace(e, text=chat.with_default_system(e.text, system)) for e in v] for k, v in splits.items()}
     train = splits["train"][:args.max_train]
     evals = {k: v[:args.max_eval] for k, v in splits.items() if k != "train"}
+    data.check_classes(spec, train, args.train_file or f"task {spec.name}")
+    n_calib = min(args.calib_n, len(train)) if args.calib == "task" else args.calib_n
+    # a count asked for but not available is recorded as what was used (args.json "resolved"), never as asked
+    used = {k: n for k, asked, n in (("max_train", args.max_train, len(train)), ("calib_n", args.calib_n, n_calib),
+                                     ("max_eval", args.max_eval, max(map(len, evals.values()), default=0)))
+            if asked is not None and n < asked}
+    if used and not resume:
+        resolved |= used
+        write_json(tmp / "args.json", given | {"resolved": resolved})
+        log("counts", "fewer examples than asked for; using " + ", ".join(f"{k} {v}" for k, v in used.items()),
+            **used)
     model = body if family == "decoder" else for_sequence_classification(body, spec.num_labels, args.seed)
     model.to(device).eval()
     times["load_s"] = time.time() - t0
@@ -280,8 +318,7 @@ def run(args, tmp: Path):
 
     # ---- calibrate, metrics, allocate (paper §3, Eqs. 8-15)
     t0 = time.time()
-    calib = data.calibration_examples(args.calib, min(args.calib_n, len(train)) if args.calib == "task"
-                                      else args.calib_n, train=train, seed=args.seed)
+    calib = data.calibration_examples(args.calib, n_calib, train=train, seed=args.seed)
     batches = text.calibration_batches(tok, calib, decoder=family == "decoder", max_len=args.calib_len,
                                        batch_size=args.batch_size, pad_id=pad_id)
     method, variant = ALLOC[args.alloc]
@@ -294,32 +331,49 @@ def run(args, tmp: Path):
         if done == total or done % 10 == 0:
             log("calibrate", f"calibrate {done}/{total} batches", done=done, total=total)
 
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    # torchrun: each rank calibrates on its contiguous share of the batches; sums are reduced over ranks
+    batches = [{k: v.to(device) for k, v in b.items()} for b in dist.shard(batches)]
 
     def measure(m, progress=None):
         # full-mode Hessians of a decoder are streamed layer by layer (GPTQ-style): one layer's H lives at a time
         blocks = ([(f"model.layers.{i}", layer) for i, layer in enumerate(m.model.layers)]
                   if family == "decoder" and cfg.mode == "full" else None)
-        return compute(m, batches, cfg, blocks=blocks, progress=progress)
+        # a bf16 base calibrates in bf16 (the fp32 task head under autocast); statistics still accumulate in fp32
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_base):
+            return compute(m, batches, cfg, blocks=blocks, progress=progress)
 
-    sens, ranks = measure(model, progress)
+    if resume:  # allocation is deterministic: the interrupted run's own result is read back, not recomputed
+        sens, ranks = (read_json(tmp / f) for f in ("sensitivity.json", "ranks.json"))
+    else:
+        sens, ranks = measure(model, progress)
+        write_json(tmp / "sensitivity.json", sens)
+        write_json(tmp / "ranks.json", ranks)
+        if dist.get().is_main:
+            (tmp / "ranks.svg").write_text(ranks_svg(ranks, title=f"{args.model} {spec.name}: {args.alloc} ranks"))
     times["calibrate_allocate_s"] = time.time() - t0
-    write_json(tmp / "sensitivity.json", sens)
-    write_json(tmp / "ranks.json", ranks)
-    (tmp / "ranks.svg").write_text(ranks_svg(ranks, title=f"{args.model} {spec.name}: {args.alloc} ranks"))
     budget = sens["config"]["budget"]
     log("allocate", f"ranks: {len(ranks)} matrices, sum {sum(ranks.values())}, budget {budget}", budget=budget,
         ranks=ranks)
 
     if not args.allocate_only:
+        if args.epoch_sensitivity and args.fsdp:
+            raise ValueError("--epoch-sensitivity re-measures a merged copy of the model, which --fsdp shards; "
+                             "use DDP (no --fsdp) or one process")
         tracker = EpochSensitivity(measure, sens, ranks) if args.epoch_sensitivity else None
-        result = finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker)
+        set_activation_checkpointing(model, args.activation_checkpointing)
+        if checkpoint is not None:
+            checkpoint.tracker = tracker
+        log.muted = False
+        result = finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker,
+                          checkpoint)
         times.update(result.pop("times"))
         if tracker:
             write_json(tmp / "epoch_sensitivity.json", {"epochs": tracker.epochs})
-        save_adapter(model, tmp / "adapter", str(model_path), "CAUSAL_LM" if family == "decoder" else "SEQ_CLS",
-                     fold_scaling=args.fold_scaling)
-        log_serving(log, model, tmp / "adapter", args.fold_scaling)
+        parallel.full_trainable(model)  # FSDP2: gather the adapter on every rank (a collective), rank 0 writes
+        if dist.get().is_main:
+            save_adapter(model, tmp / "adapter", str(model_path), "CAUSAL_LM" if family == "decoder" else "SEQ_CLS",
+                         fold_scaling=args.fold_scaling)
+            log_serving(log, model, tmp / "adapter", args.fold_scaling)
         write_json(tmp / "metrics.json", result | {"times": times, "budget": budget})
     else:
         write_json(tmp / "metrics.json", {"times": times, "budget": budget, "allocate_only": True})
@@ -341,99 +395,5 @@ def log_serving(log, model, adapter, folded: bool):
             f"mis-scale this adapter; re-run with --fold-scaling or --alpha-policy scale")
 
 
-class EpochSensitivity:
-    """θ and ranks re-measured on the fine-tuned weights after each epoch, against epoch 0 (paper Table 6).
-
-    `measure(model)` is the run's own calibration + metrics + allocation; the model it gets is a merged copy
-    (LoRA folded into W, lora.merged_copy), so the Hessians see the fine-tuned layer inputs."""
-
-    def __init__(self, measure, sens: dict, ranks: dict):
-        self.measure = measure
-        self.epochs = [self._entry(0, sens, ranks)]
-
-    @staticmethod
-    def _entry(epoch: int, sens: dict, ranks: dict) -> dict:
-        return {"epoch": epoch, "theta": {k: v["theta"] for k, v in sens["modules"].items()}, "ranks": dict(ranks)}
-
-    def __call__(self, model, epoch: int) -> dict:
-        """Measure after `epoch`; return {"tau_theta", "tau_ranks"} against epoch 0 (Kendall's τ-b)."""
-        t0 = time.time()
-        sens, ranks = self.measure(merged_copy(model).eval())
-        self.epochs.append(self._entry(epoch, sens, ranks) | {"seconds": time.time() - t0})
-        tau = stability(self.epochs[0], self.epochs[-1])
-        return {"tau_theta": tau["tau_theta"], "tau_ranks": tau["tau_ranks"]}
-
-
-def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker=None) -> dict:
-    """Apply LoRA with the allocated ranks, train with AdamW, evaluate every epoch (and re-measure the sensitivity
-    with `tracker`, an EpochSensitivity). Returns metrics.json content."""
-    g = torch.Generator().manual_seed(args.seed)
-    apply_lora(model, ranks, args.lora_alpha, alpha_policy=args.alpha_policy, dropout=args.lora_dropout,
-               generator=g)
-    mark_only_lora_trainable(model, extra=("classifier",) if spec.kind != "generation" else ())
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in params)
-    n_lora = lora_parameters_count(model)
-
-    if spec.kind == "generation":
-        feats = text.encode_lm(tok, train, args.max_len, eos_id=model.config.eos_token_id)
-    else:
-        feats = text.encode_encoder(tok, train, args.max_len)
-    per_epoch = math.ceil(len(feats) / args.batch_size)
-    total = math.ceil(args.epochs * per_epoch / args.grad_accum)
-    total = min(total, args.max_steps) if args.max_steps else total
-    warmup = max(1, round(args.warmup * total))
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup))
-    log("train", f"training {n_train:,} parameters ({n_lora:,} LoRA) for {total} steps", trainable=n_train,
-        lora=n_lora, steps=total)
-
-    history, step, micro, tokens, t_start = [], 0, 0, 0, time.time()
-    t_eval = 0.0
-    for epoch in range(math.ceil(total * args.grad_accum / per_epoch)):
-        model.train()
-        for batch in text.iterate_batches(feats, args.batch_size, pad_id, generator=g):
-            with autocast:
-                loss = loss_fn(model, batch, spec.kind, device)
-            (loss / args.grad_accum).backward()
-            tokens += int(batch["attention_mask"].sum())
-            micro += 1
-            if micro % args.grad_accum:
-                continue
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if step % args.log_every == 0 or step == total:
-                el = time.time() - t_start - t_eval
-                log("step", f"step {step}/{total} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
-                    f"{tokens / el:,.0f} tok/s ETA {el / step * (total - step):.0f}s", step=step,
-                    loss=loss.item(), lr=sched.get_last_lr()[0], tokens_per_s=tokens / el)
-            if step >= total:
-                break
-        t0 = time.time()
-        scores = {k: evaluate(model, tok, spec, v, args, pad_id, device, autocast) for k, v in evals.items()
-                  if k.startswith("dev")}
-        if tracker:
-            scores["sensitivity"] = tracker(model, epoch + 1)
-        t_eval += time.time() - t0
-        history.append({"epoch": epoch + 1, "step": step, **scores})
-        log("eval", f"epoch {epoch + 1}: " + json.dumps(scores), **history[-1])
-        if step >= total:
-            break
-    train_s = time.time() - t_start - t_eval
-    t0 = time.time()
-    # final scores: the last epoch's dev scores and, once, the held-out splits (never used for selection)
-    final = {k: v for k, v in history[-1].items() if k.startswith("dev")}
-    final |= {k: evaluate(model, tok, spec, v, args, pad_id, device, autocast) for k, v in evals.items()
-              if not k.startswith("dev")}
-    log("final", "final: " + json.dumps(final), **final)
-    return {"epochs": history, "final": final, "main_metric": spec.main_metric, "trainable_params": n_train,
-            "lora_params": n_lora, "steps": step,
-            "times": {"train_s": train_s, "eval_s": t_eval + time.time() - t0}}
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

@@ -8,7 +8,6 @@ No `gguf` package and no pickle: the header is parsed with `struct`, the tensor 
 
 Legend for shape comments: n blocks of 32 weights, H heads, hs head size.
 """
-import argparse
 import json
 import struct
 from dataclasses import dataclass
@@ -16,18 +15,15 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from slora.checkpoint import atomic_folder
+from slora.errors import ArgumentParser, UsageError, cli
+from slora.gguf_tokenizer import GGUFError, hf_tokenizer, hf_tokenizer_config
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts and is long gone; v2 and v3 share one layout
 DEFAULT_ALIGNMENT = 32  # used when `general.alignment` is absent (GGUF spec)
 QK = 32  # weights per quantization block for Q4_0, Q4_1 and Q8_0
-
-
-class GGUFError(ValueError):
-    """A GGUF file that slora cannot read or convert; the message names the file and the culprit."""
 
 
 # -----------------------------------------------------------------------------
@@ -272,9 +268,8 @@ def hf_name(gguf_name: str, path) -> str:
             return GGUF_TO_HF[key].format(parts[1])
     elif gguf_name in GGUF_TO_HF:
         return GGUF_TO_HF[gguf_name]
-    if gguf_name == "rope_freqs.weight":
-        raise GGUFError(f"{path}: tensor 'rope_freqs.weight' (llama3-style RoPE scaling) is not supported: "
-                        "its rope_scaling parameters cannot be recovered for config.json")
+    if gguf_name == ROPE_FREQS:
+        return None  # checked against config.json's rope_scaling in hf_config, then dropped (see llama3_rope_scaling)
     raise GGUFError(f"{path}: unexpected tensor {gguf_name!r} for a llama model")
 
 
@@ -288,6 +283,72 @@ def _f32(x) -> float:
     """GGUF floats are float32: print them with float32 precision (1e-05, not 9.999999747378752e-06)."""
     return float(str(np.float32(x)))
 
+
+# -----------------------------------------------------------------------------
+# llama3 RoPE scaling: the `rope_freqs` tensor
+
+ROPE_FREQS = "rope_freqs.weight"
+# llama.cpp's converter (conversion/llama.py, generate_extra_tensors) writes llama3 scaling only as this tensor,
+# with no metadata keys for it; where a parameter is absent from the model's config.json it falls back to these
+# values, which are also LLaMA-3.1's and LLaMA-3.2's. GGUF has no keys for the two frequency factors.
+LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# The converter takes base^(2i/hs) with float32 torch.pow: for base 5e5 that is ~13 float32 ulps of relative
+# error (ln 5e5 ≈ 13.1 times the exponent's rounding), ≈ 1e-6 in the divisor; 1e-5 leaves a 10x margin.
+ROPE_FREQS_RTOL = 1e-5
+
+
+def llama3_divisors(theta: float, head_dim: int, rope_scaling: dict) -> np.ndarray:
+    """Per-frequency divisors of llama3 RoPE scaling, float64: inv_freq_scaled = inv_freq / divisor.
+
+    1 for wavelengths shorter than original_context / high_freq_factor, `factor` for those longer than
+    original_context / low_freq_factor, and 1 / ((1 - s)/factor + s), s = (original_context/wavelength - low) /
+    (high - low), between (transformers `_compute_llama3_parameters`; llama.cpp stores these as rope_freqs).
+    """
+    factor, low, high = rope_scaling["factor"], rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
+    ctx = rope_scaling["original_max_position_embeddings"]
+    inv_freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (hs/2,)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (ctx / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < ctx / high, 1.0, np.where(wavelen > ctx / low, factor, mid))
+
+
+def llama3_rope_scaling(gf: GGUFFile, head_dim: int, theta: float) -> dict:
+    """config.json's llama3 `rope_scaling` for a GGUF that carries `rope_freqs`, checked against that tensor.
+
+    Decision: slora does not load the tensor into the model; it recovers the parameters and lets the model
+    compute the same divisors from config.json (as transformers does), after checking that they reproduce the
+    stored ones within ROPE_FREQS_RTOL. `factor` is `llama.rope.scaling.factor` when present, else the largest
+    stored divisor (the long-wavelength band is divided by exactly `factor`); the original context is
+    `llama.rope.scaling.original_context_length` when present; the rest are LLAMA3_DEFAULTS. Parameters that do
+    not reproduce the tensor are an error naming it, never a silent approximation.
+    """
+    info = gf.tensors[ROPE_FREQS]
+    if info.shape != (head_dim // 2,):
+        raise GGUFError(f"{gf.path}: tensor {ROPE_FREQS!r} has shape {info.shape}, expected ({head_dim // 2},) "
+                        f"(one divisor per rotary frequency of a head of {head_dim})")
+    stored = gf.tensor(ROPE_FREQS).astype(np.float64)
+    if not np.all(np.isfinite(stored)) or stored.min() < 1.0:
+        raise GGUFError(f"{gf.path}: tensor {ROPE_FREQS!r} holds divisors outside [1, inf) "
+                        f"(min {stored.min()}); that is not llama3 RoPE scaling")
+    sc = dict(LLAMA3_DEFAULTS, rope_type="llama3",
+              factor=_f32(gf.metadata.get("llama.rope.scaling.factor", stored.max())))
+    if "llama.rope.scaling.original_context_length" in gf.metadata:
+        sc["original_max_position_embeddings"] = int(gf.metadata["llama.rope.scaling.original_context_length"])
+    expected = llama3_divisors(theta, head_dim, sc)
+    rel = np.abs(stored - expected) / expected
+    if rel.max() > ROPE_FREQS_RTOL:
+        i = int(rel.argmax())
+        raise GGUFError(f"{gf.path}: tensor {ROPE_FREQS!r} does not match llama3 RoPE scaling {sc} with "
+                        f"rope_theta {theta}: divisor {i} is {stored[i]:.7g}, expected {expected[i]:.7g} "
+                        f"(relative error {rel.max():.2e} > {ROPE_FREQS_RTOL:g})")
+    return {"rope_type": "llama3", "factor": sc["factor"], "low_freq_factor": sc["low_freq_factor"],
+            "high_freq_factor": sc["high_freq_factor"],
+            "original_max_position_embeddings": sc["original_max_position_embeddings"]}
+
+
+# -----------------------------------------------------------------------------
+# config.json and state dict
 
 def hf_config(gf: GGUFFile) -> dict:
     """Build a transformers-style LlamaForCausalLM config.json dict from the `llama.*` metadata."""
@@ -303,7 +364,13 @@ def hf_config(gf: GGUFFile) -> dict:
         raise GGUFError(f"{gf.path}: llama.rope.dimension_count = {rot} but head size is {head_dim}; "
                         "partial rotary embeddings are not supported")
     scaling_type = gf.metadata.get("llama.rope.scaling.type", "none")
-    if scaling_type == "none":
+    theta = _f32(gf.metadata.get("llama.rope.freq_base", 10000.0))
+    if ROPE_FREQS in gf.tensors:
+        if scaling_type != "none":
+            raise GGUFError(f"{gf.path}: tensor {ROPE_FREQS!r} (llama3 scaling) together with "
+                            f"llama.rope.scaling.type = {scaling_type!r}: two RoPE scalings")
+        rope_scaling = llama3_rope_scaling(gf, head_dim, theta)
+    elif scaling_type == "none":
         rope_scaling = None
     elif scaling_type == "linear":
         rope_scaling = {"rope_type": "linear", "factor": _f32(_meta(gf, "llama.rope.scaling.factor"))}
@@ -318,7 +385,7 @@ def hf_config(gf: GGUFFile) -> dict:
         "num_hidden_layers": _meta(gf, "llama.block_count"),
         "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "head_dim": head_dim,
         "rms_norm_eps": _f32(_meta(gf, "llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": _f32(gf.metadata.get("llama.rope.freq_base", 10000.0)), "rope_scaling": rope_scaling,
+        "rope_theta": theta, "rope_scaling": rope_scaling,
         "max_position_embeddings": _meta(gf, "llama.context_length"),
         "vocab_size": vocab, "tie_word_embeddings": "output.weight" not in gf.tensors,
         "bos_token_id": gf.metadata.get("tokenizer.ggml.bos_token_id"),
@@ -346,6 +413,8 @@ def hf_state_dict(gf: GGUFFile, config: dict) -> dict:
     sd = {}
     for name in gf.tensors:
         hf = hf_name(name, gf.path)
+        if hf is None:  # rope_freqs: already checked and folded into config["rope_scaling"]
+            continue
         if hf not in expected:  # e.g. blk.30.* in a 30-block model
             raise GGUFError(f"{gf.path}: tensor {name!r} ({hf}) does not fit a {L}-layer llama config")
         w = gf.tensor(name)
@@ -363,77 +432,6 @@ def hf_state_dict(gf: GGUFFile, config: dict) -> dict:
     return sd
 
 
-# -----------------------------------------------------------------------------
-# Tokenizer (byte-level BPE, as llama.cpp's `gpt2` tokenizer model)
-
-TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4  # llama.cpp's llama_token_type enum
-
-
-def _pre_tokenizer(gf: GGUFFile):
-    pre = gf.metadata.get("tokenizer.ggml.pre")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's regex split
-    if pre == "smollm":  # SmolLM's tokenizer.json: every digit its own piece, then GPT-2's byte-level split
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre == "gpt-2":
-        return byte_level
-    raise GGUFError(f"{gf.path}: tokenizer.ggml.pre = {pre!r} is not supported (smollm, gpt-2)")
-
-
-def hf_tokenizer(gf: GGUFFile):
-    """Rebuild a `tokenizers.Tokenizer` (byte-level BPE) from the GGUF vocabulary, merges and token types.
-
-    Control tokens (token_type 3) become special added tokens, user-defined ones (4) plain added tokens,
-    so that "<|im_start|>" in a chat prompt maps to its single id. No normalizer, padding or truncation.
-    """
-    model = gf.metadata.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise GGUFError(f"{gf.path}: tokenizer.ggml.model = {model!r}; slora rebuilds only byte-level BPE ('gpt2')")
-    tokens = _meta(gf, "tokenizer.ggml.tokens")
-    types = gf.metadata.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    merges = []
-    for m in _meta(gf, "tokenizer.ggml.merges"):
-        pair = m.split(" ")
-        if len(pair) != 2:
-            raise GGUFError(f"{gf.path}: merge {m!r} is not two space-separated tokens")
-        merges.append(tuple(pair))
-    vocab = {t: i for i, t in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise GGUFError(f"{gf.path}: tokenizer.ggml.tokens has duplicate entries")
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = _pre_tokenizer(gf)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_USER_DEFINED])
-    if gf.metadata.get("tokenizer.ggml.add_bos_token", False):
-        bos = tokens[_meta(gf, "tokenizer.ggml.bos_token_id")]
-        bos_id = vocab[bos]
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, bos_id)])
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
-
-
-def hf_tokenizer_config(gf: GGUFFile, config: dict) -> dict:
-    """tokenizer_config.json: the special tokens by text and the chat template, as transformers reads them."""
-    tokens = gf.metadata["tokenizer.ggml.tokens"]
-    name = lambda key: tokens[gf.metadata[key]] if key in gf.metadata else None  # noqa: E731
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",  # uses tokenizer.json exactly as written
-        "bos_token": name("tokenizer.ggml.bos_token_id"),
-        "eos_token": name("tokenizer.ggml.eos_token_id"),
-        "pad_token": name("tokenizer.ggml.padding_token_id"),
-        "unk_token": name("tokenizer.ggml.unknown_token_id"),
-        "add_bos_token": bool(gf.metadata.get("tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(gf.metadata.get("tokenizer.ggml.add_eos_token", False)),
-        "model_max_length": config["max_position_embeddings"],
-        "clean_up_tokenization_spaces": False,
-        "chat_template": gf.metadata.get("tokenizer.chat_template"),
-    }
-
-
 def convert_gguf_to_hf(gguf_path, out_dir) -> Path:
     """Convert a llama GGUF into an HF folder: model.safetensors (fp32), config.json, tokenizer.json,
     tokenizer_config.json. Everything is written to a sibling temp folder renamed at the end, so `out_dir`
@@ -443,21 +441,35 @@ def convert_gguf_to_hf(gguf_path, out_dir) -> Path:
         raise FileExistsError(f"{out_dir} already exists; remove it before converting {gguf_path} into it")
     gf = read_gguf(gguf_path)
     config = hf_config(gf)
-    with atomic_folder(out_dir) as tmp:
-        save_file(hf_state_dict(gf, config), tmp / "model.safetensors", metadata={"format": "pt"})
+    try:
+        tokenizer = hf_tokenizer(gf)
+    except GGUFError:
+        raise
+    except Exception as e:  # the tokenizers library raises plain Exceptions on a vocabulary it cannot build
+        raise GGUFError(f"{gguf_path}: cannot rebuild the tokenizer from tokenizer.ggml.*: {e}") from None
+    # replace=False: a folder another conversion finished meanwhile is an error, never silently replaced
+    with atomic_folder(out_dir, replace=False) as tmp:
+        sd = hf_state_dict(gf, config)
+        for name, w in sd.items():
+            if not np.isfinite(w).all():
+                raise GGUFError(f"{gguf_path}: tensor {name!r} holds NaN or inf values; the GGUF is damaged")
+        save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        hf_tokenizer(gf).save(str(tmp / "tokenizer.json"))
+        tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(gf, config), indent=2) + "\n")
     return out_dir
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Convert a llama-architecture GGUF into a Hugging Face folder.")
+    ap = ArgumentParser(prog="python -m slora.gguf",
+                        description="Convert a llama-architecture GGUF into a Hugging Face folder.")
     ap.add_argument("gguf", help="path of the .gguf file")
     ap.add_argument("out_dir", help="folder to create (must not exist)")
     args = ap.parse_args(argv)
+    if not Path(args.gguf).is_file():
+        raise UsageError(args.gguf, "is a folder, not a .gguf file" if Path(args.gguf).is_dir() else "no such file")
     print(f"wrote {convert_gguf_to_hf(args.gguf, args.out_dir)}")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

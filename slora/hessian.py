@@ -4,7 +4,8 @@ Reference: Sensitivity-LoRA (arXiv 2509.09119) §4.6 and App. E, which take the 
 H = 2·X·Xᵀ (Frantar et al. 2022, IST-DASLab/gptq gptq.py) as the Hessian of each weight matrix. For a linear
 layer y = W·x with W of shape (d_out, d_in), every output row shares this (d_in, d_in) matrix.
 
-    calibration batches --hooks on target nn.Linear inputs--> HessianAccumulator (running mean, fp32)
+    calibration batches --hooks on target nn.Linear inputs--> HessianAccumulator (Σ x xᵀ and N, fp32)
+                        --[torchrun: SUM over ranks, hessian_dist]--> H = (2/N)·Σ x xᵀ
                         --reduce()--> HessianStats: diag(H), diag(H⁻¹), damping, dominance   (metrics.py)
 
 Two passes are provided:
@@ -15,13 +16,15 @@ Shape legend: B batch, T sequence, d_in / d_out the Linear's input / output feat
 """
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+
+from slora import hessian_dist
+from slora.cholesky import cholesky_inverse_factor, dominance
 
 # Head modules that "all-linear" leaves out, matched as whole dotted components anywhere in the name. As PEFT
 # excludes the output layer, slora excludes task heads: the LM head and classification / QA heads are trained
@@ -63,12 +66,14 @@ def find_linears(model: nn.Module, targets: str | Sequence[str], exclude: Sequen
 # Accumulation
 
 class HessianAccumulator:
-    """Running per-token mean H = (2/N)·Σ_t x_t x_tᵀ over calibration tokens, shape (d_in, d_in).
+    """Per-token mean H = (2/N)·Σ_t x_t x_tᵀ over calibration tokens, shape (d_in, d_in).
 
     mode "full" keeps the whole matrix (d_in² numbers); mode "diag" keeps only diag(H) = (2/N)·Σ_t x_t²
     (d_in numbers), which is all the paper's metrics (Eqs. 8-10) use. N counts tokens, not sequences, as
-    GPTQModel does, so H is comparable across calibration sets of different lengths. The update rescales the
-    old mean by N/(N+n) before adding the new n tokens (GPTQ add_batch), so no sum is ever kept unnormalised.
+    GPTQModel does, so H is comparable across calibration sets of different lengths. The fp32 sum Σ x xᵀ and
+    the count N are kept apart and normalised once, when `value` is first read (GPTQModel's
+    materialize_global_hessian): so the sums of several ranks add exactly, which a running mean (GPTQ's
+    add_batch) would not allow without re-weighting. No batch may be added after `value` was read.
 
     Speed (the calibration pass should cost little more than the forward pass it rides on):
     - "diag" reduces Σ_t x_t² straight from the activations in the accumulator dtype, with no converted copy;
@@ -85,12 +90,16 @@ class HessianAccumulator:
             raise ValueError(f"mode must be 'full' or 'diag', got {mode!r}")
         shape = (d_in, d_in) if mode == "full" else (d_in,)
         self.mode, self.dtype, self.tokens, self.tile = mode, dtype, 0, tile
-        self._h = torch.zeros(shape, dtype=dtype, device=device)
+        self._h = torch.zeros(shape, dtype=dtype, device=device)  # Σ x xᵀ until normalised, then H
         self._mirrored = True  # False while the lower triangle is stale
+        self._normalised = False
+        self.owned = True  # False on a rank whose sum went to another rank (hessian_dist.sync)
 
     @property
     def value(self) -> torch.Tensor:
         """diag(H) (d_in,) in "diag" mode, the whole symmetric H (d_in, d_in) in "full" mode."""
+        if not self.owned:
+            raise RuntimeError("this rank's Hessian sum was reduced into another rank's accumulator")
         if not self._mirrored:  # copy the upper triangle onto the lower: H is then exactly symmetric
             d, t = self._h.shape[0], self.tile
             for i0 in range(0, d, t):
@@ -99,25 +108,40 @@ class HessianAccumulator:
                 for j0 in range(i0 + t, d, t):
                     self._h[j0:j0 + t, i0:i0 + t] = self._h[i0:i0 + t, j0:j0 + t].T
             self._mirrored = True
+        if not self._normalised:
+            if self.tokens:  # no tokens: H stays 0, as every dead input's H_jj
+                self._h.mul_(2.0 / self.tokens)
+            self._normalised = True
         return self._h
+
+    @property
+    def sum(self) -> torch.Tensor:
+        """The raw Σ x xᵀ (upper block triangle in "full" mode), for the reduction over ranks."""
+        if self._normalised:
+            raise RuntimeError("the Hessian was already normalised; reduce the sums over ranks first")
+        return self._h
+
+    def release(self) -> None:
+        """Free the sum on a rank that does not own this H (its sum was reduced into the owner's)."""
+        self._h, self.owned = None, False
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Add n tokens, x of shape (n, d_in) (already stripped of masked tokens)."""
         n = x.shape[0]
+        if self._normalised:
+            raise RuntimeError("add_batch after the Hessian value was read")
         if n == 0:  # a fully masked batch carries no information; skipping keeps N a true token count
             return
         x = x.to(self._h.device)
-        keep, scale = self.tokens / (self.tokens + n), 2.0 / (self.tokens + n)
         if self.mode == "diag":
             # ‖x_:,j‖² per feature, reduced in the accumulator dtype from x as it is (no fp32 copy of x)
-            sq = torch.linalg.vector_norm(x, 2, dim=0, dtype=self.dtype).square()  # (d_in,)
-            self._h.mul_(keep).add_(sq, alpha=scale)
+            self._h.add_(torch.linalg.vector_norm(x, 2, dim=0, dtype=self.dtype).square())  # (d_in,)
         else:
-            self._add_gram(x, keep, scale)
+            self._add_gram(x)
         self.tokens += n
 
-    def _add_gram(self, x: torch.Tensor, keep: float, scale: float) -> None:
-        """H ← keep·H + scale·XᵀX on the upper block triangle, x (n, d_in)."""
+    def _add_gram(self, x: torch.Tensor) -> None:
+        """Σ ← Σ + XᵀX on the upper block triangle, x (n, d_in)."""
         half = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and self.dtype == torch.float32
         if not half:
             x = x.to(self.dtype)
@@ -127,13 +151,13 @@ class HessianAccumulator:
             for j0 in range(i0, d, t):
                 blk = self._h[i0:i0 + t, j0:j0 + t]  # (t, t) view into H
                 if half:
-                    blk.mul_(keep).add_(torch.mm(xi.T, x[:, j0:j0 + t], out_dtype=torch.float32), alpha=scale)
+                    blk.add_(torch.mm(xi.T, x[:, j0:j0 + t], out_dtype=torch.float32))
                 else:
-                    blk.addmm_(xi.T, x[:, j0:j0 + t], beta=keep, alpha=scale)  # (t, n) @ (n, t)
+                    blk.addmm_(xi.T, x[:, j0:j0 + t])  # (t, n) @ (n, t)
         self._mirrored = False
 
     def diag(self) -> torch.Tensor:
-        return self._h.diagonal() if self.mode == "full" else self._h
+        return self.value.diagonal() if self.mode == "full" else self.value
 
 
 class _Hooks:
@@ -183,7 +207,13 @@ class _Hooks:
             self.accs[name].add_batch(_tokens(name, x, self.mask, self.all_real))
         return hook
 
-    def result(self, modules: Iterable[str]) -> dict[str, HessianAccumulator]:
+    def empty(self, module: nn.Linear) -> HessianAccumulator:
+        """An accumulator with no tokens for `module` (a rank that saw no calibration batch)."""
+        return HessianAccumulator(module.in_features, self.mode, self.dtype, module.weight.device)
+
+    def result(self, modules: dict[str, nn.Linear]) -> dict[str, HessianAccumulator]:
+        """Accumulators keyed like `modules`; under torchrun summed over ranks into each H's owner rank."""
+        hessian_dist.sync(self, modules)
         missing = [n for n in modules if n not in self.owner]
         if missing:
             raise RuntimeError(f"target modules never called during calibration: {missing}")
@@ -232,7 +262,9 @@ def accumulate(model: nn.Module, batches: Iterable[dict], modules: dict[str, nn.
     in eval mode.
 
     Tokens where batch["attention_mask"] (B, T) is 0 are dropped. Modules with a shared input map to the same
-    accumulator object. Accumulators live on the device of the inputs (the model's device).
+    accumulator object. Accumulators live on the device of the inputs (the model's device). Under torchrun each
+    rank passes its own shard of the batches; the sums are then reduced over ranks (hessian_dist.sync) and an
+    accumulator whose owner is another rank comes back released (`owned` False).
     Peak memory: the model's forward pass plus one accumulator per distinct input: d_in² numbers each in
     "full" mode (LLaMA-7B: ~22 GB fp32 for all 32 layers, hence `collect_streaming`), d_in in "diag" mode.
     """
@@ -249,116 +281,6 @@ def accumulate(model: nn.Module, batches: Iterable[dict], modules: dict[str, nn.
     finally:
         hooks.close()
     return hooks.result(modules)
-
-
-# -----------------------------------------------------------------------------
-# Block-wise Cholesky and the inverse diagonal (App. E; GPTQ fasterquant)
-
-def block_cholesky(a: torch.Tensor, blocksize: int = 128) -> tuple[torch.Tensor, int]:
-    """Lower Cholesky factor L of a symmetric (d, d) matrix, L·Lᵀ = a, computed one diagonal block at a time.
-
-    Right-looking blocked algorithm: factor the (b, b) diagonal block, solve the panel below it, subtract its
-    outer product from the trailing matrix. Returns (L, -1) on success or (partial L, i) where i is the first
-    row whose pivot was not positive, so the caller can damp and retry. `a` is left untouched.
-    """
-    return _block_cholesky_(a.clone(), blocksize)
-
-
-def _block_cholesky_(work: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
-    """block_cholesky that overwrites `work` (one (d, d) matrix less at peak).
-
-    The pivots' status is read once at the end, not after every block: a device-to-host sync per block would
-    stall the GPU (112 of them for d = 14336). After a failed block the rest is garbage, which is harmless since
-    the caller only uses the factor when every block succeeded.
-    """
-    if blocksize < 1:
-        raise ValueError(f"blocksize must be >= 1, got {blocksize}")
-    d = work.shape[0]
-    status = []  # per block: LAPACK-style info (first bad pivot, 1-based; 0 = fine), finiteness of the factor
-    for k0 in range(0, d, blocksize):
-        k1 = min(k0 + blocksize, d)
-        lkk, info = torch.linalg.cholesky_ex(work[k0:k1, k0:k1])  # (b, b)
-        status.append(torch.stack([info.to(torch.int64), (~torch.isfinite(lkk).all()).to(torch.int64)]))
-        work[k0:k1, k0:k1] = lkk
-        if k1 < d:
-            # panel L21 solves L21·Lkkᵀ = A21, then A22 -= L21·L21ᵀ (the Schur complement)
-            panel = torch.linalg.solve_triangular(lkk.T, work[k1:, k0:k1], upper=True, left=False)  # (d-k1, b)
-            work[k1:, k0:k1] = panel
-            work[k1:, k1:].addmm_(panel, panel.T, alpha=-1.0)  # in place: no (d-k1)² temporary
-    status = torch.stack(status).cpu()  # (n_blocks, 2): the one sync
-    bad = (status[:, 0] > 0) | (status[:, 1] > 0)
-    if not bad.any():
-        return work.tril_(), -1
-    b = int(bad.nonzero()[0])
-    return work.tril_(), b * blocksize + max(int(status[b, 0]) - 1, 0)
-
-
-@dataclass
-class InverseFactor:
-    """Result of `cholesky_inverse_factor` for one (d_in, d_in) Hessian."""
-    upper: torch.Tensor  # (n_live, n_live) upper U with Uᵀ·U = (H_live + λI)⁻¹, as GPTQ's Hinv
-    inv_diag: torch.Tensor  # (d_in,) diag((H_live + λI)⁻¹); +inf at dead inputs
-    dead: torch.Tensor  # (d_in,) bool, inputs with H_jj = 0
-    damping: float  # λ actually added to the live diagonal
-    percdamp: float  # λ / mean(live diag H)
-    retries: int  # how many times the damping was doubled
-
-
-def cholesky_inverse_factor(h: torch.Tensor, percdamp: float = 0.01, blocksize: int = 128,
-                            max_percdamp: float = 1.0, name: str = "H") -> InverseFactor:
-    """diag(H⁻¹) and the upper Cholesky factor of H⁻¹ from one blocked Cholesky, with damping and dead inputs.
-
-    Dead inputs (H_jj = 0: never active on the calibration set) have no curvature; they are removed before
-    factorising and get [H⁻¹]_jj = +inf, so their OBS saliency w²/[H⁻¹]_jj is 0 (GPTQ instead sets H_jj = 1,
-    which is not scale-equivariant). The live block is damped with λ = percdamp·mean(live diag H); if the
-    factorisation fails, percdamp doubles (from 0.01 if it was 0) until it exceeds max_percdamp, then raises.
-    The upper factor U of H⁻¹ (Uᵀ·U = H⁻¹) is read off the lower factor of the reversed matrix J·H·J: if
-    J·H·J = L·Lᵀ then H = V·Vᵀ with V = J·L·J upper, so U = V⁻¹ = J·L⁻¹·J and diag(H⁻¹)_j = Σ_i U_ij².
-    Peak memory: H plus three (d_in, d_in) matrices (the factor, an identity and the triangular inverse).
-    """
-    d = h.shape[0]
-    dead = h.diagonal() == 0
-    live = (~dead).nonzero().squeeze(1)
-    inv_diag = torch.full((d,), math.inf, dtype=h.dtype, device=h.device)
-    if live.numel() == 0:
-        return InverseFactor(h.new_zeros(0, 0), inv_diag, dead, 0.0, percdamp, 0)
-    mean_diag = h.diagonal()[live].mean().item()
-    frac, retries = percdamp, 0
-    while True:
-        work = h[live][:, live] if dead.any() else h  # (n_live, n_live); a view when nothing is dead
-        work = work.flip(0, 1)  # J·H·J, a fresh copy that the factorisation may overwrite
-        work.diagonal().add_(frac * mean_diag)  # damping: J·(H + λI)·J = J·H·J + λI
-        low, failed = _block_cholesky_(work, blocksize)
-        if failed < 0:
-            break
-        del work, low
-        frac, retries = (2 * frac if frac > 0 else 0.01), retries + 1
-        if frac > max_percdamp:
-            raise RuntimeError(f"{name}: Cholesky failed at every damping up to percdamp={max_percdamp} "
-                               "(the Hessian has non-finite entries or is far from positive semi-definite)")
-    eye = torch.eye(len(live), dtype=h.dtype, device=h.device)
-    inv_low = torch.linalg.solve_triangular(low, eye, upper=False)  # L⁻¹
-    del eye, low, work
-    upper = inv_low.flip(0, 1)  # U = J·L⁻¹·J, upper triangular
-    del inv_low
-    inv_diag[live] = upper.square().sum(0)  # [H⁻¹]_jj = ‖U[:, j]‖²
-    return InverseFactor(upper, inv_diag, dead, frac * mean_diag, frac, retries)
-
-
-def dominance(h: torch.Tensor) -> tuple[float, float]:
-    """Diagonal-dominance diagnostic for the assumption behind Eqs. 6-7 (the paper never checks it).
-
-    Returns (off-diagonal share Σ_{i≠j}|h_ij| / Σ_ij |h_ij|, fraction of live rows with Σ_{j≠i}|h_ij| < |h_ii|).
-    The row sums of |h| are one reduction in float64, so no second (d_in, d_in) matrix is allocated.
-    """
-    absrow = torch.linalg.vector_norm(h, 1, dim=1, dtype=torch.float64)  # (d,) Σ_j |h_ij|, no copy of h
-    diag = h.diagonal().abs().to(torch.float64)  # (d,)
-    row_off = absrow - diag
-    total = absrow.sum().item()
-    live = diag > 0
-    dominant = int(((row_off < diag) & live).sum())
-    n_live = int(live.sum())
-    return ((row_off.sum().item() / total) if total > 0 else 0.0), (dominant / n_live if n_live else 0.0)
 
 
 # -----------------------------------------------------------------------------
@@ -398,9 +320,9 @@ def reduce_all(accs: dict[str, HessianAccumulator], **kw) -> dict[str, HessianSt
     """Reduce each distinct accumulator once; the first name (model order) of a shared group owns it."""
     by_acc: dict[int, HessianStats] = {}
     for name, acc in accs.items():
-        if id(acc) not in by_acc:
+        if id(acc) not in by_acc and acc.owned:  # under torchrun: only the H this rank owns
             by_acc[id(acc)] = reduce(acc, name, **kw)
-    return {name: by_acc[id(acc)] for name, acc in accs.items()}
+    return {name: by_acc[id(acc)] for name, acc in accs.items() if acc.owned}
 
 
 def collect(model: nn.Module, batches: Iterable[dict], modules: dict[str, nn.Linear], *, mode: str = "diag",

@@ -4,7 +4,7 @@ Merge a run's LoRA adapter into its base model and write a complete Hugging Face
 safetensors weights (shards plus model.safetensors.index.json once they exceed --max-shard-size), tokenizer.json and
 the base folder's tokenizer_config.json / special_tokens_map.json / generation_config.json where present. For a task
 model (encoder runs) the classification head is included and config.json names the task architecture
-(BertForSequenceClassification / RobertaForSequenceClassification) and num_labels. transformers loads the result with
+(Bert/Roberta/MPNetForSequenceClassification) and num_labels. transformers loads the result with
 its Auto classes and slora with `load_model` (decoder) or `load_sequence_classifier` (encoder task model).
 
 This is PEFT's `merge_and_unload` as a command: W ← W + (α_w/r_w)·B A for every LoRA module (`lora.merged_copy`),
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -25,8 +24,9 @@ from safetensors import safe_open
 
 from slora.adapter import CONFIG, PREFIX, WEIGHTS, load_adapter
 from slora.lora import merged_copy
-from slora.models import load_model, save_model
-from slora.models.bert import BertModel, for_sequence_classification
+from slora.errors import cli
+from slora.models import for_sequence_classification, load_model, save_model
+from slora.models.llama import LlamaForCausalLM
 
 PRESETS = ("minilm", "smollm2")  # finetune.PRESETS; repeated so that merge does not import the training stack
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,7 +91,7 @@ def merge(run_dir, out_dir, dtype: torch.dtype = torch.float32, base: Path | Non
     path = base_path(run_dir, base)
     model = load_model(path)  # fp32: the merge is computed in fp32 and cast once at the end
     task_type = json.loads((adapter / CONFIG).read_text()).get("task_type")
-    if isinstance(model, BertModel) and task_type == "SEQ_CLS":
+    if not isinstance(model, LlamaForCausalLM) and task_type == "SEQ_CLS":  # an encoder's task model
         model = for_sequence_classification(model, num_labels(adapter))
     try:
         load_adapter(model, adapter)
@@ -113,4 +113,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

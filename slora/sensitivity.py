@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from slora import allocate as alloc
-from slora import hessian, metrics
+from slora import dist, hessian, hessian_dist, metrics
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -59,6 +59,7 @@ def compute(model: nn.Module, batches: Iterable[dict], cfg: SensitivityConfig, *
     With `blocks` (qualified name, module) in forward order, the Hessians are collected block by block over
     cached block inputs (hessian.collect_streaming), the memory strategy for mode "full" on large models.
     A fallback to uniform ranks is logged as a warning and recorded in config["message"].
+    Under torchrun (slora.dist initialised) `batches` is this rank's shard; the result is the same on every rank.
     """
     modules = hessian.find_linears(model, cfg.targets)
     dtype = DTYPES[cfg.dtype]
@@ -68,7 +69,13 @@ def compute(model: nn.Module, batches: Iterable[dict], cfg: SensitivityConfig, *
     else:
         cached = hessian.capture_inputs(model, blocks[0][1], batches)
         stats = hessian.collect_streaming(blocks, cached, modules, **kw)
-    return from_stats(modules, stats, cfg)
+    if dist.get().world == 1:
+        return from_stats(modules, stats, cfg)
+    # torchrun: each rank passed its own shard of `batches`; the statistics were summed over ranks, the
+    # allocation is computed once on rank 0 and broadcast, so every rank builds the same LoRA shapes
+    stats = hessian_dist.gather_stats(stats, modules)
+    sens, ranks = from_stats(modules, stats, cfg) if dist.get().is_main else (None, None)
+    return tuple(dist.broadcast_json([sens, ranks]))
 
 
 def from_stats(modules: dict[str, nn.Linear], stats: dict[str, hessian.HessianStats], cfg: SensitivityConfig

@@ -200,4 +200,4 @@ def llama_metadata(cfg, n_vocab, **overrides):
                                    "<|im_end|>\n{% endfor %}",
     }
     md.update(overrides)
-    return md
+    return {k: v for k, v in md.items() if v is not None}  # an override of None removes the key

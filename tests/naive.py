@@ -68,3 +68,60 @@ def kendall_tau_b(x, y) -> float:
                 nd += 1
     denom = math.sqrt((nc + nd + tx) * (nc + nd + ty))
     return math.nan if denom == 0 else (nc - nd) / denom
+
+
+# -----------------------------------------------------------------------------
+# MPNet encoder, written independently of slora.models.mpnet
+
+def mpnet_bucket(offset: int) -> int:
+    """T5/MPNet relative-position bucket of key-minus-query `offset` (32 buckets, max distance 128), in integers.
+
+    Distances 8 .. 127 share 8 log-spaced buckets: bucket 8 + k starts where d ≥ 8·16^(k/8) = 8·2^(k/2), i.e.
+    d² ≥ 64·2^k, so the edges are found by comparing squares, with no logarithm; from 128 on, the last bucket."""
+    d = abs(offset)
+    side = 16 if offset > 0 else 0
+    if d < 8:
+        return side + d
+    return side + 8 + sum(1 for k in range(1, 8) if d * d >= 64 * 2 ** k)
+
+
+def mpnet_hidden(sd: dict, n_layers: int, n_heads: int, eps: float, ids: torch.Tensor,
+                 mask: torch.Tensor, pad: int = 1) -> torch.Tensor:
+    """Last hidden states (B, T, D) of an MPNet encoder from its state dict, in float64, attention as loops over
+    batch, head and query (one softmax over the real keys per query). Padded positions come out too (they attend
+    to the real keys) but are not compared."""
+    w = {k: v.to(torch.float64) for k, v in sd.items()}
+    B, T = ids.shape
+
+    def ln(x, name):
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], w[name + ".weight"], w[name + ".bias"], eps)
+
+    def lin(x, name):
+        return x @ w[name + ".weight"].T + w[name + ".bias"]
+
+    out = []
+    for b in range(B):
+        pos, count = [], 0
+        for t in range(T):  # fairseq make_positions: real tokens count from pad + 1, pads keep pad
+            count += int(ids[b, t] != pad)
+            pos.append(count + pad if ids[b, t] != pad else pad)
+        x = ln(w["embeddings.word_embeddings.weight"][ids[b]] + w["embeddings.position_embeddings.weight"][pos],
+               "embeddings.LayerNorm")
+        keys = [j for j in range(T) if mask[b, j]]
+        table = w["encoder.relative_attention_bias.weight"]  # (32, H), one for all layers
+        buckets = [[mpnet_bucket(j - i) for j in keys] for i in range(T)]
+        for i_layer in range(n_layers):
+            p = f"encoder.layer.{i_layer}."
+            q, k, v = (lin(x, p + f"attention.attn.{n}") for n in "qkv")
+            hs = q.shape[-1] // n_heads
+            ctx = torch.zeros_like(x)
+            for h in range(n_heads):
+                cols = slice(h * hs, (h + 1) * hs)
+                for i in range(T):
+                    logits = k[keys][:, cols] @ q[i, cols] / math.sqrt(hs) + table[buckets[i], h]  # (n_keys,)
+                    ctx[i, cols] = torch.softmax(logits, 0) @ v[keys][:, cols]
+            x = ln(x + lin(ctx, p + "attention.attn.o"), p + "attention.LayerNorm")
+            f = torch.nn.functional.gelu(lin(x, p + "intermediate.dense"))
+            x = ln(x + lin(f, p + "output.dense"), p + "output.LayerNorm")
+        out.append(x)
+    return torch.stack(out)

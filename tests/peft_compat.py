@@ -33,9 +33,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceCl
 
 from slora.adapter import load_adapter, save_adapter  # noqa: E402
 from slora.lora import apply_lora, lora_modules  # noqa: E402
-from slora.models import load_model, save_model  # noqa: E402
-from slora.models.bert import for_sequence_classification  # noqa: E402
-from tests.tiny import randomize_lora, tiny_bert, tiny_llama  # noqa: E402
+from slora.models import for_sequence_classification, load_model, save_model  # noqa: E402
+from tests.tiny import randomize_lora, tiny_bert, tiny_llama, tiny_mpnet  # noqa: E402
 
 NUM_LABELS = 3
 
@@ -66,8 +65,8 @@ def compare(label, slora_base, make_hf, slora_fn, hf_fn, ranks, task_type, tmp, 
     mask = torch.ones_like(x)
     mask[1, -3:] = 0  # one padded row: masks must agree too
 
-    save_model(slora_base.bert if hasattr(slora_base, "bert") else
-               slora_base.roberta if hasattr(slora_base, "roberta") else slora_base, base_dir)
+    body = next((getattr(slora_base, n) for n in ("bert", "roberta", "mpnet") if hasattr(slora_base, n)), slora_base)
+    save_model(body, base_dir)
     hf = make_hf(base_dir)
     # A classification head is not in the base checkpoint: transformers draws its own until PEFT's
     # modules_to_save brings slora's, so there the base difference is expected to be large.
@@ -173,6 +172,17 @@ def main():
                                  lambda p: load_hf(AutoModelForSequenceClassification, p, num_labels=NUM_LABELS),
                                  classifier, classifier, {f"{body}.{k}": r for k, r in ranks.items()},
                                  "SEQ_CLS", tmp, alpha=8, alpha_policy="constant", dropout=0.1))
+        # MPNet: attention.attn.q/v names, the shared relative-position bias, MPNetForSequenceClassification's head
+        ranks = {"encoder.layer.0.attention.attn.q": 3, "encoder.layer.0.attention.attn.v": 1,
+                 "encoder.layer.1.attention.attn.q": 0, "encoder.layer.1.attention.attn.v": 4,
+                 "encoder.layer.1.attention.attn.o": 2, "encoder.layer.0.output.dense": 2}
+        cases.append(compare("mpnet encoder", tiny_mpnet(seed=16), lambda p: load_hf(AutoModel, p), encoder,
+                             encoder, ranks, "FEATURE_EXTRACTION", tmp, alpha=8, alpha_policy="scale", r_ref=2))
+        task = for_sequence_classification(tiny_mpnet(seed=17), NUM_LABELS, seed=3).eval()
+        cases.append(compare("mpnet seq-cls", task,
+                             lambda p: load_hf(AutoModelForSequenceClassification, p, num_labels=NUM_LABELS),
+                             classifier, classifier, {f"mpnet.{k}": r for k, r in ranks.items()},
+                             "SEQ_CLS", tmp, alpha=8, alpha_policy="constant", dropout=0.1))
         cases.append(peft_to_slora(tmp))
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
           f"tolerance {ARGS.tol:g}")

@@ -323,7 +323,7 @@ V0A = f"{PREFIX}model.layers.0.self_attn.v_proj.lora_A.weight"  # rank 2
     ({"peft_type": "ADALORA"}, None, "peft_type"),
     ({"init_lora_weights": "pissa"}, None, "pissa"),
     ({"target_modules": ["nothing_here"], "rank_pattern": {}, "alpha_pattern": {}}, None, "match no module"),
-    ({"rank_pattern": {"q_proj": 0}}, None, "int > 0"),
+    ({"rank_pattern": {"q_proj": 0}}, None, "integer > 0"),
 ])
 def test_bad_adapters_are_errors_naming_the_culprit(llama_adapter, config, tensors, match):
     _, folder = llama_adapter
@@ -339,7 +339,7 @@ def test_missing_files_and_double_load(tmp_path, llama_adapter):
     with pytest.raises(FileNotFoundError, match=CONFIG):
         load_adapter(tiny_llama(), tmp_path / "nowhere")
     m = load_adapter(tiny_llama(seed=5, num_hidden_layers=12), folder)
-    with pytest.raises(TypeError, match="LoRALinear"):
+    with pytest.raises(ValueError, match="already has a LoRA layer"):
         load_adapter(m, folder)
     (folder / WEIGHTS).write_bytes(b"\x00" * 20)
     with pytest.raises(ValueError, match=WEIGHTS):

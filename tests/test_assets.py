@@ -139,7 +139,8 @@ def test_list_output(home, capsys):
     rows = {line.split()[0]: line.split()[1:4] for line in out[1:]}
     assert rows == {"minilm": ["default", "not", "built"], "smollm2": ["default", "not", "built"],
                     "vader": ["default", "not", "built"], "wiki": ["default", "not", "built"],
-                    "ptb": ["default", "not", "built"], "mpnet": ["optional", "not", "built"]}
+                    "ptb": ["default", "not", "built"], "mpnet": ["optional", "not", "built"],
+                    "vocab": ["optional", "not", "built"]}
     assert not home.exists()  # --list fetches and creates nothing
 
 

@@ -2,7 +2,8 @@
 from slora import bench
 
 KEYS = {"forward_s", "forward_s_transformers", "calib_diag_s", "calib_full_s", "peak_mem_gb_diag",
-        "peak_mem_gb_full", "weights_gb", "train_step_s_slora", "train_step_s_peft", "tokens", "device", "torch"}
+        "peak_mem_gb_full", "weights_gb", "train_step_s_slora", "train_step_s_peft", "tokens", "device", "torch",
+        "train8b_tokens_per_s_slora", "peak_mem_gb_train8b_slora", "train8b_step_s_peft"}
 
 
 def test_bench_small_runs_and_writes_result(tmp_path, capsys):
@@ -11,8 +12,21 @@ def test_bench_small_runs_and_writes_result(tmp_path, capsys):
     assert res["tokens"] == 2 * 2 * 32 and res["device"] == "cpu"
     assert res["forward_s"] > 0 and res["calib_diag_s"] > 0 and res["calib_full_s"] > 0
     assert res["train_step_s_slora"] > 0
+    assert res["train8b_tokens_per_s_slora"] > 0 and res["train8b_checkpointing"] is True
+    assert res["train8b_shape"] == "2x32"
     # full mode reads the same diag(H) as diag mode, and float64 accumulation gives the same ranks
     assert res["ranks_full_equal_diag"] and res["ranks_fp32_equal_fp64"]
     assert all(a["diag_rel_err"] < 1e-5 for a in res["accuracy"].values())  # fp32 path on CPU: ~eps·N
     assert (tmp_path / "result.json").is_file() and (tmp_path / "output.txt").is_file()
     assert "ratio to forward" in capsys.readouterr().out
+
+
+def test_bench_only_one_case_keeps_the_other_results(tmp_path, capsys):
+    first = bench.main(["--small", "--only", "calibration", "--out", str(tmp_path)])
+    assert "train8b_tokens_per_s_slora" not in first and "train_step_s_slora" not in first
+    res = bench.main(["--small", "--only", "train8b", "--out", str(tmp_path)])
+    assert res["calib_diag_s"] == first["calib_diag_s"] and res["train8b_tokens_per_s_slora"] > 0
+    assert "train_step_s_slora" not in res  # the 1B case ran in neither
+    assert res["command"].endswith("--only calibration --out " + str(tmp_path) + "; python -m slora.bench --small "
+                                   "--only train8b --out " + str(tmp_path))
+    assert "LoRA training at tiny shape (2x32 tokens per step" in capsys.readouterr().out

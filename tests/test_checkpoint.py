@@ -78,9 +78,9 @@ def test_misshaped_tensor_is_named(tmp_path):
 def test_unsupported_model_type(tmp_path):
     save_model(tiny_bert(), tmp_path / "c")
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
-    cfg["model_type"] = "mpnet"
+    cfg["model_type"] = "gpt2"
     (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="unsupported model_type 'mpnet'"):
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
         load_model(tmp_path / "c")
 
 
@@ -118,3 +118,15 @@ def test_checkpoint_saved_inside_a_task_model_loads(tmp_path):
     sd["bert.embeddings.position_ids"] = torch.arange(64)[None]
     save_file(sd, f)
     _same_state(m, load_model(tmp_path / "c"))
+
+
+def test_nonfinite_count_screens_by_sum_and_counts_exactly():
+    from slora.checkpoint import nonfinite_count
+    big = torch.full((4,), 3e38)  # finite entries whose fp32 sum overflows: not a damaged tensor
+    assert nonfinite_count(big) == 0
+    x = torch.randn(100, dtype=torch.bfloat16)
+    x[[3, 50]] = torch.tensor([float("nan"), float("-inf")], dtype=torch.bfloat16)
+    assert nonfinite_count(x) == 2
+    both = torch.tensor([float("inf"), float("-inf"), 1.0])  # inf + -inf sums to nan: still found
+    assert nonfinite_count(both) == 2
+    assert nonfinite_count(torch.arange(5)) == 0  # integer tensors hold no NaN

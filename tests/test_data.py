@@ -252,8 +252,9 @@ def test_jsonl_errors(tmp_path):
         data.read_jsonl(f, "classification")
     write_jsonl(f, [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
     d = write_jsonl(tmp_path / "d.jsonl", [{"text": "c", "label": 0}, {"text": "d", "label": 2}])
-    with pytest.raises(ValueError, match=r"d.jsonl:2: label 2 out of range \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"d.jsonl:2: label 2 is outside the classes 0..1 seen in training"):
         data.load_jsonl("classification", f, d)
+    assert data.load_jsonl("classification", f, d, num_labels=3)[0].num_labels == 3  # stated: class 2 exists
 
 
 # -----------------------------------------------------------------------------
@@ -274,7 +275,7 @@ def test_calibration_sources(tmp_path, assets):
     train = data.load_task("rt-polarity", data_dir=assets)["train"]
     task = data.calibration_examples("task", 5, train=train, seed=0)
     assert set(task) <= set(train) and len(task) == 5
-    with pytest.raises(ValueError, match="has 2 sequences; cannot draw 3"):
+    with pytest.raises(ValueError, match="has 2 sequences .non-empty lines.; cannot draw 3"):
         data.calibration_examples(str(text), 3)
     with pytest.raises(ValueError, match=r"'wikitext' is neither one of \('task', 'ptb', 'wiki'"):
         data.calibration_examples("wikitext", 3)

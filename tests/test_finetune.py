@@ -8,9 +8,12 @@ from safetensors.torch import load_file
 from slora import finetune
 from slora.adapter import load_adapter
 from slora.models import load_model
+from slora.runfolder import RunFolderError
 from tests.tiny import WORDS, tiny_model_dir
 
-RUN_FILES = {"args.json", "sensitivity.json", "ranks.json", "ranks.svg", "metrics.json", "log.jsonl", "adapter"}
+# the manifest (.slora-run.json) marks a complete run; no lock or in-progress folder is left
+RUN_FILES = {"args.json", "sensitivity.json", "ranks.json", "ranks.svg", "metrics.json", "log.jsonl", "adapter",
+             ".slora-run.json"}
 
 
 def write_jsonl(path, rows):
@@ -135,10 +138,10 @@ def test_bad_input_errors(tmp_path, cls_data):
         finetune.main(["--model", str(model), "--task", "sst2", "--glue-dir", str(tmp_path), "--out",
                        str(tmp_path / "z")])
     first = run(tmp_path, model, cls_data, out="taken")
-    with pytest.raises(FileExistsError, match=r"already holds a different run \(arguments differ in: r_avg\)"):
+    with pytest.raises(RunFolderError, match=r"already holds a complete run; pass --replace"):
         run(tmp_path, model, cls_data, "--r-avg", "3", out="taken")
     assert (first / "adapter").is_dir()  # the earlier run is left intact
-    assert not list(tmp_path.glob(".*partial*"))
+    assert not list(tmp_path.glob("**/.slora-partial")) and not list(tmp_path.glob("**/.slora-lock"))
 
 
 def test_undefined_scores_are_written_as_null(tmp_path):
@@ -168,7 +171,7 @@ def test_epoch_sensitivity_remeasures_the_merged_weights(tmp_path, cls_data):
     from slora.sensitivity import SensitivityConfig, compute
     from slora.stability import stability
     model = tiny_model_dir(tmp_path / "m", "encoder")
-    out = run(tmp_path, model, cls_data, "--targets", "all-linear", "--epochs", "2", "--max-steps", "0",
+    out = run(tmp_path, model, cls_data, "--targets", "all-linear", "--epochs", "2", "--max-steps", "1000",
               "--lr", "2e-2", "--lora-dropout", "0", "--epoch-sensitivity")
     epochs = json.loads((out / "epoch_sensitivity.json").read_text())["epochs"]
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
@@ -201,7 +204,7 @@ def test_epoch_sensitivity_does_not_change_the_training(tmp_path, cls_data):
     # without it logs the same losses and saves the same adapter. (merged_copy once built its layers with
     # nn.Linear's random init, which shifted every later dropout mask.)
     model = tiny_model_dir(tmp_path / "m", "encoder")
-    common = ("--targets", "all-linear", "--epochs", "3", "--max-steps", "0", "--lora-dropout", "0.3")
+    common = ("--targets", "all-linear", "--epochs", "3", "--max-steps", "1000", "--lora-dropout", "0.3")
     a = run(tmp_path, model, cls_data, *common, out="plain")
     b = run(tmp_path, model, cls_data, *common, "--epoch-sensitivity", out="tracked")
     losses = [[json.loads(line).get("loss") for line in (o / "log.jsonl").read_text().splitlines()
@@ -209,16 +212,3 @@ def test_epoch_sensitivity_does_not_change_the_training(tmp_path, cls_data):
     assert losses[0] == losses[1] and len(losses[0]) == 15
     wa, wb = (load_file(o / "adapter" / "adapter_model.safetensors") for o in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def test_run_folder_from_before_an_option_existed(tmp_path, cls_data):
-    # A run folder recorded before an option was added has no key for it in args.json: that run used the default,
-    # so re-running it at the default replaces it, and a run that sets the option is a different run.
-    model = tiny_model_dir(tmp_path / "m", "encoder")
-    first = run(tmp_path, model, cls_data, "--allocate-only", out="old")
-    args = json.loads((first / "args.json").read_text())
-    del args["epoch_sensitivity"]
-    (first / "args.json").write_text(json.dumps(args))
-    assert run(tmp_path, model, cls_data, "--allocate-only", out="old") == first
-    with pytest.raises(FileExistsError, match=r"arguments differ in: epoch_sensitivity\)"):
-        run(tmp_path, model, cls_data, "--allocate-only", "--epoch-sensitivity", out="old")

@@ -1,5 +1,6 @@
 """slora.gguf on GGUF files written by the tests themselves (tests/gguf_writer.py); nothing downloaded."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -308,10 +309,92 @@ def test_unexpected_and_missing_tensors(tmp_path):
 
 
 def test_refuses_existing_output_and_unknown_pre_tokenizer(tmp_path):
-    build_tiny_llama(tmp_path / "t.gguf", **{"tokenizer.ggml.pre": "llama-bpe"})
+    build_tiny_llama(tmp_path / "t.gguf", **{"tokenizer.ggml.pre": "qwen2"})
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="exists already|already exists"):
         convert_gguf_to_hf(tmp_path / "t.gguf", tmp_path / "exists")
-    with pytest.raises(GGUFError, match=r"tokenizer\.ggml\.pre = 'llama-bpe' is not supported"):
+    with pytest.raises(GGUFError, match=r"tokenizer\.ggml\.pre = 'qwen2' is not supported"):
         convert_gguf_to_hf(tmp_path / "t.gguf", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+# -----------------------------------------------------------------------------
+# llama3 RoPE scaling stored as the rope_freqs tensor (LLaMA-3.1 / 3.2 GGUFs)
+
+def converter_rope_factors(theta, head_dim, factor, low, high, old_ctx):
+    """llama.cpp's conversion/llama.py loop, written out in plain float arithmetic: one divisor per frequency."""
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi / (1.0 / theta ** (i / head_dim))
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+# theta 5e5 and original context 64 put the 8 frequencies of a 16-wide head in all three bands (wavelengths
+# 6.3 .. 6.1e5 against band edges 16 and 64)
+ROPE31 = dict(theta=500000.0, head_dim=16, factor=8.0, low=1.0, high=4.0, old_ctx=64)
+
+
+def _rope_gguf(tmp_path, divisors, **md):
+    raw = np.asarray(divisors, dtype=np.float32)
+    md = {"llama.rope.freq_base": 500000.0, "llama.rope.scaling.original_context_length": 64, **md}
+    path = tmp_path / "r.gguf"
+    build_tiny_llama(path, extra_tensors=[("rope_freqs.weight", raw.shape, "F32", raw.tobytes())], **md)
+    return path
+
+
+def test_rope_freqs_become_llama3_rope_scaling(tmp_path):
+    div = converter_rope_factors(**ROPE31)
+    assert (div == 1).any() and (div == 8).any() and ((div > 1) & (div < 8)).any()  # every band is exercised
+    out = convert_gguf_to_hf(_rope_gguf(tmp_path, div), tmp_path / "hf")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    assert "rope_freqs.weight" not in load_file(out / "model.safetensors")
+    # the model slora builds from that config rotates with exactly the frequencies llama.cpp would use
+    from slora.models.llama import LlamaConfig, rope_inv_freq
+    got = rope_inv_freq(LlamaConfig.from_hf_config(cfg)).double().numpy()
+    want = (1.0 / 500000.0 ** (np.arange(0, 16, 2) / 16)) / div.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-6)  # fp32 inv_freq (~1e-7) plus fp32 divisors (6e-8)
+
+
+def test_rope_freqs_factor_from_tensor_and_default_context(tmp_path):
+    # LLaMA-3.2 style: factor 32, original context 8192, neither in the metadata (as llama.cpp writes them)
+    div = converter_rope_factors(500000.0, 16, 32.0, 1.0, 4.0, 8192)
+    path = _rope_gguf(tmp_path, div, **{"llama.rope.scaling.original_context_length": None})
+    out = convert_gguf_to_hf(path, tmp_path / "hf")
+    sc = json.loads((out / "config.json").read_text())["rope_scaling"]
+    assert (sc["factor"], sc["original_max_position_embeddings"]) == (32.0, 8192)
+
+
+def test_rope_freqs_mismatch_is_an_error_naming_the_tensor(tmp_path):
+    div = converter_rope_factors(**{**ROPE31, "high": 2.0})  # a different band edge than the defaults
+    path = _rope_gguf(tmp_path, div)
+    with pytest.raises(GGUFError, match=r"r\.gguf: tensor 'rope_freqs\.weight' does not match llama3 RoPE scaling"):
+        convert_gguf_to_hf(path, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(GGUFError, match=r"'rope_freqs\.weight' has shape \(7,\), expected \(8,\)"):
+        convert_gguf_to_hf(_rope_gguf(tmp_path, converter_rope_factors(**ROPE31)[:7]), tmp_path / "hf")
+    with pytest.raises(GGUFError, match="two RoPE scalings"):
+        convert_gguf_to_hf(_rope_gguf(tmp_path, converter_rope_factors(**ROPE31), **{
+            "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0}), tmp_path / "hf")
+
+
+def test_rope_freqs_within_stated_tolerance(tmp_path):
+    div = converter_rope_factors(**ROPE31).astype(np.float64)
+    mid = int(np.flatnonzero((div > 1) & (div < 8))[0])
+    for rel, ok in ((2e-6, True), (1e-4, False)):  # ROPE_FREQS_RTOL is 1e-5
+        bumped = div.copy()
+        bumped[mid] *= 1 + rel
+        out = tmp_path / f"hf{rel}"
+        if ok:
+            convert_gguf_to_hf(_rope_gguf(tmp_path, bumped), out)
+        else:
+            with pytest.raises(GGUFError, match=f"divisor {mid} is"):
+                convert_gguf_to_hf(_rope_gguf(tmp_path, bumped), out)

@@ -39,7 +39,7 @@ def test_finetune_runs_on_cuda_with_bf16_autocast(tmp_path):
     rows = [{"text": f"the movie was {WORDS[i % 8]}", "label": int(i % 8 < 4)} for i in range(48)]
     data = write_jsonl(d / "train.jsonl", rows[:40]), write_jsonl(d / "dev.jsonl", rows[40:])
     model = tiny_model_dir(tmp_path / "m", "encoder")
-    out = run(tmp_path, model, data, "--device", "cuda")
+    out = run(tmp_path, model, data, "--device", "cuda", "--dtype", "fp32")  # fp32 base, bf16 autocast
     args = json.loads((out / "args.json").read_text())
     assert args["device"] == "cuda" and args["precision"] == "auto"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -58,3 +58,36 @@ def test_decoder_finetune_and_generation_on_cuda(tmp_path):
     out = run(tmp_path, model, data, "--device", "cuda", kind="instructions")
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["final"]["dev"]) == {"bleu4", "rouge1", "rougeL"}
+
+
+def test_bf16_load_on_cuda_makes_no_fp32_copy_of_the_model(tmp_path):
+    # an fp32 checkpoint read with dtype bf16: the device holds the bf16 weights plus at most one fp32 tensor at a
+    # time (checkpoint.read_tensors casts tensor by tensor), never a whole fp32 shard
+    from slora.models import load_model, save_model
+    from tests.tiny import tiny_llama
+    model = tiny_llama(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4,
+                       vocab_size=8192)
+    save_model(model, tmp_path / "m")
+    bf16_bytes = sum(p.numel() * 2 for p in model.parameters())
+    largest_fp32 = max(p.numel() * 4 for p in model.parameters())
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loaded = load_model(tmp_path / "m", dtype=torch.bfloat16, device="cuda")
+    peak = torch.cuda.max_memory_allocated() - base
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert peak <= bf16_bytes + largest_fp32 + 2**20, (peak, bf16_bytes, largest_fp32)  # 1 MiB allocator slack
+
+
+def test_finetune_on_cuda_defaults_to_a_bf16_base_with_fp32_lora(tmp_path):
+    from safetensors.torch import load_file
+    d = tmp_path / "data"
+    d.mkdir()
+    rows = [{"prompt": "what is the capital of france", "response": "paris"}] * 12
+    data = write_jsonl(d / "train.jsonl", rows[:10]), write_jsonl(d / "dev.jsonl", rows[10:])
+    model = tiny_model_dir(tmp_path / "m", "decoder")
+    out = run(tmp_path, model, data, "--device", "cuda", "--activation-checkpointing", "--save-every", "1",
+              kind="instructions")
+    assert json.loads((out / "args.json").read_text())["dtype"] == "auto"
+    sd = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert sd and {t.dtype for t in sd.values()} == {torch.float32}

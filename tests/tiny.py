@@ -8,6 +8,7 @@ import torch
 from slora.models import save_model
 from slora.models.bert import BertConfig, BertModel
 from slora.models.llama import LlamaConfig, LlamaForCausalLM
+from slora.models.mpnet import MPNetConfig, MPNetModel
 
 
 def tiny_llama_config(**kw) -> LlamaConfig:
@@ -23,6 +24,13 @@ def tiny_bert_config(**kw) -> BertConfig:
                 intermediate_size=48, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)
     base.update(kw)
     return BertConfig(**base)
+
+
+def tiny_mpnet_config(**kw) -> MPNetConfig:
+    base = dict(vocab_size=53, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                max_position_embeddings=160, pad_token_id=1)
+    base.update(kw)
+    return MPNetConfig(**base)
 
 
 def fixed_init(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
@@ -46,6 +54,10 @@ def tiny_bert(seed=0, **kw) -> BertModel:
     return fixed_init(BertModel(tiny_bert_config(**kw)), seed).eval()
 
 
+def tiny_mpnet(seed=0, **kw) -> MPNetModel:
+    return fixed_init(MPNetModel(tiny_mpnet_config(**kw)), seed).eval()
+
+
 def save_tiny(model, folder, **kw):
     return save_model(model, folder, **kw)
 
@@ -58,16 +70,19 @@ WORDS = ("good great fine fun bad awful dull poor movie plot actor scene the a i
 
 
 def tiny_tokenizer(kind: str):
-    """A word-level `tokenizers.Tokenizer` over WORDS: BERT-style ([CLS] a [SEP] b [SEP]) or a ChatML decoder."""
+    """A word-level `tokenizers.Tokenizer` over WORDS: BERT-style ([CLS] a [SEP] b [SEP]), MPNet-style
+    (<s> a </s></s> b </s>, pad id 1 as all-mpnet-base-v2) or a ChatML decoder."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    specials = (["[PAD]", "[UNK]", "[CLS]", "[SEP]"] if kind == "encoder"
-                else ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>"])
+    specials = {"encoder": ["[PAD]", "[UNK]", "[CLS]", "[SEP]"], "mpnet": ["<s>", "<pad>", "</s>", "<unk>"],
+                "decoder": ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>"]}[kind]
     vocab = {w: i for i, w in enumerate(specials + ["user", "assistant", "\n"] + list(WORDS))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[1] if kind == "encoder" else "<unk>"))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token={"encoder": "[UNK]"}.get(kind, "<unk>")))
     tok.pre_tokenizer = pre_tokenizers.Split(" ", "removed")
     if kind == "encoder":
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    if kind == "mpnet":
+        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))  # (sep, cls)
     tok.add_special_tokens(specials)
     return tok, len(vocab)
 
@@ -79,7 +94,7 @@ def tiny_model_dir(folder, kind: str, seed: int = 0):
     folder.mkdir(parents=True, exist_ok=True)
     tok, n = tiny_tokenizer(kind)
     tok.save(str(folder / "tokenizer.json"))
-    model = tiny_bert(seed, vocab_size=n) if kind == "encoder" else tiny_llama(seed, vocab_size=n)
+    model = {"encoder": tiny_bert, "mpnet": tiny_mpnet, "decoder": tiny_llama}[kind](seed, vocab_size=n)
     save_model(model, folder / "model", tokenizer=folder / "tokenizer.json")
     return folder / "model"
 

@@ -1,11 +1,13 @@
 """Load and save Hugging Face-format checkpoint folders with slora's own model code.
 
-`load_model(path)` reads `config.json`, picks the architecture from `model_type` (a two-branch `if`, not a
-registry), builds the model on the meta device (so no weight is ever held twice), and assigns the tensors with a
-strict load. Module names already mirror the checkpoint's, so the only renames are the documented ones below.
+`load_model(path)` reads `config.json`, picks the architecture from `model_type` (a plain `if` over the families
+BERT/RoBERTa, MPNet and LLaMA, not a registry), builds the model on the meta device (so no weight is ever held
+twice), and assigns the tensors with a strict load. Module names already mirror the checkpoint's, so the only
+renames are the documented ones below.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -13,24 +15,29 @@ import torch.nn as nn
 from tokenizers import Tokenizer
 
 from slora.checkpoint import load_strict, read_config, read_tensors, write_folder
+from slora.errors import SloraError
+from slora.models import bert, mpnet
 from slora.models.bert import (BertConfig, BertForSequenceClassification, BertModel,
-                               RobertaForSequenceClassification, for_sequence_classification)
+                               RobertaForSequenceClassification)
 from slora.models.llama import LlamaConfig, LlamaForCausalLM
+from slora.models.mpnet import MPNetConfig, MPNetForSequenceClassification, MPNetModel
 
-ENCODER_TYPES = ("bert", "roberta")
-TASK_MODELS = (BertForSequenceClassification, RobertaForSequenceClassification)
-DECODER_TYPES = ("llama",)
+ENCODER_TYPES = ("bert", "roberta", "mpnet")
+DECODER_TYPES = ("llama", "qwen2", "mistral")  # one decoder (models/llama.py) for the three families
+TASK_MODELS = (BertForSequenceClassification, RobertaForSequenceClassification, MPNetForSequenceClassification)
 
 # Keys that checkpoints carry but the models do not use, dropped on purpose:
 # - `embeddings.position_ids` / `embeddings.token_type_ids`: index buffers older transformers versions saved;
-# - `cls.*` (BERT MLM/NSP heads) and `lm_head.*` (RoBERTa MLM head): pre-training heads, not part of the encoder;
+# - `cls.*` (BERT MLM/NSP heads) and `lm_head.*` (RoBERTa and MPNet MLM heads): pre-training heads, not part of
+#   the encoder;
 # - `rotary_emb.inv_freq`: a RoPE buffer old LLaMA checkpoints saved; slora recomputes it from rope_theta.
 ENCODER_DROP_PREFIXES = ("cls.", "lm_head.")
 ENCODER_DROP_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
 def _encoder_state(sd: dict, model_type: str) -> dict:
-    """BertModel keys from a checkpoint saved bare (`encoder.…`) or inside a task model (`bert.encoder.…`)."""
+    """Encoder keys from a checkpoint saved bare (`encoder.…`) or inside a task model (`bert.encoder.…`,
+    `mpnet.encoder.…`)."""
     prefix = f"{model_type}."
     if any(k.startswith(prefix) for k in sd):
         sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
@@ -46,9 +53,36 @@ def _decoder_state(sd: dict, cfg: LlamaConfig) -> dict:
     return {k: v for k, v in sd.items() if v is not None}
 
 
+# Sizes that must be positive integers when present (a 0 or "32" fails deep inside the model code otherwise).
+POSITIVE_INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim", "type_vocab_size")
+NULLABLE_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings")  # null: derived or defaulted
+POSITIVE_REAL_FIELDS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
+
+
+def check_config_values(hf: dict, source) -> None:
+    """Types and ranges of the size fields, checked before any model code sees them; errors name the field."""
+    for k in POSITIVE_INT_FIELDS:
+        v = hf.get(k)
+        if v is None and k in hf and k not in NULLABLE_FIELDS:
+            raise SloraError(source, f"{k} is null; it must be a positive integer")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise SloraError(source, f"{k} = {v!r} must be a positive integer")
+    for k in POSITIVE_REAL_FIELDS:
+        v = hf.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+            raise SloraError(source, f"{k} = {v!r} must be a positive finite number")
+    heads, dim = hf.get("num_attention_heads"), hf.get("hidden_size")
+    if heads and dim and hf.get("head_dim") is None and dim % heads:
+        raise SloraError(source, f"hidden_size {dim} is not a multiple of num_attention_heads {heads}")
+
+
 def build_config(hf: dict, source="config.json"):
     """The slora config dataclass for a Hugging Face config dict; unsupported model_type is an error."""
     model_type = hf.get("model_type")
+    check_config_values(hf, source)
+    if model_type == "mpnet":
+        return MPNetConfig.from_hf_config(hf)
     if model_type in ENCODER_TYPES:
         return BertConfig.from_hf_config(hf)
     if model_type in DECODER_TYPES:
@@ -58,11 +92,20 @@ def build_config(hf: dict, source="config.json"):
 
 
 def build_model(cfg) -> nn.Module:
+    if isinstance(cfg, MPNetConfig):
+        return MPNetModel(cfg)
     return BertModel(cfg) if isinstance(cfg, BertConfig) else LlamaForCausalLM(cfg)
 
 
+def for_sequence_classification(body: nn.Module, num_labels: int, seed: int = 0) -> nn.Module:
+    """The task model of an encoder's family (transformers' *ForSequenceClassification layout) around `body`,
+    with a freshly initialized head drawn from `seed`."""
+    family = mpnet if isinstance(body, MPNetModel) else bert
+    return family.for_sequence_classification(body, num_labels, seed)
+
+
 def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", state: dict | None = None) -> nn.Module:
-    """A BertModel (encoder; forward -> (B, T, D)) or LlamaForCausalLM (forward -> (B, T, V)) from a folder.
+    """A BertModel or MPNetModel (encoder; forward -> (B, T, D)) or LlamaForCausalLM (forward -> (B, T, V)).
 
     The model is returned in eval mode with its config at `model.config`. `state`: the folder's tensors, already
     read (and filtered) by the caller, in place of reading them here.
@@ -71,10 +114,13 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", state: di
     hf = read_config(path)
     try:
         cfg = build_config(hf, path / "config.json")
-    except KeyError as e:
-        raise ValueError(f"{path / 'config.json'}: {e.args[0]}") from None
+    except (KeyError, ValueError, TypeError, AttributeError) as e:  # from_hf_config on a value of the wrong kind
+        what = str(e.args[0]) if e.args else type(e).__name__
+        if what.startswith(str(path / "config.json")):  # already names the file
+            raise
+        raise SloraError(path / "config.json", what) from None
     sd = read_tensors(path, dtype=dtype, device=device) if state is None else state
-    if isinstance(cfg, BertConfig):
+    if isinstance(cfg, (BertConfig, MPNetConfig)):
         sd = _encoder_state(sd, cfg.model_type)
         cfg.add_pooling_layer = any(k.startswith("pooler.") for k in sd)
     else:
@@ -91,7 +137,7 @@ def save_model(model: nn.Module, path, max_shard_bytes: int | None = None, token
                extra_files: dict[str, Path] | None = None) -> Path:
     """Write `model` as a Hugging Face-format folder that `load_model` (and transformers) can read back.
 
-    A tied lm_head is left out, as transformers does. A task model (Bert/RobertaForSequenceClassification) is
+    A tied lm_head is left out, as transformers does. A task model (Bert/Roberta/MPNetForSequenceClassification) is
     written with its head, its architecture and its labels (`num_labels`, and the `id2label`/`label2id` that
     transformers' PretrainedConfig writes), so `load_sequence_classifier` and transformers'
     AutoModelForSequenceClassification read it back. `max_shard_bytes` splits the weights into shards with a
@@ -111,8 +157,8 @@ def save_model(model: nn.Module, path, max_shard_bytes: int | None = None, token
 
 
 def load_sequence_classifier(path, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
-    """A Bert/RobertaForSequenceClassification from a folder written by `save_model` (or transformers): the body
-    as `load_model` reads it, the head (`classifier.*`) loaded strictly. The label count comes from config.json
+    """A Bert/Roberta/MPNetForSequenceClassification from a folder written by `save_model` (or transformers): the
+    body as `load_model` reads it, the head (`classifier.*`) loaded strictly. The label count comes from config.json
     (`num_labels`, else `id2label`)."""
     path = Path(path)
     hf = read_config(path)
@@ -139,7 +185,11 @@ def load_tokenizer(path) -> Tokenizer:
     file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no tokenizer.json")
-    tok = Tokenizer.from_file(str(file))
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a plain Exception for bad JSON or an unknown model type
+        raise SloraError(file, f"cannot read the tokenizer ({e}); the file is damaged or not a tokenizers "
+                               f"tokenizer.json") from None
     tok.no_padding()
     tok.no_truncation()
     return tok

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # Activations by their config.json name. "gelu" is the exact erf form; "gelu_new" the tanh approximation.
 ACT = {
@@ -194,13 +195,20 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
+    # True: in training, each layer's activations are recomputed in the backward pass instead of kept
+    # (non-reentrant torch.utils.checkpoint; the reentrant variant gives LoRA no gradient, transformers#26221)
+    activation_checkpointing = False
+
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
     def forward(self, x, mask):
         for layer in self.layer:
-            x = layer(x, mask)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, mask, use_reentrant=False)
+            else:
+                x = layer(x, mask)
         return x
 
 
@@ -317,7 +325,7 @@ def for_sequence_classification(body: BertModel, num_labels: int, seed: int = 0)
         model.roberta = body
     else:
         model.bert = body
+    # the head is trained, so it stays fp32 on a bf16 base, as the LoRA factors do (autocast runs it in bf16)
     model.classifier.to_empty(device=next(body.parameters()).device)
-    model.classifier.to(next(body.parameters()).dtype)
     init_head(model.classifier, seed)
     return model

@@ -1,7 +1,9 @@
-"""Full definition of a LLaMA-family decoder (LLaMA 2/3/3.1, SmolLM2), in one file.
+"""Full definition of a LLaMA-family decoder (LLaMA 2/3/3.1, SmolLM2, Qwen2/2.5, Mistral), in one file.
 
 References: Hugging Face transformers `models/llama/modeling_llama.py` (module names, RoPE convention,
-RMSNorm in fp32, llama3 RoPE scaling), Meta's llama `model.py`, gpt-fast `model.py` (meta-device build).
+RMSNorm in fp32, llama3 RoPE scaling), `models/qwen2/modeling_qwen2.py` (biases on q/k/v, not o),
+`models/mistral/modeling_mistral.py` and `masking_utils.py` (sliding window: query i sees keys j with
+i - window < j <= i), Meta's llama `model.py`, gpt-fast `model.py` (meta-device build).
 Module names mirror the Hugging Face checkpoint (`model.layers.3.self_attn.q_proj`), so a checkpoint loads with a
 strict `load_state_dict` and no renaming, and `ranks.json` keys are the names PEFT users know.
 
@@ -17,6 +19,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# model_type -> the architecture name transformers writes for it. The three families share this decoder:
+# Qwen2 adds biases to q/k/v (qkv_bias), Mistral a sliding attention window.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 @dataclass
@@ -33,12 +41,15 @@ class LlamaConfig:
     rope_scaling: Optional[dict] = None    # None, or {"rope_type": "llama3", "factor", "low_freq_factor", ...}
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False      # lm_head shares model.embed_tokens.weight
-    attention_bias: bool = False           # biases on q/k/v/o
+    attention_bias: bool = False           # biases on q/k/v/o (LLaMA's flag)
+    qkv_bias: bool = False                 # biases on q/k/v only, none on o (Qwen2)
+    sliding_window: Optional[int] = None   # Mistral: each query sees at most this many keys, itself included
     mlp_bias: bool = False                 # biases on gate/up/down
     hidden_act: str = "silu"
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
     pad_token_id: Optional[int] = None
+    model_type: str = "llama"              # "llama", "qwen2" or "mistral": what to_hf_config writes back
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -46,6 +57,10 @@ class LlamaConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(f"decoder model_type must be one of {', '.join(ARCHITECTURES)}, got {self.model_type!r}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive number of tokens, got {self.sliding_window}")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported by the LLaMA model (only 'silu')")
         if self.rope_scaling is not None:
@@ -69,7 +84,9 @@ class LlamaConfig:
         if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
             scaling = None
         eos = d.get("eos_token_id")
+        model_type = d.get("model_type", "llama")
         return cls(
+            model_type=model_type, qkv_bias=model_type == "qwen2", sliding_window=_sliding_window(d, model_type),
             hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
             num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
@@ -85,8 +102,36 @@ class LlamaConfig:
 
     def to_hf_config(self) -> dict:
         d = asdict(self)
-        d.update(model_type="llama", architectures=["LlamaForCausalLM"])
+        d["architectures"] = [ARCHITECTURES[self.model_type]]
+        if self.model_type == "qwen2":  # Qwen2Config spells its window switch this way; qkv_bias is implied
+            d.update(use_sliding_window=False, sliding_window=None)
         return d
+
+
+def _sliding_window(d: dict, model_type: str) -> Optional[int]:
+    """The attention window of a config.json dict, or None for full causal attention.
+
+    Mistral: `sliding_window` (null in v0.2 and later). Qwen2: a window only with `use_sliding_window`, and then
+    only on layers >= `max_window_layers` (transformers' layer_types); slora has one attention kind for all
+    layers, so a Qwen2 config that switches the window on, or any layer_types entry other than full
+    attention, is refused rather than run with the wrong attention.
+    """
+    kinds = set(d.get("layer_types") or [])
+    if kinds - {"full_attention"} and model_type != "mistral":
+        raise ValueError(f"{model_type} config.json: layer_types {sorted(kinds)}: per-layer attention kinds are "
+                         "not supported (only full_attention)")
+    if model_type == "qwen2":
+        if d.get("use_sliding_window", False):
+            raise ValueError(f"qwen2 config.json: use_sliding_window = true (window {d.get('sliding_window')} on "
+                             f"layers >= max_window_layers = {d.get('max_window_layers')}) is not supported; "
+                             "slora runs Qwen2 with full attention in every layer, as its released configs do")
+        return None
+    if model_type == "mistral":
+        if kinds - {"full_attention", "sliding_attention"} or len(kinds) > 1:
+            raise ValueError(f"mistral config.json: layer_types {sorted(kinds)}: mixed attention kinds are not "
+                             "supported (one window for every layer)")
+        return d.get("sliding_window")
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -155,10 +200,11 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_head, self.n_kv, self.hs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        D, b = cfg.hidden_size, cfg.attention_bias
+        D, b = cfg.hidden_size, cfg.attention_bias or cfg.qkv_bias
         self.q_proj = nn.Linear(D, self.n_head * self.hs, bias=b)
         self.k_proj = nn.Linear(D, self.n_kv * self.hs, bias=b)
         self.v_proj = nn.Linear(D, self.n_kv * self.hs, bias=b)
+        b = cfg.attention_bias
         self.o_proj = nn.Linear(self.n_head * self.hs, D, bias=b)
 
     def forward(self, x, cos, sin, mask, cache=None):
@@ -215,16 +261,23 @@ class LlamaDecoderLayer(nn.Module):
 # -----------------------------------------------------------------------------
 # The model: body (`model.*`) and causal-LM head (`lm_head`)
 
-def attention_mask_4d(attention_mask: Optional[torch.Tensor], T: int, S: int, device) -> Optional[torch.Tensor]:
+def attention_mask_4d(attention_mask: Optional[torch.Tensor], T: int, S: int, device,
+                      window: Optional[int] = None) -> Optional[torch.Tensor]:
     """Causal mask combined with key padding, (B, 1, T, S) bool with True = may attend; None when plain causal.
 
-    The T queries are the last T of S positions (S > T while generating with a cache). A query row with no
-    visible key (a left-pad position) may see itself so that softmax stays finite; its output is never used.
+    The T queries are the last T of S positions (S > T while generating with a cache). `window` (Mistral) keeps
+    only keys j with i - window < j <= i, counted in cache positions as transformers' sliding_window_overlay
+    does (left padding counts). A query row with no visible key (a left-pad position) may see itself so that
+    softmax stays finite; its output is never used.
     """
-    if T == S and (attention_mask is None or bool(attention_mask.all())):
+    if T == S and (attention_mask is None or bool(attention_mask.all())) and (window is None or window >= S):
         return None  # SDPA's is_causal path
     q_pos = torch.arange(S - T, S, device=device)  # (T,) absolute position of each query
-    mask = (torch.arange(S, device=device)[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    visible = k_pos <= q_pos[:, None]  # (T, S) causal
+    if window is not None:
+        visible = visible & (k_pos > q_pos[:, None] - window)  # (T, S) sliding window
+    mask = visible[None, None]  # (1, 1, T, S)
     if attention_mask is not None:
         mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
     own = torch.arange(S, device=device)[None, :] == q_pos[:, None]  # (T, S)
@@ -232,6 +285,10 @@ def attention_mask_4d(attention_mask: Optional[torch.Tensor], T: int, S: int, de
 
 
 class LlamaModel(nn.Module):
+    # True: in training, each layer's activations are recomputed in the backward pass instead of kept
+    # (non-reentrant torch.utils.checkpoint; the reentrant variant gives LoRA no gradient, transformers#26221)
+    activation_checkpointing = False
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
@@ -251,14 +308,18 @@ class LlamaModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)  # (B, T, hs) each
-        return x, cos, sin, attention_mask_4d(attention_mask, T, past + T, input_ids.device)
+        mask = attention_mask_4d(attention_mask, T, past + T, input_ids.device, self.config.sliding_window)
+        return x, cos, sin, mask
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """Final hidden states (B, T, D). `cache`: one dict per layer, filled and extended in place (generation)."""
         past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
         x, cos, sin, mask = self.prepare(input_ids, attention_mask, position_ids, past)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, None if cache is None else cache[i])
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, None if cache is None else cache[i])
         return self.norm(x)  # (B, T, D)
 
 

@@ -1,0 +1,124 @@
+"""Data-parallel LoRA training under torchrun: how train.py's loop changes when slora.dist has several ranks.
+
+    wrap(model, fsdp)       DDP (default: only the trainable LoRA and head gradients are all-reduced), or FSDP2
+                            `fully_shard` per transformer layer then the root (--fsdp), LoRA inside its layer's unit
+    local_rows(batch)       this rank's contiguous rows of a global micro-batch of world·batch-size sequences
+    grad_sync(fwd, last)    no gradient communication on accumulation micro-steps (DDP no_sync, FSDP2
+                            set_requires_gradient_sync)
+    eval_shard / gather     evaluation batches split over ranks and predictions gathered in order
+    full_trainable(model)   FSDP2: every trainable shard gathered into a full tensor on every rank, for saving
+
+One process: every function is the identity. Sources: torchtune recipes/lora_finetune_distributed.py (FSDP2 per
+layer then root; LoRA kept in its layer's unit, pytorch/torchtune#1517; adapter gathered with full_tensor() on all
+ranks, rank 0 writes), torchtune training/_grad_scaler.py (loss over the global target count), litgpt
+finetune/lora.py (same init seed on every rank).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from slora import dist
+
+
+def transformer_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: items of the ModuleList named `layers` (LLaMA) or `layer` (BERT encoder)."""
+    lists = [m for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.split(".")[-1] in
+             ("layers", "layer")]
+    if len(lists) != 1:
+        raise ValueError(f"--fsdp: expected one ModuleList of transformer layers, found {len(lists)}")
+    return list(lists[0])
+
+
+def wrap(model: nn.Module, fsdp: bool) -> nn.Module:
+    """The module to call in training forward passes. The returned DDP wrapper (or, with FSDP2, `model` itself,
+    sharded in place) must be used for every forward that backpropagates; evaluation may call `model`.
+
+    DDP broadcasts rank 0's parameters and buffers once, so a rank that drew another init would be overwritten;
+    the LoRA init seed is the same on every rank anyway. LoRA shapes are compared across ranks first: a mismatch
+    is an error naming the module, not a hang inside DDP's own shape check or an FSDP all-gather.
+    """
+    d = dist.get()
+    if d.world == 1:
+        if fsdp:
+            raise ValueError("--fsdp shards the model over torchrun ranks: launch with torchrun --nproc-per-node N")
+        return model
+    dist.check_same({n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad},
+                    "trainable parameter shapes (LoRA ranks, task head)")
+    if not fsdp:
+        ids = [d.device.index] if d.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # gloo and a CPU mesh on CPU: fully_shard over gloo with a CUDA mesh can crash (pytorch/pytorch#132471)
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    for layer in transformer_layers(model):
+        fully_shard(layer, mesh=mesh)  # base weights, and the LoRA factors of that layer, in one unit
+    fully_shard(model, mesh=mesh)  # embeddings, final norm, LM / task head
+    return model
+
+
+def local_rows(batch: dict) -> tuple[dict, float]:
+    """(this rank's rows of a global micro-batch, weight). Rows are split contiguously (dist.shard_range); a rank
+    left without rows (the last, short batch of an epoch) runs the first row with weight 0, so it still joins the
+    gradient all-reduce of this step (DDP and FSDP2 both communicate from inside backward)."""
+    d = dist.get()
+    if d.world == 1:
+        return batch, 1.0
+    n = next(iter(batch.values())).shape[0]
+    rows = dist.shard_range(n, d.rank, d.world)
+    if len(rows) == 0:
+        return {k: v[:1] for k, v in batch.items()}, 0.0
+    return {k: v[rows.start:rows.stop] for k, v in batch.items()}, 1.0
+
+
+def global_count(count: float) -> float:
+    """Sum of `count` over ranks (the step's target count for the loss normalisation)."""
+    if dist.get().world == 1:
+        return count
+    t = torch.tensor([float(count)], dtype=torch.float64, device=dist.comm_device())
+    return float(dist.all_reduce_sum(t))
+
+
+def grad_sync(fwd: nn.Module, last: bool):
+    """Context for one micro-step's forward and backward: gradients are communicated on the step's last one."""
+    if isinstance(fwd, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if last else fwd.no_sync()
+    if hasattr(fwd, "set_requires_gradient_sync"):  # an FSDP2 module
+        fwd.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+def eval_shard(batches: list, fsdp: bool) -> list:
+    """This rank's evaluation batches. Under FSDP2 every rank evaluates every batch: each forward is a collective
+    (parameter all-gather), and generation stops early per batch, so ranks on different data would call it a
+    different number of times and hang."""
+    return batches if fsdp else dist.shard(batches)
+
+
+def gather(preds: list, fsdp: bool) -> list:
+    """Predictions of all ranks in batch order (the inverse of eval_shard)."""
+    if fsdp or dist.get().world == 1:
+        return preds
+    return [p for part in dist.all_gather_json(preds) for p in part]
+
+
+@torch.no_grad()
+def full_trainable(model: nn.Module) -> None:
+    """FSDP2: replace every sharded trainable parameter (a DTensor) by its full tensor, on every rank, so the
+    adapter can be read as from one process. Collective: all ranks call it, then rank 0 writes (torchtune's
+    save order; calling full_tensor() under `if rank == 0` deadlocks). The model cannot train after this."""
+    if dist.get().world == 1:
+        return
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()  # the root stays unsharded after its last forward: registered params are then plain
+            # tensors whose storage FSDP frees later; resharded, they are the DTensor shards again
+    for name, p in list(model.named_parameters()):
+        if p.requires_grad and hasattr(p, "full_tensor"):
+            owner, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            owner._parameters[attr] = nn.Parameter(p.full_tensor(), requires_grad=False)

@@ -1,0 +1,313 @@
+"""The LoRA training loop of `python -m slora.finetune`, written flat as nanoGPT's train.py: AdamW, linear warmup
+and decay, gradient accumulation, clipping, evaluation after every epoch, and resume points.
+
+finetune.py owns the CLI, the run folder and the order of the stages; this module owns what happens between
+"LoRA applied" and "final scores". References: Hu et al. 2021 (LoRA, the schedule), torchtune
+`recipes/lora_finetune_single_device.py` and `training/_grad_scaler.py` (loss normalised by the number of target
+tokens of the whole optimizer step), nanoGPT `train.py` (the shape of the loop).
+
+Loss normalisation. Each optimizer step sums the per-token (LM) or per-example (classification, regression) losses
+of all its micro-batches and divides by their total count, counted before the first backward pass. Then
+`--batch-size b --grad-accum k` and `--batch-size b·k --grad-accum 1` give the same gradient (up to rounding), and
+a step whose micro-batches hold uneven numbers of response tokens weighs every token equally. The count goes
+through `step_denominator`, the one place data parallelism has to change (all-reduce the count).
+
+Data order. Optimizer steps never span an epoch: the last step of an epoch takes the micro-batches that are left
+(fewer than --grad-accum when they do not divide evenly), and the count normalisation weighs it correctly. With
+--grad-accum 1 this is the same schedule as before.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from slora import chat, dist, parallel, scoring, text
+from slora.lora import apply_lora, lora_parameters_count, mark_only_lora_trainable, merged_copy
+from slora.stability import stability
+
+
+# positions per LM-head + loss chunk under --activation-checkpointing: torchtune's CEWithChunkedOutputLoss uses 8
+# chunks, 256 positions at 2048; at LLaMA-3's vocabulary one chunk of 2 x 256 holds 0.26 GB of fp32 logits
+LM_CHUNK = 256
+
+# -----------------------------------------------------------------------------
+# Loss and evaluation
+
+def forward_inputs(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def target_count(batch: dict, kind: str) -> int:
+    """How many terms `loss_sum` adds up for `batch`: examples, or LM target tokens (labels not IGNORE_INDEX)."""
+    if kind in ("classification", "regression"):
+        return int(batch["labels"].shape[0])
+    return int((batch["labels"][:, 1:] != text.IGNORE_INDEX).sum())
+
+
+def loss_sum(model, batch: dict, kind: str, device, lm_chunk: int | None = None) -> torch.Tensor:
+    """Sum (not mean) of the per-example or per-token losses of one micro-batch, in fp32.
+
+    lm_chunk (causal LM only): run the LM head and the loss over `lm_chunk` positions at a time, each chunk
+    recomputed in the backward pass, so the (B, T, V) logits and their fp32 copy never exist whole (at
+    LLaMA-3's V = 128,256 and 2 x 2048 tokens they are 1 GB bf16 + 2 GB fp32, plus as much again for the
+    gradient). Same sum, added in another order."""
+    if kind == "generation" and lm_chunk:
+        return _lm_loss_sum_chunked(model, forward_inputs(batch, device), batch["labels"].to(device), lm_chunk)
+    out = model(**forward_inputs(batch, device))
+    y = batch["labels"].to(device)
+    if kind == "classification":
+        return F.cross_entropy(out.float(), y, reduction="sum")
+    if kind == "regression":
+        return F.mse_loss(out.float().squeeze(-1), y, reduction="sum")
+    # causal LM: position t predicts token t+1; prompt and pad tokens carry label -100 (response-only loss)
+    return F.cross_entropy(out[:, :-1].float().reshape(-1, out.shape[-1]), y[:, 1:].reshape(-1),
+                           ignore_index=text.IGNORE_INDEX, reduction="sum")
+
+
+def _head_loss_sum(head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # (B, C, V) for one chunk of C positions
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=text.IGNORE_INDEX,
+                           reduction="sum")
+
+
+def _lm_loss_sum_chunked(model, inputs: dict, y: torch.Tensor, chunk: int) -> torch.Tensor:
+    h = model.model(**inputs)[:, :-1]  # (B, T-1, D): position t predicts token t+1
+    y = y[:, 1:]  # (B, T-1)
+    total = None
+    for t0 in range(0, h.shape[1], chunk):
+        part = torch.utils.checkpoint.checkpoint(_head_loss_sum, model.lm_head, h[:, t0:t0 + chunk],
+                                                 y[:, t0:t0 + chunk], use_reentrant=False)
+        total = part if total is None else total + part
+    return total
+
+
+def step_denominator(count: int) -> float:
+    """The divisor of an optimizer step's summed loss: its target count. One process: the count itself. Under data
+    parallelism, the count all-reduced over ranks divided by the world size (DDP averages the gradients), so N
+    processes at micro-batch b follow one process at N·b (torchtune `training/_grad_scaler.py`)."""
+    world = dist.get().world
+    return count if world == 1 else parallel.global_count(count) / world
+
+
+def backward_step(fwd, group: list[tuple[dict, float]], kind: str, device, autocast, lm_chunk: int | None = None
+                  ) -> torch.Tensor:
+    """Forward and backward of one optimizer step's micro-batches, given as (batch, weight) pairs (weight 0: a
+    rank's stand-in row, parallel.local_rows). Gradients accumulate in the parameters, communicated over ranks on
+    the last micro-batch only. Returns this rank's part of the step loss (sum over ranks / world = the loss)."""
+    denom = step_denominator(sum(target_count(b, kind) * w for b, w in group))
+    step_loss = None
+    for i, (batch, weight) in enumerate(group):
+        with parallel.grad_sync(fwd, last=i == len(group) - 1):
+            with autocast:
+                loss = loss_sum(fwd, batch, kind, device, lm_chunk) * weight / denom
+            loss.backward()
+        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+    return step_loss
+
+
+@torch.no_grad()
+def evaluate(model, tok, spec, examples, args, pad_id, device, autocast) -> dict:
+    model.eval()
+    if spec.kind == "generation":
+        feats = text.encode_prompts(tok, examples, args.max_len)
+        stops = chat.stop_ids(tok) + [i for i in (model.config.eos_token_id,) if isinstance(i, int)]
+        preds = []
+        batches = list(text.iterate_batches(feats, args.batch_size, pad_id, side="left"))
+        for batch in parallel.eval_shard(batches, args.fsdp):  # torchrun: this rank's batches, gathered below
+            with autocast:
+                out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                     max_new_tokens=args.gen_tokens, eos_token_id=stops)
+            preds += text.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
+        preds = parallel.gather(preds, args.fsdp)
+        refs = [e.label for e in examples]
+    else:
+        feats = text.encode_encoder(tok, examples, args.max_len)
+        preds = []
+        batches = list(text.iterate_batches(feats, args.batch_size, pad_id))
+        for batch in parallel.eval_shard(batches, args.fsdp):
+            with autocast:
+                logits = model(**forward_inputs(batch, device)).float()
+            preds += (logits.squeeze(-1) if spec.kind == "regression" else logits.argmax(-1)).tolist()
+        preds = parallel.gather(preds, args.fsdp)
+        refs = [f.labels for f in feats]
+    return scoring.score(spec.metrics, preds, refs)
+
+
+def lr_at(step: int, total: int, warmup: int) -> float:
+    """Linear warmup to 1 over `warmup` steps, then linear decay to 0 at `total` (LoRA paper's schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+class EpochSensitivity:
+    """θ and ranks re-measured on the fine-tuned weights after each epoch, against epoch 0 (paper Table 6).
+
+    `measure(model)` is the run's own calibration + metrics + allocation; the model it gets is a merged copy
+    (LoRA folded into W, lora.merged_copy), so the Hessians see the fine-tuned layer inputs."""
+
+    def __init__(self, measure, sens: dict, ranks: dict):
+        self.measure = measure
+        self.epochs = [self._entry(0, sens, ranks)]
+
+    @staticmethod
+    def _entry(epoch: int, sens: dict, ranks: dict) -> dict:
+        return {"epoch": epoch, "theta": {k: v["theta"] for k, v in sens["modules"].items()}, "ranks": dict(ranks)}
+
+    def __call__(self, model, epoch: int) -> dict:
+        """Measure after `epoch`; return {"tau_theta", "tau_ranks"} against epoch 0 (Kendall's τ-b)."""
+        t0 = time.time()
+        sens, ranks = self.measure(merged_copy(model).eval())
+        self.epochs.append(self._entry(epoch, sens, ranks) | {"seconds": time.time() - t0})
+        tau = stability(self.epochs[0], self.epochs[-1])
+        return {"tau_theta": tau["tau_theta"], "tau_ranks": tau["tau_ranks"]}
+
+
+def set_activation_checkpointing(model, on: bool = True) -> int:
+    """Switch per-layer activation checkpointing on every layer stack of `model` that offers it (the
+    `activation_checkpointing` flag of LlamaModel and BertEncoder); returns how many stacks were switched."""
+    stacks = [m for m in model.modules() if hasattr(type(m), "activation_checkpointing")]
+    if on and not stacks:
+        raise ValueError(f"{type(model).__name__} has no layer stack that supports activation checkpointing")
+    for m in stacks:
+        m.activation_checkpointing = on
+    return len(stacks)
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+@dataclass
+class TrainState:
+    """Where the loop stands between optimizer steps: everything a resume point holds besides tensors."""
+    step: int = 0            # optimizer steps done
+    epoch: int = 0           # epoch in progress (0-based)
+    batch: int = 0           # micro-batches of that epoch already used
+    tokens: int = 0          # non-pad input tokens seen (for tokens/s)
+    history: list = field(default_factory=list)  # per-epoch eval records, as logged
+    data_rng: torch.Tensor | None = None  # the data-order generator's state at the start of `epoch`
+
+
+class NonFiniteError(FloatingPointError):
+    """Training diverged: a loss or gradient norm is NaN or infinite."""
+
+
+def check_finite(step: int, loss: float, norm: float, args):
+    if math.isfinite(loss) and math.isfinite(norm):
+        return
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
+    raise NonFiniteError(
+        f"step {step}: {what} is not finite; training stopped and no adapter was saved. Likely causes: the "
+        f"learning rate is too high (--lr {args.lr:g}), a bad training example, or fp16/bf16 overflow "
+        f"(try --precision fp32)")
+
+
+def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker=None,
+             checkpoint=None) -> dict:
+    """Apply LoRA with the allocated ranks, train with AdamW, evaluate every epoch (and re-measure the sensitivity
+    with `tracker`, an EpochSensitivity). Returns metrics.json content.
+
+    `checkpoint` (a slora.resume.Checkpointer, or None) writes a resume point every `args.save_every` steps and,
+    when it holds one, restores the loop from it before the first step."""
+    g = torch.Generator().manual_seed(args.seed)  # LoRA init, then the data order of every epoch
+    apply_lora(model, ranks, args.lora_alpha, alpha_policy=args.alpha_policy, dropout=args.lora_dropout,
+               generator=g)
+    mark_only_lora_trainable(model, extra=("classifier",) if spec.kind != "generation" else ())
+    # DDP, FSDP2 or the model itself; before `params`: fully_shard replaces parameters by sharded ones
+    fwd = parallel.wrap(model, args.fsdp)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in params)
+    n_lora = lora_parameters_count(model)
+
+    if spec.kind == "generation":
+        feats = text.encode_lm(tok, train, args.max_len, eos_id=model.config.eos_token_id)
+    else:
+        feats = text.encode_encoder(tok, train, args.max_len)
+    if not feats:
+        raise ValueError("no training examples: the training split is empty")
+    world = dist.get().world
+    # torchrun: a global micro-batch holds world·batch-size sequences in the order of one process, and each rank
+    # trains on its contiguous rows of it (parallel.local_rows): N ranks at b follow one process at N·b
+    global_batch = args.batch_size * world
+    per_epoch = math.ceil(len(feats) / global_batch)  # micro-batches per epoch
+    steps_per_epoch = math.ceil(per_epoch / args.grad_accum)
+    total = math.ceil(args.epochs * steps_per_epoch)
+    total = min(total, args.max_steps) if args.max_steps else total
+    warmup = max(1, round(args.warmup * total))
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup))
+    if world > 1:  # dropout differs per rank (torchtune training/seed.py); the LoRA init above did not
+        torch.manual_seed(args.seed + dist.get().rank)
+    # with activation checkpointing the LM head and loss run in chunks too (their logits are the largest tensors)
+    # Under torchrun it stays whole: the chunks call model.model and model.lm_head directly, around the DDP wrapper
+    # and FSDP2's root unit (whose forward gathers the head's shards)
+    lm_chunk = LM_CHUNK if getattr(args, "activation_checkpointing", False) and world == 1 else None
+    state = TrainState()
+    if checkpoint is not None and checkpoint.exists():
+        state = checkpoint.restore(model, opt, sched, device)
+        log("resume", f"resumed at step {state.step}/{total} (epoch {state.epoch + 1}, micro-batch {state.batch})",
+            step=state.step, epoch=state.epoch, batch=state.batch)
+    else:
+        log("train", f"training {n_train:,} parameters ({n_lora:,} LoRA) for {total} steps"
+            + (f" on {world} ranks ({'FSDP2' if args.fsdp else 'DDP'})" if world > 1 else ""), trainable=n_train,
+            lora=n_lora, steps=total, world_size=world, global_batch=global_batch * args.grad_accum)
+
+    t_start, t_eval, tokens0 = time.time(), 0.0, state.tokens
+    while state.step < total:
+        model.train()
+        if state.batch == 0:
+            state.data_rng = g.get_state()  # the epoch's order is drawn next, from here
+        else:
+            g.set_state(state.data_rng)  # resumed mid-epoch: draw the same order again, skip what was used
+        batches = map(parallel.local_rows, text.iterate_batches(feats, global_batch, pad_id, generator=g))
+        for _ in islice(batches, state.batch):
+            pass
+        while state.batch < per_epoch and state.step < total:
+            group = list(islice(batches, args.grad_accum))
+            step_loss = backward_step(fwd, group, spec.kind, device, autocast, lm_chunk)
+            state.tokens += sum(int(b["attention_mask"].sum()) for b, w in group if w)
+            state.batch += len(group)
+            if args.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            step_loss = step_loss.item() if world == 1 else parallel.global_count(step_loss.item()) / world
+            check_finite(state.step + 1, step_loss, norm.item(), args)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state.step += 1
+            if state.step % args.log_every == 0 or state.step == total:
+                el = time.time() - t_start - t_eval
+                done = parallel.global_count(state.tokens - tokens0)  # all ranks: tokens/s of the whole job
+                log("step", f"step {state.step}/{total} loss {step_loss:.4f} lr {sched.get_last_lr()[0]:.2e} "
+                    f"{done / el:,.0f} tok/s ETA {el / state.step * (total - state.step):.0f}s", step=state.step,
+                    loss=step_loss, lr=sched.get_last_lr()[0], tokens_per_s=done / el)
+            if checkpoint is not None and checkpoint.due(state.step) and state.step < total:
+                checkpoint.save(state, model, opt, sched, device)
+        t0 = time.time()
+        scores = {k: evaluate(model, tok, spec, v, args, pad_id, device, autocast) for k, v in evals.items()
+                  if k.startswith("dev")}
+        if tracker:
+            scores["sensitivity"] = tracker(model, state.epoch + 1)
+        t_eval += time.time() - t0
+        state.history.append({"epoch": state.epoch + 1, "step": state.step, **scores})
+        log("eval", f"epoch {state.epoch + 1}: " + json.dumps(scores), **state.history[-1])
+        state.epoch, state.batch = state.epoch + 1, 0
+    train_s = time.time() - t_start - t_eval
+    t0 = time.time()
+    # final scores: the last epoch's dev scores and, once, the held-out splits (never used for selection)
+    final = {k: v for k, v in state.history[-1].items() if k.startswith("dev")}
+    final |= {k: evaluate(model, tok, spec, v, args, pad_id, device, autocast) for k, v in evals.items()
+              if not k.startswith("dev")}
+    log("final", "final: " + json.dumps(final), **final)
+    return {"epochs": state.history, "final": final, "main_metric": spec.main_metric, "trainable_params": n_train,
+            "lora_params": n_lora, "steps": state.step,
+            "times": {"train_s": train_s, "eval_s": t_eval + time.time() - t0}}

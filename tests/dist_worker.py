@@ -1,0 +1,118 @@
+"""One rank of the distributed calibration tests (tests/test_dist.py): run as `python tests/dist_worker.py
+calib KIND MODEL_DIR N_SEQ BATCH MODE OUT` under tests/dist_launch.launch, or called in-process with no process
+group as the one-process oracle. Writes what the rank ends with as JSON: token counts, diag(H) and diag(H⁻¹)
+per module, θ and ranks."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from safetensors.torch import save_file
+
+from slora import dist, hessian, hessian_dist, parallel, text, train
+from slora.lora import apply_lora, mark_only_lora_trainable
+from slora.models import load_model
+from slora.sensitivity import SensitivityConfig, compute
+
+
+def calib_batches(n_seq: int, batch: int, vocab: int, pad_id: int, encoder: bool) -> list[dict]:
+    """Seeded sequences of lengths 1..12, so most batches are padded."""
+    g = torch.Generator().manual_seed(7)
+    feats = []
+    for _ in range(n_seq):
+        ids = torch.randint(4, vocab, (int(torch.randint(1, 13, (1,), generator=g)),), generator=g).tolist()
+        feats.append(text.Features(ids, [0] * len(ids) if encoder else None))
+    return list(text.iterate_batches(feats, batch, pad_id))
+
+
+def calibrate(kind: str, model_dir: str, n_seq: int, batch: int, mode: str) -> dict:
+    model = load_model(model_dir)
+    encoder = kind == "encoder"
+    batches = [{k: v for k, v in b.items() if k != "labels"}
+               for b in calib_batches(n_seq, batch, model.config.vocab_size, 0, encoder)]
+    mine = dist.shard(batches)
+    blocks = None if encoder else [(f"model.layers.{i}", m) for i, m in enumerate(model.model.layers)]
+    cfg = SensitivityConfig(targets="all-linear", mode=mode, source="obs" if mode == "full" else "diag", r_avg=2)
+    modules = hessian.find_linears(model, cfg.targets)
+    kw = dict(mode=mode)
+    if blocks is None:
+        stats = hessian.collect(model, mine, modules, **kw)
+    else:
+        stats = hessian.collect_streaming(blocks, hessian.capture_inputs(model, blocks[0][1], mine), modules, **kw)
+    stats = hessian_dist.gather_stats(stats, modules)
+    sens, ranks = compute(model, mine, cfg, blocks=blocks)
+    return {"batches": len(mine), "tokens": {n: s.tokens for n, s in stats.items()},
+            "diag": {n: s.diag.tolist() for n, s in stats.items()},
+            "inv_diag": {n: None if s.inv_diag is None else s.inv_diag.tolist() for n, s in stats.items()},
+            "theta": {n: v["theta"] for n, v in sens["modules"].items()}, "ranks": ranks,
+            "real_tokens": int(sum(int(b["attention_mask"].sum()) for b in mine))}
+
+
+def lm_features(n_seq: int, vocab: int) -> list[text.Features]:
+    """Seeded LM sequences of lengths 2..12 whose first tokens are a prompt (label IGNORE_INDEX): uneven target
+    counts per sequence and padding in every batch."""
+    g = torch.Generator().manual_seed(11)
+    feats = []
+    for _ in range(n_seq):
+        n = int(torch.randint(2, 13, (1,), generator=g))
+        ids = torch.randint(4, vocab, (n,), generator=g).tolist()
+        prompt = int(torch.randint(0, n, (1,), generator=g))
+        feats.append(text.Features(ids, None, [text.IGNORE_INDEX] * prompt + ids[prompt:]))
+    return feats
+
+
+def grads(model_dir: str, batch: int, accum: int, fsdp: bool, ckpt: bool = False, device=None
+          ) -> dict[str, torch.Tensor]:
+    """One optimizer step's gradients: tiny decoder, seeded non-zero LoRA on every linear, dropout 0, micro-batch
+    `batch` per rank (global world·batch), `accum` micro-batches; 11 sequences, so the last is short. `ckpt`:
+    activation checkpointing per layer, applied before wrapping (torchtune's order)."""
+    from tests.tiny import randomize_lora
+    device = torch.device(device) if device is not None else dist.get().device
+    model = load_model(model_dir).to(device)
+    ranks = {n: 2 for n in hessian.find_linears(model, "all-linear")}
+    apply_lora(model, ranks, 4.0, generator=torch.Generator().manual_seed(0))
+    randomize_lora(model, seed=3)
+    mark_only_lora_trainable(model, extra=())
+    train.set_activation_checkpointing(model, ckpt)
+    fwd = parallel.wrap(model, fsdp)
+    world = dist.get().world
+    feats = lm_features(11, model.config.vocab_size)
+    group = [parallel.local_rows(b) for b in text.iterate_batches(feats, batch * world, 0)][:accum]
+    model.train()
+    loss = train.backward_step(fwd, group, "lm", device, torch.autocast(device.type, enabled=False))
+    out = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).contiguous().cpu()
+           for n, p in model.named_parameters() if p.requires_grad}
+    out["loss"] = torch.tensor([parallel.global_count(loss.item()) / world], dtype=torch.float64)
+    return out
+
+
+if __name__ == "__main__":
+    what, *rest = sys.argv[1:]
+    d = dist.init(os.environ.get("SLORA_TEST_DEVICE", "cpu"))  # cuda: tests/test_dist.py's gpu tier
+    with dist.guard():
+        if what == "calib":
+            kind, model_dir, n_seq, batch, mode, out = rest
+            res = calibrate(kind, model_dir, int(n_seq), int(batch), mode)
+            with open(f"{out}.{d.rank}.json", "w") as f:
+                json.dump(res, f)
+        elif what == "grads":
+            model_dir, batch, accum, fsdp, out = rest
+            g = grads(model_dir, int(batch), int(accum), "fsdp" in fsdp, "ckpt" in fsdp)
+            save_file(g, f"{out}.{d.rank}.safetensors")
+        elif what == "mismatch":  # test_lora_shape_mismatch_is_an_error_on_every_rank
+            model = load_model(rest[0])
+            names = list(hessian.find_linears(model, "q_proj,v_proj"))
+            apply_lora(model, {n: 2 + (d.rank == 1 and i == 1) for i, n in enumerate(names)}, 4.0)
+            mark_only_lora_trainable(model, extra=())
+            parallel.wrap(model, rest[1] == "fsdp")
+        elif what == "fail":  # test_failure_inside_a_collective_is_reported
+            dist.all_reduce_sum(torch.ones(1))
+            if d.rank == 1:
+                raise ValueError("injected on rank 1")
+            dist.all_reduce_sum(torch.ones(1))  # never completes: rank 1 is gone
+        else:
+            raise SystemExit(f"unknown worker task {what!r}")
+    dist.teardown()

@@ -1,0 +1,185 @@
+"""slora/train.py: loss normalised per optimizer step, non-finite stop (finetune end to end in test_finetune.py)."""
+import json
+import math
+
+import pytest
+import torch
+
+from slora import finetune, text, train
+from slora.lora import apply_lora, mark_only_lora_trainable
+from tests.tiny import randomize_lora, tiny_llama, tiny_model_dir
+
+TOL = dict(rtol=0, atol=64 * torch.finfo(torch.float64).eps)  # float64: only summation order differs
+
+
+def lm_batch(seed: int, B: int, T: int, vocab: int) -> dict:
+    """Right-padded LM batch whose rows hold very different numbers of target tokens (prompt and pad = -100)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    labels = ids.clone()
+    for i in range(B):
+        start, end = i, T - 2 * i  # prompt of i tokens, 2i pad tokens: the target counts differ row to row
+        labels[i, :start] = text.IGNORE_INDEX
+        labels[i, end:] = text.IGNORE_INDEX
+    mask = (torch.arange(T)[None] < (T - 2 * torch.arange(B))[:, None]).long()
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def grads_after_step(model, micro_batches, kind) -> dict:
+    """LoRA gradients of one optimizer step over `micro_batches`, as train.finetune computes them."""
+    denom = train.step_denominator(sum(train.target_count(b, kind) for b in micro_batches))
+    for b in micro_batches:
+        (train.loss_sum(model, b, kind, "cpu") / denom).backward()
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def split(batch: dict, parts: int) -> list[dict]:
+    return [{k: v for k, v in zip(batch, vs)} for vs in zip(*(t.chunk(parts) for t in batch.values()))]
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_micro_batches_times_accum_equal_one_big_batch(accum):
+    # b x accum and (b·accum) x 1 give the same gradient, also when the micro-batches hold unequal token counts
+    model = tiny_llama().double()
+    apply_lora(model, {f"model.layers.{i}.self_attn.{m}": 2 for i in (0, 1) for m in ("q_proj", "v_proj")}, 4.0)
+    randomize_lora(model)
+    mark_only_lora_trainable(model, extra=())
+    batch = lm_batch(0, B=8, T=12, vocab=model.config.vocab_size)
+    counts = [train.target_count(b, "generation") for b in split(batch, accum)]
+    assert len(set(counts)) > 1  # the case that per-micro-batch means would get wrong
+    big = grads_after_step(model, [batch], "generation")
+    small = grads_after_step(model, split(batch, accum), "generation")
+    assert big.keys() == small.keys() and len(big) == 8
+    for n in big:
+        torch.testing.assert_close(small[n], big[n], **TOL, msg=n)
+        assert big[n].abs().sum() > 0, n
+
+
+def test_classification_step_loss_is_the_mean():
+    # with one micro-batch the normalised sum is F.cross_entropy's mean, bit for bit (the old loss)
+    logits = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    model = lambda **kw: logits  # noqa: E731
+    batch = {"input_ids": torch.zeros(8, 2, dtype=torch.long), "labels": y}
+    got = train.loss_sum(model, batch, "classification", "cpu") / train.target_count(batch, "classification")
+    assert got.item() == torch.nn.functional.cross_entropy(logits, y).item()
+
+
+def test_inf_learning_rate_stops_with_the_step_and_no_adapter(tmp_path):
+    model = tiny_model_dir(tmp_path / "m", "encoder")
+    rows = [{"text": f"the movie was {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(24)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--model", str(model), "--task", "jsonl", "--train-file", str(tmp_path / "t.jsonl"), "--batch-size",
+            "8", "--calib-n", "8", "--max-steps", "3", "--lr", "1e30", "--out", str(tmp_path / "run")]
+    # --lr inf itself is refused as an argument (slora.argcheck); a finite but absurd rate diverges in training
+    with pytest.raises(train.NonFiniteError, match=r"step \d: .* not finite.*--lr 1e\+30"):
+        finetune.main(argv)
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+# -----------------------------------------------------------------------------
+# Activation checkpointing
+
+def lora_grads(model, batch, kind, checkpointing: bool) -> dict:
+    train.set_activation_checkpointing(model, checkpointing)
+    model.train()
+    (train.loss_sum(model, batch, kind, "cpu") / train.target_count(batch, kind)).backward()
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("family", ["decoder", "bert", "mpnet"])
+def test_activation_checkpointing_gives_the_same_nonzero_lora_gradients(family, monkeypatch):
+    from slora.models import bert, for_sequence_classification, llama, mpnet
+    from tests.tiny import tiny_bert, tiny_mpnet
+    calls = []
+    for mod in (bert, llama, mpnet):  # count the layers that really went through torch.utils.checkpoint
+        real = mod.checkpoint
+        monkeypatch.setattr(mod, "checkpoint", lambda fn, *a, _c=real, **kw: calls.append(1) or _c(fn, *a, **kw))
+    if family == "decoder":
+        model, kind = tiny_llama(), "generation"
+        targets = [f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj")]
+        batch = lm_batch(1, B=4, T=10, vocab=model.config.vocab_size)
+    else:
+        no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        body = tiny_bert(**no_dropout) if family == "bert" else tiny_mpnet(**no_dropout)
+        model, kind = for_sequence_classification(body, 3, seed=0), "classification"
+        q = "attention.self.query" if family == "bert" else "attention.attn.q"
+        targets = [f"{family}.encoder.layer.{i}.{m}" for i in (0, 1) for m in (q, "output.dense")]
+        g = torch.Generator().manual_seed(2)
+        batch = {"input_ids": torch.randint(4, 53, (4, 9), generator=g),
+                 "attention_mask": torch.tensor([[1] * 9, [1] * 7 + [0] * 2, [1] * 5 + [0] * 4, [1] * 9]),
+                 "labels": torch.tensor([0, 2, 1, 2])}
+    apply_lora(model, {t: 2 for t in targets}, 4.0, dropout=0.0)
+    randomize_lora(model)
+    mark_only_lora_trainable(model, extra=("classifier",) if family != "decoder" else ())
+    plain = lora_grads(model, batch, kind, False)
+    assert not calls
+    ckpt = lora_grads(model, batch, kind, True)
+    assert len(calls) == 2  # both layers
+    lora = [n for n in plain if "lora_" in n]
+    assert len(lora) == 2 * len(targets) and plain.keys() == ckpt.keys()
+    for n in plain:  # recomputation repeats the same fp32 operations: equal up to a few ulps
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=0, atol=16 * torch.finfo(torch.float32).eps
+                                   * plain[n].abs().max().item(), msg=n)
+    for n in lora:
+        assert plain[n].abs().sum() > 0, n
+
+
+def test_activation_checkpointing_is_refused_on_a_model_without_layer_stacks():
+    with pytest.raises(ValueError, match="Linear has no layer stack"):
+        train.set_activation_checkpointing(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_bf16_base_with_checkpointing_end_to_end(tmp_path, kind):
+    # --dtype bf16 on the CPU: base loaded as bf16, autocast on, LoRA and head trained and saved in fp32
+    from safetensors.torch import load_file
+    model = tiny_model_dir(tmp_path / "m", kind)
+    if kind == "encoder":
+        rows = [{"text": f"the movie was {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(24)]
+        extra = []
+    else:
+        rows = [{"prompt": "what is the capital of france", "response": "paris"}] * 12
+        extra = ["--jsonl-kind", "instructions", "--gen-tokens", "2"]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = finetune.main(["--model", str(model), "--task", "jsonl", "--train-file", str(tmp_path / "t.jsonl"),
+                         "--batch-size", "4", "--calib-n", "8", "--max-steps", "2", "--dtype", "bf16",
+                         "--activation-checkpointing", "--out", str(tmp_path / "run"), *extra])
+    sd = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert sd and all(t.dtype == torch.float32 for t in sd.values())
+    assert any("lora_B" in k and t.abs().sum() > 0 for k, t in sd.items())  # it trained
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["event"] == "step"]
+    assert losses and all(math.isfinite(v) for v in losses)
+
+
+def test_bf16_base_with_fp32_compute_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--precision: fp32 needs an fp32 base"):
+        finetune.main(["--dtype", "bf16", "--precision", "fp32", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_chunked_lm_loss_equals_the_whole_loss_and_gradients():
+    # lm_chunk runs the head and loss over a few positions at a time, recomputed in backward: same sum, same grads
+    model = tiny_llama().double()
+    apply_lora(model, {f"model.layers.{i}.mlp.up_proj": 2 for i in (0, 1)}, 4.0)
+    randomize_lora(model)
+    mark_only_lora_trainable(model, extra=())
+    model.train()
+    batch = lm_batch(3, B=4, T=11, vocab=model.config.vocab_size)
+    grads = []
+    for chunk in (None, 3, 100):
+        loss = train.loss_sum(model, batch, "generation", "cpu", lm_chunk=chunk)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    (whole, gw), *chunked = grads
+    for loss, g in chunked:
+        torch.testing.assert_close(loss, whole, **TOL)
+        assert g.keys() == gw.keys() and len(g) == 4
+        for n in g:
+            torch.testing.assert_close(g[n], gw[n], **TOL, msg=n)

@@ -8,9 +8,8 @@ from safetensors import safe_open
 
 from slora import finetune, merge
 from slora.adapter import load_adapter
-from slora.models import load_model, load_sequence_classifier, save_model
-from slora.models.bert import for_sequence_classification
-from tests.tiny import WORDS, fixed_init, tiny_bert, tiny_llama, tiny_model_dir
+from slora.models import for_sequence_classification, load_model, load_sequence_classifier, save_model
+from tests.tiny import WORDS, fixed_init, tiny_bert, tiny_llama, tiny_model_dir, tiny_mpnet
 
 TOL = 1e-5  # the bound for fp32: merged W + s·BA vs the unmerged x Wᵀ + s·(x Aᵀ) Bᵀ
 
@@ -106,12 +105,14 @@ def test_refuses_foreign_out_dir_and_missing_adapter(runs, tmp_path):
         merge.main([str(tmp_path), str(tmp_path / "m")])
 
 
-@pytest.mark.parametrize("model_type,pad", [("bert", 0), ("roberta", 1)])
+@pytest.mark.parametrize("model_type,pad", [("bert", 0), ("roberta", 1), ("mpnet", 1)])
 def test_save_model_of_a_task_model_round_trips(tmp_path, model_type, pad):
-    task = for_sequence_classification(tiny_bert(seed=3, model_type=model_type, pad_token_id=pad), 3, seed=4).eval()
+    body = tiny_mpnet(seed=3) if model_type == "mpnet" else tiny_bert(seed=3, model_type=model_type, pad_token_id=pad)
+    task = for_sequence_classification(body, 3, seed=4).eval()
     save_model(task, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    want = "RobertaForSequenceClassification" if model_type == "roberta" else "BertForSequenceClassification"
+    want = {"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification",
+            "mpnet": "MPNetForSequenceClassification"}[model_type]
     assert config["architectures"] == [want] and config["num_labels"] == 3
     back = load_sequence_classifier(tmp_path / "m")
     x = ids(53)

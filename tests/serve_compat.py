@@ -3,7 +3,7 @@
     PYTHONPATH=. python tests/wiki_chat.py /tmp/chat
     python -m slora.finetune --model smollm2 --task jsonl --jsonl-kind chat --train-file /tmp/chat/train.jsonl \\
         --dev-file /tmp/chat/dev.jsonl --max-steps 6 --batch-size 8 --max-len 192 --calib-n 32 --max-eval 8 \\
-        --alpha-policy constant --fold-scaling --out /tmp/chat-run
+        --lr 5e-3 --gen-tokens 12 --alpha-policy constant --fold-scaling --out /tmp/chat-run
     python -m slora.merge /tmp/chat-run /tmp/chat-merged
     PYTHONPATH=. python tests/serve_compat.py /tmp/chat-run /tmp/chat-merged --chat /tmp/chat/*.jsonl
 
@@ -14,11 +14,12 @@ dev conversations (rendered by slora, right-padded) it reports max |Δ| of the l
   - transformers' AutoModelForCausalLM on the merged folder, and slora's `load_model` on it;
   - a one-global-scaling loader as vLLM is (lora_alpha/r on every module), emulated in slora;
 and how far LoRA moves the logits (so that the comparisons are not vacuous), and how far the fp32 unmerged and
-merged models each are from the same LoRA model evaluated in float64 (the fp32 rounding floor). Then the chat rendering: slora's ids
-against `apply_chat_template` (full conversation; context + generation prompt) for the run's tokenizer on every
-record of --chat, and for LLaMA-3 on the same records with the vocabulary of `ggml-vocab-llama-bpe.gguf` (assets,
-data/llama-vocab) and Meta-Llama-3-8B-Instruct's public template. Exits 1 when a figure exceeds --tol or an id
-differs.
+merged models each are from the same LoRA model evaluated in float64 (the fp32 rounding floor). Then tiny BERT,
+RoBERTa and MPNet task models merged by `slora.merge` and read by AutoModelForSequenceClassification (max |Δ| of the
+logits against slora's unmerged task model). Then the chat rendering: slora's ids against `apply_chat_template`
+(full conversation; context + generation prompt) for the run's tokenizer on every record of --chat, and for LLaMA-3
+on the same records with the vocabulary of `ggml-vocab-llama-bpe.gguf` (assets, data/llama-vocab) and
+Meta-Llama-3-8B-Instruct's public template. Exits 1 when a figure exceeds --tol or an id differs.
 """
 import argparse
 import json
@@ -52,10 +53,10 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def load_hf(folder):
+def load_hf(folder, auto_cls=AutoModelForCausalLM):
     major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
     key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    return AutoModelForCausalLM.from_pretrained(str(folder), **{key: torch.float32}).eval()
+    return auto_cls.from_pretrained(str(folder), **{key: torch.float32}).eval()
 
 
 def batch_of(tok, examples, max_len):
@@ -166,6 +167,43 @@ def rendering_report(tok, hf_tok, records, system):
     return full, prompt, len(records)
 
 
+def encoder_merge_report(tmp: Path) -> list[tuple[str, float, str]]:
+    """Tiny BERT, RoBERTa and MPNet task models with LoRA (unequal ranks) and a trained-looking head, written as a
+    run folder, merged with `slora.merge`, read back by transformers' AutoModelForSequenceClassification: max |Δ|
+    of its logits against slora's unmerged task model (one padded row)."""
+    from transformers import AutoModelForSequenceClassification
+    from slora import merge
+    from slora.adapter import save_adapter
+    from slora.lora import apply_lora
+    from slora.models import for_sequence_classification, save_model
+    from tests.tiny import randomize_lora, tiny_bert, tiny_mpnet, tiny_tokenizer
+    rows = []
+    tok, _ = tiny_tokenizer("encoder")
+    tok.save(str(tmp / "tok.json"))
+    for mt in ("bert", "roberta", "mpnet"):
+        body = (tiny_mpnet(seed=21) if mt == "mpnet"
+                else tiny_bert(seed=21, model_type=mt, pad_token_id=int(mt != "bert")))
+        base, run = tmp / f"{mt}-base", tmp / f"{mt}-run"
+        save_model(body, base, tokenizer=tmp / "tok.json")
+        task = for_sequence_classification(body, 3, seed=5).eval()
+        prefix = {"bert": "bert", "roberta": "roberta", "mpnet": "mpnet"}[mt]
+        names = [n for n, m in task.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(prefix)
+                 and "pooler" not in n][:6]
+        apply_lora(task, {n: 1 + i % 4 for i, n in enumerate(names)}, alpha=8, alpha_policy="constant")
+        randomize_lora(task, seed=3, std=0.2)
+        save_adapter(task, run / "adapter", str(base), "SEQ_CLS")
+        (run / "args.json").write_text(json.dumps({"model": str(base), "resolved": {"model_path": str(base)}}))
+        out = merge.merge(run, tmp / f"{mt}-merged")
+        x = torch.randint(3, 30, (2, 9), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(x)
+        mask[1, -3:] = 0
+        with torch.no_grad():
+            hf = load_hf(out, AutoModelForSequenceClassification)
+            diff = (hf(input_ids=x, attention_mask=mask).logits - task(x, mask)).abs().max().item()
+        rows.append((f"{mt} task model: transformers on the merged folder", diff, "tol"))
+    return rows
+
+
 def main():
     ok = True
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
@@ -176,6 +214,12 @@ def main():
         bad = check is not None and value > ARGS.tol
         ok &= not bad
         print(f"  {label:<52} max|Δ logits| {value:.3e}{'  EXCEEDS' if bad else ''}")
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        for label, value, check in encoder_merge_report(Path(d)):
+            bad = value > ARGS.tol
+            ok &= not bad
+            print(f"  {label:<52} max|Δ logits| {value:.3e}{'  EXCEEDS' if bad else ''}")
     if ARGS.chat:
         records = [e for f in ARGS.chat for e in data.read_jsonl(f, "chat")] + EDGE
         base = base_path(ARGS.run, None)

@@ -91,7 +91,11 @@ def merge(run_dir, out_dir, dtype: torch.dtype = torch.float32, base: Path | Non
     path = base_path(run_dir, base)
     model = load_model(path)  # fp32: the merge is computed in fp32 and cast once at the end
     task_type = json.loads((adapter / CONFIG).read_text()).get("task_type")
-    if not isinstance(model, LlamaForCausalLM) and task_type == "SEQ_CLS":  # an encoder's task model
+    decoder = isinstance(model, LlamaForCausalLM)
+    if (task_type == "CAUSAL_LM") != decoder and task_type in ("CAUSAL_LM", "SEQ_CLS"):
+        raise ValueError(f"{adapter / CONFIG}: task_type {task_type} does not fit the base model {path}, which is "
+                         f"{'a decoder' if decoder else 'an encoder'} ({model.config.model_type}); give the run's own base (--base)")
+    if task_type == "SEQ_CLS":  # an encoder's task model: the head comes with the adapter
         model = for_sequence_classification(model, num_labels(adapter))
     try:
         load_adapter(model, adapter)

@@ -93,6 +93,13 @@ def test_refuses_an_adapter_that_does_not_fit(runs, tmp_path):
     assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged.partial-*"))
 
 
+def test_refuses_a_base_of_the_other_family(runs, tmp_path):
+    enc_base, _ = runs["encoder"]
+    _, dec_run = runs["decoder"]
+    with pytest.raises(ValueError, match=r"task_type CAUSAL_LM does not fit the base model .* an encoder \(bert\)"):
+        merge.main([str(dec_run), str(tmp_path / "m"), "--base", str(enc_base)])
+
+
 def test_refuses_foreign_out_dir_and_missing_adapter(runs, tmp_path):
     _, run = runs["decoder"]
     foreign = tmp_path / "notes"

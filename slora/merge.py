@@ -93,8 +93,9 @@ def merge(run_dir, out_dir, dtype: torch.dtype = torch.float32, base: Path | Non
     task_type = json.loads((adapter / CONFIG).read_text()).get("task_type")
     decoder = isinstance(model, LlamaForCausalLM)
     if (task_type == "CAUSAL_LM") != decoder and task_type in ("CAUSAL_LM", "SEQ_CLS"):
+        kind = "a decoder" if decoder else "an encoder"
         raise ValueError(f"{adapter / CONFIG}: task_type {task_type} does not fit the base model {path}, which is "
-                         f"{'a decoder' if decoder else 'an encoder'} ({model.config.model_type}); give the run's own base (--base)")
+                         f"{kind} ({model.config.model_type}); give the run's own base (--base)")
     if task_type == "SEQ_CLS":  # an encoder's task model: the head comes with the adapter
         model = for_sequence_classification(model, num_labels(adapter))
     try:

@@ -44,7 +44,8 @@ FAMILY_DEFAULTS = {
 ENCODER_TARGETS = {"mpnet": "attn.q,attn.v"}
 # --alloc -> (allocation method, θ variant) of slora.sensitivity; "sensitivity" is the paper's full method.
 ALLOC = {"sensitivity": ("sra", "sensitivity"), "uniform": ("uniform", "sensitivity"), "global": ("sra", "global"),
-         "local": ("sra", "local"), "pra": ("pra", "sensitivity"), "half-mu": ("sra", "half-mu")}
+         "local": ("sra", "local"), "pra": ("pra", "sensitivity"), "half-mu": ("sra", "half-mu"),
+         "eva": ("eva", "sensitivity")}  # EVA (arXiv 2410.07170) on eig(H): a peer, not the paper's method
 
 
 def parse_args(argv=None):
@@ -74,7 +75,10 @@ def parse_args(argv=None):
                    help="Hessian kept per input: diag (Σx², all the paper's metrics need) or full (d_in²)")
     # allocation (paper §3.2-3.3)
     p.add_argument("--alloc", default="sensitivity", choices=tuple(ALLOC),
-                   help="rank allocation: the paper's method, plain LoRA, Sg/Sl ablations, PRA, 0.5/µ weights")
+                   help="rank allocation: the paper's method, plain LoRA, Sg/Sl ablations, PRA, 0.5/µ weights, "
+                   "or EVA's explained-variance rule (uses --hessian full)")
+    p.add_argument("--eva-rho", type=float, default=2.0,
+                   help="EVA: a matrix takes at most round(rho·r_avg) ranks (PEFT's default 2; 1 is uniform)")
     p.add_argument("--metric-source", default="diag", choices=("diag", "full-diag", "obs"),
                    help="sensitivity vector: diag(H) (N = d_in), the whole-matrix diagonal, or OBS saliency")
     p.add_argument("--r-avg", type=float, default=None, help="average rank per matrix (default 4 encoder, 8 decoder)")
@@ -322,7 +326,8 @@ def run(args, tmp: Path, resume: bool = False):
     batches = text.calibration_batches(tok, calib, decoder=family == "decoder", max_len=args.calib_len,
                                        batch_size=args.batch_size, pad_id=pad_id)
     method, variant = ALLOC[args.alloc]
-    cfg = SensitivityConfig(targets=args.targets, mode="full" if args.metric_source == "obs" else args.hessian,
+    full = args.metric_source == "obs" or args.alloc == "eva"  # diag(H⁻¹) and eig(H) need the whole H
+    cfg = SensitivityConfig(targets=args.targets, mode="full" if full else args.hessian, eva_rho=args.eva_rho,
                             source=args.metric_source, variant=variant, k_frac=args.k_frac, alpha=args.er_alpha,
                             r_avg=args.r_avg, method=method, categories=args.pra_groups, unit=args.budget_unit,
                             r_min=args.r_min, r_max=args.r_max, rounding=args.rounding)

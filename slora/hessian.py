@@ -94,6 +94,9 @@ class HessianAccumulator:
         self._mirrored = True  # False while the lower triangle is stale
         self._normalised = False
         self.owned = True  # False on a rank whose sum went to another rank (hessian_dist.sync)
+        # full mode also keeps Σ x (d_in,) for the token mean µ: EVA's covariance is H/2 - µµᵀ (slora.eva); the
+        # O(n·d_in) sum costs nothing beside the O(n·d_in²) Gram
+        self.x_sum = torch.zeros(d_in, dtype=dtype, device=device) if mode == "full" else None
 
     @property
     def value(self) -> torch.Tensor:
@@ -121,6 +124,13 @@ class HessianAccumulator:
             raise RuntimeError("the Hessian was already normalised; reduce the sums over ranks first")
         return self._h
 
+    @property
+    def mean(self) -> torch.Tensor | None:
+        """Token mean µ = Σ x / N (d_in,) in "full" mode (0 before any token), None in "diag" mode."""
+        if self.x_sum is None:
+            return None
+        return self.x_sum / self.tokens if self.tokens else torch.zeros_like(self.x_sum)
+
     def release(self) -> None:
         """Free the sum on a rank that does not own this H (its sum was reduced into the owner's)."""
         self._h, self.owned = None, False
@@ -138,6 +148,7 @@ class HessianAccumulator:
             self._h.add_(torch.linalg.vector_norm(x, 2, dim=0, dtype=self.dtype).square())  # (d_in,)
         else:
             self._add_gram(x)
+            self.x_sum.add_(x.sum(0, dtype=self.dtype))
         self.tokens += n
 
     def _add_gram(self, x: torch.Tensor) -> None:
@@ -299,6 +310,7 @@ class HessianStats:
     offdiag_share: float | None = None
     dominant_rows: float | None = None
     hessian: torch.Tensor | None = None  # (d_in, d_in) on CPU, only when asked to keep it
+    mean: torch.Tensor | None = None  # (d_in,) float64 CPU: token mean µ of the input (mode "full")
 
 
 def reduce(acc: HessianAccumulator, owner: str, *, percdamp: float = 0.01, blocksize: int = 128,
@@ -311,6 +323,7 @@ def reduce(acc: HessianAccumulator, owner: str, *, percdamp: float = 0.01, block
         stats.inv_diag = inv.inv_diag.to("cpu", torch.float64)
         stats.damping, stats.percdamp = inv.damping, inv.percdamp
         stats.offdiag_share, stats.dominant_rows = dominance(acc.value)
+        stats.mean = acc.mean.to("cpu", torch.float64)
         if keep_hessian:
             stats.hessian = acc.value.to("cpu")
     return stats

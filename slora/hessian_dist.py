@@ -63,6 +63,8 @@ def sync(hooks, modules: dict[str, nn.Linear]) -> None:
     for i, g in enumerate(groups):
         acc = hooks.accs[g]
         dist.reduce_sum(acc.sum, dst=where[g])
+        if acc.x_sum is not None:  # full mode's Σ x (EVA's token mean) adds over ranks like Σ x xᵀ
+            dist.reduce_sum(acc.x_sum, dst=where[g])
         acc.tokens = int(tokens[i])
         if where[g] != d.rank:
             acc.release()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from slora import allocate as alloc
-from slora import dist, hessian, hessian_dist, metrics
+from slora import dist, eva, hessian, hessian_dist, metrics
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -30,7 +30,9 @@ class SensitivityConfig:
     k_frac: float = metrics.K_FRAC  # top-k fraction of N (Eq. 9)
     alpha: float = metrics.ALPHA  # effective-rank share (Eq. 10)
     r_avg: float = 8  # average rank; the budget is that of uniform LoRA at r_avg (App. A.2: 4 NLU, 8 NLG)
-    method: str = "sra"  # "sra" (Eq. 15), "pra" (§4.4) or "uniform"
+    method: str = "sra"  # "sra" (Eq. 15), "pra" (§4.4), "uniform" or "eva" (EVA's rule on eig(H), needs mode "full")
+    eva_rho: float = eva.RHO  # EVA: a matrix takes at most round(eva_rho·r_avg) ranks; 1 is uniform
+    eva_centred: bool = True  # EVA on the covariance H/2 - µµᵀ as PEFT (True) or on slora's uncentred H (False)
     categories: int = 3  # PRA groups
     unit: str = "rank"  # budget unit: "rank" or "param" (d_in + d_out per rank)
     r_min: int = 1  # smallest rank; 0 allowed (no adapter)
@@ -42,13 +44,15 @@ class SensitivityConfig:
 
     def __post_init__(self):
         choices = {"mode": ("diag", "full"), "source": metrics.SOURCES, "variant": metrics.VARIANTS,
-                   "method": alloc.METHODS, "unit": alloc.UNITS, "rounding": ("exact", "paper"),
+                   "method": alloc.METHODS + ("eva",), "unit": alloc.UNITS, "rounding": ("exact", "paper"),
                    "dtype": tuple(DTYPES)}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
         if self.source == "obs" and self.mode != "full":
             raise ValueError("source 'obs' needs diag(H⁻¹), i.e. mode 'full'")
+        if self.method == "eva" and (self.mode != "full" or self.unit != "rank"):
+            raise ValueError("method 'eva' needs the eigenvalues of H (mode 'full') and counts ranks (unit 'rank')")
 
 
 def compute(model: nn.Module, batches: Iterable[dict], cfg: SensitivityConfig, *,
@@ -63,7 +67,8 @@ def compute(model: nn.Module, batches: Iterable[dict], cfg: SensitivityConfig, *
     """
     modules = hessian.find_linears(model, cfg.targets)
     dtype = DTYPES[cfg.dtype]
-    kw = dict(mode=cfg.mode, dtype=dtype, percdamp=cfg.percdamp, blocksize=cfg.blocksize, progress=progress)
+    kw = dict(mode=cfg.mode, dtype=dtype, percdamp=cfg.percdamp, blocksize=cfg.blocksize, progress=progress,
+              keep_hessian=cfg.method == "eva")  # EVA decomposes the whole H
     if blocks is None:
         stats = hessian.collect(model, batches, modules, **kw)
     else:
@@ -99,18 +104,43 @@ def from_stats(modules: dict[str, nn.Linear], stats: dict[str, hessian.HessianSt
     # a rank above min(d_in, d_out) adds nothing to a LoRA update, so that caps r_max per module
     cap = {n: min(d_in, d_out) if cfg.r_max is None else min(d_in, d_out, cfg.r_max)
            for n, (d_in, d_out) in shapes.items()}
-    result = alloc.allocate(agg.theta, cfg.r_avg, method=cfg.method, unit=cfg.unit, shapes=shapes,
-                            rounding=cfg.rounding, categories=cfg.categories, r_min=cfg.r_min, r_max=cap)
+    if cfg.method == "eva":
+        result = _eva(modules, stats, cfg, cap)
+    else:
+        result = alloc.allocate(agg.theta, cfg.r_avg, method=cfg.method, unit=cfg.unit, shapes=shapes,
+                                rounding=cfg.rounding, categories=cfg.categories, r_min=cfg.r_min, r_max=cap)
     if result.message:
         log.warning("rank allocation: %s", result.message)
+    conc = alloc.concentration(result.ranks)
+    if conc["warn"]:
+        log.warning("rank allocation: %d of %d matrices (top %.0f %%) take %.0f %% of the budget (%s); consider "
+                    "--r-max or --alloc eva", conc["k"], conc["n"], 100 * conc["top_frac"], 100 * conc["share"],
+                    ", ".join(f"{n}: {r}" for n, r in conc["top"].items()))
 
     config = asdict(cfg) | {
         "budget": {"unit": result.unit, "target": result.target, "achieved": result.achieved},
+        "concentration": conc,
         "message": result.message,
         "hessian": {n: _diagnostics(stats[n]) for n in modules}}
     tokens = {n: stats[n].tokens for n in modules}
     sensitivity = metrics.sensitivity_json(shapes, tokens, table, agg, config)
     return sensitivity, {n: result.ranks[n] for n in modules}
+
+
+def _eva(modules: dict[str, nn.Linear], stats: dict[str, hessian.HessianStats], cfg: SensitivityConfig,
+         cap: dict[str, int]) -> alloc.Allocation:
+    """EVA's rule (slora.eva) on the eigenvalues of each distinct H; modules sharing an input share a spectrum."""
+    spectra: dict[str, torch.Tensor] = {}
+    for name in modules:
+        owner = stats[name].owner
+        if owner not in spectra:
+            if stats[name].hessian is None:
+                raise ValueError(f"{name}: method 'eva' needs the whole H (keep_hessian) but it was not kept")
+            spectra[owner] = eva.ratios(stats[name].hessian, mean=stats[name].mean if cfg.eva_centred else None)
+    ranks = eva.allocate({n: spectra[stats[n].owner] for n in modules}, cfg.r_avg, rho=cfg.eva_rho,
+                         groups={n: stats[n].owner for n in modules}, limit=cap, r_min=cfg.r_min)
+    total = sum(ranks.values())
+    return alloc.Allocation(ranks, "rank", total, total)
 
 
 def _diagnostics(st: hessian.HessianStats) -> dict:

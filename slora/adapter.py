@@ -123,11 +123,50 @@ def _number(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
+def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """PEFT's and vLLM's scaling for one (α, r): α/r, or α/√r with rsLoRA (vLLM `lora/peft_helper.py`)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def serving_alphas(model: nn.Module, fold_scaling: bool = False) -> tuple[int, float, dict[str, float]]:
+    """(r, lora_alpha, {module: α to write}) for the adapter config.
+
+    Servers that drop rank_pattern/alpha_pattern (vLLM `lora/peft_helper.py`) scale every module by the global
+    lora_alpha/r. r is the most common rank and lora_alpha the α of the modules with that rank, so whenever all
+    modules share one scaling (policy "scale"), the global pair reproduces it. With `fold_scaling` the α written
+    for each module is s·r_w (s·√r_w with rsLoRA), s the global scaling: every module then resolves to s, and
+    `adapter_tensors(..., fold=...)` multiplies B by s_w/s so that the update is unchanged."""
+    layers = lora_modules(model)
+    r = _mode(m.r for m in layers.values())
+    alpha = _mode(m.alpha for m in layers.values() if m.r == r)
+    if not fold_scaling:
+        return r, alpha, {name: m.alpha for name, m in layers.items()}
+    s = _scaling(alpha, r, next(iter(layers.values())).use_rslora)
+    return r, alpha, {name: s * (math.sqrt(m.r) if m.use_rslora else m.r) for name, m in layers.items()}
+
+
+def fold_factors(model: nn.Module, config: dict) -> dict[str, float]:
+    """{module: s_w / s} with s_w the module's own scaling and s the config's global lora_alpha/r (or /√r):
+    the factor that folds the module's scaling into its B for a one-global-scaling loader."""
+    s = _scaling(config["lora_alpha"], config["r"], config["use_rslora"])
+    return {name: m.scaling / s for name, m in lora_modules(model).items()}
+
+
+def mis_scaled_modules(model: nn.Module, config: dict, rel: float = 1e-12) -> list[str]:
+    """The modules whose resolved scaling (by the config's patterns) differs from the global lora_alpha/r by more
+    than `rel` (relative; float rounding of α·r/r_ref stays far below it): empty when a server that applies one
+    global scaling computes what PEFT and slora compute."""
+    s = _scaling(config["lora_alpha"], config["r"], config["use_rslora"])
+    return [name for name, (r, a) in resolve(config, model).items()
+            if abs(_scaling(a, r, config["use_rslora"]) - s) > rel * s]
+
+
 def adapter_config(model: nn.Module, base_model_name_or_path: str, task_type: str,
-                   modules_to_save: Optional[Iterable[str]] = None) -> dict:
+                   modules_to_save: Optional[Iterable[str]] = None, fold_scaling: bool = False) -> dict:
     """The adapter_config.json dict for `model`'s LoRA layers, checked against PEFT's resolution on `model`.
 
-    `modules_to_save` defaults to ("classifier",) for SEQ_CLS and to none otherwise.
+    `modules_to_save` defaults to ("classifier",) for SEQ_CLS and to none otherwise. `fold_scaling`: write the
+    alphas of `serving_alphas(..., fold_scaling=True)` (the tensors must then be folded, see save_adapter).
     """
     if task_type not in TASK_TYPES:
         raise ValueError(f"task_type must be one of {', '.join(TASK_TYPES)}, got {task_type!r}")
@@ -157,15 +196,16 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str, task_type: st
             raise ValueError("task_type SEQ_CLS needs the classification head in modules_to_save")
 
     first = next(iter(layers.values()))
+    r, lora_alpha, alphas = serving_alphas(model, fold_scaling)
     rank_pattern = {re.escape(name): m.r for name, m in layers.items()}
-    alpha_pattern = {re.escape(name): _number(m.alpha) for name, m in layers.items()}
+    alpha_pattern = {re.escape(name): _number(alphas[name]) for name, m in layers.items()}
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": str(base_model_name_or_path),
         "inference_mode": True,
-        "r": _mode(m.r for m in layers.values()),
-        "lora_alpha": _number(_mode(m.alpha for m in layers.values())),
+        "r": r,
+        "lora_alpha": _number(lora_alpha),
         "target_modules": list(layers),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
@@ -177,7 +217,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str, task_type: st
         "use_dora": False,
         "modules_to_save": modules_to_save or None,
     }
-    _check_config(config, model)
+    _check_config(config, model, alphas)
     return config
 
 
@@ -185,46 +225,58 @@ def _dropout_p(m: LoRALinear) -> float:
     return float(m.lora_dropout.p) if isinstance(m.lora_dropout, nn.Dropout) else 0.0
 
 
-def _check_config(config: dict, model: nn.Module):
+def _check_config(config: dict, model: nn.Module, alphas: dict[str, float]):
     """Replay PEFT's resolution: every pattern key matches exactly one module, and PEFT would build exactly
-    slora's LoRA layers with slora's ranks and alphas."""
+    slora's LoRA layers with slora's ranks and the given alphas."""
     names = [name for name, _ in model.named_modules() if name]
     for field in ("rank_pattern", "alpha_pattern"):
         for k in config[field]:
             hits = [n for n in names if compile_pattern(k, f"{CONFIG} {field} key").peft_key(n)]
             if len(hits) != 1:
                 raise ValueError(f"{field} key {k!r} must match exactly one module; it matches {hits or 'nothing'}")
-    want = {name: (m.r, m.alpha) for name, m in lora_modules(model).items()}
+    want = {name: (m.r, alphas[name]) for name, m in lora_modules(model).items()}
     got = resolve(config, model)
     if set(got) != set(want):
         raise ValueError(f"PEFT would put LoRA on a different set of modules; differs at "
                          f"{sorted(set(got) ^ set(want))}")
     for name, (r, alpha) in want.items():
-        if got[name][0] != r or float(got[name][1]) != alpha:
+        if got[name][0] != r or float(got[name][1]) != float(_number(alpha)):
             raise ValueError(f"PEFT would resolve {name!r} to r={got[name][0]}, alpha={got[name][1]}; "
                              f"slora has r={r}, alpha={alpha}")
 
 
-def adapter_tensors(model: nn.Module, modules_to_save: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """The PEFT-keyed tensors: LoRA factors and the full state of each modules_to_save module."""
+def adapter_tensors(model: nn.Module, modules_to_save: Iterable[str] = (),
+                    fold: Optional[dict[str, float]] = None) -> dict[str, torch.Tensor]:
+    """The PEFT-keyed tensors: LoRA factors and the full state of each modules_to_save module. `fold`
+    ({module: factor}, see fold_factors) multiplies each B by its factor (in float64, cast back to B's dtype)."""
     out = {}
     for name, m in lora_modules(model).items():
+        B = m.lora_B.weight.detach()
+        if fold is not None:
+            B = (B.double() * fold[name]).to(B.dtype)
         out[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach()
-        out[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach()
+        out[f"{PREFIX}{name}.lora_B.weight"] = B
     for head in modules_to_save:
         out.update({f"{PREFIX}{head}.{k}": v.detach() for k, v in model.get_submodule(head).state_dict().items()})
     return out
 
 
 def save_adapter(model: nn.Module, folder, base_model_name_or_path, task_type: str,
-                 modules_to_save: Optional[Iterable[str]] = None) -> Path:
+                 modules_to_save: Optional[Iterable[str]] = None, fold_scaling: bool = False) -> Path:
     """Write `folder/adapter_config.json` and `folder/adapter_model.safetensors`, atomically.
+
+    `fold_scaling`: fold each module's scaling ÷ the global lora_alpha/r into its B and write alphas that resolve
+    to the global scaling, so that a loader applying one global lora_alpha/r to every module (vLLM) computes the
+    same update as PEFT and slora. Without it, an adapter whose modules have different α_w/r_w (alpha policies
+    "constant" and "rslora") is mis-scaled by such a loader; `mis_scaled_modules` names the modules affected.
 
     The files go to a temporary folder beside `folder` that is renamed into place. An existing `folder` is
     replaced only if it is empty or holds an adapter (an adapter_config.json); anything else is an error.
     """
-    config = adapter_config(model, base_model_name_or_path, task_type, modules_to_save)
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_tensors(model, config["modules_to_save"] or ()).items()}
+    config = adapter_config(model, base_model_name_or_path, task_type, modules_to_save, fold_scaling)
+    fold = fold_factors(model, config) if fold_scaling else None
+    tensors = {k: v.contiguous().cpu()
+               for k, v in adapter_tensors(model, config["modules_to_save"] or (), fold).items()}
     folder = Path(folder)
     if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / CONFIG).is_file())):
         raise FileExistsError(f"{folder}: exists and is not an adapter folder; not overwriting it")

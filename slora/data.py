@@ -33,7 +33,8 @@ from slora.scoring import GLUE_METRICS
 @dataclass(frozen=True)
 class Example:
     uid: str                             # stable identity: "<file name>:<line>", a VADER ID or a Wikipedia title
-    text: str                            # the sentence, the first of a pair, or the generation prompt
+    text: str | tuple                    # the sentence, the first of a pair, the generation prompt, or (chat) the
+    #                                      (role, content) pairs before the final assistant turn
     text_pair: str | None = None         # second sentence of a pair task
     label: int | float | str | None = None  # class id | regression target | reference text | None (calibration)
 
@@ -281,14 +282,18 @@ def load_task(name: str, *, glue_dir=None, data_dir=None, seed: int = 0,
 
 
 # -----------------------------------------------------------------------------
-# Generic JSONL: classification {"text", ["text_pair"], "label"} or instructions {"prompt", "response"}
+# Generic JSONL: classification {"text", ["text_pair"], "label"}, instructions {"prompt", "response"} or chat
+# {"messages": [{"role", "content"}, …]} (the format of TRL, torchtune and hosted fine-tuning APIs)
+
+JSONL_KINDS = ("classification", "instructions", "chat")
 
 
 def read_jsonl(path, kind: str) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: JSONL file not found")
-    need = {"classification": {"text": str, "label": int}, "instructions": {"prompt": str, "response": str}}[kind]
+    need = {"classification": {"text": str, "label": int}, "instructions": {"prompt": str, "response": str},
+            "chat": {}}[kind]
     out = []
     for i, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
@@ -299,6 +304,9 @@ def read_jsonl(path, kind: str) -> list[Example]:
             raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{i}: expected a JSON object")
+        if kind == "chat":
+            out.append(chat_example(obj, f"{path.name}:{i}", f"{path}:{i}"))
+            continue
         pair = obj.get("text_pair")
         for key, typ in need.items():  # bool is an int subclass in Python, so reject it explicitly
             if not isinstance(obj.get(key), typ) or isinstance(obj.get(key), bool):
@@ -312,6 +320,30 @@ def read_jsonl(path, kind: str) -> list[Example]:
     return out
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_example(obj: dict, uid: str, where: str) -> Example:
+    """{"messages": [{"role", "content"}, …]} as an Example: text = the (role, content) pairs before the final
+    assistant turn (a tuple), label = that turn's content (the reference of generation scoring)."""
+    msgs = obj.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError(f"{where}: field 'messages' must be a non-empty list, got {msgs!r}")
+    pairs = []
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}: field 'messages[{j}]' must be an object, got {m!r}")
+        if m.get("role") not in CHAT_ROLES:
+            raise ValueError(f"{where}: field 'messages[{j}].role' must be one of {CHAT_ROLES}, got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: field 'messages[{j}].content' must be of type str, got {m.get('content')!r}")
+        pairs.append((m["role"], m["content"]))
+    if pairs[-1][0] != "assistant" or len(pairs) < 2:
+        raise ValueError(f"{where}: field 'messages' must end with an assistant turn that follows at least one "
+                         f"other message (roles: {[r for r, _ in pairs]})")
+    return Example(uid, tuple(pairs[:-1]), None, pairs[-1][1])
+
+
 TASK_JSONL_CLS = TaskSpec("jsonl-classification", "classification", 2, ("text", "text_pair"), "label",
                           ("accuracy",), "accuracy")  # the kind and name; num_labels comes from the data
 
@@ -319,15 +351,17 @@ TASK_JSONL_CLS = TaskSpec("jsonl-classification", "classification", 2, ("text", 
 def load_jsonl(kind: str, train, dev=None, test=None, *, num_labels: int | None = None, seed: int = 0,
                holdout: float = 0.1) -> tuple[TaskSpec, dict[str, list[Example]]]:
     """(spec, splits) for user JSONL files. kind: "classification" (integer labels 0..num_labels-1; num_labels
-    defaults to 1 + the largest train label) or "instructions". Without a dev file a seeded `holdout` fraction
-    of train becomes dev."""
-    if kind not in ("classification", "instructions"):
-        raise ValueError(f"JSONL kind must be 'classification' or 'instructions', got {kind!r}")
+    defaults to 1 + the largest train label), "instructions" or "chat" (`chat_example`). Without a dev file a
+    seeded `holdout` fraction of train becomes dev."""
+    if kind not in JSONL_KINDS:
+        raise ValueError(f"JSONL kind must be one of {JSONL_KINDS}, got {kind!r}")
     splits = {"train": read_jsonl(train, kind)}
     splits = carve(splits["train"], holdout, seed, train) if dev is None else splits | {"dev": read_jsonl(dev, kind)}
     splits |= {"test": read_jsonl(test, kind)} if test is not None else {}
     if kind == "instructions":
         return TaskSpec("jsonl-instructions", "generation", 0, ("prompt",), "response", GEN_METRICS, "rougeL"), splits
+    if kind == "chat":  # scored on the final assistant turn
+        return TaskSpec("jsonl-chat", "generation", 0, ("messages",), "messages", GEN_METRICS, "rougeL"), splits
     files = {"train": train, "dev": dev if dev is not None else train, "test": test}
     where = {(part, e.uid): f"{files[part]}:{e.uid.rsplit(':', 1)[1]}" for part, items in splits.items()
              for e in items}

@@ -15,12 +15,13 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from slora import data, dist, parallel, runfolder, text
-from slora.adapter import save_adapter
+from slora import chat, data, dist, parallel, runfolder, text
+from slora.adapter import mis_scaled_modules, save_adapter
 from slora.argcheck import check_finetune_args
 from slora.checkpoint import read_config, read_json
 from slora.errors import ArgumentParser, SloraError, UsageError, cli
@@ -54,8 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default="minilm", help="preset (minilm, smollm2, mpnet) or a Hugging Face-format folder")
     p.add_argument("--task", default="rt-polarity", help=f"one of {', '.join(data.TASKS)}, or 'jsonl'")
     p.add_argument("--glue-dir", default=None, help="folder holding CoLA/, SST-2/, ... (GLUE tasks)")
-    p.add_argument("--jsonl-kind", default="classification", choices=("classification", "instructions"),
-                   help="record type of --task jsonl files")
+    p.add_argument("--jsonl-kind", default="classification", choices=data.JSONL_KINDS,
+                   help="record type of --task jsonl files: {text, label}, {prompt, response}, or chat "
+                        "{messages: [{role, content}, ...]} in the model's own chat template")
     p.add_argument("--train-file", default=None, help="JSONL training file (--task jsonl)")
     p.add_argument("--dev-file", default=None, help="JSONL dev file (--task jsonl); default: 10%% of train")
     p.add_argument("--test-file", default=None, help="JSONL test file (--task jsonl); optional")
@@ -100,6 +102,9 @@ def parse_args(argv=None):
     p.add_argument("--alpha-policy", default="scale", choices=ALPHA_POLICIES,
                    help="α for unequal ranks: scale (α·r/r_avg: one scaling for all), constant (α/r), rslora (α/√r)")
     p.add_argument("--lora-dropout", type=float, default=0.1, help="dropout probability on the LoRA input")
+    p.add_argument("--fold-scaling", action="store_true",
+                   help="fold each module's α_w/r_w ÷ (lora_alpha/r) into its B in the saved adapter, so a server "
+                        "that applies one global lora_alpha/r (vLLM) scales every module right")
     # training
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the training set (may be fractional)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (count)")
@@ -292,6 +297,10 @@ def run(args, tmp: Path, resume: bool = False):
     if (spec.kind == "generation") != (family == "decoder"):
         need, have = ("a decoder", "an encoder") if family == "encoder" else ("an encoder", "a decoder")
         raise SloraError(args.model, f"is {have}, but task {spec.name} ({spec.kind}) needs {need}")
+    if spec.name == "jsonl-chat":  # the model's template decides; a model without one is refused here
+        chat.template_family(tok)
+        system = chat.default_system(model_path, tok)
+        splits = {k: [replace(e, text=chat.with_default_system(e.text, system)) for e in v] for k, v in splits.items()}
     train = splits["train"][:args.max_train]
     evals = {k: v[:args.max_eval] for k, v in splits.items() if k != "train"}
     data.check_classes(spec, train, args.train_file or f"task {spec.name}")
@@ -367,10 +376,28 @@ def run(args, tmp: Path, resume: bool = False):
             write_json(tmp / "epoch_sensitivity.json", {"epochs": tracker.epochs})
         parallel.full_trainable(model)  # FSDP2: gather the adapter on every rank (a collective), rank 0 writes
         if dist.get().is_main:
-            save_adapter(model, tmp / "adapter", str(model_path), "CAUSAL_LM" if family == "decoder" else "SEQ_CLS")
+            save_adapter(model, tmp / "adapter", str(model_path), "CAUSAL_LM" if family == "decoder" else "SEQ_CLS",
+                         fold_scaling=args.fold_scaling)
+            log_serving(log, model, tmp / "adapter", args.fold_scaling)
         write_json(tmp / "metrics.json", result | {"times": times, "budget": budget})
     else:
         write_json(tmp / "metrics.json", {"times": times, "budget": budget, "allocate_only": True})
+
+
+def log_serving(log, model, adapter, folded: bool):
+    """Record in log.jsonl whether one global lora_alpha/r (vLLM drops rank_pattern/alpha_pattern) reproduces every
+    module's scaling, and the largest rank (vLLM's --max-lora-rank must be at least that); warn when it does not.
+    PEFT's LoraConfig has no free-text field, so this note lives in the run folder, not in adapter_config.json."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    bad = mis_scaled_modules(model, config)
+    max_rank = max(config["rank_pattern"].values())
+    log("serving", f"adapter: global lora_alpha/r = {config['lora_alpha']}/{config['r']}, max rank {max_rank}"
+        + (", scaling folded into B" if folded else ""), global_alpha=config["lora_alpha"], global_r=config["r"],
+        max_rank=max_rank, folded=folded, mis_scaled=bad)
+    if bad:
+        log("warning", f"WARNING: {len(bad)} of {len(config['rank_pattern'])} modules have α/r != lora_alpha/r "
+            f"(e.g. {bad[0]}): servers that apply one global α/r (vLLM drops rank_pattern/alpha_pattern) will "
+            f"mis-scale this adapter; re-run with --fold-scaling or --alpha-policy scale")
 
 
 if __name__ == "__main__":

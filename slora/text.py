@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 from tokenizers import Tokenizer
 
+from slora import chat
 from slora.data import Example
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (torch cross_entropy's default ignore_index)
@@ -83,14 +84,40 @@ def encode_prompt_parts(tok: Tokenizer, prompt: str, max_prompt: int) -> list[in
     return head + _ids(tok, prompt)[:room] + tail
 
 
+def is_chat(e: Example) -> bool:
+    """A chat example: `text` is the conversation before its final assistant turn, `label` that turn's content."""
+    return isinstance(e.text, tuple)
+
+
+def encode_chat(tok: Tokenizer, e: Example, max_len: int) -> Features:
+    """A whole conversation in the model's chat template (slora.chat), loss on every assistant turn's content and
+    end marker. The final assistant turn keeps up to max_len//2 tokens (as a response does in encode_lm); the
+    earlier turns keep their last tokens, as many as fit (the oldest text is dropped first)."""
+    turns = chat.render_turns(tok, e.text + (("assistant", e.label),))
+    ids, loss = turns[-1][0][:max_len // 2], turns[-1][1][:max_len // 2]
+    room = max_len - len(ids)
+    ctx = [t for turn in turns[:-1] for t in zip(*turn)][-room:] if room > 0 else []
+    pairs = ctx + list(zip(ids, loss))
+    return Features([i for i, _ in pairs], None, [i if keep else IGNORE_INDEX for i, keep in pairs])
+
+
+def chat_prompt(tok: Tokenizer, e: Example, max_len: int) -> list[int]:
+    """The conversation before the final assistant turn plus the generation prompt, its last max_len tokens."""
+    ids = [i for ids, _ in chat.render_turns(tok, e.text) for i in ids] + chat.generation_prompt(tok)
+    return ids[-max_len:]
+
+
 def encode_lm(tok: Tokenizer, examples: Sequence[Example], max_len: int, eos_id: int | None = None) -> list[Features]:
     """Prompt + response (the example's label) for causal-LM training, labels = IGNORE_INDEX on the prompt: the
     loss is on response tokens only. The response ends with <|im_end|> (ChatML) or eos_id (plain; nothing if
     None), so the model learns to stop, and keeps up to max_len//2 tokens; the prompt body is cut to fit the rest.
-    No BOS token: SmolLM2's chat template has none."""
+    No BOS token: SmolLM2's chat template has none. Chat examples (`is_chat`) go through encode_chat."""
     end = [tok.token_to_id("<|im_end|>")] if uses_chatml(tok) else ([eos_id] if eos_id is not None else [])
     out = []
     for e in examples:
+        if is_chat(e):
+            out.append(encode_chat(tok, e, max_len))
+            continue
         response = (_ids(tok, e.label) + end)[:max_len // 2]
         prompt = encode_prompt_parts(tok, e.text, max_len - len(response))
         out.append(Features(prompt + response, None, [IGNORE_INDEX] * len(prompt) + response))
@@ -98,8 +125,10 @@ def encode_lm(tok: Tokenizer, examples: Sequence[Example], max_len: int, eos_id:
 
 
 def encode_prompts(tok: Tokenizer, examples: Sequence[Example], max_len: int) -> list[Features]:
-    """Generation prompts (no response) for batched greedy decoding; batch them with side="left"."""
-    return [Features(encode_prompt_parts(tok, e.text, max_len)) for e in examples]
+    """Generation prompts (no response) for batched greedy decoding; batch them with side="left". A chat example's
+    prompt is everything before its final assistant turn, with the generation prompt."""
+    return [Features(chat_prompt(tok, e, max_len) if is_chat(e) else encode_prompt_parts(tok, e.text, max_len))
+            for e in examples]
 
 
 def decode_generations(tok: Tokenizer, output_ids: torch.Tensor, prompt_width: int,

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from slora import dist, parallel, scoring, text
+from slora import chat, dist, parallel, scoring, text
 from slora.lora import apply_lora, lora_parameters_count, mark_only_lora_trainable, merged_copy
 from slora.stability import stability
 
@@ -117,7 +117,7 @@ def evaluate(model, tok, spec, examples, args, pad_id, device, autocast) -> dict
     model.eval()
     if spec.kind == "generation":
         feats = text.encode_prompts(tok, examples, args.max_len)
-        stops = [i for i in (tok.token_to_id("<|im_end|>"), model.config.eos_token_id) if isinstance(i, int)]
+        stops = chat.stop_ids(tok) + [i for i in (model.config.eos_token_id,) if isinstance(i, int)]
         preds = []
         batches = list(text.iterate_batches(feats, args.batch_size, pad_id, side="left"))
         for batch in parallel.eval_shard(batches, args.fsdp):  # torchrun: this rank's batches, gathered below

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slora.adapter import CONFIG, WEIGHTS, load_adapter, save_adapter
+from slora.adapter import CONFIG, WEIGHTS, load_adapter, mis_scaled_modules, save_adapter
 from slora.lora import apply_lora, lora_alphas, lora_modules, lora_ranks
 from slora.models.bert import for_sequence_classification
 from tests.tiny import randomize_lora, tiny_bert, tiny_llama
@@ -202,6 +202,61 @@ def test_loads_a_config_written_by_peft(tmp_path):
     assert {n: (m.r, m.alpha) for n, m in lora_modules(model).items()} == want
     assert torch.equal(model.model.layers[1].self_attn.q_proj.lora_B.weight,
                        tensors[f"{PREFIX}model.layers.1.self_attn.q_proj.lora_B.weight"])
+
+
+# -----------------------------------------------------------------------------
+# One global scaling (vLLM drops rank_pattern/alpha_pattern and scales every module by lora_alpha/r)
+
+def global_scaling_updates(folder) -> dict[str, torch.Tensor]:
+    """What a loader that applies one lora_alpha/r (α/√r with rsLoRA) to every module computes: {module: s·B A},
+    float64 (vLLM `lora/peft_helper.py` vllm_lora_scaling_factor)."""
+    config = json.loads((folder / CONFIG).read_text())
+    s = config["lora_alpha"] / (config["r"] ** 0.5 if config["use_rslora"] else config["r"])
+    tensors = load_file(str(folder / WEIGHTS))
+    names = {k[len(PREFIX):-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")}
+    return {n: s * tensors[f"{PREFIX}{n}.lora_B.weight"].double() @ tensors[f"{PREFIX}{n}.lora_A.weight"].double()
+            for n in names}
+
+
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("policy", ["constant", "scale", "rslora"])
+def test_one_global_scaling_loader_gets_slora_update(tmp_path, policy, fold):
+    model = tiny_llama(seed=5, num_hidden_layers=4)
+    apply_lora(model, llama_ranks(4), alpha=16, alpha_policy=policy)
+    randomize_lora(model)
+    save_adapter(model, tmp_path / "a", "tiny-llama", "CAUSAL_LM", fold_scaling=fold)
+    config = json.loads((tmp_path / "a" / CONFIG).read_text())
+    # float64 oracle: slora's effective update scaling_w · B_w A_w from the live factors
+    layers = lora_modules(model)
+    want = {n: m.scaling * m.lora_B.weight.double() @ m.lora_A.weight.double() for n, m in layers.items()}
+    # tolerance: folding rounds each entry of B once to fp32 (relative error <= u = 2^-24), so elementwise
+    # |Δ| <= u·scaling·(|B| |A|); twice that bound allows for the float64 products
+    bound = {n: 2 * 2.0 ** -24 * m.scaling * m.lora_B.weight.double().abs() @ m.lora_A.weight.double().abs()
+             for n, m in layers.items()}
+    got = global_scaling_updates(tmp_path / "a")
+    assert set(got) == set(want)
+    exact = fold or policy == "scale"  # "scale" keeps α_w/r_w constant; the others only once folded
+    assert (mis_scaled_modules(model, config) == []) == exact
+    close = [bool(((got[n] - want[n]).abs() <= bound[n]).all()) for n in want]
+    assert all(close) if exact else not all(close)
+    # PEFT's rules (patterns honoured) and slora's loader give the same update either way
+    fresh = load_adapter(tiny_llama(seed=5, num_hidden_layers=4), tmp_path / "a")
+    for n, m in lora_modules(fresh).items():
+        d = m.scaling * m.lora_B.weight.double() @ m.lora_A.weight.double()
+        assert ((d - want[n]).abs() <= bound[n]).all(), n
+    x = ids(61)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_scale_policy_global_pair_is_the_common_rank_and_its_alpha(llama_adapter):
+    model, folder = llama_adapter
+    config = json.loads((folder / CONFIG).read_text())
+    ranks = list(lora_ranks(model).values())
+    assert config["r"] == max(set(ranks), key=lambda r: (ranks.count(r), -r))  # the most common, ties: smallest
+    assert config["lora_alpha"] == lora_alphas(model)[next(n for n, r in lora_ranks(model).items()
+                                                           if r == config["r"])]
+    assert mis_scaled_modules(model, config) == []
 
 
 # -----------------------------------------------------------------------------

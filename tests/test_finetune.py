@@ -90,6 +90,27 @@ def test_decoder_run_folder(tmp_path, gen_data):
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
 
 
+def test_serving_note_and_fold_scaling(tmp_path, gen_data):
+    # "constant" alphas give each module its own α/r: the run warns, and --fold-scaling makes one global α/r exact
+    model = tiny_model_dir(tmp_path / "m", "decoder")
+    records = {}
+    for fold in (False, True):
+        out = run(tmp_path, model, gen_data, "--alpha-policy", "constant", "--r-min", "1", "--lora-dropout", "0",
+                  *(["--fold-scaling"] if fold else []), kind="instructions", out=f"run{fold}")
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        records[fold] = {r["event"]: r for r in log}
+        cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        ranks = json.loads((out / "ranks.json").read_text())
+        assert records[fold]["serving"]["max_rank"] == max(ranks.values())
+        assert records[fold]["serving"]["folded"] == fold
+        if fold:  # every module resolves to the global scaling (up to the rounding of s·r_w / r_w)
+            assert [a / r for a, r in zip(cfg["alpha_pattern"].values(), cfg["rank_pattern"].values())] == \
+                pytest.approx([cfg["lora_alpha"] / cfg["r"]] * len(ranks), rel=1e-12)
+    if len(set(ranks.values())) > 1:  # the tiny allocation is unequal, so the unfolded adapter is mis-scaled
+        assert records[False]["serving"]["mis_scaled"] and "warning" in records[False]
+    assert records[True]["serving"]["mis_scaled"] == [] and "warning" not in records[True]
+
+
 def test_allocate_only(tmp_path, cls_data):
     model = tiny_model_dir(tmp_path / "m", "encoder")
     out = run(tmp_path, model, cls_data, "--allocate-only", "--alloc", "pra", "--targets", "all-linear")

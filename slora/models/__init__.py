@@ -17,12 +17,14 @@ from tokenizers import Tokenizer
 from slora.checkpoint import load_strict, read_config, read_tensors, write_folder
 from slora.errors import SloraError
 from slora.models import bert, mpnet
-from slora.models.bert import BertConfig, BertModel
+from slora.models.bert import (BertConfig, BertForSequenceClassification, BertModel,
+                               RobertaForSequenceClassification)
 from slora.models.llama import LlamaConfig, LlamaForCausalLM
-from slora.models.mpnet import MPNetConfig, MPNetModel
+from slora.models.mpnet import MPNetConfig, MPNetForSequenceClassification, MPNetModel
 
 ENCODER_TYPES = ("bert", "roberta", "mpnet")
 DECODER_TYPES = ("llama", "qwen2", "mistral")  # one decoder (models/llama.py) for the three families
+TASK_MODELS = (BertForSequenceClassification, RobertaForSequenceClassification, MPNetForSequenceClassification)
 
 # Keys that checkpoints carry but the models do not use, dropped on purpose:
 # - `embeddings.position_ids` / `embeddings.token_type_ids`: index buffers older transformers versions saved;
@@ -102,10 +104,11 @@ def for_sequence_classification(body: nn.Module, num_labels: int, seed: int = 0)
     return family.for_sequence_classification(body, num_labels, seed)
 
 
-def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
+def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", state: dict | None = None) -> nn.Module:
     """A BertModel or MPNetModel (encoder; forward -> (B, T, D)) or LlamaForCausalLM (forward -> (B, T, V)).
 
-    The model is returned in eval mode with its config at `model.config`.
+    The model is returned in eval mode with its config at `model.config`. `state`: the folder's tensors, already
+    read (and filtered) by the caller, in place of reading them here.
     """
     path = Path(path)
     hf = read_config(path)
@@ -116,7 +119,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Mod
         if what.startswith(str(path / "config.json")):  # already names the file
             raise
         raise SloraError(path / "config.json", what) from None
-    sd = read_tensors(path, dtype=dtype, device=device)
+    sd = read_tensors(path, dtype=dtype, device=device) if state is None else state
     if isinstance(cfg, (BertConfig, MPNetConfig)):
         sd = _encoder_state(sd, cfg.model_type)
         cfg.add_pooling_layer = any(k.startswith("pooler.") for k in sd)
@@ -130,17 +133,48 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Mod
     return model.eval()
 
 
-def save_model(model: nn.Module, path, max_shard_bytes: int | None = None, tokenizer=None) -> Path:
+def save_model(model: nn.Module, path, max_shard_bytes: int | None = None, tokenizer=None,
+               extra_files: dict[str, Path] | None = None) -> Path:
     """Write `model` as a Hugging Face-format folder that `load_model` (and transformers) can read back.
 
-    A tied lm_head is left out, as transformers does. `max_shard_bytes` splits the weights into shards with a
-    `model.safetensors.index.json`. `tokenizer` (a path to tokenizer.json) is copied alongside.
+    A tied lm_head is left out, as transformers does. A task model (Bert/Roberta/MPNetForSequenceClassification) is
+    written with its head, its architecture and its labels (`num_labels`, and the `id2label`/`label2id` that
+    transformers' PretrainedConfig writes), so `load_sequence_classifier` and transformers'
+    AutoModelForSequenceClassification read it back. `max_shard_bytes` splits the weights into shards with a
+    `model.safetensors.index.json`. `tokenizer` (a path to tokenizer.json) and `extra_files` ({name: source
+    path}) are copied alongside.
     """
     sd = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight")
-    extra = {"tokenizer.json": Path(tokenizer)} if tokenizer else None
-    return write_folder(path, model.config.to_hf_config(), sd, max_shard_bytes, extra)
+    config = model.config.to_hf_config()
+    if isinstance(model, TASK_MODELS):
+        n = model.num_labels
+        config.update(architectures=[type(model).__name__], num_labels=n,
+                      id2label={str(i): f"LABEL_{i}" for i in range(n)}, label2id={f"LABEL_{i}": i for i in range(n)})
+    extra = dict(extra_files or {}) | ({"tokenizer.json": Path(tokenizer)} if tokenizer else {})
+    return write_folder(path, config, sd, max_shard_bytes, extra or None)
+
+
+def load_sequence_classifier(path, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
+    """A Bert/Roberta/MPNetForSequenceClassification from a folder written by `save_model` (or transformers): the
+    body as `load_model` reads it, the head (`classifier.*`) loaded strictly. The label count comes from config.json
+    (`num_labels`, else `id2label`)."""
+    path = Path(path)
+    hf = read_config(path)
+    arch = (hf.get("architectures") or [None])[0]
+    if arch not in [c.__name__ for c in TASK_MODELS]:
+        raise ValueError(f"{path / 'config.json'}: architectures {hf.get('architectures')!r} is not a sequence "
+                         f"classifier ({', '.join(c.__name__ for c in TASK_MODELS)})")
+    n = hf.get("num_labels", len(hf.get("id2label") or {}))
+    if not n:
+        raise ValueError(f"{path / 'config.json'}: neither num_labels nor id2label gives the number of labels")
+    sd = read_tensors(path, dtype=dtype, device=device)
+    head = {k[len("classifier."):]: v for k, v in sd.items() if k.startswith("classifier.")}
+    body = load_model(path, dtype, device, state={k: v for k, v in sd.items() if not k.startswith("classifier.")})
+    model = for_sequence_classification(body, n)
+    load_strict(model.classifier, head, path)
+    return model.eval()
 
 
 def load_tokenizer(path) -> Tokenizer:

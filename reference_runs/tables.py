@@ -263,7 +263,8 @@ def mpnet_compare(targets: str, unit: str = "rank") -> list[str]:
     methods = [m for m in MPNET_METHODS if unit == "rank" or m in MPNET_PARAM_METHODS]
     seeds = mpnet_seeds(targets, unit)
     n = len(seeds)
-    out = [f"Seeds complete: {', '.join(map(str, seeds)) or 'none'} of {len(SEEDS['mpnet'])} planned.", "",
+    out = [f"Seeds with every run recorded: {len(seeds)} of {len(SEEDS['mpnet'])} planned"
+           f"{' (' + ', '.join(f's{s}' for s in seeds) + ')' if seeds else ''}.", "",
            "| method | " + " | ".join(NLU_TASKS) + " | Δ vs uniform (95 % CI) | wins-losses | sign p | "
            "LoRA params |", "|---" * (len(NLU_TASKS) + 5) + "|"]
     base = {}
@@ -290,10 +291,28 @@ def mpnet_compare(targets: str, unit: str = "rank") -> list[str]:
     return out
 
 
+def mpnet_ranks() -> list[str]:
+    """The q,v allocations (layers 0-11, query then value) at seed 0, lr 2e-3 (ranks do not depend on the lr)."""
+    out = ["| method | " + " | ".join(f"{t}: q / v" for t in NLU_TASKS) + " |", "|---" * (len(NLU_TASKS) + 1) + "|"]
+    for m in MPNET_METHODS:
+        cells = []
+        for t in NLU_TASKS:
+            r = mpnet_run(t, "qv", m, LRS["mpnet"][-1], SEEDS["mpnet"][0])
+            if not r.done():
+                cells.append("n/a")
+                continue
+            ranks = r.read("ranks.json")
+            q, v = ([ranks[k] for k in sorted(ranks, key=lambda k: int(k.split(".")[3])) if k.endswith(f".attn.{p}")]
+                    for p in "qv")
+            cells.append(f"{' '.join(map(str, q))} / {' '.join(map(str, v))}")
+        out.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
+    return out
+
+
 TABLES = {"nlu-main": nlu_main, "nlu-main-dev": lambda: nlu_main("dev"), "nlu-seeds": nlu_seeds, "nlu-paired": paired, "nlu-ranks": nlu_ranks, "nlu-select": nlu_select,
           "nlu-select-all": lambda: nlu_select("all"), "nlu-all-linear": nlu_all_linear,
           "diag-obs": diag_obs, "epoch-tau": epoch_tau, "nlg": nlg, "nlg-seeds": nlg_seeds,
-          "mpnet-qv": lambda: mpnet_compare("qv"), "mpnet-all": lambda: mpnet_compare("all"),
+          "mpnet-qv": lambda: mpnet_compare("qv"), "mpnet-ranks": mpnet_ranks, "mpnet-all": lambda: mpnet_compare("all"),
           "mpnet-all-param": lambda: mpnet_compare("all", "param")}
 
 

@@ -5,7 +5,6 @@ Every case runs a command's `main(argv)` in-process through `slora.errors.run_cl
 exactly one line `error: <culprit>: ...` on stderr that names the culprit, no traceback, and nothing left behind
 or lost (the case's folder holds exactly the files it held before). The cases are in tests/test_reliability*.py.
 """
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,7 +12,8 @@ from typing import Callable
 import pytest
 
 from slora.errors import run_cli
-from tests.tiny import WORDS, tiny_model_dir
+from tests.tiny import sentiment_rows, tiny_model_dir
+from tests.tiny import write_jsonl as jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,20 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     d = tmp_path_factory.mktemp("base")
-    pos, neg = WORDS[:4], WORDS[4:8]
-    rows = [{"text": f"the movie was {(pos if i % 2 else neg)[i % 4]}", "label": i % 2} for i in range(24)]
+    rows = sentiment_rows(24)
     gen = [{"prompt": "what is the capital of france", "response": "paris"}] * 12
     return {"enc": tiny_model_dir(d / "enc", "encoder"), "dec": tiny_model_dir(d / "dec", "decoder"),
             "train": jsonl(d / "train.jsonl", rows[:16]), "dev": jsonl(d / "dev.jsonl", rows[16:]),
             "gtrain": jsonl(d / "gtrain.jsonl", gen[:8]), "gdev": jsonl(d / "gdev.jsonl", gen[8:])}
 
 
-def jsonl(path, rows):
-    """Rows as JSON lines; a str row is written as it is (a broken line), bytes as raw bytes."""
-    raw = b"".join((r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode()) + b"\n"
-                   for r in rows)
-    Path(path).write_bytes(raw)
-    return Path(path)
 
 
 def snapshot(folder: Path) -> dict:

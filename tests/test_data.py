@@ -7,6 +7,7 @@ import random
 import pytest
 
 from slora import data
+from tests.tiny import write_jsonl
 
 # First three test-split uids of rt-polarity for seed 0, from
 #   [e.uid for e in data.load_task("rt-polarity")["test"][:3]]   (torch 2.13 CPU, real assets)
@@ -223,11 +224,6 @@ def test_default_data_dir_follows_slora_home(tmp_path, monkeypatch):
 
 # -----------------------------------------------------------------------------
 # JSONL
-
-
-def write_jsonl(path, objs):
-    path.write_text("\n".join(o if isinstance(o, str) else json.dumps(o) for o in objs) + "\n")
-    return path
 
 
 def test_jsonl_classification_and_instructions(tmp_path):

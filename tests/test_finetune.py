@@ -9,23 +9,17 @@ from slora import finetune
 from slora.adapter import load_adapter
 from slora.models import load_model
 from slora.runfolder import RunFolderError
-from tests.tiny import WORDS, tiny_model_dir
+from tests.tiny import sentiment_rows, tiny_model_dir, write_jsonl
 
 # the manifest (.slora-run.json) marks a complete run; no lock or in-progress folder is left
 RUN_FILES = {"args.json", "sensitivity.json", "ranks.json", "ranks.svg", "metrics.json", "log.jsonl", "adapter",
              ".slora-run.json"}
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def cls_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("cls")
-    pos, neg = WORDS[:4], WORDS[4:8]
-    rows = [{"text": f"the movie was {(pos if i % 2 else neg)[i % 4]}", "label": i % 2} for i in range(48)]
+    rows = sentiment_rows(48)
     return write_jsonl(d / "train.jsonl", rows[:40]), write_jsonl(d / "dev.jsonl", rows[40:])
 
 

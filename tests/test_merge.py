@@ -9,14 +9,9 @@ from safetensors import safe_open
 from slora import finetune, merge
 from slora.adapter import load_adapter
 from slora.models import for_sequence_classification, load_model, load_sequence_classifier, save_model
-from tests.tiny import WORDS, fixed_init, tiny_bert, tiny_llama, tiny_model_dir, tiny_mpnet
+from tests.tiny import WORDS, fixed_init, tiny_bert, tiny_llama, tiny_model_dir, tiny_mpnet, write_jsonl
 
 TOL = 1e-5  # the bound for fp32: merged W + s·BA vs the unmerged x Wᵀ + s·(x Aᵀ) Bᵀ
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -163,12 +163,11 @@ def test_finetune_run_on_tiny_mpnet(tmp_path):
 
     from slora import finetune
     from slora.adapter import load_adapter
-    from tests.tiny import WORDS, tiny_model_dir
+    from tests.tiny import sentiment_rows, tiny_model_dir, write_jsonl
     model = tiny_model_dir(tmp_path / "m", "mpnet")
-    pos, neg = WORDS[:4], WORDS[4:8]
-    rows = [{"text": f"the movie was {(pos if i % 2 else neg)[i % 4]}", "label": i % 2} for i in range(24)]
-    for name, part in (("train", rows[:16]), ("dev", rows[16:])):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    rows = sentiment_rows(24)
+    write_jsonl(tmp_path / "train.jsonl", rows[:16])
+    write_jsonl(tmp_path / "dev.jsonl", rows[16:])
     out = finetune.main(["--model", str(model), "--task", "jsonl", "--train-file", str(tmp_path / "train.jsonl"),
                          "--dev-file", str(tmp_path / "dev.jsonl"), "--batch-size", "8", "--calib-n", "8",
                          "--max-steps", "2", "--r-avg", "2", "--out", str(tmp_path / "run")])

@@ -13,7 +13,7 @@ import pytest
 from slora import finetune, resume, runfolder
 from slora.errors import run_cli
 from slora.runfolder import RunFolderError
-from tests.tiny import WORDS, tiny_model_dir
+from tests.tiny import sentiment_rows, tiny_model_dir, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,10 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("rf")
-    pos, neg = WORDS[:4], WORDS[4:8]
-    rows = [{"text": f"the movie was {(pos if i % 2 else neg)[i % 4]}", "label": i % 2} for i in range(36)]
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:30]))
-    (d / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[30:]))
+    rows = sentiment_rows(36)
+    write_jsonl(d / "train.jsonl", rows[:30])
+    write_jsonl(d / "dev.jsonl", rows[30:])
     return d, tiny_model_dir(d / "m", "encoder")
 
 

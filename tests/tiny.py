@@ -3,6 +3,9 @@
 Nothing is downloaded; these stand in for llama2.c's stories260K. `fixed_init` gives every parameter values drawn
 from one seeded generator, so two builds with the same seed are bit-identical.
 """
+import json
+from pathlib import Path
+
 import torch
 
 from slora.models import save_model
@@ -67,6 +70,20 @@ def save_tiny(model, folder, **kw):
 
 WORDS = ("good great fine fun bad awful dull poor movie plot actor scene the a is was very not and it "
          "paris france capital of what city name answer").split()
+
+
+def sentiment_rows(n: int) -> list[dict]:
+    """n separable classification records: "the movie was <positive word>" (label 1) or <negative word> (label 0)."""
+    pos, neg = WORDS[:4], WORDS[4:8]
+    return [{"text": f"the movie was {(pos if i % 2 else neg)[i % 4]}", "label": i % 2} for i in range(n)]
+
+
+def write_jsonl(path, rows) -> Path:
+    """Rows as JSON lines; a str row is written as it is (e.g. a broken line), bytes as raw bytes."""
+    raw = b"".join((r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode()) + b"\n"
+                   for r in rows)
+    Path(path).write_bytes(raw)
+    return Path(path)
 
 
 def tiny_tokenizer(kind: str):

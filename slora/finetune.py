@@ -29,8 +29,8 @@ from slora.heatmap import ranks_svg
 from slora.lora import ALPHA_POLICIES
 from slora.models import DECODER_TYPES, for_sequence_classification, load_model, load_tokenizer
 from slora.models.llama import LlamaForCausalLM
-from slora.sensitivity import SensitivityConfig, compute
 from slora.resume import Checkpointer
+from slora.sensitivity import SensitivityConfig, compute
 from slora.train import EpochSensitivity, NonFiniteError, finetune, set_activation_checkpointing
 
 # Model presets: the offline assets by name (anything else is a path to a Hugging Face-format folder).
@@ -50,7 +50,7 @@ ALLOC = {"sensitivity": ("sra", "sensitivity"), "uniform": ("uniform", "sensitiv
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m slora.finetune", description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model and task
     p.add_argument("--model", default="minilm", help="preset (minilm, smollm2, mpnet) or a Hugging Face-format folder")
     p.add_argument("--task", default="rt-polarity", help=f"one of {', '.join(data.TASKS)}, or 'jsonl'")

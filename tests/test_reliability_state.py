@@ -296,8 +296,11 @@ def _start(tmp_path, base, *extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     argv = [str(a) for a in ft(tmp_path, base, "--max-steps", 100000, "--epochs", 100000, "--log-every", 1,
                                *extra)]
+    # the child gets SIGINT's default disposition: a shell starts background jobs (`make test &`) with SIGINT
+    # ignored, Python then installs no KeyboardInterrupt handler, and a Ctrl-C test would wait for ever
     return subprocess.Popen([sys.executable, "-m", "slora.finetune", *argv], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_sigterm_inside_an_atomic_folder_removes_it(tmp_path):

@@ -3,8 +3,8 @@
     python reference_runs/carry.py split          # here: .carry/{a,b,c,d}, each under 64 MiB
     python reference_runs/carry.py join minilm    # there, after the calls that carried a and b
     python reference_runs/carry.py join smollm2   # there, after the calls that carried c and d
-    python reference_runs/carry.py split-mpnet    # here: .carry/m1..m5, MPNet as bf16 + the data, each < 48 MiB
-    python reference_runs/carry.py join mpnet     # there, after the five calls that carried m1..m5
+    python reference_runs/carry.py split-mpnet    # here: .carry/m1..mN, MPNet as bf16 + the data, N as needed
+    python reference_runs/carry.py join mpnet     # there, after the N calls that carried m1..mN
 
 MiniLM's model.safetensors (91 MB) and SmolLM2's GGUF (98 MB) are each cut in two byte ranges, carried by two
 consecutive calls (the machine keeps ignored files between calls while it stays warm), and joined there. A join
@@ -12,8 +12,9 @@ checks the size and sha256 of the whole file against the published ones (slora.a
 and builds $SLORA_HOME there as `python -m slora.assets` does here: SmolLM2 is converted from the GGUF by
 slora.gguf, exactly as here.
 
-MPNet's fp32 weights (439 MB) would take nine calls beside the working tree (about 14 MB); they travel as bf16
-(219 MB, five calls), with the VADER and Wikipedia data as a gzipped tar in the first. Rounding to bf16
+MPNet's fp32 weights (439 MB) travel as bf16 (219 MB), cut into as many parts as the 64 MiB a call allows beside the
+working tree (the tracked files travel with every call: 23 MiB once the MPNet run folders were recorded), with the
+data as a gzipped tar in the first part. Rounding to bf16
 here is the same round-to-nearest-even `load_model(dtype=torch.bfloat16)` applies, so a run there with the default
 `--dtype auto` (bf16 on CUDA) sees exactly the weights it would have loaded from the fp32 file. The join checks the
 sha256 of the bf16 file computed here.
@@ -61,7 +62,14 @@ def split():
         print(f".carry/{part}: {size / 2**20:.1f} MiB")
 
 
-def split_mpnet(parts: int = 5):
+def tracked_bytes() -> int:
+    """Bytes of the files git tracks: the working tree that travels with every call."""
+    import subprocess
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    return sum((ROOT / n.decode()).stat().st_size for n in names if n and (ROOT / n.decode()).is_file())
+
+
+def split_mpnet(call_limit: int = 64 * 2**20, margin: int = 2 * 2**20):
     import hashlib
 
     import torch
@@ -75,7 +83,14 @@ def split_mpnet(parts: int = 5):
     save_file(sd, str(tmp), metadata={"format": "pt"})
     data = tmp.read_bytes()
     tmp.unlink()
+    # each part, plus the data tar and skeleton in the first, must fit beside the working tree in one call
+    room = call_limit - tracked_bytes() - margin - 9 * 2**20  # 9 MiB: the data tar and skeleton of m1
+    if room <= 0:
+        raise SystemExit("split-mpnet: the working tree leaves no room in a 64 MiB call")
+    parts = -(-len(data) // room)
     step = -(-len(data) // parts)
+    for old in CARRY.glob("m[0-9]*"):
+        shutil.rmtree(old)
     for i in range(parts):
         part = CARRY / f"m{i + 1}"
         shutil.rmtree(part, ignore_errors=True)
@@ -90,7 +105,7 @@ def split_mpnet(parts: int = 5):
     (CARRY / "m1" / "mpnet.sha256").write_text(f"{len(data)} {hashlib.sha256(data).hexdigest()}\n")
     for i in range(parts):
         size = sum(p.stat().st_size for p in (CARRY / f"m{i + 1}").rglob("*") if p.is_file())
-        print(f".carry/m{i + 1}: {size / 2**20:.1f} MiB")
+        print(f".carry/m{i + 1}: {size / 2**20:.1f} MiB (+ {tracked_bytes() / 2**20:.1f} MiB working tree)")
 
 
 def join(name: str):
@@ -113,7 +128,8 @@ def join(name: str):
     elif name == "mpnet":
         import hashlib
         size, digest = (CARRY / "m1" / "mpnet.sha256").read_text().split()
-        data = b"".join((CARRY / f"m{i}" / "mpnet.part").read_bytes() for i in range(1, 6))
+        parts = sorted(CARRY.glob("m[0-9]*"), key=lambda p: int(p.name[1:]))
+        data = b"".join((p / "mpnet.part").read_bytes() for p in parts)
         if len(data) != int(size) or hashlib.sha256(data).hexdigest() != digest:
             raise SystemExit("join mpnet: the joined bf16 file does not match the sha256 computed before the carry")
         shutil.copytree(CARRY / "m1" / "home", home, dirs_exist_ok=True)

@@ -132,7 +132,7 @@ def evidence(command: str) -> dict:
     """diag(H) of every down_proj and q_proj input on the calibration batches of `command` (issue 11's run),
     and where it comes from: the largest feature's share of tr(H), the token position-0 share of tr(H), and the
     largest |x| seen with its feature. Same batches as slora.finetune builds (task inputs, seed 0, defaults)."""
-    from slora import data, hessian
+    from slora import data, hessian, text
     from slora.assets import model_dir
     from slora.finetune import parse_args
     from slora.models import load_model, load_tokenizer
@@ -143,7 +143,7 @@ def evidence(command: str) -> dict:
     train = data.load_task(args.task, seed=args.seed)["train"]
     calib = data.calibration_examples("task", min(args.calib_n, len(train)), train=train, seed=args.seed)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
-    batches = data.calibration_batches(tok, calib, decoder=True, max_len=256, batch_size=args.batch_size,
+    batches = text.calibration_batches(tok, calib, decoder=True, max_len=256, batch_size=args.batch_size,
                                        pad_id=pad)  # 256: the decoder default max_len that run resolved to
     mods = hessian.find_linears(model, "down_proj,q_proj")
     pos0, peak, mask = {}, {}, {}

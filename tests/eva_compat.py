@@ -29,7 +29,7 @@ from peft.tuners.lora.config import EvaConfig  # noqa: E402
 from peft.tuners.lora.eva import get_eva_state_dict  # noqa: E402
 from transformers import AutoModel, AutoModelForCausalLM  # noqa: E402
 
-from slora import data, eva, hessian  # noqa: E402
+from slora import data, eva, hessian, text  # noqa: E402
 from slora.assets import model_dir  # noqa: E402
 from slora.models import load_model, load_tokenizer  # noqa: E402
 
@@ -80,7 +80,7 @@ def main(argv=None):
     train = data.load_task(task, seed=0)["train"]
     calib = data.calibration_examples("task", min(args.calib_n, len(train)), train=train, seed=0)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
-    batches = data.calibration_batches(tok, calib, decoder=decoder, max_len=args.max_len,
+    batches = text.calibration_batches(tok, calib, decoder=decoder, max_len=args.max_len,
                                        batch_size=args.batch_size, pad_id=pad)
     modules = hessian.find_linears(model, targets)
 

@@ -227,8 +227,9 @@ def main(argv=None):
     check_finetune_args(args, PRESETS, data.TASKS, data.CALIBRATION_SOURCES)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if dist.env_world() > 1 and (resume or args.save_every):
-        raise ValueError("--save-every and --resume are not supported under torchrun yet: run them in one process")
+    if dist.env_world() > 1 and args.fsdp and (resume or args.save_every):  # slora.resume's docstring says why
+        raise ValueError("--save-every and --resume do not work with --fsdp: a checkpoint holds the LoRA factors and "
+                         "optimizer state whole, FSDP2 shards them; use DDP (leave out --fsdp)")
     d = dist.init(args.device)  # torchrun's environment, or one process without a process group
     with dist.guard():  # torchrun: a failure on any rank ends every rank with its error
         if d.is_main:
@@ -247,9 +248,17 @@ def main(argv=None):
 def run(args, tmp: Path, resume: bool = False):
     """The stages, writing into the in-progress folder `tmp`; `resume`: continue from its newest checkpoint."""
     given = dict(vars(args))  # as parsed; the family defaults below are recorded apart, under "resolved"
+    if resume and dist.get().world > 1:
+        # torchrun: rank 0 holds the lock on the in-progress folder; every rank reads its checkpoint, sensitivity.json
+        # and ranks.json from there (one host's filesystem, or a shared one); writes stay rank 0's (write_json, Log)
+        shared = Path(dist.broadcast_json(str(tmp.resolve())))
+        tmp = tmp if dist.get().is_main else shared
     checkpoint = Checkpointer(tmp, args.save_every) if args.save_every or resume else None
     if resume:
-        checkpoint.truncate_log()  # the steps after the checkpoint are logged again, once, by this run
+        if not checkpoint.exists():  # a rank that would silently start from step 0 while the others resume
+            raise FileNotFoundError(f"rank {dist.get().rank}: {tmp / runfolder.CHECKPOINT} is not readable here; "
+                                    f"--resume under torchrun needs the run folder on a filesystem every rank sees")
+        checkpoint.truncate_log()  # the steps after the checkpoint are logged again, once, by this run (rank 0)
     log = Log(tmp / "log.jsonl", muted=resume)
     torch.manual_seed(args.seed)
     device = dist.get().device if dist.get().world > 1 else torch.device(args.device)  # cuda:LOCAL_RANK

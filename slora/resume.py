@@ -5,7 +5,8 @@ A checkpoint is a folder `checkpoint-STEP/` inside the run's in-progress folder 
     tensors.safetensors   the trainable parameters (LoRA factors, task head) under their model names, the AdamW
                           state (`opt.<param index>.<key>`), and the RNG states: torch's CPU generator (dropout),
                           every CUDA generator when CUDA is in use, the data-order generator at the start of the
-                          epoch in progress
+                          epoch in progress; under torchrun also every other rank's generators
+                          (`rng.rank<R>.torch`, `rng.rank<R>.cuda`: dropout draws from seed + rank)
     state.json            step, epoch, micro-batch position, token count, the evaluation history, the optimizer's
                           param_groups (hyper-parameters), the LR schedule's state, the EpochSensitivity record,
                           and the byte length of log.jsonl at the checkpoint
@@ -13,6 +14,14 @@ It is written under a temporary name and renamed; then `checkpoint.json` (rename
 the older checkpoint folders are removed. A kill at any moment leaves the previous checkpoint or the new one
 intact, never a mix. Resuming truncates log.jsonl to its length at the checkpoint, so the steps between the
 checkpoint and the kill are logged once, by the resumed run, exactly as the uninterrupted run logs them.
+
+Under torchrun (DDP) the LoRA factors, head, optimizer state, schedule and data order are the same on every rank,
+so rank 0's copy is the checkpoint; only the RNG states differ per rank. Saving gathers them to every rank as JSON
+(slora.dist.all_gather_json, called by all ranks) and rank 0 alone writes. Resuming, every rank reads the same
+checkpoint files itself: torchrun's processes share the filesystem on one host (several nodes need the run folder
+on a shared filesystem), and reading ~the adapter's size per rank is cheaper and simpler than broadcasting every
+tensor. A checkpoint resumes only at the world size that wrote it (the data split per rank depends on it). FSDP2
+shards parameters and optimizer state, which this format does not hold: --fsdp refuses --save-every and --resume.
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from slora import dist
 from slora.checkpoint import read_json
 from slora.runfolder import CHECKPOINT
 from slora.train import TrainState
@@ -47,6 +57,10 @@ class Checkpointer:
 
     # -------------------------------------------------------------------------
     def save(self, state: TrainState, model, opt, sched, device):
+        # every rank takes part in the gather (a collective); then rank 0 alone writes
+        others = rank_rng_states(device)
+        if not dist.get().is_main:
+            return
         name = f"checkpoint-{state.step}"
         tmp = self.folder / f"{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -61,15 +75,19 @@ class Checkpointer:
                 tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous()
         tensors["rng.torch"] = torch.get_rng_state()
         if device.type == "cuda":
-            tensors["rng.cuda"] = torch.stack(torch.cuda.get_rng_state_all())  # (n_devices, state bytes)
+            # (n_devices, state bytes); torchrun: (1, state bytes) of this rank's own device (rank_rng_states)
+            tensors["rng.cuda"] = (torch.stack(torch.cuda.get_rng_state_all()) if dist.get().world == 1
+                                   else torch.cuda.get_rng_state(device)[None])
         tensors["rng.data"] = state.data_rng
+        for key, t in others.items():
+            tensors[key] = t
         save_file(tensors, str(tmp / "tensors.safetensors"))
         log = self.folder / LOG
         meta = {"step": state.step, "epoch": state.epoch, "batch": state.batch, "tokens": state.tokens,
                 "history": state.history, "param_groups": osd["param_groups"],
                 "opt_state_keys": {str(i): sorted(st) for i, st in osd["state"].items()},
                 "scheduler": sched.state_dict(), "log_bytes": log.stat().st_size if log.exists() else 0,
-                "tracker": self.tracker.epochs if self.tracker else None}
+                "tracker": self.tracker.epochs if self.tracker else None, "world": dist.get().world}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")  # NaN scores round-trip
         os.replace(tmp, self.folder / name)
         pointer = self.folder / (CHECKPOINT + ".tmp")
@@ -84,7 +102,10 @@ class Checkpointer:
         return self.folder / read_json(self.folder / CHECKPOINT)["checkpoint"]
 
     def truncate_log(self):
-        """Cut log.jsonl back to its length at the checkpoint (call before the resumed run logs anything)."""
+        """Cut log.jsonl back to its length at the checkpoint (call before the resumed run logs anything). Rank 0
+        alone: it owns the run folder."""
+        if not dist.get().is_main:
+            return
         meta = read_json(self.path() / "state.json")
         with open(self.folder / LOG, "r+b") as f:
             f.truncate(meta["log_bytes"])
@@ -94,6 +115,10 @@ class Checkpointer:
         and the tracker; return the loop's state. Any mismatch with the model is an error naming the tensor."""
         path = self.path()
         meta = read_json(path / "state.json")
+        world, rank = dist.get().world, dist.get().rank
+        if meta.get("world", 1) != world:  # checkpoints before torchrun support were written by one process
+            raise ValueError(f"{path}: written by {meta.get('world', 1)} process(es), resumed by {world}: resume "
+                             f"with the same torchrun --nproc-per-node (the data each rank trains on depends on it)")
         tensors = load_file(str(path / "tensors.safetensors"))
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         saved = {k[len("param."):] for k in tensors if k.startswith("param.")}
@@ -109,10 +134,41 @@ class Checkpointer:
         state = {int(i): {k: tensors[f"opt.{i}.{k}"] for k in keys} for i, keys in meta["opt_state_keys"].items()}
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         sched.load_state_dict(meta["scheduler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if device.type == "cuda" and "rng.cuda" in tensors:
-            torch.cuda.set_rng_state_all(list(tensors["rng.cuda"]))
+        if rank == 0:
+            torch.set_rng_state(tensors["rng.torch"])
+            if device.type == "cuda" and "rng.cuda" in tensors:
+                if world == 1:
+                    torch.cuda.set_rng_state_all(list(tensors["rng.cuda"]))
+                else:  # torchrun: this rank's own device only (see rank_rng_states)
+                    torch.cuda.set_rng_state(tensors["rng.cuda"][0], device)
+        else:
+            key = f"rng.rank{rank}.torch"
+            if key not in tensors:
+                raise ValueError(f"{path}: holds no RNG state for rank {rank} ({key})")
+            torch.set_rng_state(tensors[key])
+            if device.type == "cuda" and f"rng.rank{rank}.cuda" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.rank{rank}.cuda"][0], device)
         if self.tracker is not None and meta["tracker"] is not None:
             self.tracker.epochs = meta["tracker"]
         return TrainState(step=meta["step"], epoch=meta["epoch"], batch=meta["batch"], tokens=meta["tokens"],
                           history=meta["history"], data_rng=tensors["rng.data"])
+
+
+def rank_rng_states(device) -> dict[str, torch.Tensor]:
+    """Under torchrun: the RNG states of ranks 1..N-1 as checkpoint tensors `rng.rank<R>.torch` (CPU generator)
+    and `rng.rank<R>.cuda` ((1, state bytes): that rank's own device), on every rank; rank 0's own are saved as
+    rng.torch / rng.cuda like one process's. One process: {} (no collective). Each state crosses ranks as a JSON
+    list of its bytes (slora.dist never pickles)."""
+    d = dist.get()
+    if d.world == 1:
+        return {}
+    mine = {"torch": torch.get_rng_state().tolist()}
+    if device.type == "cuda":  # this rank's device only: get_rng_state_all would open a context on every GPU
+        mine["cuda"] = torch.cuda.get_rng_state(device).tolist()
+    states = dist.all_gather_json(mine)
+    out = {}
+    for r, st in enumerate(states[1:], start=1):
+        for kind, values in st.items():
+            t = torch.tensor(values, dtype=torch.uint8)
+            out[f"rng.rank{r}.{kind}"] = t if kind == "torch" else t[None]  # (1, state bytes), as rng.cuda
+    return out

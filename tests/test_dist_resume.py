@@ -1,0 +1,86 @@
+"""--save-every and --resume under torchrun (DDP, CPU/gloo): a 2-process run killed (SIGKILL, every rank) after a
+checkpoint and resumed by 2 processes equals the uninterrupted 2-process run: adapter bytes, every logged loss and
+the evaluation history, exactly. LoRA dropout 0.1 and BERT's own dropout stay on, so the per-rank RNG states
+(dropout draws from seed + rank) must come back for the losses to match."""
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+from safetensors.torch import load_file
+
+from slora import finetune
+from tests.dist_launch import launch
+from tests.tiny import sentiment_rows, tiny_model_dir, write_jsonl
+
+# every rank kills itself when the loop asks whether step KILL_AT is due for a checkpoint (rank 0 logged it first)
+KILL = ("import os, signal, sys; from slora import finetune, resume\n"
+        "due = resume.Checkpointer.due\n"
+        "def hook(self, s):\n"
+        "    if s == int(os.environ['SLORA_TEST_KILL_AT']): os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return due(self, s)\n"
+        "resume.Checkpointer.due = hook\n"
+        "finetune.main(sys.argv[1:])\n")
+
+
+def argv(d, model, out, *extra):
+    # 30 examples, global micro-batch 2 x 4 = 8: 4 micro-batches per epoch, accumulation 3: steps of 3 and 1
+    # micro-batches, 2 per epoch; 3 epochs = 6 steps; checkpoints at 2 (an epoch's end) and 4
+    return ["--model", str(model), "--task", "jsonl", "--train-file", str(d / "train.jsonl"), "--dev-file",
+            str(d / "dev.jsonl"), "--batch-size", "4", "--grad-accum", "3", "--epochs", "3", "--calib-n", "8",
+            "--log-every", "1", "--save-every", "2", "--device", "cpu", "--out", str(out), *extra]
+
+
+def steps(folder) -> list:
+    rows = [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["lr"]) for r in rows if r["event"] == "step"]
+
+
+def ok(res):
+    for rank, (rc, text, _) in enumerate(res):
+        assert rc == 0, f"rank {rank} failed (rc {rc}):\n{text[-3000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [3, 5])  # 3: mid-epoch 2 (checkpoint 2); 5: mid-epoch 3 (checkpoint 4)
+def test_two_process_resume_equals_uninterrupted(tmp_path, kill_at):
+    d = tmp_path
+    rows = sentiment_rows(36)
+    write_jsonl(d / "train.jsonl", rows[:30])
+    write_jsonl(d / "dev.jsonl", rows[30:])
+    model = tiny_model_dir(d / "m", "encoder")
+    ref = d / "ref"
+    ok(launch(2, ["-m", "slora.finetune", *argv(d, model, ref)]))
+    out = d / "run"
+    res = launch(2, ["-c", KILL, *argv(d, model, out)], env={"SLORA_TEST_KILL_AT": str(kill_at)})
+    assert res[0][0] == -signal.SIGKILL, res[0][1][-3000:]
+    partial = out / ".slora-partial"
+    assert steps(partial)[-1][0] == kill_at  # logged beyond the checkpoint: cut on resume
+    ckpt = partial / json.loads((partial / "checkpoint.json").read_text())["checkpoint"]
+    tensors = load_file(ckpt / "tensors.safetensors")
+    assert not (tensors["rng.torch"] == tensors["rng.rank1.torch"]).all()  # the ranks' dropout streams differ
+    assert json.loads((ckpt / "state.json").read_text())["world"] == 2
+
+    # another world size is refused, naming both, and the interrupted run stays resumable
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\), resumed by 1"):
+        finetune.main(["--resume", str(out)])
+    assert (partial / "checkpoint.json").is_file()
+
+    res = launch(2, ["-m", "slora.finetune", "--resume", str(out)])
+    ok(res)
+    assert sum("run folder:" in text for _, text, _ in res) == 1  # rank 0 alone reports (and writes) the folder
+    assert not partial.exists() and not list(d.glob("<rank*"))
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (ref / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert steps(out) == steps(ref) and len(steps(ref)) == 6
+    m_out, m_ref = (json.loads((p / "metrics.json").read_text()) for p in (out, ref))
+    assert m_out["epochs"] == m_ref["epochs"] and m_out["final"] == m_ref["final"]
+
+
+def test_fsdp_refuses_save_every_and_resume_under_torchrun(tmp_path, monkeypatch):
+    # refused from the arguments, before the process group or any file: no launch needed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="do not work with --fsdp"):
+        finetune.main(["--model", "minilm", "--fsdp", "--save-every", "2", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()

@@ -15,13 +15,13 @@ the older checkpoint folders are removed. A kill at any moment leaves the previo
 intact, never a mix. Resuming truncates log.jsonl to its length at the checkpoint, so the steps between the
 checkpoint and the kill are logged once, by the resumed run, exactly as the uninterrupted run logs them.
 
-Under torchrun (DDP) the LoRA factors, head, optimizer state, schedule and data order are the same on every rank,
-so rank 0's copy is the checkpoint; only the RNG states differ per rank. Saving gathers them to every rank as JSON
+Under torchrun (DDP) the LoRA factors, head, optimizer state, schedule and data order are the same on every rank, so
+rank 0's copy is the checkpoint; only the RNG states differ per rank. Saving gathers them to every rank as JSON
 (slora.dist.all_gather_json, called by all ranks) and rank 0 alone writes. Resuming, every rank reads the same
-checkpoint files itself: torchrun's processes share the filesystem on one host (several nodes need the run folder
-on a shared filesystem), and reading ~the adapter's size per rank is cheaper and simpler than broadcasting every
-tensor. A checkpoint resumes only at the world size that wrote it (the data split per rank depends on it). FSDP2
-shards parameters and optimizer state, which this format does not hold: --fsdp refuses --save-every and --resume.
+checkpoint files itself: torchrun's processes share the filesystem on one host (several nodes need the run folder on
+a shared filesystem), and each rank reading an adapter-sized file is simpler than broadcasting every tensor. A
+checkpoint resumes only at the world size that wrote it (the data split per rank depends on it). FSDP2 shards
+parameters and optimizer state, which this format does not hold: --fsdp refuses --save-every and --resume.
 """
 from __future__ import annotations
 

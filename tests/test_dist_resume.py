@@ -8,6 +8,7 @@ import json
 import signal
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from slora import finetune
@@ -29,7 +30,7 @@ def argv(d, model, out, *extra):
     # micro-batches, 2 per epoch; 3 epochs = 6 steps; checkpoints at 2 (an epoch's end) and 4
     return ["--model", str(model), "--task", "jsonl", "--train-file", str(d / "train.jsonl"), "--dev-file",
             str(d / "dev.jsonl"), "--batch-size", "4", "--grad-accum", "3", "--epochs", "3", "--calib-n", "8",
-            "--log-every", "1", "--save-every", "2", "--device", "cpu", "--out", str(out), *extra]
+            "--log-every", "1", "--save-every", "2", "--out", str(out), *extra]
 
 
 def steps(folder) -> list:
@@ -42,18 +43,25 @@ def ok(res):
         assert rc == 0, f"rank {rank} failed (rc {rc}):\n{text[-3000:]}"
 
 
+# CUDA (NCCL, each rank's own device generator restored; fp32 so no bf16 autocast): the same claim, bit for bit,
+# which holds as long as cuBLAS and NCCL pick the same kernels and reduction order in both runs of one machine
+CUDA = pytest.param(("--device", "cuda", "--precision", "fp32", "--dtype", "fp32"), id="cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")])
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("device", [pytest.param(("--device", "cpu"), id="cpu"), CUDA])
 @pytest.mark.parametrize("kill_at", [3, 5])  # 3: mid-epoch 2 (checkpoint 2); 5: mid-epoch 3 (checkpoint 4)
-def test_two_process_resume_equals_uninterrupted(tmp_path, kill_at):
+def test_two_process_resume_equals_uninterrupted(tmp_path, kill_at, device):
     d = tmp_path
     rows = sentiment_rows(36)
     write_jsonl(d / "train.jsonl", rows[:30])
     write_jsonl(d / "dev.jsonl", rows[30:])
     model = tiny_model_dir(d / "m", "encoder")
     ref = d / "ref"
-    ok(launch(2, ["-m", "slora.finetune", *argv(d, model, ref)]))
+    ok(launch(2, ["-m", "slora.finetune", *argv(d, model, ref, *device)]))
     out = d / "run"
-    res = launch(2, ["-c", KILL, *argv(d, model, out)], env={"SLORA_TEST_KILL_AT": str(kill_at)})
+    res = launch(2, ["-c", KILL, *argv(d, model, out, *device)], env={"SLORA_TEST_KILL_AT": str(kill_at)})
     assert res[0][0] == -signal.SIGKILL, res[0][1][-3000:]
     partial = out / ".slora-partial"
     assert steps(partial)[-1][0] == kill_at  # logged beyond the checkpoint: cut on resume
@@ -61,6 +69,8 @@ def test_two_process_resume_equals_uninterrupted(tmp_path, kill_at):
     tensors = load_file(ckpt / "tensors.safetensors")
     assert not (tensors["rng.torch"] == tensors["rng.rank1.torch"]).all()  # the ranks' dropout streams differ
     assert json.loads((ckpt / "state.json").read_text())["world"] == 2
+    if "cuda" in device:
+        assert tensors["rng.cuda"].shape[0] == tensors["rng.rank1.cuda"].shape[0] == 1  # each rank's own device
 
     # another world size is refused, naming both, and the interrupted run stays resumable
     with pytest.raises(ValueError, match=r"written by 2 process\(es\), resumed by 1"):

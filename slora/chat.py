@@ -18,12 +18,13 @@ carry no loss.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Sequence
 
 from tokenizers import Tokenizer
+
+from slora.checkpoint import read_json
 
 ROLES = ("system", "user", "assistant")
 FAMILIES = {  # family -> the special tokens that identify it (all must be in the vocabulary)
@@ -51,7 +52,7 @@ def default_system(model_dir, tok: Tokenizer) -> str | None:
     path = Path(model_dir) / "tokenizer_config.json"
     if not path.is_file():
         return None
-    template = json.loads(path.read_text()).get("chat_template")
+    template = read_json(path).get("chat_template")
     if isinstance(template, list):  # transformers also allows [{"name": "default", "template": ...}, ...]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if not isinstance(template, str):

@@ -15,7 +15,6 @@ refused with the tensors that differ; OUT_DIR is written atomically (checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
@@ -23,12 +22,13 @@ import torch
 from safetensors import safe_open
 
 from slora.adapter import CONFIG, PREFIX, WEIGHTS, load_adapter
+from slora.assets import MODEL_DIRS, model_dir
+from slora.checkpoint import read_json
 from slora.lora import merged_copy
 from slora.errors import cli
 from slora.models import for_sequence_classification, load_model, save_model
 from slora.models.llama import LlamaForCausalLM
 
-PRESETS = ("minilm", "smollm2")  # finetune.PRESETS; repeated so that merge does not import the training stack
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Files of the base folder that describe the tokenizer and generation, copied unchanged when present.
 BASE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -61,9 +61,8 @@ def base_path(run_dir: Path, override: Path | None) -> Path:
     args_file = run_dir / "args.json"
     if not args_file.is_file():
         raise FileNotFoundError(f"{args_file}: missing; {run_dir} is not a slora run folder")
-    args = json.loads(args_file.read_text())
-    if args.get("model") in PRESETS:
-        from slora.assets import model_dir  # lazy: assets owns SLORA_HOME
+    args = read_json(args_file)
+    if args.get("model") in MODEL_DIRS:  # a preset: resolved on this machine, as finetune does
         return Path(model_dir(args["model"]))
     return Path(args.get("resolved", {}).get("model_path", args.get("model")))
 
@@ -90,7 +89,7 @@ def merge(run_dir, out_dir, dtype: torch.dtype = torch.float32, base: Path | Non
         raise FileExistsError(f"{out_dir}: exists and does not hold a model folder; not overwriting it")
     path = base_path(run_dir, base)
     model = load_model(path)  # fp32: the merge is computed in fp32 and cast once at the end
-    task_type = json.loads((adapter / CONFIG).read_text()).get("task_type")
+    task_type = read_json(adapter / CONFIG).get("task_type")
     decoder = isinstance(model, LlamaForCausalLM)
     if (task_type == "CAUSAL_LM") != decoder and task_type in ("CAUSAL_LM", "SEQ_CLS"):
         kind = "a decoder" if decoder else "an encoder"

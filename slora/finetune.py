@@ -23,6 +23,7 @@ import torch
 from slora import chat, data, dist, parallel, runfolder, text
 from slora.adapter import mis_scaled_modules, save_adapter
 from slora.argcheck import check_finetune_args
+from slora.assets import MODEL_DIRS, model_dir
 from slora.checkpoint import read_config, read_json
 from slora.errors import ArgumentParser, SloraError, UsageError, cli
 from slora.heatmap import ranks_svg
@@ -34,7 +35,7 @@ from slora.sensitivity import SensitivityConfig, compute
 from slora.train import EpochSensitivity, NonFiniteError, finetune, set_activation_checkpointing
 
 # Model presets: the offline assets by name (anything else is a path to a Hugging Face-format folder).
-PRESETS = ("minilm", "smollm2", "mpnet")
+PRESETS = tuple(MODEL_DIRS)
 # Per-family defaults; the paper uses r_avg 4 for NLU and 8 for NLG (App. A.2) and names no target modules.
 FAMILY_DEFAULTS = {
     "encoder": dict(targets="query,value", r_avg=4, max_len=128),
@@ -272,7 +273,6 @@ def run(args, tmp: Path, resume: bool = False):
     # ---- load: slora's own model code on a Hugging Face-format folder
     t0 = time.time()
     if args.model in PRESETS:
-        from slora.assets import model_dir
         model_path = model_dir(args.model)
     else:
         model_path = Path(args.model)

@@ -141,7 +141,8 @@ def _owner(partial: Path, prefix: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (the owner test of partial folders and run-folder locks)."""
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
@@ -162,7 +163,7 @@ def partial_folders(folder) -> tuple[list[Path], list[tuple[Path, int]]]:
         for p in sorted(folder.parent.iterdir()):
             if p.name.startswith(prefix) and p.is_dir():
                 pid = _owner(p, prefix)
-                if pid is not None and _alive(pid):
+                if pid is not None and process_alive(pid):
                     live.append((p, pid))
                 else:
                     stale.append(p)

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from slora.checkpoint import read_json
+from slora.checkpoint import process_alive, read_json
 from slora.errors import sigterm_as_interrupt  # SIGTERM unwinds as Ctrl-C does (raised as Terminated)
 
 LOCK = ".slora-lock"
@@ -83,16 +83,6 @@ def resolve_resume(path) -> Path:
 # -----------------------------------------------------------------------------
 # The lock
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
     """Hold OUT/.slora-lock for the block. A live holder makes this refuse at once, naming it; a holder on this
@@ -111,7 +101,7 @@ def locked(out: Path) -> Iterator[None]:
             if not isinstance(pid, int):
                 raise RunFolderError(f"{path}: lock file without a process id (being written this instant, or "
                                      f"damaged); if no slora run is using {out}, remove it") from None
-            if host == me["host"] and isinstance(pid, int) and not _alive(pid):
+            if host == me["host"] and isinstance(pid, int) and not process_alive(pid):
                 print(f"{path}: stale lock of process {pid} (started {held.get('started')}, no longer running): "
                       f"taken over", flush=True)
                 path.unlink(missing_ok=True)

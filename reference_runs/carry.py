@@ -13,7 +13,7 @@ and builds $SLORA_HOME there as `python -m slora.assets` does here: SmolLM2 is c
 slora.gguf, exactly as here.
 
 MPNet's fp32 weights (439 MB) travel as bf16 (219 MB), cut into as many parts as the 64 MiB a call allows beside the
-working tree (the tracked files travel with every call: 23 MiB once the MPNet run folders were recorded), with the
+working tree (the tracked files travel with every call: 38 MiB of disk blocks once the MPNet run folders were recorded), with the
 data as a gzipped tar in the first part. Rounding to bf16
 here is the same round-to-nearest-even `load_model(dtype=torch.bfloat16)` applies, so a run there with the default
 `--dtype auto` (bf16 on CUDA) sees exactly the weights it would have loaded from the fp32 file. The join checks the
@@ -63,10 +63,11 @@ def split():
 
 
 def tracked_bytes() -> int:
-    """Bytes of the files git tracks: the working tree that travels with every call."""
+    """Disk space of the files git tracks: the working tree that travels with every call. The device tool counts
+    allocated blocks, not file lengths, so 5,400 small files weigh 38 MiB where their lengths add up to 23."""
     import subprocess
     names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
-    return sum((ROOT / n.decode()).stat().st_size for n in names if n and (ROOT / n.decode()).is_file())
+    return sum((ROOT / n.decode()).stat().st_blocks * 512 for n in names if n and (ROOT / n.decode()).is_file())
 
 
 def split_mpnet(call_limit: int = 64 * 2**20, margin: int = 2 * 2**20):
@@ -83,19 +84,10 @@ def split_mpnet(call_limit: int = 64 * 2**20, margin: int = 2 * 2**20):
     save_file(sd, str(tmp), metadata={"format": "pt"})
     data = tmp.read_bytes()
     tmp.unlink()
-    # each part, plus the data tar and skeleton in the first, must fit beside the working tree in one call
-    room = call_limit - tracked_bytes() - margin - 9 * 2**20  # 9 MiB: the data tar and skeleton of m1
-    if room <= 0:
-        raise SystemExit("split-mpnet: the working tree leaves no room in a 64 MiB call")
-    parts = -(-len(data) // room)
-    step = -(-len(data) // parts)
+    # each part must fit beside the working tree in one call; the first also holds the data tar and the skeleton
+    room = call_limit - tracked_bytes() - margin
     for old in CARRY.glob("m[0-9]*"):
         shutil.rmtree(old)
-    for i in range(parts):
-        part = CARRY / f"m{i + 1}"
-        shutil.rmtree(part, ignore_errors=True)
-        part.mkdir(parents=True)
-        (part / "mpnet.part").write_bytes(data[i * step:(i + 1) * step])
     skel = CARRY / "m1" / "home" / "models" / "mpnet-base"
     shutil.copytree(src, skel, ignore=shutil.ignore_patterns("model.safetensors"))
     (CARRY / "m1" / "home" / "stamps").mkdir(parents=True)
@@ -103,6 +95,16 @@ def split_mpnet(call_limit: int = 64 * 2**20, margin: int = 2 * 2**20):
         shutil.copy(slora_home() / "stamps" / f"{stamp}.json", CARRY / "m1" / "home" / "stamps")
     shutil.make_archive(str(CARRY / "m1" / "data"), "gztar", root_dir=slora_home(), base_dir="data")
     (CARRY / "m1" / "mpnet.sha256").write_text(f"{len(data)} {hashlib.sha256(data).hexdigest()}\n")
+    first = room - sum(p.stat().st_blocks * 512 for p in (CARRY / "m1").rglob("*") if p.is_file())
+    if first <= 2**20:
+        raise SystemExit("split-mpnet: the working tree leaves no room in a 64 MiB call")
+    cuts = [0, first] + list(range(first + room, len(data), room)) + [len(data)]
+    cuts = sorted(set(min(c, len(data)) for c in cuts))
+    parts = len(cuts) - 1
+    for i in range(parts):
+        part = CARRY / f"m{i + 1}"
+        part.mkdir(parents=True, exist_ok=True)
+        (part / "mpnet.part").write_bytes(data[cuts[i]:cuts[i + 1]])
     for i in range(parts):
         size = sum(p.stat().st_size for p in (CARRY / f"m{i + 1}").rglob("*") if p.is_file())
         print(f".carry/m{i + 1}: {size / 2**20:.1f} MiB (+ {tracked_bytes() / 2**20:.1f} MiB working tree)")

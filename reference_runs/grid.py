@@ -65,7 +65,8 @@ MPNET_METHODS = {"uniform": "--alloc uniform", "sensitivity": "--alloc sensitivi
                  "local": "--alloc local", "pra": "--alloc pra", "obs": "--alloc sensitivity --metric-source obs",
                  "eva": "--alloc eva"}
 # with the budget in parameters, the methods whose ranks differ between matrix shapes (uniform is the baseline)
-MPNET_PARAM_METHODS = ("uniform", "sensitivity", "pra", "eva")
+# (EVA's budget is counted in ranks by its rule: `--alloc eva --budget-unit param` is refused)
+MPNET_PARAM_METHODS = ("uniform", "sensitivity", "pra")
 MLP = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -242,12 +243,13 @@ def drive(suite: str, device: str, workers: int, budget_s: float, threads: int) 
     """Run pending runs of `suite`, `workers` at a time, until none is left or `budget_s` has passed (runs in
     flight then finish). The plan is recomputed whenever a run ends, so later phases start once their inputs are
     done."""
-    t0, running = time.time(), {}
+    t0, running, failed = time.time(), {}, set()
     ctx = get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
         while True:
             busy = {r.folder for r in running.values()}
-            todo = [r for r in PLANS[suite]() if not r.done() and r.folder not in busy]
+            # a run that failed is not tried again in this call: it would fail again, at the cost of a slot
+            todo = [r for r in PLANS[suite]() if not r.done() and r.folder not in busy | failed]
             while todo and len(running) < workers and time.time() - t0 < budget_s:
                 r = todo.pop(0)
                 running[pool.submit(execute, r, device, workers)] = r
@@ -259,9 +261,10 @@ def drive(suite: str, device: str, workers: int, budget_s: float, threads: int) 
                 try:
                     print(f"[{time.time() - t0:5.0f}s] {f.result()}", flush=True)
                 except Exception as e:  # a failed run is reported and left unrecorded; the rest go on
+                    failed.add(r.folder)
                     print(f"[{time.time() - t0:5.0f}s] FAILED {r.suite}/{r.task}/{r.name}: {e!r}", flush=True)
     left = [r for r in PLANS[suite]() if not r.done()]
-    print(f"{suite}: {len(left)} runs pending after {time.time() - t0:.0f}s", flush=True)
+    print(f"{suite}: {len(left)} runs pending ({len(failed)} failed) after {time.time() - t0:.0f}s", flush=True)
 
 
 def main(argv=None):

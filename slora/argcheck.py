@@ -94,6 +94,10 @@ def check_finetune_args(args, presets, tasks, calib_sources) -> None:
     check_ranges(args)
     if args.r_max is not None and args.r_max < args.r_min:
         raise UsageError("--r-max", f"{args.r_max} is below --r-min {args.r_min}")
+    if args.alloc == "eva" and args.budget_unit != "rank":
+        # EVA's rule (arXiv 2410.07170) ranks explained-variance ratios against a budget of r_avg x matrices
+        raise UsageError("--budget-unit", f"{args.budget_unit} does not apply to --alloc eva, whose budget is counted "
+                                          "in ranks")
     check_device(args.device)
     if getattr(args, "precision", None) == "fp32" and getattr(args, "dtype", None) == "bf16":
         raise UsageError("--precision", "fp32 needs an fp32 base: add --dtype fp32 (a bf16 base computes in bf16)")

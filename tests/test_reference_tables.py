@@ -83,4 +83,22 @@ def test_recorded_run_matches_its_command_and_its_ranks_follow_from_theta(run):
                             unit=cfg["unit"], shapes=shapes, rounding=cfg["rounding"], categories=cfg["categories"],
                             r_min=cfg["r_min"], r_max=cap)
     assert got.ranks == ranks
-    assert metrics["budget"]["achieved"] == metrics["budget"]["target"] == sum(got.ranks.values())
+    budget = metrics["budget"]
+    assert (budget["achieved"], budget["target"]) == (got.achieved, got.target)
+    if cfg["unit"] == "rank":
+        assert budget["achieved"] == budget["target"] == sum(ranks.values())
+    else:  # a rank of w costs d_in + d_out; the budget is met to within the dearest rank (slora.allocate)
+        cost = {n: d_in + d_out for n, (d_in, d_out) in shapes.items()}
+        assert budget["achieved"] == sum(r * cost[n] for n, r in ranks.items())
+        assert budget["target"] - max(cost.values()) < budget["achieved"] <= budget["target"]
+
+
+@pytest.mark.parametrize("suite", sorted(grid.PLANS))
+def test_every_planned_command_passes_the_argument_checks(suite):
+    """A run the grid plans but finetune refuses would fail on the device and waste its slot: `--alloc eva
+    --budget-unit param` did, 335 times in one call, before grid.py stopped planning it."""
+    from slora import data
+    from slora.argcheck import check_finetune_args
+    for run in grid.PLANS[suite]():
+        args = finetune.parse_args(shlex.split(run.args) + ["--out", "x"])
+        check_finetune_args(args, finetune.PRESETS, data.TASKS, data.CALIBRATION_SOURCES)

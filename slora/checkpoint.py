@@ -110,11 +110,18 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source) -> nn.Module:
     """Assign `sd` into a model built on the meta device; any key or shape mismatch is an error naming it."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
-                    for k in set(expected) & set(sd) if tuple(sd[k].shape) != expected[k])
+    check_state({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                {k: tuple(v.shape) for k, v in sd.items()}, source)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
+
+
+def check_state(expected: dict[str, tuple], got: dict[str, tuple], source) -> None:
+    """Error naming every missing, unexpected or mis-shaped tensor of a checkpoint ({key: shape} both)."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = sorted(f"{k}: checkpoint {got[k]} vs model {expected[k]}"
+                    for k in set(expected) & set(got) if got[k] != expected[k])
     problems = []
     if missing:
         problems.append("missing tensor(s): " + ", ".join(missing))
@@ -124,8 +131,44 @@ def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source) -> nn.Mod
         problems.append("mis-shaped tensor(s): " + "; ".join(shapes))
     if problems:
         raise ValueError(f"{source}: checkpoint does not match the model: " + " | ".join(problems))
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model
+
+
+# -----------------------------------------------------------------------------
+# Reading part of a tensor: a rank of a sharded load (slora.shardload) reads only the rows it keeps
+
+def tensor_shapes(folder) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """{tensor name: (its file, its shape)} from the safetensors headers alone; no tensor data is read."""
+    out: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for path in shard_files(folder):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: shard listed in {INDEX} is missing")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except Exception as e:  # safetensors raises its own SafetensorError for a bad header
+            raise ValueError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+        for name, shape in shapes.items():
+            if name in out:
+                raise ValueError(f"{path}: tensor {name!r} appears in more than one shard")
+            out[name] = (path, shape)
+    return out
+
+
+def read_rows(path, name: str, rows: range, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows `rows` (dim 0) of tensor `name` in safetensors file `path`, cast to `dtype` if floating, on the CPU.
+    Only those rows are read (safetensors' get_slice: a byte range of the memory-mapped file); the same finite
+    check as read_tensors, on the rows read."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            t = _cast(f.get_slice(name)[rows.start:rows.stop], dtype)
+    except Exception as e:  # noqa: BLE001  SafetensorError for a short file
+        raise ValueError(f"{path}: cannot read rows {rows.start}:{rows.stop} of {name!r} (truncated or "
+                         f"corrupt?): {e}") from None
+    bad = nonfinite_count(t)
+    if bad:
+        raise SloraError(f"{path}: tensor {name!r}", f"{bad} values in rows {rows.start}:{rows.stop} are NaN or inf; "
+                         f"the checkpoint is damaged or was saved from a diverged run")
+    return t
 
 
 # -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from slora import chat, data, dist, parallel, runfolder, text
+from slora import chat, data, dist, parallel, runfolder, shardload, text
 from slora.adapter import mis_scaled_modules, save_adapter
 from slora.argcheck import check_finetune_args
 from slora.assets import MODEL_DIRS, model_dir
@@ -278,7 +278,16 @@ def run(args, tmp: Path, resume: bool = False):
         model_path = Path(args.model)
     hf = read_config(model_path)
     check_positions(args, hf, decoder=hf.get("model_type") in DECODER_TYPES)
-    body = load_model(model_path, dtype=torch.bfloat16 if bf16_base else torch.float32, device=device)
+    # --fsdp under torchrun: a meta skeleton here; each rank reads only its shards once the task head is known
+    sharded = args.fsdp and dist.get().world > 1
+    if sharded and args.metric_source == "obs":  # rank 0 alone allocates, and OBS reads whole weight matrices
+        raise UsageError("--metric-source", "obs reads each whole weight matrix on rank 0, which --fsdp shards; "
+                                            "use diag or full-diag, or leave out --fsdp")
+    base_dtype = torch.bfloat16 if bf16_base else torch.float32
+    if sharded:
+        body = shardload.meta_model(model_path, base_dtype)
+    else:
+        body = load_model(model_path, dtype=base_dtype, device=device)
     tok = load_tokenizer(model_path)
     family = "decoder" if isinstance(body, LlamaForCausalLM) else "encoder"
     if args.targets is None and family == "encoder":
@@ -324,7 +333,10 @@ def run(args, tmp: Path, resume: bool = False):
         log("counts", "fewer examples than asked for; using " + ", ".join(f"{k} {v}" for k, v in used.items()),
             **used)
     model = body if family == "decoder" else for_sequence_classification(body, spec.num_labels, args.seed)
-    model.to(device).eval()
+    if sharded:
+        shardload.materialise(model, model_path, device)  # FSDP2 per layer then root; this rank's rows only
+    else:
+        model.to(device).eval()
     times["load_s"] = time.time() - t0
     log("data", f"{spec.name}: train {len(train)}, " + ", ".join(f"{k} {len(v)}" for k, v in evals.items()),
         train=len(train), **{k: len(v) for k, v in evals.items()})
@@ -346,7 +358,7 @@ def run(args, tmp: Path, resume: bool = False):
             log("calibrate", f"calibrate {done}/{total} batches", done=done, total=total)
 
     # torchrun: each rank calibrates on its contiguous share of the batches; sums are reduced over ranks
-    batches = [{k: v.to(device) for k, v in b.items()} for b in dist.shard(batches)]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in shardload.calibration_shard(batches, sharded)]
 
     def measure(m, progress=None):
         # full-mode Hessians of a decoder are streamed layer by layer (GPTQ-style): one layer's H lives at a time
@@ -378,8 +390,8 @@ def run(args, tmp: Path, resume: bool = False):
         if checkpoint is not None:
             checkpoint.tracker = tracker
         log.muted = False
-        result = finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker,
-                          checkpoint)
+        result, model = finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker,
+                                 checkpoint)  # sharded: a new model, with LoRA inside its layers' FSDP2 units
         times.update(result.pop("times"))
         if tracker:
             write_json(tmp / "epoch_sensitivity.json", {"epochs": tracker.epochs})

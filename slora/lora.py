@@ -77,8 +77,11 @@ class LoRALinear(nn.Module):
         self.scaling = self.alpha / math.sqrt(r) if self.use_rslora else self.alpha / r
         w = base.weight
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)   # weight (r, d_in)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)  # weight (d_out, r)
+        # a meta base (a sharded load, slora.shardload): the factors are made whole on the CPU, with the values
+        # this generator gives on a full model, and FSDP2 shards them
+        device = torch.device("cpu") if w.is_meta else w.device
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)   # weight (r, d_in)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)  # weight (d_out, r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.reset_lora_parameters(generator)

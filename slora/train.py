@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from slora import chat, dist, parallel, scoring, text
+from slora import chat, dist, parallel, scoring, shardload, text
 from slora.lora import apply_lora, lora_parameters_count, mark_only_lora_trainable, merged_copy
 from slora.stability import stability
 
@@ -210,18 +210,26 @@ def check_finite(step: int, loss: float, norm: float, args):
 
 
 def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker=None,
-             checkpoint=None) -> dict:
+             checkpoint=None) -> tuple[dict, torch.nn.Module]:
     """Apply LoRA with the allocated ranks, train with AdamW, evaluate every epoch (and re-measure the sensitivity
-    with `tracker`, an EpochSensitivity). Returns metrics.json content.
+    with `tracker`, an EpochSensitivity). Returns (metrics.json content, the trained model): `model` itself, or
+    under a sharded load (slora.shardload) the new sharded model that holds the LoRA factors.
 
     `checkpoint` (a slora.resume.Checkpointer, or None) writes a resume point every `args.save_every` steps and,
     when it holds one, restores the loop from it before the first step."""
     g = torch.Generator().manual_seed(args.seed)  # LoRA init, then the data order of every epoch
-    apply_lora(model, ranks, args.lora_alpha, alpha_policy=args.alpha_policy, dropout=args.lora_dropout,
-               generator=g)
-    mark_only_lora_trainable(model, extra=("classifier",) if spec.kind != "generation" else ())
-    # DDP, FSDP2 or the model itself; before `params`: fully_shard replaces parameters by sharded ones
-    fwd = parallel.wrap(model, args.fsdp)
+
+    def add_lora(m):
+        apply_lora(m, ranks, args.lora_alpha, alpha_policy=args.alpha_policy, dropout=args.lora_dropout,
+                   generator=g)
+        mark_only_lora_trainable(m, extra=("classifier",) if spec.kind != "generation" else ())
+
+    if shardload.is_sharded(model):  # --fsdp under torchrun: a new sharded model with LoRA in its layers' units
+        model = fwd = shardload.with_lora(model, add_lora)
+    else:
+        add_lora(model)
+        # DDP, FSDP2 or the model itself; before `params`: fully_shard replaces parameters by sharded ones
+        fwd = parallel.wrap(model, args.fsdp)
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
     n_lora = lora_parameters_count(model)
@@ -310,4 +318,4 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
     log("final", "final: " + json.dumps(final), **final)
     return {"epochs": state.history, "final": final, "main_metric": spec.main_metric, "trainable_params": n_train,
             "lora_params": n_lora, "steps": state.step,
-            "times": {"train_s": train_s, "eval_s": t_eval + time.time() - t0}}
+            "times": {"train_s": train_s, "eval_s": t_eval + time.time() - t0}}, model

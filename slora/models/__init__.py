@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from tokenizers import Tokenizer
 
-from slora.checkpoint import load_strict, read_config, read_tensors, write_folder
+from slora.checkpoint import load_strict, read_config, read_tensors, tensor_shapes, write_folder
 from slora.errors import SloraError
 from slora.models import bert, mpnet
 from slora.models.bert import (BertConfig, BertForSequenceClassification, BertModel,
@@ -111,14 +111,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", state: di
     read (and filtered) by the caller, in place of reading them here.
     """
     path = Path(path)
-    hf = read_config(path)
-    try:
-        cfg = build_config(hf, path / "config.json")
-    except (KeyError, ValueError, TypeError, AttributeError) as e:  # from_hf_config on a value of the wrong kind
-        what = str(e.args[0]) if e.args else type(e).__name__
-        if what.startswith(str(path / "config.json")):  # already names the file
-            raise
-        raise SloraError(path / "config.json", what) from None
+    cfg = _folder_config(path)
     sd = read_tensors(path, dtype=dtype, device=device) if state is None else state
     if isinstance(cfg, (BertConfig, MPNetConfig)):
         sd = _encoder_state(sd, cfg.model_type)
@@ -128,6 +121,42 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", state: di
     with torch.device("meta"):
         model = build_model(cfg)
     load_strict(model, sd, path)
+    if isinstance(model, LlamaForCausalLM):
+        model.tie_weights()
+    return model.eval()
+
+
+def _folder_config(path: Path):
+    hf = read_config(path)
+    try:
+        return build_config(hf, path / "config.json")
+    except (KeyError, ValueError, TypeError, AttributeError) as e:  # from_hf_config on a value of the wrong kind
+        what = str(e.args[0]) if e.args else type(e).__name__
+        if what.startswith(str(path / "config.json")):  # already names the file
+            raise
+        raise SloraError(path / "config.json", what) from None
+
+
+def checkpoint_keys(cfg, names) -> dict[str, str]:
+    """{model key: checkpoint tensor name} for a checkpoint holding tensors `names`: load_model's renames and
+    drops applied to the names alone (a tied lm_head maps to the embedding's tensor)."""
+    same = {n: n for n in names}
+    if isinstance(cfg, (BertConfig, MPNetConfig)):
+        return _encoder_state(same, cfg.model_type)
+    return _decoder_state(same, cfg)
+
+
+def meta_model(path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of a folder as `load_model` builds it, with every parameter on the meta device in `dtype` and no
+    tensor read (only the file headers, for the pooler's presence): the skeleton of a sharded load
+    (slora.shardload), which then reads each rank's rows."""
+    path = Path(path)
+    cfg = _folder_config(path)
+    if isinstance(cfg, (BertConfig, MPNetConfig)):
+        keys = checkpoint_keys(cfg, tensor_shapes(path))
+        cfg.add_pooling_layer = any(k.startswith("pooler.") for k in keys)
+    with torch.device("meta"):
+        model = build_model(cfg).to(dtype)
     if isinstance(model, LlamaForCausalLM):
         model.tie_weights()
     return model.eval()

@@ -326,6 +326,8 @@ def for_sequence_classification(body: BertModel, num_labels: int, seed: int = 0)
     else:
         model.bert = body
     # the head is trained, so it stays fp32 on a bf16 base, as the LoRA factors do (autocast runs it in bf16)
-    model.classifier.to_empty(device=next(body.parameters()).device)
+    # a meta body (a sharded load, slora.shardload): the head is made whole on the CPU and FSDP2 shards it
+    device = next(body.parameters()).device
+    model.classifier.to_empty(device="cpu" if device.type == "meta" else device)
     init_head(model.classifier, seed)
     return model

@@ -1,0 +1,84 @@
+"""One rank of tests/test_fsdp_load.py: `python tests/fsdp_load_worker.py KIND MODEL_DIR OUT` under
+tests/dist_launch.launch. Loads the model sharded (slora.shardload, as `finetune --fsdp` does) while recording every
+read of the safetensors files, then writes OUT.RANK.json: the elements read per tensor, whole-tensor reads, and
+whether this rank's shards equal the rows of the same tensors loaded whole."""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from slora import checkpoint, dist, shardload
+from slora.models import for_sequence_classification, load_model
+
+READS: dict[str, int] = {}  # tensor name -> elements read through get_slice
+WHOLE: list[str] = []  # tensors read whole through get_tensor
+
+
+class _Slice:
+    def __init__(self, name, inner):
+        self.name, self.inner = name, inner
+
+    def get_shape(self):
+        return self.inner.get_shape()
+
+    def __getitem__(self, index):
+        t = self.inner[index]
+        READS[self.name] = READS.get(self.name, 0) + t.numel()
+        return t
+
+
+class _File:
+    """safe_open's handle, counting what is read (the only way tensor data leaves the file)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __enter__(self):
+        self.f = self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+
+    def keys(self):
+        return self.f.keys()
+
+    def get_slice(self, name):
+        return _Slice(name, self.f.get_slice(name))
+
+    def get_tensor(self, name):
+        WHOLE.append(name)
+        return self.f.get_tensor(name)
+
+
+def main(kind: str, model_dir: str, out: str) -> None:
+    real_open = checkpoint.safe_open
+    checkpoint.safe_open = lambda *a, **k: _File(real_open(*a, **k))
+    try:
+        body = shardload.meta_model(model_dir)
+        model = body if kind == "decoder" else for_sequence_classification(body, 3, seed=5)
+        shardload.materialise(model, model_dir, dist.get().device)
+    finally:
+        checkpoint.safe_open = real_open
+    full = load_model(model_dir)
+    full = full if kind == "decoder" else for_sequence_classification(full, 3, seed=5)
+    d = dist.get()
+    same, local, total = {}, 0, 0
+    for name, p in model.named_parameters():
+        want = full.get_parameter(name).detach()
+        rows = shardload.shard_rows(want.shape[0], d.rank, d.world)
+        same[name] = bool(torch.equal(p.to_local(), want[rows.start:rows.stop]))
+        local += p.to_local().numel()
+        total += want.numel()
+    with open(f"{out}.{d.rank}.json", "w") as f:
+        json.dump({"reads": READS, "whole": WHOLE, "same": same, "local": local, "total": total,
+                   "shapes": {n: list(s) for n, (_, s) in checkpoint.tensor_shapes(model_dir).items()}}, f)
+
+
+if __name__ == "__main__":
+    dist.init("cpu")
+    with dist.guard():
+        main(*sys.argv[1:])
+    dist.teardown()

@@ -1,7 +1,7 @@
-"""One rank of tests/test_fsdp_load.py: `python tests/fsdp_load_worker.py KIND MODEL_DIR OUT` under
-tests/dist_launch.launch. Loads the model sharded (slora.shardload, as `finetune --fsdp` does) while recording every
-read of the safetensors files, then writes OUT.RANK.json: the elements read per tensor, whole-tensor reads, and
-whether this rank's shards equal the rows of the same tensors loaded whole."""
+"""One rank of tests/test_fsdp_load.py: `python tests/fsdp_load_worker.py OUT KIND:DTYPE:MODEL_DIR ...` under
+tests/dist_launch.launch. Loads each model sharded (slora.shardload, as `finetune --fsdp` does) while recording
+every read of the safetensors files, then writes OUT.RANK.json: per model, the elements read per tensor, the
+tensors read whole, and whether this rank's shards equal the rows of the same tensors loaded whole."""
 from __future__ import annotations
 
 import json
@@ -53,32 +53,39 @@ class _File:
         return self.f.get_tensor(name)
 
 
-def main(kind: str, model_dir: str, out: str) -> None:
+def load(kind: str, dtype: torch.dtype, model_dir: str) -> dict:
+    READS.clear()
+    WHOLE.clear()
     real_open = checkpoint.safe_open
     checkpoint.safe_open = lambda *a, **k: _File(real_open(*a, **k))
     try:
-        body = shardload.meta_model(model_dir)
+        body = shardload.meta_model(model_dir, dtype)
         model = body if kind == "decoder" else for_sequence_classification(body, 3, seed=5)
         shardload.materialise(model, model_dir, dist.get().device)
     finally:
         checkpoint.safe_open = real_open
-    full = load_model(model_dir)
+    full = load_model(model_dir, dtype)
     full = full if kind == "decoder" else for_sequence_classification(full, 3, seed=5)
     d = dist.get()
     same, local, total = {}, 0, 0
     for name, p in model.named_parameters():
         want = full.get_parameter(name).detach()
         rows = shardload.shard_rows(want.shape[0], d.rank, d.world)
-        same[name] = bool(torch.equal(p.to_local(), want[rows.start:rows.stop]))
+        same[name] = bool(torch.equal(p.to_local(), want[rows.start:rows.stop])) and p.dtype == want.dtype
         local += p.to_local().numel()
         total += want.numel()
-    with open(f"{out}.{d.rank}.json", "w") as f:
-        json.dump({"reads": READS, "whole": WHOLE, "same": same, "local": local, "total": total,
-                   "shapes": {n: list(s) for n, (_, s) in checkpoint.tensor_shapes(model_dir).items()}}, f)
+    return {"reads": dict(READS), "whole": list(WHOLE), "same": same, "local": local, "total": total,
+            "shapes": {n: list(s) for n, (_, s) in checkpoint.tensor_shapes(model_dir).items()}}
 
 
 if __name__ == "__main__":
-    dist.init("cpu")
+    out, *specs = sys.argv[1:]  # specs: KIND:DTYPE:MODEL_DIR (DTYPE float32 or bfloat16)
+    d = dist.init("cpu")
     with dist.guard():
-        main(*sys.argv[1:])
+        res = {}
+        for spec in specs:
+            kind, dtype, model_dir = spec.split(":", 2)
+            res[spec] = load(kind, getattr(torch, dtype), model_dir)
+        with open(f"{out}.{d.rank}.json", "w") as f:
+            json.dump(res, f)
     dist.teardown()

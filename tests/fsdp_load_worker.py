@@ -4,13 +4,16 @@ every read of the safetensors files, then writes OUT.RANK.json: per model, the e
 tensors read whole, and whether this rank's shards equal the rows of the same tensors loaded whole."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
 import torch
 
-from slora import checkpoint, dist, shardload
+from slora import checkpoint, dist, hessian, shardload
+from slora.lora import apply_lora, mark_only_lora_trainable
 from slora.models import for_sequence_classification, load_model
+from slora.train import set_activation_checkpointing
 
 READS: dict[str, int] = {}  # tensor name -> elements read through get_slice
 WHOLE: list[str] = []  # tensors read whole through get_tensor
@@ -53,18 +56,26 @@ class _File:
         return self.f.get_tensor(name)
 
 
-def load(kind: str, dtype: torch.dtype, model_dir: str) -> dict:
-    READS.clear()
-    WHOLE.clear()
+@contextlib.contextmanager
+def recording():
+    """Every safetensors read inside the block goes through _File (checkpoint.safe_open is the one opener)."""
     real_open = checkpoint.safe_open
     checkpoint.safe_open = lambda *a, **k: _File(real_open(*a, **k))
     try:
+        yield
+    finally:
+        checkpoint.safe_open = real_open
+
+
+def load(kind: str, dtype: torch.dtype, model_dir: str) -> dict:
+    READS.clear()
+    WHOLE.clear()
+    with recording():
         body = shardload.meta_model(model_dir, dtype)
         model = body if kind == "decoder" else for_sequence_classification(body, 3, seed=5)
         shardload.materialise(model, model_dir, dist.get().device)
-    finally:
-        checkpoint.safe_open = real_open
-    full = load_model(model_dir, dtype)
+    read, whole = dict(READS), list(WHOLE)
+    full = load_model(model_dir, dtype)  # the oracle, read whole (not recorded)
     full = full if kind == "decoder" else for_sequence_classification(full, 3, seed=5)
     d = dist.get()
     same, local, total = {}, 0, 0
@@ -74,8 +85,35 @@ def load(kind: str, dtype: torch.dtype, model_dir: str) -> dict:
         same[name] = bool(torch.equal(p.to_local(), want[rows.start:rows.stop])) and p.dtype == want.dtype
         local += p.to_local().numel()
         total += want.numel()
-    return {"reads": dict(READS), "whole": list(WHOLE), "same": same, "local": local, "total": total,
-            "shapes": {n: list(s) for n, (_, s) in checkpoint.tensor_shapes(model_dir).items()}}
+    with recording():
+        lora = add_lora_like_finetune(model, full)
+    return {"reads": read, "whole": whole, "same": same, "local": local, "total": total,
+            "shapes": {n: list(s) for n, (_, s) in checkpoint.tensor_shapes(model_dir).items()},
+            "lora": lora, "reads_after": dict(READS), "whole_after": list(WHOLE)}
+
+
+def add_lora_like_finetune(model, full) -> dict:
+    """shardload.with_lora as train.finetune calls it (activation checkpointing set first, on the calibration
+    model), against apply_lora on the whole model with the same generator: do the LoRA shards hold those rows, is
+    every base shard taken over unchanged, is the checkpointing flag carried over?"""
+    d = dist.get()
+    set_activation_checkpointing(model, True)
+    ranks = {n: 1 + i % 3 for i, n in enumerate(hessian.find_linears(full, "all-linear"))}
+    apply_lora(full, ranks, 4.0, generator=torch.Generator().manual_seed(11))
+
+    def add_lora(m):
+        apply_lora(m, ranks, 4.0, generator=torch.Generator().manual_seed(11))
+        mark_only_lora_trainable(m, extra=() if not hasattr(m, "classifier") else ("classifier",))
+
+    trained = shardload.with_lora(model, add_lora)
+    same = {}
+    for name, p in trained.named_parameters():
+        want = full.get_parameter(name).detach()
+        rows = shardload.shard_rows(want.shape[0], d.rank, d.world)
+        same[name] = bool(torch.equal(p.to_local(), want[rows.start:rows.stop]))
+    flags = [m.activation_checkpointing for m in trained.modules() if hasattr(type(m), "activation_checkpointing")]
+    return {"same": same, "checkpointing": flags,
+            "trainable": sorted(n for n, p in trained.named_parameters() if p.requires_grad)}
 
 
 if __name__ == "__main__":

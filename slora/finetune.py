@@ -129,7 +129,8 @@ def parse_args(argv=None):
                         "about one more forward pass of time)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 per transformer "
-                   "layer (for models larger than one device) instead of DDP's full copy per rank")
+                   "layer (for models larger than one device) instead of DDP's full copy per rank; each rank reads "
+                   "only its 1/N of the base from the files and calibrates through the shards")
     # output
     p.add_argument("--out", default=None, help="run folder (default: a new folder under runs/); the run is written "
                    "in OUT/.slora-partial/ and moved into OUT when complete")

@@ -28,7 +28,7 @@ from slora.checkpoint import read_config, read_json
 from slora.errors import ArgumentParser, SloraError, UsageError, cli
 from slora.heatmap import ranks_svg
 from slora.lora import ALPHA_POLICIES
-from slora.models import DECODER_TYPES, for_sequence_classification, load_model, load_tokenizer
+from slora.models import DECODER_TYPES, for_sequence_classification, load_model, load_tokenizer, meta_model
 from slora.models.llama import LlamaForCausalLM
 from slora.resume import Checkpointer
 from slora.sensitivity import SensitivityConfig, compute
@@ -286,7 +286,7 @@ def run(args, tmp: Path, resume: bool = False):
                                             "use diag or full-diag, or leave out --fsdp")
     base_dtype = torch.bfloat16 if bf16_base else torch.float32
     if sharded:
-        body = shardload.meta_model(model_path, base_dtype)
+        body = meta_model(model_path, base_dtype)
     else:
         body = load_model(model_path, dtype=base_dtype, device=device)
     tok = load_tokenizer(model_path)

@@ -8,8 +8,7 @@
     eval_shard / gather     evaluation batches split over ranks and predictions gathered in order
     full_trainable(model)   FSDP2: every trainable shard gathered into a full tensor on every rank, for saving
 
-One process: every function is the identity. `finetune --fsdp` under torchrun does not load the base whole and
-then call wrap: slora.shardload builds it on the meta device, shards it with wrap and reads each rank's rows. Sources: torchtune recipes/lora_finetune_distributed.py (FSDP2 per
+One process: every function is the identity. Sources: torchtune recipes/lora_finetune_distributed.py (FSDP2 per
 layer then root; LoRA kept in its layer's unit, pytorch/torchtune#1517; adapter gathered with full_tensor() on all
 ranks, rank 0 writes), torchtune training/_grad_scaler.py (loss over the global target count), litgpt
 finetune/lora.py (same init seed on every rank).

@@ -1,6 +1,6 @@
 """--fsdp under torchrun for models larger than one device: no rank ever holds the whole base.
 
-    meta_model(path, dtype)          the skeleton: every base parameter on the meta device (slora.models)
+    models.meta_model(path, dtype)   the skeleton: every base parameter on the meta device, nothing read
     materialise(model, path, device) FSDP2-shard it (parallel.wrap: per transformer layer, then the root) and read
                                      from the safetensors file(s) only the rows of each tensor this rank keeps
     with_lora(model, add_lora)       the training model: the same skeleton again, LoRA added by `add_lora` (whole,
@@ -34,9 +34,7 @@ import torch
 from torch import nn
 
 from slora import checkpoint, dist, parallel
-from slora.models import build_model, checkpoint_keys, for_sequence_classification, meta_model
-
-__all__ = ["meta_model", "materialise", "calibration_shard", "is_sharded", "with_lora", "shard_rows"]
+from slora.models import build_model, checkpoint_keys, for_sequence_classification
 
 
 def shard_rows(n: int, rank: int, world: int) -> range:
@@ -58,14 +56,16 @@ def _occurrences(model: nn.Module) -> dict[int, tuple[nn.Parameter, list[tuple[n
     return out
 
 
-def _replace(places: list, old: nn.Parameter, local: torch.Tensor) -> None:
-    """Put a DTensor parameter with this rank's `local` shard in place of the sharded (meta) parameter `old`."""
+def _replace(places: list, target: nn.Parameter, local: torch.Tensor) -> None:
+    """Put a DTensor parameter made of this rank's `local` shard in place of FSDP2's sharded parameter `target`
+    (meta, or the skeleton's own head), with target's mesh, placement, global shape and trainable flag."""
     from torch.distributed.tensor import DTensor
-    if tuple(local.shape) != tuple(old.to_local().shape):
+    if tuple(local.shape) != tuple(target.to_local().shape):
         raise RuntimeError(f"{places[0][2]}: local shard {tuple(local.shape)} where FSDP2 expects "
-                           f"{tuple(old.to_local().shape)}")
-    new = nn.Parameter(DTensor.from_local(local, old.device_mesh, old.placements, run_check=False,
-                                          shape=old.shape, stride=old.stride()), requires_grad=old.requires_grad)
+                           f"{tuple(target.to_local().shape)}")
+    new = nn.Parameter(DTensor.from_local(local, target.device_mesh, target.placements, run_check=False,
+                                          shape=target.shape, stride=target.stride()),
+                       requires_grad=target.requires_grad)
     for m, attr, _ in places:
         m._parameters[attr] = new  # FSDP2 re-registers it at the first forward (FSDPParam.reset_sharded_param)
 
@@ -87,7 +87,7 @@ def _check_complete(model: nn.Module) -> None:
 
 @torch.no_grad()
 def materialise(model: nn.Module, path, device: torch.device) -> nn.Module:
-    """Shard `model` (meta base from meta_model, with its task head if any) with FSDP2 and fill this rank's shards
+    """Shard `model` (meta base from models.meta_model, with its task head if any) with FSDP2 and fill this rank's shards
     of the base from the checkpoint folder `path`, reading only their rows; returns the frozen, eval-mode model.
 
     The checkpoint is checked against the model first, as load_model does: every missing, unexpected or

@@ -12,7 +12,7 @@ import torch
 
 from slora import checkpoint, dist, hessian, shardload
 from slora.lora import apply_lora, mark_only_lora_trainable
-from slora.models import for_sequence_classification, load_model
+from slora.models import for_sequence_classification, load_model, meta_model
 from slora.train import set_activation_checkpointing
 
 READS: dict[str, int] = {}  # tensor name -> elements read through get_slice
@@ -71,7 +71,7 @@ def load(kind: str, dtype: torch.dtype, model_dir: str) -> dict:
     READS.clear()
     WHOLE.clear()
     with recording():
-        body = shardload.meta_model(model_dir, dtype)
+        body = meta_model(model_dir, dtype)
         model = body if kind == "decoder" else for_sequence_classification(body, 3, seed=5)
         shardload.materialise(model, model_dir, dist.get().device)
     read, whole = dict(READS), list(WHOLE)

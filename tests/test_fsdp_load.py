@@ -19,7 +19,7 @@ from hypothesis import example, given, strategies as st
 from safetensors.torch import load_file, save_file
 
 from slora import checkpoint, shardload
-from slora.models import save_model
+from slora.models import meta_model, save_model
 from tests.dist_launch import launch
 from tests.test_dist import cls_files, gen_files, log_rows, run_argv  # noqa: F401  (fixtures)
 from tests.tiny import tiny_bert, tiny_llama, tiny_model_dir, tiny_mpnet
@@ -44,7 +44,7 @@ def test_meta_model_reads_no_tensor_and_registers_no_buffer(tmp_path):
               "roberta": tiny_bert(model_type="roberta", pad_token_id=1), "mpnet": tiny_mpnet()}
     for name, m in models.items():
         save_model(m, tmp_path / name)
-        skeleton = shardload.meta_model(tmp_path / name, torch.bfloat16)
+        skeleton = meta_model(tmp_path / name, torch.bfloat16)
         assert list(skeleton.named_buffers()) == [], name
         assert all(p.is_meta and p.dtype == torch.bfloat16 for p in skeleton.parameters()), name
         assert skeleton.state_dict().keys() == m.state_dict().keys(), name
@@ -55,7 +55,7 @@ def test_a_mismatched_checkpoint_is_named_before_sharding(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 3}))
     with pytest.raises(ValueError, match=r"missing tensor\(s\): model\.layers\.2\.input_layernorm\.weight"):
-        shardload.materialise(shardload.meta_model(tmp_path / "m"), tmp_path / "m", torch.device("cpu"))
+        shardload.materialise(meta_model(tmp_path / "m"), tmp_path / "m", torch.device("cpu"))
 
 
 def test_read_rows_reads_rows_and_names_a_non_finite_tensor(tmp_path):

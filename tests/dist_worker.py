@@ -64,11 +64,12 @@ def lm_features(n_seq: int, vocab: int) -> list[text.Features]:
     return feats
 
 
-def grads(model_dir: str, batch: int, accum: int, fsdp: bool, ckpt: bool = False, device=None
-          ) -> dict[str, torch.Tensor]:
+def grads(model_dir: str, batch: int, accum: int, fsdp: bool, ckpt: bool = False, device=None,
+          lm_chunk: int | None = None) -> dict[str, torch.Tensor]:
     """One optimizer step's gradients: tiny decoder, seeded non-zero LoRA on every linear, dropout 0, micro-batch
     `batch` per rank (global world·batch), `accum` micro-batches; 11 sequences, so the last is short. `ckpt`:
-    activation checkpointing per layer, applied before wrapping (torchtune's order)."""
+    activation checkpointing per layer, applied before wrapping (torchtune's order). `lm_chunk`: the LM head and
+    loss run that many positions at a time (inside the model's forward, through the DDP / FSDP2 wrapper)."""
     from tests.tiny import randomize_lora
     device = torch.device(device) if device is not None else dist.get().device
     model = load_model(model_dir).to(device)
@@ -82,7 +83,7 @@ def grads(model_dir: str, batch: int, accum: int, fsdp: bool, ckpt: bool = False
     feats = lm_features(11, model.config.vocab_size)
     group = [parallel.local_rows(b) for b in text.iterate_batches(feats, batch * world, 0)][:accum]
     model.train()
-    loss = train.backward_step(fwd, group, "lm", device, torch.autocast(device.type, enabled=False))
+    loss = train.backward_step(fwd, group, "lm", device, torch.autocast(device.type, enabled=False), lm_chunk)
     out = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).contiguous().cpu()
            for n, p in model.named_parameters() if p.requires_grad}
     out["loss"] = torch.tensor([parallel.global_count(loss.item()) / world], dtype=torch.float64)
@@ -100,7 +101,8 @@ if __name__ == "__main__":
                 json.dump(res, f)
         elif what == "grads":
             model_dir, batch, accum, fsdp, out = rest
-            g = grads(model_dir, int(batch), int(accum), "fsdp" in fsdp, "ckpt" in fsdp)
+            g = grads(model_dir, int(batch), int(accum), "fsdp" in fsdp, "ckpt" in fsdp,
+                      lm_chunk=3 if "chunk" in fsdp else None)  # 3 of at most 11 positions: several chunks
             save_file(g, f"{out}.{d.rank}.safetensors")
         elif what == "mismatch":  # test_lora_shape_mismatch_is_an_error_on_every_rank
             model = load_model(rest[0])

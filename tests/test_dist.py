@@ -102,6 +102,8 @@ def test_ranks_match_one_process(tmp_path, kind, world, n_seq, batch, mode):
     (3, 5, 1, "fsdp"),  # 11 rows over 3 ranks: 4, 4, 3
     (2, 3, 2, "ddp+ckpt"),   # activation checkpointing per layer, then DDP
     (2, 3, 2, "fsdp+ckpt"),  # activation checkpointing per layer, then FSDP2 (torchtune's order)
+    (2, 3, 2, "ddp+ckpt+chunk"),   # the chunked LM head + loss inside the forward, through DDP's reducer
+    (2, 3, 2, "fsdp+ckpt+chunk"),  # ... and FSDP2's root unit; oracle: one process, whole LM loss
 ])
 def test_gradients_match_one_process(tmp_path, world, batch, accum, how):
     model = tiny_model_dir(tmp_path / "m", "decoder")

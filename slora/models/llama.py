@@ -323,6 +323,15 @@ class LlamaModel(nn.Module):
         return self.norm(x)  # (B, T, D)
 
 
+IGNORE_INDEX = -100  # label of prompt and pad positions: no loss (transformers' and cross_entropy's default)
+
+
+def _head_loss_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # (B, C, V) for one chunk of C positions
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -337,8 +346,28 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache))  # (B, T, V)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, labels=None, loss_chunk=None):
+        """Logits (B, T, V); or, given `labels` (B, T), the summed (not mean) fp32 next-token cross-entropy
+        Σ_t CE(logits[:, t], labels[:, t+1]) over labels other than IGNORE_INDEX, as transformers' causal-LM forward
+        computes its loss (there a mean). The loss lives inside forward so that a DDP wrapper or FSDP2's root unit
+        sees one forward whatever the head does. `loss_chunk`: run the LM head and the loss over that many
+        positions at a time, each chunk recomputed in the backward pass, so the (B, T, V) logits and their fp32
+        copy never exist whole (at LLaMA-3's V = 128,256 and 2 x 2048 tokens: 1 GB bf16 + 2 GB fp32, plus as much
+        again for the gradient). Same sum, added in another order."""
+        h = self.model(input_ids, attention_mask, position_ids, cache)  # (B, T, D)
+        if labels is None:
+            return self.lm_head(h)  # (B, T, V)
+        if not loss_chunk:
+            logits = self.lm_head(h)[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        h, y = h[:, :-1], labels[:, 1:]  # (B, T-1, D), (B, T-1)
+        total = None
+        for t0 in range(0, h.shape[1], loss_chunk):
+            part = checkpoint(_head_loss_sum, self.lm_head, h[:, t0:t0 + loss_chunk], y[:, t0:t0 + loss_chunk],
+                              use_reentrant=False)
+            total = part if total is None else total + part
+        return total
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None):

@@ -97,22 +97,27 @@ def evaluate(model, tok, spec, examples, args, pad_id, device, autocast) -> dict
         stops = chat.stop_ids(tok) + [i for i in (model.config.eos_token_id,) if isinstance(i, int)]
         preds = []
         batches = list(text.iterate_batches(feats, args.batch_size, pad_id, side="left"))
-        for batch in parallel.eval_shard(batches, args.fsdp):  # torchrun: this rank's batches, gathered below
+        # torchrun: this rank's batches, gathered below; under FSDP2 padded with dummies (real False) that keep
+        # every rank's forwards in step
+        for batch, real in parallel.eval_shard(batches, args.fsdp):
             with autocast:
                 out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                     max_new_tokens=args.gen_tokens, eos_token_id=stops)
-            preds += text.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
-        preds = parallel.gather(preds, args.fsdp)
+                                     max_new_tokens=args.gen_tokens, eos_token_id=stops,
+                                     all_done=parallel.lockstep_stop(args.fsdp, real))
+            if real:
+                preds += text.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
+        preds = parallel.gather(preds)
         refs = [e.label for e in examples]
     else:
         feats = text.encode_encoder(tok, examples, args.max_len)
         preds = []
         batches = list(text.iterate_batches(feats, args.batch_size, pad_id))
-        for batch in parallel.eval_shard(batches, args.fsdp):
+        for batch, real in parallel.eval_shard(batches, args.fsdp):
             with autocast:
                 logits = model(**forward_inputs(batch, device)).float()
-            preds += (logits.squeeze(-1) if spec.kind == "regression" else logits.argmax(-1)).tolist()
-        preds = parallel.gather(preds, args.fsdp)
+            if real:
+                preds += (logits.squeeze(-1) if spec.kind == "regression" else logits.argmax(-1)).tolist()
+        preds = parallel.gather(preds)
         refs = [f.labels for f in feats]
     return scoring.score(spec.metrics, preds, refs)
 

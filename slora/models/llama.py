@@ -370,12 +370,14 @@ class LlamaForCausalLM(nn.Module):
         return total
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None):
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None, all_done=None):
         """Greedy decoding with a key/value cache: the prompt is run once, then one token per step.
 
         input_ids (B, T) may be left-padded (attention_mask 0 on the left); positions follow the mask, as in
         transformers' generate. eos_token_id: an id or a list of ids (default: the config's). Returns
-        (B, T + n); rows that finished early are filled with their eos id.
+        (B, T + n); rows that finished early are filled with their eos id. `all_done` (bool -> bool): turns this
+        batch's "every row is done" into the decision to stop; sharded models (FSDP2) pass a collective one, so
+        that every process runs the same number of forwards (slora.parallel.lockstep_stop).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -392,7 +394,10 @@ class LlamaForCausalLM(nn.Module):
                 done |= torch.isin(nxt, eos)
             input_ids = torch.cat([input_ids, nxt[:, None]], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], dim=1)
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1:
+                break
+            finished = bool(done.all())
+            if finished if all_done is None else all_done(finished):
                 break
             pos = pos[:, -1:] + 1  # (B, 1)
             logits = self(nxt[:, None], attention_mask, pos, cache)[:, -1]

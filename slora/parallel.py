@@ -133,12 +133,20 @@ def full_trainable(model: nn.Module) -> None:
     save order; calling full_tensor() under `if rank == 0` deadlocks). The model cannot train after this."""
     if dist.get().world == 1:
         return
-    from torch.distributed.fsdp import FSDPModule
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()  # the root stays unsharded after its last forward: registered params are then plain
-            # tensors whose storage FSDP frees later; resharded, they are the DTensor shards again
+    reshard(model)
     for name, p in list(model.named_parameters()):
         if p.requires_grad and hasattr(p, "full_tensor"):
             owner, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
             owner._parameters[attr] = nn.Parameter(p.full_tensor(), requires_grad=False)
+
+
+def reshard(model: nn.Module) -> None:
+    """FSDP2: reshard every unit. The root stays unsharded after a forward without backward (evaluation): its
+    registered parameters are then plain tensors whose storage FSDP frees later; resharded, they are the DTensor
+    shards again, the ones the optimizer steps and a checkpoint gathers. One process or DDP: nothing to do."""
+    if dist.get().world == 1:
+        return
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

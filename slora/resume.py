@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from slora import dist
+from slora import dist, parallel
 from slora.checkpoint import read_json
 from slora.runfolder import CHECKPOINT
 from slora.train import TrainState
@@ -63,7 +63,7 @@ class Checkpointer:
     # -------------------------------------------------------------------------
     def save(self, state: TrainState, model, opt, sched, device):
         # every rank takes part in the gathers (collectives: FSDP2 shards, RNG states); then rank 0 alone writes
-        resharded(model)
+        parallel.reshard(model)
         tensors = {f"param.{n}": whole(p) for n, p in model.named_parameters() if p.requires_grad}
         osd = opt.state_dict()
         for i, st in osd["state"].items():
@@ -131,7 +131,7 @@ class Checkpointer:
         if saved != set(params):
             diff = sorted(saved ^ set(params))
             raise ValueError(f"{path}: checkpoint does not match the model's trainable parameters: {diff[:5]}")
-        resharded(model)
+        parallel.reshard(model)
         with torch.no_grad():
             for n, p in params.items():
                 t = tensors[f"param.{n}"]
@@ -188,17 +188,6 @@ def rank_rng_states(device) -> dict[str, torch.Tensor]:
 
 def is_sharded(model) -> bool:
     return any(hasattr(p, "full_tensor") for p in model.parameters())
-
-
-def resharded(model) -> None:
-    """FSDP2 leaves the root unit unsharded after a forward without backward (evaluation): its registered
-    parameters are then plain tensors, not the DTensor shards the optimizer steps. Reshard every unit first."""
-    if dist.get().world == 1:
-        return
-    from torch.distributed.fsdp import FSDPModule
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:

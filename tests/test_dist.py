@@ -122,7 +122,7 @@ def test_gradients_match_one_process(tmp_path, world, batch, accum, how):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+@pytest.mark.parametrize("how", ["ddp", "fsdp", "fsdp+ckpt+chunk"])
 def test_gradients_match_one_gpu_on_two_gpus(tmp_path, how):
     """NCCL on 2 GPUs against one GPU at twice the micro-batch, fp32 with TF32 off (torch's default for matmuls).
     Tolerance rtol = atol = 1e-4: cuBLAS may pick other kernels (another summation order) for other batch shapes."""

@@ -46,15 +46,17 @@ def ok(res):
 
 # CUDA (NCCL, each rank's own device generator restored; fp32 so no bf16 autocast): the same claim, bit for bit,
 # which holds as long as cuBLAS and NCCL pick the same kernels and reduction order in both runs of one machine
-CUDA = pytest.param(("--device", "cuda", "--precision", "fp32", "--dtype", "fp32"), id="cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")])
+GPU2 = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
+CUDA = pytest.param(("--device", "cuda", "--precision", "fp32", "--dtype", "fp32"), id="cuda", marks=GPU2)
+FSDP_CUDA = pytest.param(("--device", "cuda", "--precision", "fp32", "--dtype", "fp32", "--fsdp"), id="fsdp-cuda",
+                         marks=GPU2)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", [
     pytest.param(("--device", "cpu"), id="ddp-cpu"),
     pytest.param(("--device", "cpu", "--fsdp"), id="fsdp-cpu"),  # sharded state gathered whole, re-sharded on resume
-    CUDA])
+    CUDA, FSDP_CUDA])
 @pytest.mark.parametrize("kill_at", [3, 5])  # 3: mid-epoch 2 (checkpoint 2); 5: mid-epoch 3 (checkpoint 4)
 def test_two_process_resume_equals_uninterrupted(tmp_path, kill_at, how):
     d = tmp_path

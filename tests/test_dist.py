@@ -8,6 +8,8 @@ cross-rank sum), run folders with the same ranks and the adapter written once, b
 Stated tolerances: token counts exact; diag(H) and diag(H⁻¹) within rtol 1e-6 of one process (fp32 sums in
 another order: a few ulps per addition, far below 1e-6 for these ~100-token sums); ranks exactly equal (they are
 computed once, on rank 0); every rank ends with identical results (bitwise: they come from one broadcast).
+Evaluation under FSDP2: split over the ranks like DDP (short ranks run dummy batches, generation stops together);
+predictions exactly equal to one process's (the same ops on the gathered weights).
 Process launches cost seconds, so the fast tier holds one launch; the rest is @pytest.mark.slow.
 """
 from __future__ import annotations

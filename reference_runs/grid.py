@@ -6,9 +6,11 @@
     python reference_runs/grid.py nlu --list                       # what is done, what is pending
 
 Each run's folder is reference_runs/<suite>/<task>/<run>/: the run folder of slora.finetune (args.json,
-sensitivity.json, ranks.json, ranks.svg, metrics.json, log.jsonl, epoch_sensitivity.json where asked) plus
+sensitivity.json, ranks.json, metrics.json, log.jsonl, epoch_sensitivity.json where asked) plus
 command.txt (the exact command) and env.json (device, torch, wall time, how many runs shared the device). The PEFT
-adapter is deleted after the run to keep the repository small; the command regenerates it. A folder with env.json
+adapter, ranks.svg (a picture of ranks.json) and .slora-run.json (the file list `--replace` needs) are deleted after
+the run to keep the repository small: the files of 650 runs were counted in the working tree that every GPU call
+carries. The command regenerates them. A folder with env.json
 is complete and is never run again, so a second call resumes where a first one ran out of time.
 
 Selection, on the dev split only (the test split is read once per run, after training, and never compared here):
@@ -222,6 +224,8 @@ def record(argv: list[str], concurrent_runs: int = 1, keep_adapter: bool = False
     wall = time.time() - t0
     if not keep_adapter:
         shutil.rmtree(out / "adapter", ignore_errors=True)
+        for name in ("ranks.svg", ".slora-run.json"):  # derived from ranks.json / only for --replace
+            (out / name).unlink(missing_ok=True)
     (out / "command.txt").write_text("python -m slora.finetune " + " ".join(argv) + "\n")
     dev = torch.device(json.loads((out / "args.json").read_text())["device"])
     env = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",

@@ -229,9 +229,6 @@ def main(argv=None):
     check_finetune_args(args, PRESETS, data.TASKS, data.CALIBRATION_SOURCES)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if dist.env_world() > 1 and args.fsdp and (resume or args.save_every):  # slora.resume's docstring says why
-        raise ValueError("--save-every and --resume do not work with --fsdp: a checkpoint holds the LoRA factors and "
-                         "optimizer state whole, FSDP2 shards them; use DDP (leave out --fsdp)")
     d = dist.init(args.device)  # torchrun's environment, or one process without a process group
     with dist.guard():  # torchrun: a failure on any rank ends every rank with its error
         if d.is_main:

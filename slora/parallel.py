@@ -5,7 +5,8 @@
     local_rows(batch)       this rank's contiguous rows of a global micro-batch of world·batch-size sequences
     grad_sync(fwd, last)    no gradient communication on accumulation micro-steps (DDP no_sync, FSDP2
                             set_requires_gradient_sync)
-    eval_shard / gather     evaluation batches split over ranks and predictions gathered in order
+    eval_shard / gather     evaluation batches split over ranks and predictions gathered in order; under FSDP2
+                            short shards padded with dummy batches, and generation stops together (lockstep_stop)
     full_trainable(model)   FSDP2: every trainable shard gathered into a full tensor on every rank, for saving
 
 One process: every function is the identity. Sources: torchtune recipes/lora_finetune_distributed.py (FSDP2 per
@@ -92,16 +93,35 @@ def grad_sync(fwd: nn.Module, last: bool):
     return contextlib.nullcontext()
 
 
-def eval_shard(batches: list, fsdp: bool) -> list:
-    """This rank's evaluation batches. Under FSDP2 every rank evaluates every batch: each forward is a collective
-    (parameter all-gather), and generation stops early per batch, so ranks on different data would call it a
-    different number of times and hang."""
-    return batches if fsdp else dist.shard(batches)
+def eval_shard(batches: list, fsdp: bool) -> list[tuple[dict, bool]]:
+    """This rank's evaluation batches as (batch, real) pairs: a contiguous shard (dist.shard), so the ranks split
+    the work as in DDP. Under FSDP2 every forward is a collective (each unit all-gathers its parameters), so every
+    rank must run as many forwards as the others: ranks with a shorter shard are padded with dummy batches (the
+    first batch again, real False) whose outputs the caller drops; generation also stops together (lockstep_stop).
+    One process: every batch, all real."""
+    mine = [(b, True) for b in dist.shard(batches)]
+    if fsdp and batches:
+        longest = len(dist.shard_range(len(batches), 0, dist.get().world))  # rank 0's shard is never shorter
+        mine += [(batches[0], False)] * (longest - len(mine))
+    return mine
 
 
-def gather(preds: list, fsdp: bool) -> list:
-    """Predictions of all ranks in batch order (the inverse of eval_shard)."""
-    if fsdp or dist.get().world == 1:
+def lockstep_stop(fsdp: bool, real: bool):
+    """generate's stop rule for one batch: None (each rank stops when its own rows are done), or under FSDP2 a
+    collective one: stop when every rank's rows are done (a dummy batch counts as done), decided by an all-reduce
+    at every step, so no rank leaves a generation loop whose next forward the others wait for in an all-gather."""
+    if not fsdp or dist.get().world == 1:
+        return None
+
+    def all_done(done: bool) -> bool:
+        busy = torch.tensor([0.0 if done or not real else 1.0], device=dist.comm_device())
+        return float(dist.all_reduce_sum(busy)) == 0
+    return all_done
+
+
+def gather(preds: list) -> list:
+    """Predictions of all ranks in batch order (the inverse of eval_shard's contiguous split)."""
+    if dist.get().world == 1:
         return preds
     return [p for part in dist.all_gather_json(preds) for p in part]
 
@@ -113,12 +133,20 @@ def full_trainable(model: nn.Module) -> None:
     save order; calling full_tensor() under `if rank == 0` deadlocks). The model cannot train after this."""
     if dist.get().world == 1:
         return
-    from torch.distributed.fsdp import FSDPModule
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()  # the root stays unsharded after its last forward: registered params are then plain
-            # tensors whose storage FSDP frees later; resharded, they are the DTensor shards again
+    reshard(model)
     for name, p in list(model.named_parameters()):
         if p.requires_grad and hasattr(p, "full_tensor"):
             owner, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
             owner._parameters[attr] = nn.Parameter(p.full_tensor(), requires_grad=False)
+
+
+def reshard(model: nn.Module) -> None:
+    """FSDP2: reshard every unit. The root stays unsharded after a forward without backward (evaluation): its
+    registered parameters are then plain tensors whose storage FSDP frees later; resharded, they are the DTensor
+    shards again, the ones the optimizer steps and a checkpoint gathers. One process or DDP: nothing to do."""
+    if dist.get().world == 1:
+        return
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

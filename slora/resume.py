@@ -15,13 +15,18 @@ the older checkpoint folders are removed. A kill at any moment leaves the previo
 intact, never a mix. Resuming truncates log.jsonl to its length at the checkpoint, so the steps between the
 checkpoint and the kill are logged once, by the resumed run, exactly as the uninterrupted run logs them.
 
-Under torchrun (DDP) the LoRA factors, head, optimizer state, schedule and data order are the same on every rank, so
-rank 0's copy is the checkpoint; only the RNG states differ per rank. Saving gathers them to every rank as JSON
-(slora.dist.all_gather_json, called by all ranks) and rank 0 alone writes. Resuming, every rank reads the same
-checkpoint files itself: torchrun's processes share the filesystem on one host (several nodes need the run folder on
-a shared filesystem), and each rank reading an adapter-sized file is simpler than broadcasting every tensor. A
-checkpoint resumes only at the world size that wrote it (the data split per rank depends on it). FSDP2 shards
-parameters and optimizer state, which this format does not hold: --fsdp refuses --save-every and --resume.
+Under torchrun the checkpoint holds whole tensors, under DDP and FSDP2 alike (one format, nothing pickled). With DDP
+the LoRA factors, head, optimizer state, schedule and data order are the same on every rank, so rank 0's copy is the
+checkpoint. With FSDP2 each rank holds a shard (a DTensor) of every trainable parameter and of its AdamW exp_avg and
+exp_avg_sq: saving gathers each one whole on every rank (`full_tensor()`, a collective all ranks call in the same
+order; torchtune's adapter save), then rank 0 alone writes. Only the RNG states differ per rank: saving gathers them
+to every rank as JSON (slora.dist.all_gather_json). Resuming, every rank reads the same checkpoint files itself:
+torchrun's processes share the filesystem on one host (several nodes need the run folder on a shared filesystem),
+and each rank reading an adapter-sized file is simpler than broadcasting every tensor; an FSDP2 rank then keeps its
+own shard of each whole tensor (`distribute_tensor(..., src_data_rank=None)`: local slicing, no communication).
+A checkpoint resumes only at the world size that wrote it (the data split per rank depends on it). Since the format
+is the same, a DDP checkpoint would load under FSDP2 at the same world size and the reverse; `--resume` takes the
+run's own flags, so in practice a run resumes as it started (state.json records "fsdp").
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from slora import dist
+from slora import dist, parallel
 from slora.checkpoint import read_json
 from slora.runfolder import CHECKPOINT
 from slora.train import TrainState
@@ -57,7 +62,15 @@ class Checkpointer:
 
     # -------------------------------------------------------------------------
     def save(self, state: TrainState, model, opt, sched, device):
-        # every rank takes part in the gather (a collective); then rank 0 alone writes
+        # every rank takes part in the gathers (collectives: FSDP2 shards, RNG states); then rank 0 alone writes
+        parallel.reshard(model)
+        tensors = {f"param.{n}": whole(p) for n, p in model.named_parameters() if p.requires_grad}
+        osd = opt.state_dict()
+        for i, st in osd["state"].items():
+            for k, v in st.items():
+                if not torch.is_tensor(v):
+                    raise TypeError(f"optimizer state {i}.{k} is not a tensor ({type(v).__name__}): not saved")
+                tensors[f"opt.{i}.{k}"] = whole(v)
         others = rank_rng_states(device)
         if not dist.get().is_main:
             return
@@ -65,14 +78,6 @@ class Checkpointer:
         tmp = self.folder / f"{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters()
-                   if p.requires_grad}
-        osd = opt.state_dict()
-        for i, st in osd["state"].items():
-            for k, v in st.items():
-                if not torch.is_tensor(v):
-                    raise TypeError(f"optimizer state {i}.{k} is not a tensor ({type(v).__name__}): not saved")
-                tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous()
         tensors["rng.torch"] = torch.get_rng_state()
         if device.type == "cuda":
             # (n_devices, state bytes); torchrun: (1, state bytes) of this rank's own device (rank_rng_states)
@@ -87,7 +92,8 @@ class Checkpointer:
                 "history": state.history, "param_groups": osd["param_groups"],
                 "opt_state_keys": {str(i): sorted(st) for i, st in osd["state"].items()},
                 "scheduler": sched.state_dict(), "log_bytes": log.stat().st_size if log.exists() else 0,
-                "tracker": self.tracker.epochs if self.tracker else None, "world": dist.get().world}
+                "tracker": self.tracker.epochs if self.tracker else None, "world": dist.get().world,
+                "fsdp": is_sharded(model)}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")  # NaN scores round-trip
         os.replace(tmp, self.folder / name)
         pointer = self.folder / (CHECKPOINT + ".tmp")
@@ -125,13 +131,16 @@ class Checkpointer:
         if saved != set(params):
             diff = sorted(saved ^ set(params))
             raise ValueError(f"{path}: checkpoint does not match the model's trainable parameters: {diff[:5]}")
+        parallel.reshard(model)
         with torch.no_grad():
             for n, p in params.items():
                 t = tensors[f"param.{n}"]
-                if t.shape != p.shape:
+                if t.shape != p.shape:  # a DTensor's shape is the whole tensor's
                     raise ValueError(f"{path}: {n} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
-                p.copy_(t)
-        state = {int(i): {k: tensors[f"opt.{i}.{k}"] for k in keys} for i, keys in meta["opt_state_keys"].items()}
+                p.copy_(shard_like(t, p))
+        order = [p for p in model.parameters() if p.requires_grad]  # the optimizer's param indices
+        state = {int(i): {k: shard_like(tensors[f"opt.{i}.{k}"], order[int(i)]) if k != "step"
+                          else tensors[f"opt.{i}.{k}"] for k in keys} for i, keys in meta["opt_state_keys"].items()}
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         sched.load_state_dict(meta["scheduler"])
         if rank == 0:
@@ -172,3 +181,27 @@ def rank_rng_states(device) -> dict[str, torch.Tensor]:
             t = torch.tensor(values, dtype=torch.uint8)
             out[f"rng.rank{r}.{kind}"] = t if kind == "torch" else t[None]  # (1, state bytes), as rng.cuda
     return out
+
+
+# -----------------------------------------------------------------------------
+# FSDP2: whole tensors in the checkpoint, shards in the model (one process and DDP: plain tensors pass through)
+
+def is_sharded(model) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a whole CPU tensor: a DTensor is gathered from every rank (a collective: every rank calls it)."""
+    t = t.detach()
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.cpu().contiguous()
+
+
+def shard_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor `t` placed as `like`: for a DTensor, this rank's shard of it, cut locally (every rank holds
+    the same `t`, so no communication: src_data_rank=None); otherwise `t` on like's device."""
+    if hasattr(like, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(t.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+    return t.to(like.device)

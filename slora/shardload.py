@@ -137,14 +137,6 @@ def calibration_shard(batches: list[dict], sharded: bool) -> list[dict]:
     return mine + [blank] * (most - len(mine))
 
 
-def _reshard(model: nn.Module) -> None:
-    """Registered parameters back to their DTensor shards (FSDP2 leaves the root unit gathered after a forward)."""
-    from torch.distributed.fsdp import FSDPModule
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-
-
 @torch.no_grad()
 def with_lora(model: nn.Module, add_lora: Callable[[nn.Module], object]) -> nn.Module:
     """The training model for sharded calibration model `model`: a new meta skeleton of the same architecture,
@@ -152,7 +144,7 @@ def with_lora(model: nn.Module, add_lora: Callable[[nn.Module], object]) -> nn.M
     the run's generator gives a full model), activation checkpointing as set on `model`, FSDP2-sharded
     (parallel.wrap, which first compares the LoRA shapes across ranks), and every base and head parameter taken
     over from `model`'s local shard. `model` must not be used afterwards."""
-    _reshard(model)
+    parallel.reshard(model)  # FSDP2 leaves the root gathered after calibration's forwards: back to DTensor shards
     dtype = next(p.dtype for n, p in model.named_parameters() if "classifier" not in n)
     with torch.device("meta"):
         body = build_model(model.config).to(dtype)

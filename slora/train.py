@@ -26,7 +26,6 @@ from itertools import islice
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from slora import chat, dist, parallel, scoring, shardload, text
 from slora.lora import apply_lora, lora_parameters_count, mark_only_lora_trainable, merged_copy
@@ -54,38 +53,16 @@ def target_count(batch: dict, kind: str) -> int:
 def loss_sum(model, batch: dict, kind: str, device, lm_chunk: int | None = None) -> torch.Tensor:
     """Sum (not mean) of the per-example or per-token losses of one micro-batch, in fp32.
 
-    lm_chunk (causal LM only): run the LM head and the loss over `lm_chunk` positions at a time, each chunk
-    recomputed in the backward pass, so the (B, T, V) logits and their fp32 copy never exist whole (at
-    LLaMA-3's V = 128,256 and 2 x 2048 tokens they are 1 GB bf16 + 2 GB fp32, plus as much again for the
-    gradient). Same sum, added in another order."""
-    if kind == "generation" and lm_chunk:
-        return _lm_loss_sum_chunked(model, forward_inputs(batch, device), batch["labels"].to(device), lm_chunk)
-    out = model(**forward_inputs(batch, device))
+    Causal LM: the model's own forward computes the summed next-token loss from the labels (LlamaForCausalLM),
+    `lm_chunk` positions of LM head and loss at a time when given. Through the forward, so that under torchrun the
+    DDP wrapper and FSDP2's root unit see one forward call (and gather the head's shards) either way."""
     y = batch["labels"].to(device)
+    if kind not in ("classification", "regression"):  # causal LM: prompt and pad tokens carry label IGNORE_INDEX
+        return model(**forward_inputs(batch, device), labels=y, loss_chunk=lm_chunk)
+    out = model(**forward_inputs(batch, device))
     if kind == "classification":
         return F.cross_entropy(out.float(), y, reduction="sum")
-    if kind == "regression":
-        return F.mse_loss(out.float().squeeze(-1), y, reduction="sum")
-    # causal LM: position t predicts token t+1; prompt and pad tokens carry label -100 (response-only loss)
-    return F.cross_entropy(out[:, :-1].float().reshape(-1, out.shape[-1]), y[:, 1:].reshape(-1),
-                           ignore_index=text.IGNORE_INDEX, reduction="sum")
-
-
-def _head_loss_sum(head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = head(h).float()  # (B, C, V) for one chunk of C positions
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=text.IGNORE_INDEX,
-                           reduction="sum")
-
-
-def _lm_loss_sum_chunked(model, inputs: dict, y: torch.Tensor, chunk: int) -> torch.Tensor:
-    h = model.model(**inputs)[:, :-1]  # (B, T-1, D): position t predicts token t+1
-    y = y[:, 1:]  # (B, T-1)
-    total = None
-    for t0 in range(0, h.shape[1], chunk):
-        part = torch.utils.checkpoint.checkpoint(_head_loss_sum, model.lm_head, h[:, t0:t0 + chunk],
-                                                 y[:, t0:t0 + chunk], use_reentrant=False)
-        total = part if total is None else total + part
-    return total
+    return F.mse_loss(out.float().squeeze(-1), y, reduction="sum")
 
 
 def step_denominator(count: int) -> float:
@@ -120,22 +97,27 @@ def evaluate(model, tok, spec, examples, args, pad_id, device, autocast) -> dict
         stops = chat.stop_ids(tok) + [i for i in (model.config.eos_token_id,) if isinstance(i, int)]
         preds = []
         batches = list(text.iterate_batches(feats, args.batch_size, pad_id, side="left"))
-        for batch in parallel.eval_shard(batches, args.fsdp):  # torchrun: this rank's batches, gathered below
+        # torchrun: this rank's batches, gathered below; under FSDP2 padded with dummies (real False) that keep
+        # every rank's forwards in step
+        for batch, real in parallel.eval_shard(batches, args.fsdp):
             with autocast:
                 out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                     max_new_tokens=args.gen_tokens, eos_token_id=stops)
-            preds += text.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
-        preds = parallel.gather(preds, args.fsdp)
+                                     max_new_tokens=args.gen_tokens, eos_token_id=stops,
+                                     all_done=parallel.lockstep_stop(args.fsdp, real))
+            if real:
+                preds += text.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
+        preds = parallel.gather(preds)
         refs = [e.label for e in examples]
     else:
         feats = text.encode_encoder(tok, examples, args.max_len)
         preds = []
         batches = list(text.iterate_batches(feats, args.batch_size, pad_id))
-        for batch in parallel.eval_shard(batches, args.fsdp):
+        for batch, real in parallel.eval_shard(batches, args.fsdp):
             with autocast:
                 logits = model(**forward_inputs(batch, device)).float()
-            preds += (logits.squeeze(-1) if spec.kind == "regression" else logits.argmax(-1)).tolist()
-        preds = parallel.gather(preds, args.fsdp)
+            if real:
+                preds += (logits.squeeze(-1) if spec.kind == "regression" else logits.argmax(-1)).tolist()
+        preds = parallel.gather(preds)
         refs = [f.labels for f in feats]
     return scoring.score(spec.metrics, preds, refs)
 
@@ -253,10 +235,9 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup))
     if world > 1:  # dropout differs per rank (torchtune training/seed.py); the LoRA init above did not
         torch.manual_seed(args.seed + dist.get().rank)
-    # with activation checkpointing the LM head and loss run in chunks too (their logits are the largest tensors)
-    # Under torchrun it stays whole: the chunks call model.model and model.lm_head directly, around the DDP wrapper
-    # and FSDP2's root unit (whose forward gathers the head's shards)
-    lm_chunk = LM_CHUNK if getattr(args, "activation_checkpointing", False) and world == 1 else None
+    # with activation checkpointing the LM head and loss run in chunks too (their logits are the largest tensors),
+    # inside the model's forward: under torchrun too
+    lm_chunk = LM_CHUNK if getattr(args, "activation_checkpointing", False) else None
     state = TrainState()
     if checkpoint is not None and checkpoint.exists():
         state = checkpoint.restore(model, opt, sched, device)

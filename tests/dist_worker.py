@@ -12,7 +12,7 @@ import torch
 
 from safetensors.torch import save_file
 
-from slora import dist, hessian, hessian_dist, parallel, text, train
+from slora import data, dist, hessian, hessian_dist, parallel, text, train
 from slora.lora import apply_lora, mark_only_lora_trainable
 from slora.models import load_model
 from slora.sensitivity import SensitivityConfig, compute
@@ -64,11 +64,12 @@ def lm_features(n_seq: int, vocab: int) -> list[text.Features]:
     return feats
 
 
-def grads(model_dir: str, batch: int, accum: int, fsdp: bool, ckpt: bool = False, device=None
-          ) -> dict[str, torch.Tensor]:
+def grads(model_dir: str, batch: int, accum: int, fsdp: bool, ckpt: bool = False, device=None,
+          lm_chunk: int | None = None) -> dict[str, torch.Tensor]:
     """One optimizer step's gradients: tiny decoder, seeded non-zero LoRA on every linear, dropout 0, micro-batch
     `batch` per rank (global world·batch), `accum` micro-batches; 11 sequences, so the last is short. `ckpt`:
-    activation checkpointing per layer, applied before wrapping (torchtune's order)."""
+    activation checkpointing per layer, applied before wrapping (torchtune's order). `lm_chunk`: the LM head and
+    loss run that many positions at a time (inside the model's forward, through the DDP / FSDP2 wrapper)."""
     from tests.tiny import randomize_lora
     device = torch.device(device) if device is not None else dist.get().device
     model = load_model(model_dir).to(device)
@@ -82,11 +83,63 @@ def grads(model_dir: str, batch: int, accum: int, fsdp: bool, ckpt: bool = False
     feats = lm_features(11, model.config.vocab_size)
     group = [parallel.local_rows(b) for b in text.iterate_batches(feats, batch * world, 0)][:accum]
     model.train()
-    loss = train.backward_step(fwd, group, "lm", device, torch.autocast(device.type, enabled=False))
+    loss = train.backward_step(fwd, group, "lm", device, torch.autocast(device.type, enabled=False), lm_chunk)
     out = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).contiguous().cpu()
            for n, p in model.named_parameters() if p.requires_grad}
     out["loss"] = torch.tensor([parallel.global_count(loss.item()) / world], dtype=torch.float64)
     return out
+
+
+def eval_examples(kind: str, n: int) -> tuple:
+    """(spec, examples): n seeded sentiment sentences (encoder) or prompts whose reference is a few words (decoder)."""
+    from tests.tiny import WORDS
+    if kind == "encoder":
+        spec = data.TaskSpec("t", "classification", 2, ("text",), "label", ("accuracy", "f1"), "accuracy")
+        rows = [data.Example(str(i), " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(1 + i % 6)), None,
+                             i % 2) for i in range(n)]
+    else:
+        spec = data.TaskSpec("t", "generation", 0, ("prompt",), "response", ("rouge1", "bleu4"), "rouge1")
+        rows = [data.Example(str(i), " ".join(WORDS[(i * 3 + j) % len(WORDS)] for j in range(1 + i % 5)), None,
+                             " ".join(WORDS[i % 7:i % 7 + 2])) for i in range(n)]
+    return spec, rows
+
+
+def evaluate_split(kind: str, model_dir: str, n: int, batch: int, fsdp: bool) -> dict:
+    """train.evaluate on `n` examples at batch size `batch`: the scores, the predictions in example order (read from
+    scoring.score's arguments) and how many forwards this rank ran (a sharded evaluation runs about 1/world)."""
+    from types import SimpleNamespace
+    from slora import scoring
+    from slora.models import for_sequence_classification, load_tokenizer
+    model = load_model(model_dir)
+    if kind == "encoder":
+        model = for_sequence_classification(model, 2, seed=3)  # a head whose predictions are not all one class
+    parallel.wrap(model, fsdp)
+    forwards = []
+    model.register_forward_pre_hook(lambda m, a: forwards.append(1))
+    seen, score = {}, scoring.score
+
+    def keep(names, preds, refs):  # the gathered predictions, as evaluate hands them to the metrics
+        seen["preds"] = preds
+        return score(names, preds, refs)
+    scoring.score = keep
+    spec, examples = eval_examples(kind, n)
+    args = SimpleNamespace(max_len=32, batch_size=batch, gen_tokens=5, fsdp=fsdp)
+    scores = train.evaluate(model, load_tokenizer(model_dir), spec, examples, args, 0, torch.device("cpu"),
+                            torch.autocast("cpu", enabled=False))
+    scoring.score = score
+    return {"scores": scores, "preds": seen["preds"], "forwards": len(forwards)}
+
+
+def generate_until(model_dir: str, eos: int) -> list[int]:
+    """Greedy generation under FSDP2 from rank r's own prompt (PROMPTS[r]) with stop id `eos`, collective stop."""
+    model = load_model(model_dir)
+    parallel.wrap(model, True)
+    ids = torch.tensor([PROMPTS[dist.get().rank]])
+    out = model.generate(ids, max_new_tokens=8, eos_token_id=eos, all_done=parallel.lockstep_stop(True, True))
+    return out[0].tolist()
+
+
+PROMPTS = [[14, 6], [8, 8, 19, 4, 10]]  # token ids of the tiny vocabulary: rank 0 and rank 1's prompts
 
 
 if __name__ == "__main__":
@@ -100,8 +153,17 @@ if __name__ == "__main__":
                 json.dump(res, f)
         elif what == "grads":
             model_dir, batch, accum, fsdp, out = rest
-            g = grads(model_dir, int(batch), int(accum), "fsdp" in fsdp, "ckpt" in fsdp)
+            g = grads(model_dir, int(batch), int(accum), "fsdp" in fsdp, "ckpt" in fsdp,
+                      lm_chunk=3 if "chunk" in fsdp else None)  # 3 of at most 11 positions: several chunks
             save_file(g, f"{out}.{d.rank}.safetensors")
+        elif what == "eval":  # test_sharded_fsdp_evaluation_matches_one_process
+            kind, model_dir, n, batch, out = rest
+            with open(f"{out}.{d.rank}.json", "w") as f:
+                json.dump(evaluate_split(kind, model_dir, int(n), int(batch), True), f)
+        elif what == "generate":  # test_fsdp_generation_stops_together
+            model_dir, eos, out = rest
+            with open(f"{out}.{d.rank}.json", "w") as f:
+                json.dump(generate_until(model_dir, int(eos)), f)
         elif what == "mismatch":  # test_lora_shape_mismatch_is_an_error_on_every_rank
             model = load_model(rest[0])
             names = list(hessian.find_linears(model, "q_proj,v_proj"))

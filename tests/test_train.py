@@ -7,6 +7,7 @@ import torch
 
 from slora import finetune, text, train
 from slora.lora import apply_lora, mark_only_lora_trainable
+from slora.models.llama import IGNORE_INDEX as LLAMA_IGNORE
 from tests.tiny import randomize_lora, tiny_llama, tiny_model_dir
 
 TOL = dict(rtol=0, atol=64 * torch.finfo(torch.float64).eps)  # float64: only summation order differs
@@ -163,9 +164,16 @@ def test_bf16_base_with_fp32_compute_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_chunked_lm_loss_equals_the_whole_loss_and_gradients():
+# float64: only the summation order differs (TOL); fp32: the same, at fp32's eps, times a generous factor for the
+# ~40-term sums of logits' softmax terms and the chunked additions (16 ulps of a loss of about 100 is 2e-4 abs)
+FP32_TOL = dict(rtol=16 * torch.finfo(torch.float32).eps, atol=16 * torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, TOL), (torch.float32, FP32_TOL)], ids=["fp64", "fp32"])
+def test_chunked_lm_loss_equals_the_whole_loss_and_gradients(dtype, tol):
     # lm_chunk runs the head and loss over a few positions at a time, recomputed in backward: same sum, same grads
-    model = tiny_llama().double()
+    assert text.IGNORE_INDEX == LLAMA_IGNORE  # the model's loss skips exactly the labels data marks as no-loss
+    model = tiny_llama().to(dtype)
     apply_lora(model, {f"model.layers.{i}.mlp.up_proj": 2 for i in (0, 1)}, 4.0)
     randomize_lora(model)
     mark_only_lora_trainable(model, extra=())
@@ -178,8 +186,21 @@ def test_chunked_lm_loss_equals_the_whole_loss_and_gradients():
         grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
         model.zero_grad(set_to_none=True)
     (whole, gw), *chunked = grads
+    assert whole.abs() > 1 and all(g.abs().max() > 0 for g in gw.values())  # a zero loss would prove nothing
     for loss, g in chunked:
-        torch.testing.assert_close(loss, whole, **TOL)
+        torch.testing.assert_close(loss, whole, **tol)
         assert g.keys() == gw.keys() and len(g) == 4
         for n in g:
-            torch.testing.assert_close(g[n], gw[n], **TOL, msg=n)
+            torch.testing.assert_close(g[n], gw[n], **tol, msg=n)
+
+
+def test_lm_loss_through_forward_equals_the_logits_loss():
+    # the labels path of LlamaForCausalLM.forward is the cross-entropy of its own logits, shifted by one position
+    model = tiny_llama().double()
+    batch = lm_batch(4, B=3, T=9, vocab=model.config.vocab_size)
+    logits = model(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    got = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+    assert got.dim() == 0 and got.dtype == torch.float32 and want.abs() > 1
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same ops in the same order: bit-identical

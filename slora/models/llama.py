@@ -323,6 +323,15 @@ class LlamaModel(nn.Module):
         return self.norm(x)  # (B, T, D)
 
 
+IGNORE_INDEX = -100  # label of prompt and pad positions: no loss (transformers' and cross_entropy's default)
+
+
+def _head_loss_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # (B, C, V) for one chunk of C positions
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -337,16 +346,38 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache))  # (B, T, V)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, labels=None, loss_chunk=None):
+        """Logits (B, T, V); or, given `labels` (B, T), the summed (not mean) fp32 next-token cross-entropy
+        Σ_t CE(logits[:, t], labels[:, t+1]) over labels other than IGNORE_INDEX, as transformers' causal-LM forward
+        computes its loss (there a mean). The loss lives inside forward so that a DDP wrapper or FSDP2's root unit
+        sees one forward whatever the head does. `loss_chunk`: run the LM head and the loss over that many
+        positions at a time, each chunk recomputed in the backward pass, so the (B, T, V) logits and their fp32
+        copy never exist whole (at LLaMA-3's V = 128,256 and 2 x 2048 tokens: 1 GB bf16 + 2 GB fp32, plus as much
+        again for the gradient). Same sum, added in another order."""
+        h = self.model(input_ids, attention_mask, position_ids, cache)  # (B, T, D)
+        if labels is None:
+            return self.lm_head(h)  # (B, T, V)
+        if not loss_chunk:
+            logits = self.lm_head(h)[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        h, y = h[:, :-1], labels[:, 1:]  # (B, T-1, D), (B, T-1)
+        total = None
+        for t0 in range(0, h.shape[1], loss_chunk):
+            part = checkpoint(_head_loss_sum, self.lm_head, h[:, t0:t0 + loss_chunk], y[:, t0:t0 + loss_chunk],
+                              use_reentrant=False)
+            total = part if total is None else total + part
+        return total
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None):
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None, all_done=None):
         """Greedy decoding with a key/value cache: the prompt is run once, then one token per step.
 
         input_ids (B, T) may be left-padded (attention_mask 0 on the left); positions follow the mask, as in
         transformers' generate. eos_token_id: an id or a list of ids (default: the config's). Returns
-        (B, T + n); rows that finished early are filled with their eos id.
+        (B, T + n); rows that finished early are filled with their eos id. `all_done` (bool -> bool): turns this
+        batch's "every row is done" into the decision to stop; sharded models (FSDP2) pass a collective one, so
+        that every process runs the same number of forwards (slora.parallel.lockstep_stop).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -363,7 +394,10 @@ class LlamaForCausalLM(nn.Module):
                 done |= torch.isin(nxt, eos)
             input_ids = torch.cat([input_ids, nxt[:, None]], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], dim=1)
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1:
+                break
+            finished = bool(done.all())
+            if finished if all_done is None else all_done(finished):
                 break
             pos = pos[:, -1:] + 1  # (B, 1)
             logits = self(nxt[:, None], attention_mask, pos, cache)[:, -1]

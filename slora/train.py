@@ -112,6 +112,17 @@ def backward_step(fwd, group: list[tuple[dict, float]], kind: str, device, autoc
     return step_loss
 
 
+def eval_batches(feats, args, pad_id, side: str = "right") -> tuple[list[dict], list[int]]:
+    """(batches, order): evaluation batches of --eval-batch-size (default --batch-size) features, and the example
+    index of each row in batch order. With --group-by-length the features are taken longest first
+    (text.length_sorted), so a batch pads to a length near its own rows' and generation runs fewer pad positions;
+    predictions go back to example order with text.restore_order. Only then: a row's numbers can change with the
+    batch it shares (its pad width), in the last bits, and so a greedy token now and then."""
+    size = args.eval_batch_size or args.batch_size
+    order = text.length_sorted(feats) if args.group_by_length else list(range(len(feats)))
+    return list(text.iterate_batches([feats[i] for i in order], size, pad_id, side=side)), order
+
+
 @torch.no_grad()
 def evaluate(model, tok, spec, examples, args, pad_id, device, autocast) -> dict:
     model.eval()
@@ -119,23 +130,23 @@ def evaluate(model, tok, spec, examples, args, pad_id, device, autocast) -> dict
         feats = text.encode_prompts(tok, examples, args.max_len)
         stops = chat.stop_ids(tok) + [i for i in (model.config.eos_token_id,) if isinstance(i, int)]
         preds = []
-        batches = list(text.iterate_batches(feats, args.batch_size, pad_id, side="left"))
+        batches, order = eval_batches(feats, args, pad_id, side="left")
         for batch in parallel.eval_shard(batches, args.fsdp):  # torchrun: this rank's batches, gathered below
             with autocast:
                 out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                      max_new_tokens=args.gen_tokens, eos_token_id=stops)
             preds += text.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
-        preds = parallel.gather(preds, args.fsdp)
+        preds = text.restore_order(parallel.gather(preds, args.fsdp), order)
         refs = [e.label for e in examples]
     else:
         feats = text.encode_encoder(tok, examples, args.max_len)
         preds = []
-        batches = list(text.iterate_batches(feats, args.batch_size, pad_id))
+        batches, order = eval_batches(feats, args, pad_id)
         for batch in parallel.eval_shard(batches, args.fsdp):
             with autocast:
                 logits = model(**forward_inputs(batch, device)).float()
             preds += (logits.squeeze(-1) if spec.kind == "regression" else logits.argmax(-1)).tolist()
-        preds = parallel.gather(preds, args.fsdp)
+        preds = text.restore_order(parallel.gather(preds, args.fsdp), order)
         refs = [f.labels for f in feats]
     return scoring.score(spec.metrics, preds, refs)
 
@@ -202,11 +213,64 @@ class NonFiniteError(FloatingPointError):
 def check_finite(step: int, loss: float, norm: float, args):
     if math.isfinite(loss) and math.isfinite(norm):
         return
+    if not step:
+        raise ValueError("check_finite: a non-finite value needs the step it came from")
     what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
     raise NonFiniteError(
         f"step {step}: {what} is not finite; training stopped and no adapter was saved. Likely causes: the "
         f"learning rate is too high (--lr {args.lr:g}), a bad training example, or fp16/bf16 overflow "
         f"(try --precision fp32)")
+
+
+class DeviceFiniteCheck:
+    """`--check-finite log`: the non-finite check of every optimizer step, kept on the device and read at sync points.
+
+    The default (`--check-finite step`) reads each step's loss and gradient norm on the host (`.item()`), and on a
+    GPU each read waits until the device has drained its queue, a stall per step that small models feel most. Here
+    `record` keeps, on the device, the first step whose loss or norm is not finite with those two values (a few
+    0-d tensor ops, no host read), and `raise_if_bad` reads them, one host read, where the loop syncs anyway: at a
+    log step, before a checkpoint is written, before evaluation. It raises the same NonFiniteError, naming the
+    exact first bad step. The steps between that step and the sync point only change a run that is about to stop:
+    no checkpoint, evaluation or adapter is made from them. (With --fused-optim such a step's update is skipped on
+    the device too; see `skip_flag`.)"""
+
+    def __init__(self):
+        self.state = None  # (step, loss, norm) on the device: step 0 while every step so far was finite
+
+    def record(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        if self.state is None:
+            z = torch.zeros((), device=loss.device)
+            self.state = (torch.zeros((), dtype=torch.long, device=loss.device), z, z)
+        first, lo, no = self.state
+        new = ~(torch.isfinite(loss) & torch.isfinite(norm)) & (first == 0)  # () bool: the first bad step
+        self.state = (torch.where(new, step, first), torch.where(new, loss.float(), lo),
+                      torch.where(new, norm.float(), no))
+
+    def raise_if_bad(self, args) -> None:
+        """NonFiniteError for the first bad step of any rank (torchrun: a collective, every rank calls it)."""
+        if self.state is None:
+            return
+        mine = torch.stack([t.double() for t in self.state]).tolist()  # [step, loss, norm]: one host read
+        bad = [r for r in dist.all_gather_json(mine) if r[0]]  # each rank's loss is its own part of the loss
+        if bad:
+            step, loss, norm = min(bad, key=lambda r: r[0])
+            check_finite(int(step), loss, norm, args)
+
+
+def skip_flag(norm: torch.Tensor) -> torch.Tensor:
+    """Fused AdamW's `found_inf` for a step: 1.0 when the gradient norm is not finite, and then the fused kernel
+    leaves parameters and moments as they were and takes the step back from its count (the mechanism
+    torch.amp.GradScaler uses). The norm, not the loss: under DDP it is the same number on every rank (computed
+    from the all-reduced gradients), so all ranks skip together and the replicas stay equal."""
+    return (~torch.isfinite(norm)).float()
+
+
+def make_optimizer(params, args, device) -> torch.optim.AdamW:
+    """AdamW; with --fused-optim the fused implementation: one kernel for all parameters, where the default
+    (foreach on CUDA, a loop over tensors on CPU) launches several per parameter group, which matters for LoRA's
+    many small tensors (two per adapted matrix). A different summation order: results differ in the last bits."""
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
+                             **({"fused": True} if args.fused_optim else {}))
 
 
 def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker=None,
@@ -241,7 +305,7 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
     total = math.ceil(args.epochs * steps_per_epoch)
     total = min(total, args.max_steps) if args.max_steps else total
     warmup = max(1, round(args.warmup * total))
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    opt = make_optimizer(params, args, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup))
     if world > 1:  # dropout differs per rank (torchtune training/seed.py); the LoRA init above did not
         torch.manual_seed(args.seed + dist.get().rank)
@@ -250,6 +314,7 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
     # and FSDP2's root unit (whose forward gathers the head's shards)
     lm_chunk = LM_CHUNK if getattr(args, "activation_checkpointing", False) and world == 1 else None
     state = TrainState()
+    lazy = DeviceFiniteCheck() if args.check_finite == "log" else None
     if checkpoint is not None and checkpoint.exists():
         state = checkpoint.restore(model, opt, sched, device)
         log("resume", f"resumed at step {state.step}/{total} (epoch {state.epoch + 1}, micro-batch {state.batch})",
@@ -266,7 +331,8 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
             state.data_rng = g.get_state()  # the epoch's order is drawn next, from here
         else:
             g.set_state(state.data_rng)  # resumed mid-epoch: draw the same order again, skip what was used
-        batches = map(parallel.local_rows, text.iterate_batches(feats, global_batch, pad_id, generator=g))
+        batches = map(parallel.local_rows, text.iterate_batches(feats, global_batch, pad_id, generator=g,
+                                                                group_by_length=args.group_by_length))
         for _ in islice(batches, state.batch):
             pass
         while state.batch < per_epoch and state.step < total:
@@ -278,20 +344,33 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
                 norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            step_loss = step_loss.item() if world == 1 else parallel.global_count(step_loss.item()) / world
-            check_finite(state.step + 1, step_loss, norm.item(), args)
+            if lazy is None:
+                step_loss = step_loss.item() if world == 1 else parallel.global_count(step_loss.item()) / world
+                check_finite(state.step + 1, step_loss, norm.item(), args)
+            else:
+                lazy.record(state.step + 1, step_loss, norm)
+            if args.fused_optim:
+                opt.found_inf = skip_flag(norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             state.step += 1
             if state.step % args.log_every == 0 or state.step == total:
+                if lazy is not None:  # the host reads the loss here anyway: check every step since the last one
+                    lazy.raise_if_bad(args)
+                    step_loss = step_loss.item() if world == 1 else parallel.global_count(step_loss.item()) / world
                 el = time.time() - t_start - t_eval
-                done = parallel.global_count(state.tokens - tokens0)  # all ranks: tokens/s of the whole job
+                seen = parallel.global_count(state.tokens)  # all ranks: the whole job's non-pad input tokens
+                done = seen - parallel.global_count(tokens0)  # those of this process's own run (tokens/s)
                 log("step", f"step {state.step}/{total} loss {step_loss:.4f} lr {sched.get_last_lr()[0]:.2e} "
                     f"{done / el:,.0f} tok/s ETA {el / state.step * (total - state.step):.0f}s", step=state.step,
-                    loss=step_loss, lr=sched.get_last_lr()[0], tokens_per_s=done / el)
+                    loss=step_loss, lr=sched.get_last_lr()[0], tokens_per_s=done / el, tokens=seen)
             if checkpoint is not None and checkpoint.due(state.step) and state.step < total:
+                if lazy is not None:  # a resume point is never written from a diverged state
+                    lazy.raise_if_bad(args)
                 checkpoint.save(state, model, opt, sched, device)
+        if lazy is not None:  # nor is a diverged model evaluated
+            lazy.raise_if_bad(args)
         t0 = time.time()
         scores = {k: evaluate(model, tok, spec, v, args, pad_id, device, autocast) for k, v in evals.items()
                   if k.startswith("dev")}

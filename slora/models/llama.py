@@ -323,6 +323,10 @@ class LlamaModel(nn.Module):
         return self.norm(x)  # (B, T, D)
 
 
+# generate(): decoding steps between two host reads of "has every row finished?" (see there)
+GEN_SYNC_EVERY = 8
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -354,6 +358,8 @@ class LlamaForCausalLM(nn.Module):
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         cache = [{} for _ in self.model.layers]
+        width = input_ids.shape[1]
+        all_done = []  # per step, () bool on the device: every row had finished after it
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         logits = self(input_ids, attention_mask, pos, cache)[:, -1]  # (B, V)
         for step in range(max_new_tokens):
@@ -361,10 +367,18 @@ class LlamaForCausalLM(nn.Module):
             if len(eos):
                 nxt = torch.where(done, eos[0], nxt)
                 done |= torch.isin(nxt, eos)
+                all_done.append(done.all())
             input_ids = torch.cat([input_ids, nxt[:, None]], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], dim=1)
-            if bool(done.all()) or step == max_new_tokens - 1:
+            # The host asks whether every row has finished only every GEN_SYNC_EVERY tokens: each ask waits for the
+            # device to drain, and a small model's decoding step is shorter than that wait. Up to GEN_SYNC_EVERY - 1
+            # extra steps then append eos to finished rows only, and are cut off below.
+            if step == max_new_tokens - 1 or ((step + 1) % GEN_SYNC_EVERY == 0 and bool(all_done[-1])):
                 break
             pos = pos[:, -1:] + 1  # (B, 1)
             logits = self(nxt[:, None], attention_mask, pos, cache)[:, -1]
+        if all_done:  # as many columns as a check after every token gives: up to the first step all had finished
+            finished = torch.stack(all_done).nonzero()  # (k, 1): steps after which every row was done
+            if len(finished):
+                input_ids = input_ids[:, :width + int(finished[0, 0]) + 1]
         return input_ids

@@ -344,6 +344,8 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
                 norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if hasattr(norm, "full_tensor") and (lazy is not None or args.fused_optim):
+                norm = norm.full_tensor()  # FSDP2 gives a DTensor; the device-side checks need a plain tensor
             if lazy is None:
                 step_loss = step_loss.item() if world == 1 else parallel.global_count(step_loss.item()) / world
                 check_finite(state.step + 1, step_loss, norm.item(), args)

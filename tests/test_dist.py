@@ -224,12 +224,13 @@ def test_decoder_run_folder_with_generation_matches_one_process(tmp_path, gen_fi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("files,world", [("cls_files", 2), ("gen_files", 3)])
-def test_grouped_batches_and_device_checks_under_torchrun_match_one_process(tmp_path, request, files, world):
+@pytest.mark.parametrize("files,world,extra", [("cls_files", 2, ()), ("gen_files", 3, ()),
+                                               ("cls_files", 2, ("--fsdp",))])
+def test_grouped_batches_and_device_checks_under_torchrun_match_one_process(tmp_path, request, files, world, extra):
     """Length-grouped global micro-batches (each rank its contiguous rows), length-sorted evaluation of another
     batch size, the device-side non-finite check read at sync points (gathered over ranks), fused AdamW. (The
     decoder case at 3 ranks, as above: its scores are not all 0 there.)"""
-    check_run_matches_one_process(tmp_path, request.getfixturevalue(files), world, both=(
+    check_run_matches_one_process(tmp_path, request.getfixturevalue(files), world, *extra, both=(
         "--group-by-length", "--eval-batch-size", "3", "--check-finite", "log", "--fused-optim", "--log-every", "2"))
 
 

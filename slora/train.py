@@ -40,8 +40,19 @@ LM_CHUNK = 256
 # -----------------------------------------------------------------------------
 # Loss and evaluation
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU batch tensor on `device`. To CUDA through pinned memory, without waiting: a copy from pageable memory
+    first waits until the device has finished everything queued before it (CUDA's rule for pageable host-to-device
+    copies), a host stall per tensor per micro-batch. The copied values are the same bits either way (the
+    DataLoader's pin_memory pattern; torch's pinned-memory allocator keeps the source alive until the copy ends)."""
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def forward_inputs(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    return {k: to_device(v, device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
+                                                                      "token_type_ids")}
 
 
 def target_count(batch: dict, kind: str) -> int:
@@ -59,9 +70,10 @@ def loss_sum(model, batch: dict, kind: str, device, lm_chunk: int | None = None)
     LLaMA-3's V = 128,256 and 2 x 2048 tokens they are 1 GB bf16 + 2 GB fp32, plus as much again for the
     gradient). Same sum, added in another order."""
     if kind == "generation" and lm_chunk:
-        return _lm_loss_sum_chunked(model, forward_inputs(batch, device), batch["labels"].to(device), lm_chunk)
+        return _lm_loss_sum_chunked(model, forward_inputs(batch, device), to_device(batch["labels"], device),
+                                    lm_chunk)
     out = model(**forward_inputs(batch, device))
-    y = batch["labels"].to(device)
+    y = to_device(batch["labels"], device)
     if kind == "classification":
         return F.cross_entropy(out.float(), y, reduction="sum")
     if kind == "regression":
@@ -133,8 +145,9 @@ def evaluate(model, tok, spec, examples, args, pad_id, device, autocast) -> dict
         batches, order = eval_batches(feats, args, pad_id, side="left")
         for batch in parallel.eval_shard(batches, args.fsdp):  # torchrun: this rank's batches, gathered below
             with autocast:
-                out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                     max_new_tokens=args.gen_tokens, eos_token_id=stops)
+                out = model.generate(to_device(batch["input_ids"], device),
+                                     to_device(batch["attention_mask"], device), max_new_tokens=args.gen_tokens,
+                                     eos_token_id=stops)
             preds += text.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
         preds = text.restore_order(parallel.gather(preds, args.fsdp), order)
         refs = [e.label for e in examples]

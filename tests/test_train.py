@@ -247,3 +247,12 @@ def test_chunked_lm_loss_equals_the_whole_loss_and_gradients():
         assert g.keys() == gw.keys() and len(g) == 4
         for n in g:
             torch.testing.assert_close(g[n], gw[n], **TOL, msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batches_reach_the_gpu_through_pinned_memory_unchanged():
+    t = torch.randint(0, 50_000, (8, 257))
+    got = train.to_device(t, torch.device("cuda"))
+    assert got.device.type == "cuda" and torch.equal(got.cpu(), t)
+    assert train.to_device(t, "cpu") is t  # on the CPU nothing is copied

@@ -361,7 +361,7 @@ def main(argv=None):
     p.add_argument("--nlg-steps", type=int, default=40, help="optimizer steps per NLG path (count)")
     p.add_argument("--nlg-batch", type=int, default=32,
                    help="sequences per micro-batch of the new NLG path (evaluation: 4 x as many)")
-    p.add_argument("--nlg-eval", type=int, default=200, help="dev and test examples generated per NLG path (count)")
+    p.add_argument("--nlg-eval", type=int, default=100, help="dev and test examples generated per NLG path (count)")
     p.add_argument("--out", default=None, help="folder for result.json and output.txt; the keys of an existing "
                    "result.json that this run does not measure are kept")
     args = p.parse_args(argv)

@@ -14,7 +14,14 @@ through `step_denominator`, the one place data parallelism has to change (all-re
 
 Data order. Optimizer steps never span an epoch: the last step of an epoch takes the micro-batches that are left
 (fewer than --grad-accum when they do not divide evenly), and the count normalisation weighs it correctly. With
---grad-accum 1 this is the same schedule as before.
+--grad-accum 1 this is the same schedule as before. --group-by-length draws each epoch's batches of similar length
+from the same generator (text.grouped_order), so resume and torchrun's contiguous rows work unchanged.
+
+Host reads. On a GPU, every read of a device value by the host (`.item()`, `bool(t)`, a copy from pageable memory)
+waits until the device has finished its queue, and a small model's step is short enough for those waits to
+matter. Batches go to the device through pinned memory (`to_device`, same bits). `--check-finite log` keeps the
+per-step non-finite check on the device (DeviceFiniteCheck) and `--fused-optim` takes one fused AdamW kernel;
+both are off by default, so the default run reads the loss and gradient norm after every step, as before.
 """
 from __future__ import annotations
 
@@ -226,8 +233,6 @@ class NonFiniteError(FloatingPointError):
 def check_finite(step: int, loss: float, norm: float, args):
     if math.isfinite(loss) and math.isfinite(norm):
         return
-    if not step:
-        raise ValueError("check_finite: a non-finite value needs the step it came from")
     what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
     raise NonFiniteError(
         f"step {step}: {what} is not finite; training stopped and no adapter was saved. Likely causes: the "
@@ -278,7 +283,7 @@ def skip_flag(norm: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(norm)).float()
 
 
-def make_optimizer(params, args, device) -> torch.optim.AdamW:
+def make_optimizer(params, args) -> torch.optim.AdamW:
     """AdamW; with --fused-optim the fused implementation: one kernel for all parameters, where the default
     (foreach on CUDA, a loop over tensors on CPU) launches several per parameter group, which matters for LoRA's
     many small tensors (two per adapted matrix). A different summation order: results differ in the last bits."""
@@ -318,7 +323,7 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
     total = math.ceil(args.epochs * steps_per_epoch)
     total = min(total, args.max_steps) if args.max_steps else total
     warmup = max(1, round(args.warmup * total))
-    opt = make_optimizer(params, args, device)
+    opt = make_optimizer(params, args)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup))
     if world > 1:  # dropout differs per rank (torchtune training/seed.py); the LoRA init above did not
         torch.manual_seed(args.seed + dist.get().rank)

@@ -108,7 +108,7 @@ def test_device_finite_check_names_the_first_bad_step():
 
 def test_fused_optimizer_skips_a_step_whose_gradient_norm_is_not_finite():
     p = torch.nn.Parameter(torch.ones(3))
-    opt = train.make_optimizer([p], argparse.Namespace(lr=0.1, weight_decay=0.0, fused_optim=True), "cpu")
+    opt = train.make_optimizer([p], argparse.Namespace(lr=0.1, weight_decay=0.0, fused_optim=True))
     p.grad = torch.tensor([math.nan, 1.0, 1.0])
     opt.found_inf = train.skip_flag(torch.linalg.vector_norm(p.grad))
     opt.step()

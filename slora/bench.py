@@ -19,7 +19,8 @@ Side-by-side measurements of what slora costs on the current device, every figur
 
 5. NLG fine-tuning (issue 11): `python -m slora.finetune` on SmolLM2 and wiki-describe, the old path (batch 8, random
    order, a host read per step) against the new one (bigger micro-batch, length-grouped batches, the non-finite
-   check on the device, fused AdamW): tokens/s, padding, peak memory, generation throughput (slora.bench_nlg).
+   check on the device, fused AdamW, the LM head on response positions only): tokens/s, padding, peak memory,
+   generation throughput (slora.bench_nlg).
 
 `--only CASE` (calibration, train1b, train8b, nlg; repeatable) runs a subset; with `--out` the keys of an existing
 result.json that were not re-measured are kept. `--small` runs tiny shapes on the CPU in seconds (the CI smoke

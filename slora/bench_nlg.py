@@ -8,7 +8,7 @@ greedy generation (--gen-tokens 32) on the first --nlg-eval dev and test example
         (the settings of the earlier NLG runs)
   new   NEW_FLAGS at --batch-size --nlg-batch (default 32, as reference_runs/grid.py's nlg-full suite):
         length-grouped batches, length-sorted evaluation batches of 4 x the batch, the non-finite check kept on the
-        device, fused AdamW
+        device, fused AdamW, the LM head on response positions only
 Reported per path: training tokens/s (non-pad input tokens, between the first and the last logged step, so the
 first steps' warm-up is left out), the padding fraction of one epoch of that path's batches, peak device memory,
 evaluation throughput (generated answers per second), and from these the estimated seconds of one run of the
@@ -31,7 +31,7 @@ from slora.models import load_tokenizer, save_model
 from slora.models.llama import LlamaConfig
 
 # the flags of the new path besides its batch size (the same flags reference_runs/grid.py's nlg-full suite runs)
-NEW_FLAGS = ("--group-by-length", "--check-finite", "log", "--fused-optim")
+NEW_FLAGS = ("--group-by-length", "--check-finite", "log", "--fused-optim", "--sparse-lm-head")
 OLD_BATCH = 8
 # the full comparison's evaluation (reference_runs/grid.py NLG_FULL_COMMON): examples generated per run
 FULL_EPOCHS, FULL_EVAL = 2, 400

@@ -120,6 +120,9 @@ def parse_args(argv=None):
                    help="when the host reads loss and gradient norm to stop a diverged run: every optimizer step, "
                         "or only at log steps, checkpoints and evaluation (the first bad step is kept on the device "
                         "and named; no GPU stall per step)")
+    p.add_argument("--sparse-lm-head", action="store_true",
+                   help="causal LM, one process: the LM head and loss only at positions that carry a loss (the "
+                        "response tokens), not all B x T; same loss up to rounding, less work and memory")
     p.add_argument("--fused-optim", action="store_true",
                    help="fused AdamW (one kernel for all LoRA tensors; skips a non-finite step on the device)")
     p.add_argument("--lr", type=float, default=2e-3,
@@ -242,6 +245,8 @@ def main(argv=None):
     if dist.env_world() > 1 and args.fsdp and (resume or args.save_every):  # slora.resume's docstring says why
         raise ValueError("--save-every and --resume do not work with --fsdp: a checkpoint holds the LoRA factors and "
                          "optimizer state whole, FSDP2 shards them; use DDP (leave out --fsdp)")
+    if dist.env_world() > 1 and args.sparse_lm_head:  # slora.train._lm_loss_sum_rows calls around the DDP wrapper
+        raise UsageError("--sparse-lm-head", "runs in one process only, not under torchrun")
     d = dist.init(args.device)  # torchrun's environment, or one process without a process group
     with dist.guard():  # torchrun: a failure on any rank ends every rank with its error
         if d.is_main:
@@ -317,6 +322,8 @@ def run(args, tmp: Path, resume: bool = False):
     if (spec.kind == "generation") != (family == "decoder"):
         need, have = ("a decoder", "an encoder") if family == "encoder" else ("an encoder", "a decoder")
         raise SloraError(args.model, f"is {have}, but task {spec.name} ({spec.kind}) needs {need}")
+    if args.sparse_lm_head and spec.kind != "generation":
+        raise UsageError("--sparse-lm-head", f"applies to causal-LM tasks; {spec.name} is {spec.kind}")
     if spec.name == "jsonl-chat":  # the model's template decides; a model without one is refused here
         chat.template_family(tok)
         system = chat.default_system(model_path, tok)

@@ -69,13 +69,19 @@ def target_count(batch: dict, kind: str) -> int:
     return int((batch["labels"][:, 1:] != text.IGNORE_INDEX).sum())
 
 
-def loss_sum(model, batch: dict, kind: str, device, lm_chunk: int | None = None) -> torch.Tensor:
+def loss_sum(model, batch: dict, kind: str, device, lm_chunk: int | None = None, target_rows: bool = False
+             ) -> torch.Tensor:
     """Sum (not mean) of the per-example or per-token losses of one micro-batch, in fp32.
+
+    target_rows (causal LM only, --sparse-lm-head): the LM head and the loss run only at the positions that carry a
+    target (`_lm_loss_sum_rows`); takes the place of lm_chunk.
 
     lm_chunk (causal LM only): run the LM head and the loss over `lm_chunk` positions at a time, each chunk
     recomputed in the backward pass, so the (B, T, V) logits and their fp32 copy never exist whole (at
     LLaMA-3's V = 128,256 and 2 x 2048 tokens they are 1 GB bf16 + 2 GB fp32, plus as much again for the
     gradient). Same sum, added in another order."""
+    if kind == "generation" and target_rows:
+        return _lm_loss_sum_rows(model, forward_inputs(batch, device), batch["labels"], device)
     if kind == "generation" and lm_chunk:
         return _lm_loss_sum_chunked(model, forward_inputs(batch, device), to_device(batch["labels"], device),
                                     lm_chunk)
@@ -107,6 +113,23 @@ def _lm_loss_sum_chunked(model, inputs: dict, y: torch.Tensor, chunk: int) -> to
     return total
 
 
+def _lm_loss_sum_rows(model, inputs: dict, labels: torch.Tensor, device) -> torch.Tensor:
+    """The causal-LM loss sum with the LM head applied only to the hidden states that predict a target token.
+
+    Response-only training leaves most positions without a target (prompt and pad: label -100; on wiki-describe 93 %
+    of the positions), yet the plain loss runs the head over all B x T of them: 2·D·V FLOPs per position forward
+    and as many backward (a fifth of SmolLM2-135M's work per token), and (B, T, V) logits in bf16 plus an fp32 copy.
+    The positions are found from the labels while they are still on the CPU, so the gather asks the device nothing.
+    The same terms as the plain loss, summed in another order (and the head's GEMM has another shape): equal up to
+    rounding."""
+    y = labels[:, 1:]  # (B, T-1) on the CPU: position t predicts token t+1
+    rows, cols = (y != text.IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) each
+    h = model.model(**inputs)  # (B, T, D)
+    h = h[to_device(rows, device), to_device(cols, device)]  # (N, D): the positions that predict a target
+    logits = model.lm_head(h).float()  # (N, V)
+    return F.cross_entropy(logits, to_device(y[rows, cols], device), reduction="sum")
+
+
 def step_denominator(count: int) -> float:
     """The divisor of an optimizer step's summed loss: its target count. One process: the count itself. Under data
     parallelism, the count all-reduced over ranks divided by the world size (DDP averages the gradients), so N
@@ -115,8 +138,8 @@ def step_denominator(count: int) -> float:
     return count if world == 1 else parallel.global_count(count) / world
 
 
-def backward_step(fwd, group: list[tuple[dict, float]], kind: str, device, autocast, lm_chunk: int | None = None
-                  ) -> torch.Tensor:
+def backward_step(fwd, group: list[tuple[dict, float]], kind: str, device, autocast, lm_chunk: int | None = None,
+                  target_rows: bool = False) -> torch.Tensor:
     """Forward and backward of one optimizer step's micro-batches, given as (batch, weight) pairs (weight 0: a
     rank's stand-in row, parallel.local_rows). Gradients accumulate in the parameters, communicated over ranks on
     the last micro-batch only. Returns this rank's part of the step loss (sum over ranks / world = the loss)."""
@@ -125,7 +148,7 @@ def backward_step(fwd, group: list[tuple[dict, float]], kind: str, device, autoc
     for i, (batch, weight) in enumerate(group):
         with parallel.grad_sync(fwd, last=i == len(group) - 1):
             with autocast:
-                loss = loss_sum(fwd, batch, kind, device, lm_chunk) * weight / denom
+                loss = loss_sum(fwd, batch, kind, device, lm_chunk, target_rows) * weight / denom
             loss.backward()
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
     return step_loss
@@ -331,6 +354,10 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
     # Under torchrun it stays whole: the chunks call model.model and model.lm_head directly, around the DDP wrapper
     # and FSDP2's root unit (whose forward gathers the head's shards)
     lm_chunk = LM_CHUNK if getattr(args, "activation_checkpointing", False) and world == 1 else None
+    if args.sparse_lm_head and (spec.kind != "generation" or world > 1):
+        # like the chunked head, the target rows call model.model and model.lm_head around the DDP / FSDP2 wrapper
+        raise ValueError("--sparse-lm-head applies to causal-LM tasks in one process (not "
+                         + ("under torchrun)" if world > 1 else f"to {spec.kind})"))
     state = TrainState()
     lazy = DeviceFiniteCheck() if args.check_finite == "log" else None
     if checkpoint is not None and checkpoint.exists():
@@ -355,7 +382,7 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
             pass
         while state.batch < per_epoch and state.step < total:
             group = list(islice(batches, args.grad_accum))
-            step_loss = backward_step(fwd, group, spec.kind, device, autocast, lm_chunk)
+            step_loss = backward_step(fwd, group, spec.kind, device, autocast, lm_chunk, args.sparse_lm_head)
             state.tokens += sum(int(b["attention_mask"].sum()) for b, w in group if w)
             state.batch += len(group)
             if args.grad_clip > 0:

@@ -59,6 +59,50 @@ def test_micro_batches_times_accum_equal_one_big_batch(accum):
         assert big[n].abs().sum() > 0, n
 
 
+def test_sparse_lm_head_gives_the_plain_loss_and_gradients():
+    # float64: the two losses add the same terms in another order, so they agree to a few eps
+    model = tiny_llama().double()
+    apply_lora(model, {f"model.layers.{i}.self_attn.{m}": 2 for i in (0, 1) for m in ("q_proj", "v_proj")}, 4.0)
+    randomize_lora(model)
+    mark_only_lora_trainable(model, extra=())
+    batch = lm_batch(0, B=6, T=14, vocab=model.config.vocab_size)
+    losses, grads = [], []
+    for rows in (False, True):
+        loss = train.loss_sum(model, batch, "generation", "cpu", target_rows=rows)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(losses[1], losses[0], **TOL)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], **TOL, msg=n)
+    # the head ran on the target positions only: fewer rows than B x (T-1)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[:-1].numel()))
+    train.loss_sum(model, batch, "generation", "cpu", target_rows=True)
+    hook.remove()
+    assert seen == [train.target_count(batch, "generation")] and seen[0] < 6 * 13
+
+
+def test_sparse_lm_head_is_refused_for_an_encoder_task(tmp_path):
+    from slora.errors import UsageError
+    model = tiny_model_dir(tmp_path / "m", "encoder")
+    rows = [{"text": f"the movie was {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(24)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--model", str(model), "--task", "jsonl", "--train-file", str(tmp_path / "t.jsonl"), "--sparse-lm-head"]
+    with pytest.raises(UsageError, match="--sparse-lm-head: applies to causal-LM tasks"):
+        finetune.main(argv + ["--out", str(tmp_path / "run")])
+
+
+def test_sparse_lm_head_is_refused_under_torchrun(tmp_path, monkeypatch):
+    from slora.errors import UsageError
+    model = tiny_model_dir(tmp_path / "m", "decoder")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; refused before the process group is joined
+    with pytest.raises(UsageError, match="--sparse-lm-head: runs in one process only"):
+        finetune.main(["--model", str(model), "--sparse-lm-head", "--out", str(tmp_path / "run")])
+
+
 def test_classification_step_loss_is_the_mean():
     # with one micro-batch the normalised sum is F.cross_entropy's mean, bit for bit (the old loss)
     logits = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))

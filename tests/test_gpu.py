@@ -96,7 +96,7 @@ def test_finetune_on_cuda_defaults_to_a_bf16_base_with_fp32_lora(tmp_path):
 # the efficient NLG path (grid.py nlg-full): grouped batches, sorted evaluation, device-side non-finite check, fused
 # AdamW, LM head on target rows, batches through pinned memory
 FAST = ("--group-by-length", "--eval-batch-size", "5", "--check-finite", "log", "--fused-optim", "--sparse-lm-head",
-        "--log-every", "2", "--max-steps", "6")
+        "--log-every", "2", "--epochs", "2", "--max-steps", "6")
 
 
 def test_decoder_fast_path_on_cuda_follows_the_cpu(tmp_path):

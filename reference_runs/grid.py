@@ -3,6 +3,7 @@
     python reference_runs/grid.py nlu --device cuda --workers 10   # MiniLM, paper Tables 1, 3, 7 (one H200: ~20 min)
     python reference_runs/grid.py nlg --workers 2 --threads 1      # SmolLM2, paper Table 2 (2 CPU cores: ~1 h)
     python reference_runs/grid.py mpnet --device cuda --workers 16 # MPNet, every method with its own dev-picked lr
+    python reference_runs/grid.py nlg-full --device cuda --workers 6 # SmolLM2 at full size, lr picked per method
     python reference_runs/grid.py nlu --list                       # what is done, what is pending
 
 Each run's folder is reference_runs/<suite>/<task>/<run>/: the run folder of slora.finetune (args.json,
@@ -27,6 +28,21 @@ Selection, on the dev split only (the test split is read once per run, after tra
   compared at a rate tuned for another (the tuning critique of arXiv 2602.04998). Methods: uniform, Sensitivity-LoRA,
   Sg, Sl, PRA, the obs metric source, and EVA (`--alloc eva`, ρ = 2). All linear layers once more with the budget
   kept in parameters (`--budget-unit param`) for the methods whose ranks differ between matrix shapes.
+- NLG at full size (issue 11, "nlg-full"). SmolLM2 on all 7,890 wiki-describe training examples (--max-len 256),
+  2 epochs, seeds 0 1 2; uniform, Sensitivity-LoRA and EVA on q,k,v,o (the decoder default) at every rate of
+  LRS["nlg-full"]; the learning rate is picked on dev per method, as for MPNet. The GPU path of NLG_FULL_COMMON:
+  micro-batch 32 in length-grouped batches, evaluation in length-sorted batches of 128, the non-finite check kept
+  on the device (read every 50 steps, at checkpoints and before evaluation), fused AdamW, the LM head run on the
+  response positions only (7 % of the non-pad positions carry a loss). Dev and test are cut to their first 400
+  examples (of 986) and answers to 32 tokens: ROUGE-L of 400 short descriptions, cheap to generate.
+  Cost, from token counts of the real data (SmolLM2's tokenizer, --max-len 256): 1,149,415 non-pad training tokens
+  per epoch (padding: 41 % of the positions in random batches of 32, 1.3 % in grouped ones), so 2.30 M per run and
+  62.1 M for the 27 runs; 1,200 generated answers per run (400 dev after each epoch, 400 test), 32,400 in all.
+  ASSUMED, not measured here: 150,000 non-pad training tokens/s summed over the concurrent runs on one H200, 200
+  answers/s summed, 20 s of loading and calibration per run (`python -m slora.bench --only nlg` measures one run's
+  rates). Then: 62.1 M / 150,000 = 414 s of training, 32,400 / 200 = 162 s of generation, 27 x 20 s / 6 workers =
+  90 s of set-up: about 11 min. The 25 min target holds down to about 50,000 training tokens/s summed
+  (62.1 M / (1,500 s - 252 s)); 8 concurrent runs at batch 8 reached about 44,000 before.
 A seed fixes the data split, the calibration sample, the head and LoRA init, the batch order and dropout; every
 method of one seed sees the same split, so the methods are compared pairwise.
 """
@@ -49,8 +65,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-SEEDS = {"nlu": (0, 1, 2), "nlg": (0, 1), "mpnet": (0, 1, 2, 3, 4)}
-LRS = {"nlu": (5e-4, 1e-3, 2e-3), "nlg": (1e-3,), "mpnet": (5e-4, 1e-3, 2e-3)}
+SEEDS = {"nlu": (0, 1, 2), "nlg": (0, 1), "mpnet": (0, 1, 2, 3, 4), "nlg-full": (0, 1, 2)}
+LRS = {"nlu": (5e-4, 1e-3, 2e-3), "nlg": (1e-3,), "mpnet": (5e-4, 1e-3, 2e-3), "nlg-full": (5e-4, 1e-3, 2e-3)}
 NLU_TASKS = ("rt-polarity", "rt-regression", "wiki-topic")
 NLU_COMMON = "--model minilm --epochs 3 --batch-size 32 --log-every 50"
 # NLG is sized for the 2-core CPU (about 100 training tokens/s for SmolLM2): the full-size version (7,890 examples
@@ -58,6 +74,11 @@ NLU_COMMON = "--model minilm --epochs 3 --batch-size 32 --log-every 50"
 # 160-example training sample, 96-token sequences and 100 dev/test examples. Not tuned on dev: the lr is fixed.
 NLG_COMMON = ("--model smollm2 --task wiki-describe --max-train 160 --max-eval 100 --max-len 96 --calib-n 64 "
               "--epochs 2 --batch-size 8 --gen-tokens 16 --log-every 5")
+# NLG at full size (module docstring): the efficient GPU path; 2 epochs at micro-batch 32 are 494 optimizer steps
+NLG_FULL_COMMON = ("--model smollm2 --task wiki-describe --max-len 256 --epochs 2 --batch-size 32 --group-by-length "
+                   "--eval-batch-size 128 --check-finite log --fused-optim --sparse-lm-head --max-eval 400 "
+                   "--gen-tokens 32 --log-every 50")
+NLG_FULL_METHODS = {"uniform": "--alloc uniform", "sensitivity": "--alloc sensitivity", "eva": "--alloc eva"}
 ABLATIONS = ("global", "local", "pra", "half-mu")
 # MPNet: one epoch over the full training split, like the default run (the paper's 10 epochs over 7 methods x 3 lrs x
 # 5 seeds x 3 tasks do not fit one session's device time; every method gets the same schedule)
@@ -117,6 +138,16 @@ def nlg_run(targets, alloc, lr, seed) -> Run:
     extra = "--epoch-sensitivity " if alloc == "sensitivity" else ""
     args = f"{NLG_COMMON} --alloc {alloc} --lr {lr:g} --seed {seed} {tag}{extra}".strip()
     return Run("nlg", "wiki-describe", f"{targets}-{alloc}-{lr_tag(lr)}-s{seed}", args, "compare")
+
+
+def nlg_full_run(method, lr, seed) -> Run:
+    args = f"{NLG_FULL_COMMON} {NLG_FULL_METHODS[method]} --lr {lr:g} --seed {seed}"
+    return Run("nlg-full", "wiki-describe", f"attn-{method}-{lr_tag(lr)}-s{seed}", args, "compare")
+
+
+def nlg_full_plan() -> list[Run]:
+    """Seed-major, so that an early stop leaves whole seeds of every method at every learning rate."""
+    return [nlg_full_run(m, lr, s) for s in SEEDS["nlg-full"] for lr in LRS["nlg-full"] for m in NLG_FULL_METHODS]
 
 
 def mpnet_run(task, targets, method, lr, seed, unit="rank") -> Run:
@@ -201,7 +232,7 @@ def nlg_plan() -> list[Run]:
             for m in ("uniform", "sensitivity")]
 
 
-PLANS = {"nlu": nlu_plan, "nlg": nlg_plan, "mpnet": mpnet_plan}
+PLANS = {"nlu": nlu_plan, "nlg": nlg_plan, "mpnet": mpnet_plan, "nlg-full": nlg_full_plan}
 
 
 # -----------------------------------------------------------------------------

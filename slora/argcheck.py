@@ -19,11 +19,13 @@ from slora.errors import UsageError
 # "not set", and --help says what that stands for. Zero is accepted only where --help gives it a meaning.
 COUNTS = {
     "max_len": 2, "max_train": 1, "max_eval": 1, "calib_n": 1, "calib_len": 2, "pra_groups": 1,
-    "max_steps": 1, "batch_size": 1, "grad_accum": 1, "gen_tokens": 1, "threads": 1, "log_every": 1,
+    "max_steps": 1, "batch_size": 1, "eval_batch_size": 1, "grad_accum": 1, "gen_tokens": 1, "threads": 1,
+    "log_every": 1,
     "r_min": 0,  # 0: a matrix may get no adapter (--help)
     "r_max": 1, "num_labels": 2, "seed": 0,
     "save_every": 0,  # 0: no training checkpoints (--help)
     "batches": 1, "seq_len": 1, "train_batch": 1, "train_seq_len": 1, "train_steps": 1,  # slora.bench
+    "nlg_steps": 1, "nlg_batch": 1, "nlg_eval": 1,  # slora.bench, NLG case
 }
 # Real numbers: (low, high, low included, high included); every one must also be finite.
 REALS = {

@@ -17,7 +17,12 @@ Side-by-side measurements of what slora costs on the current device, every figur
    library's own training loss (slora's chunked LM head; transformers' `labels=`). Tokens/s and peak memory of
    both, and their ratio (goals: >= 1.10x PEFT, <= 22 GB).
 
-`--only CASE` (calibration, train1b, train8b; repeatable) runs a subset; with `--out` the keys of an existing
+5. NLG fine-tuning (issue 11): `python -m slora.finetune` on SmolLM2 and wiki-describe, the old path (batch 8, random
+   order, a host read per step) against the new one (bigger micro-batch, length-grouped batches, the non-finite
+   check on the device, fused AdamW, the LM head on response positions only): tokens/s, padding, peak memory,
+   generation throughput (slora.bench_nlg).
+
+`--only CASE` (calibration, train1b, train8b, nlg; repeatable) runs a subset; with `--out` the keys of an existing
 result.json that were not re-measured are kept. `--small` runs tiny shapes on the CPU in seconds (the CI smoke
 test). transformers and peft are optional
 comparison baselines: when missing, their rows say so and the run goes on.
@@ -300,6 +305,9 @@ def report(r: dict) -> str:
         lines += bench_train.report_training(r)
     if "train8b_step_s_slora" in r:
         lines += bench_train.report_train8b(r)
+    if "nlg_new_tokens_per_s" in r:
+        from slora import bench_nlg
+        lines += bench_nlg.report_nlg(r)
     return "\n".join(lines)
 
 
@@ -334,7 +342,7 @@ def report_calibration(r: dict) -> list[str]:
     return lines
 
 
-CASES = ("calibration", "train1b", "train8b")
+CASES = ("calibration", "train1b", "train8b", "nlg")
 
 
 def main(argv=None):
@@ -351,6 +359,10 @@ def main(argv=None):
     p.add_argument("--train8b-batch", type=int, default=2, help="sequences per training step (8B case)")
     p.add_argument("--train8b-seq-len", type=int, default=2048, help="tokens per training sequence (8B case)")
     p.add_argument("--train-steps", type=int, default=10, help="timed training steps (count)")
+    p.add_argument("--nlg-steps", type=int, default=40, help="optimizer steps per NLG path (count)")
+    p.add_argument("--nlg-batch", type=int, default=32,
+                   help="sequences per micro-batch of the new NLG path (evaluation: 4 x as many)")
+    p.add_argument("--nlg-eval", type=int, default=100, help="dev and test examples generated per NLG path (count)")
     p.add_argument("--out", default=None, help="folder for result.json and output.txt; the keys of an existing "
                    "result.json that this run does not measure are kept")
     args = p.parse_args(argv)
@@ -362,6 +374,7 @@ def main(argv=None):
     if args.small:
         args.batches, args.batch_size, args.seq_len, args.train_batch, args.train_seq_len = 2, 2, 32, 2, 32
         args.train8b_batch, args.train8b_seq_len, args.train_steps = 2, 32, 2
+        args.nlg_steps, args.nlg_batch, args.nlg_eval = 8, 32, 8
     calib_shape = "tiny" if args.small else "llama-3.1-8b"
     train_shape = "tiny" if args.small else "llama-3.2-1b"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -395,6 +408,10 @@ def main(argv=None):
                                                   own_loss=True))
         except Exception as e:
             res.update(train8b_step_s_slora=None, train8b_tokens_per_s_slora=None, train8b_error=f"{e!r}"[:300])
+        reset_peak(device)
+    if "nlg" in cases:
+        from slora import bench_nlg  # builds on this module's helpers, like bench_train
+        res.update(bench_nlg.bench_nlg(device, args.nlg_steps, args.nlg_batch, args.nlg_eval, args.small))
         reset_peak(device)
     if args.out and (Path(args.out) / "result.json").is_file():
         old = json.loads((Path(args.out) / "result.json").read_text())

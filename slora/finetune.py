@@ -111,6 +111,20 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (count)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="training batches of similar length (megabatches of 50 batches sorted by length, batch order "
+                        "shuffled; seeded), less padding; evaluation batches sorted by length too")
+    p.add_argument("--eval-batch-size", type=int, default=None,
+                   help="sequences per evaluation / generation batch (default --batch-size)")
+    p.add_argument("--check-finite", default="step", choices=("step", "log"),
+                   help="when the host reads loss and gradient norm to stop a diverged run: every optimizer step, "
+                        "or only at log steps, checkpoints and evaluation (the first bad step is kept on the device "
+                        "and named; no GPU stall per step)")
+    p.add_argument("--sparse-lm-head", action="store_true",
+                   help="causal LM: the LM head and loss only at positions that carry a loss (the "
+                        "response tokens), not all B x T; same loss up to rounding, less work and memory")
+    p.add_argument("--fused-optim", action="store_true",
+                   help="fused AdamW (one kernel for all LoRA tensors; skips a non-finite step on the device)")
     p.add_argument("--lr", type=float, default=2e-3,
                    help="peak learning rate (paper App. A.2: 5e-4 over 10 epochs; 2e-3 suits the 1-epoch default)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
@@ -313,6 +327,8 @@ def run(args, tmp: Path, resume: bool = False):
     if (spec.kind == "generation") != (family == "decoder"):
         need, have = ("a decoder", "an encoder") if family == "encoder" else ("an encoder", "a decoder")
         raise SloraError(args.model, f"is {have}, but task {spec.name} ({spec.kind}) needs {need}")
+    if args.sparse_lm_head and spec.kind != "generation":
+        raise UsageError("--sparse-lm-head", f"applies to causal-LM tasks; {spec.name} is {spec.kind}")
     if spec.name == "jsonl-chat":  # the model's template decides; a model without one is refused here
         chat.template_family(tok)
         system = chat.default_system(model_path, tok)

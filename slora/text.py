@@ -171,15 +171,64 @@ def collate(feats: Sequence[Features], pad_id: int, side: str = "right") -> dict
     return batch
 
 
+# Length grouping: a megabatch holds this many batches; it is sorted by length, then cut into batches. 50 is the
+# default of transformers' LengthGroupedSampler (mega_batch_mult): wide enough that neighbours in the sorted order
+# differ by a few tokens, narrow enough that the epoch's order stays random at the scale of the megabatch.
+MEGABATCH = 50
+
+
+def grouped_order(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Batches of example indices with similar lengths, for less padding (`--group-by-length`).
+
+    A random permutation (torch.randperm(n, generator)) is cut into megabatches of MEGABATCH·batch_size examples;
+    each megabatch is sorted by length, longest first (ties keep the permutation's order, so the result depends only
+    on the generator), and cut into batches; then the order of all batches is shuffled (a second randperm), so that
+    an epoch does not run from long to short sequences inside each megabatch. Every index appears exactly once. Only
+    the last megabatch can end with a short batch, so an epoch has ceil(n / batch_size) batches, as without
+    grouping."""
+    n = len(lengths)
+    perm = torch.randperm(n, generator=generator).tolist()
+    mega = MEGABATCH * batch_size
+    batches = []
+    for i in range(0, n, mega):
+        part = sorted(perm[i:i + mega], key=lambda j: -lengths[j])  # stable: equal lengths keep perm's order
+        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    return [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def length_sorted(feats: Sequence[Features]) -> list[int]:
+    """Indices of `feats`, longest first (ties in input order): evaluation batches of similar length, whose
+    predictions `restore_order` puts back in example order."""
+    return sorted(range(len(feats)), key=lambda i: -len(feats[i].input_ids))
+
+
+def restore_order(values: Sequence, order: Sequence[int]) -> list:
+    """The inverse of taking `values[k]` for example `order[k]`: out[order[k]] = values[k]."""
+    if len(values) != len(order):
+        raise ValueError(f"{len(values)} predictions for {len(order)} examples")
+    out = [None] * len(order)
+    for k, i in enumerate(order):
+        out[i] = values[k]
+    return out
+
+
 def iterate_batches(feats: Sequence[Features], batch_size: int, pad_id: int, *,
-                    generator: torch.Generator | None = None, side: str = "right") -> Iterator[dict[str, torch.Tensor]]:
+                    generator: torch.Generator | None = None, side: str = "right",
+                    group_by_length: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of `batch_size` features. With a generator the order is torch.randperm(n, generator): seed one
-    generator once for the whole run and each epoch gets a new, reproducible order. Without one the input order
-    is kept (evaluation: predictions line up with the examples)."""
+    generator once for the whole run and each epoch gets a new, reproducible order. group_by_length: batches of
+    similar length in a random order drawn from the generator (`grouped_order`). Without a generator the input
+    order is kept (evaluation: predictions line up with the examples)."""
     n = len(feats)
-    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
-    for i in range(0, n, batch_size):
-        yield collate([feats[j] for j in order[i:i + batch_size]], pad_id, side)
+    if group_by_length:
+        if generator is None:
+            raise ValueError("group_by_length draws its order from a generator; none was given")
+        batches = grouped_order([len(f.input_ids) for f in feats], batch_size, generator)
+    else:
+        order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+        batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    for idx in batches:
+        yield collate([feats[j] for j in idx], pad_id, side)
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,14 @@ through `step_denominator`, the one place data parallelism has to change (all-re
 
 Data order. Optimizer steps never span an epoch: the last step of an epoch takes the micro-batches that are left
 (fewer than --grad-accum when they do not divide evenly), and the count normalisation weighs it correctly. With
---grad-accum 1 this is the same schedule as before.
+--grad-accum 1 this is the same schedule as before. --group-by-length draws each epoch's batches of similar length
+from the same generator (text.grouped_order), so resume and torchrun's contiguous rows work unchanged.
+
+Host reads. On a GPU, every read of a device value by the host (`.item()`, `bool(t)`, a copy from pageable memory)
+waits until the device has finished its queue, and a small model's step is short enough for those waits to
+matter. Batches go to the device through pinned memory (`to_device`, same bits). `--check-finite log` keeps the
+per-step non-finite check on the device (DeviceFiniteCheck) and `--fused-optim` takes one fused AdamW kernel;
+both are off by default, so the default run reads the loss and gradient norm after every step, as before.
 """
 from __future__ import annotations
 
@@ -39,8 +46,19 @@ LM_CHUNK = 256
 # -----------------------------------------------------------------------------
 # Loss and evaluation
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU batch tensor on `device`. To CUDA through pinned memory, without waiting: a copy from pageable memory
+    first waits until the device has finished everything queued before it (CUDA's rule for pageable host-to-device
+    copies), a host stall per tensor per micro-batch. The copied values are the same bits either way (the
+    DataLoader's pin_memory pattern; torch's pinned-memory allocator keeps the source alive until the copy ends)."""
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def forward_inputs(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    return {k: to_device(v, device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
+                                                                      "token_type_ids")}
 
 
 def target_count(batch: dict, kind: str) -> int:
@@ -50,16 +68,24 @@ def target_count(batch: dict, kind: str) -> int:
     return int((batch["labels"][:, 1:] != text.IGNORE_INDEX).sum())
 
 
-def loss_sum(model, batch: dict, kind: str, device, lm_chunk: int | None = None) -> torch.Tensor:
+def loss_sum(model, batch: dict, kind: str, device, lm_chunk: int | None = None, target_rows: bool = False
+             ) -> torch.Tensor:
     """Sum (not mean) of the per-example or per-token losses of one micro-batch, in fp32.
 
     Causal LM: the model's own forward computes the summed next-token loss from the labels (LlamaForCausalLM),
-    `lm_chunk` positions of LM head and loss at a time when given. Through the forward, so that under torchrun the
-    DDP wrapper and FSDP2's root unit see one forward call (and gather the head's shards) either way."""
-    y = batch["labels"].to(device)
+    `lm_chunk` positions of LM head and loss at a time when given, or with `target_rows` (--sparse-lm-head) only at
+    the positions that carry a target. Through the forward, so that under torchrun the DDP wrapper and FSDP2's root
+    unit see one forward call (and gather the head's shards) either way."""
     if kind not in ("classification", "regression"):  # causal LM: prompt and pad tokens carry label IGNORE_INDEX
-        return model(**forward_inputs(batch, device), labels=y, loss_chunk=lm_chunk)
+        rows = None
+        if target_rows:
+            # found from the labels while they are still on the CPU, so the gather asks the device nothing
+            r, c = (batch["labels"][:, 1:] != text.IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) each
+            rows = (to_device(r, device), to_device(c, device))
+        return model(**forward_inputs(batch, device), labels=to_device(batch["labels"], device), loss_chunk=lm_chunk,
+                     loss_rows=rows)
     out = model(**forward_inputs(batch, device))
+    y = to_device(batch["labels"], device)
     if kind == "classification":
         return F.cross_entropy(out.float(), y, reduction="sum")
     return F.mse_loss(out.float().squeeze(-1), y, reduction="sum")
@@ -73,8 +99,8 @@ def step_denominator(count: int) -> float:
     return count if world == 1 else parallel.global_count(count) / world
 
 
-def backward_step(fwd, group: list[tuple[dict, float]], kind: str, device, autocast, lm_chunk: int | None = None
-                  ) -> torch.Tensor:
+def backward_step(fwd, group: list[tuple[dict, float]], kind: str, device, autocast, lm_chunk: int | None = None,
+                  target_rows: bool = False) -> torch.Tensor:
     """Forward and backward of one optimizer step's micro-batches, given as (batch, weight) pairs (weight 0: a
     rank's stand-in row, parallel.local_rows). Gradients accumulate in the parameters, communicated over ranks on
     the last micro-batch only. Returns this rank's part of the step loss (sum over ranks / world = the loss)."""
@@ -83,10 +109,21 @@ def backward_step(fwd, group: list[tuple[dict, float]], kind: str, device, autoc
     for i, (batch, weight) in enumerate(group):
         with parallel.grad_sync(fwd, last=i == len(group) - 1):
             with autocast:
-                loss = loss_sum(fwd, batch, kind, device, lm_chunk) * weight / denom
+                loss = loss_sum(fwd, batch, kind, device, lm_chunk, target_rows) * weight / denom
             loss.backward()
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
     return step_loss
+
+
+def eval_batches(feats, args, pad_id, side: str = "right") -> tuple[list[dict], list[int]]:
+    """(batches, order): evaluation batches of --eval-batch-size (default --batch-size) features, and the example
+    index of each row in batch order. With --group-by-length the features are taken longest first
+    (text.length_sorted), so a batch pads to a length near its own rows' and generation runs fewer pad positions;
+    predictions go back to example order with text.restore_order. Only then: a row's numbers can change with the
+    batch it shares (its pad width), in the last bits, and so a greedy token now and then."""
+    size = args.eval_batch_size or args.batch_size
+    order = text.length_sorted(feats) if args.group_by_length else list(range(len(feats)))
+    return list(text.iterate_batches([feats[i] for i in order], size, pad_id, side=side)), order
 
 
 @torch.no_grad()
@@ -96,28 +133,28 @@ def evaluate(model, tok, spec, examples, args, pad_id, device, autocast) -> dict
         feats = text.encode_prompts(tok, examples, args.max_len)
         stops = chat.stop_ids(tok) + [i for i in (model.config.eos_token_id,) if isinstance(i, int)]
         preds = []
-        batches = list(text.iterate_batches(feats, args.batch_size, pad_id, side="left"))
+        batches, order = eval_batches(feats, args, pad_id, side="left")
         # torchrun: this rank's batches, gathered below; under FSDP2 padded with dummies (real False) that keep
         # every rank's forwards in step
         for batch, real in parallel.eval_shard(batches, args.fsdp):
             with autocast:
-                out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                     max_new_tokens=args.gen_tokens, eos_token_id=stops,
-                                     all_done=parallel.lockstep_stop(args.fsdp, real))
+                out = model.generate(to_device(batch["input_ids"], device),
+                                     to_device(batch["attention_mask"], device), max_new_tokens=args.gen_tokens,
+                                     eos_token_id=stops, all_done=parallel.lockstep_stop(args.fsdp, real))
             if real:
                 preds += text.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
-        preds = parallel.gather(preds)
+        preds = text.restore_order(parallel.gather(preds), order)
         refs = [e.label for e in examples]
     else:
         feats = text.encode_encoder(tok, examples, args.max_len)
         preds = []
-        batches = list(text.iterate_batches(feats, args.batch_size, pad_id))
+        batches, order = eval_batches(feats, args, pad_id)
         for batch, real in parallel.eval_shard(batches, args.fsdp):
             with autocast:
                 logits = model(**forward_inputs(batch, device)).float()
             if real:
                 preds += (logits.squeeze(-1) if spec.kind == "regression" else logits.argmax(-1)).tolist()
-        preds = parallel.gather(preds)
+        preds = text.restore_order(parallel.gather(preds), order)
         refs = [f.labels for f in feats]
     return scoring.score(spec.metrics, preds, refs)
 
@@ -191,6 +228,57 @@ def check_finite(step: int, loss: float, norm: float, args):
         f"(try --precision fp32)")
 
 
+class DeviceFiniteCheck:
+    """`--check-finite log`: the non-finite check of every optimizer step, kept on the device and read at sync points.
+
+    The default (`--check-finite step`) reads each step's loss and gradient norm on the host (`.item()`), and on a
+    GPU each read waits until the device has drained its queue, a stall per step that small models feel most. Here
+    `record` keeps, on the device, the first step whose loss or norm is not finite with those two values (a few
+    0-d tensor ops, no host read), and `raise_if_bad` reads them, one host read, where the loop syncs anyway: at a
+    log step, before a checkpoint is written, before evaluation. It raises the same NonFiniteError, naming the
+    exact first bad step. The steps between that step and the sync point only change a run that is about to stop:
+    no checkpoint, evaluation or adapter is made from them. (With --fused-optim such a step's update is skipped on
+    the device too; see `skip_flag`.)"""
+
+    def __init__(self):
+        self.state = None  # (step, loss, norm) on the device: step 0 while every step so far was finite
+
+    def record(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        if self.state is None:
+            z = torch.zeros((), device=loss.device)
+            self.state = (torch.zeros((), dtype=torch.long, device=loss.device), z, z)
+        first, lo, no = self.state
+        new = ~(torch.isfinite(loss) & torch.isfinite(norm)) & (first == 0)  # () bool: the first bad step
+        self.state = (torch.where(new, step, first), torch.where(new, loss.float(), lo),
+                      torch.where(new, norm.float(), no))
+
+    def raise_if_bad(self, args) -> None:
+        """NonFiniteError for the first bad step of any rank (torchrun: a collective, every rank calls it)."""
+        if self.state is None:
+            return
+        mine = torch.stack([t.double() for t in self.state]).tolist()  # [step, loss, norm]: one host read
+        bad = [r for r in dist.all_gather_json(mine) if r[0]]  # each rank's loss is its own part of the loss
+        if bad:
+            step, loss, norm = min(bad, key=lambda r: r[0])
+            check_finite(int(step), loss, norm, args)
+
+
+def skip_flag(norm: torch.Tensor) -> torch.Tensor:
+    """Fused AdamW's `found_inf` for a step: 1.0 when the gradient norm is not finite, and then the fused kernel
+    leaves parameters and moments as they were and takes the step back from its count (the mechanism
+    torch.amp.GradScaler uses). The norm, not the loss: under DDP it is the same number on every rank (computed
+    from the all-reduced gradients), so all ranks skip together and the replicas stay equal."""
+    return (~torch.isfinite(norm)).float()
+
+
+def make_optimizer(params, args) -> torch.optim.AdamW:
+    """AdamW; with --fused-optim the fused implementation: one kernel for all parameters, where the default
+    (foreach on CUDA, a loop over tensors on CPU) launches several per parameter group, which matters for LoRA's
+    many small tensors (two per adapted matrix). A different summation order: results differ in the last bits."""
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
+                             **({"fused": True} if args.fused_optim else {}))
+
+
 def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker=None,
              checkpoint=None) -> tuple[dict, torch.nn.Module]:
     """Apply LoRA with the allocated ranks, train with AdamW, evaluate every epoch (and re-measure the sensitivity
@@ -231,7 +319,7 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
     total = math.ceil(args.epochs * steps_per_epoch)
     total = min(total, args.max_steps) if args.max_steps else total
     warmup = max(1, round(args.warmup * total))
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    opt = make_optimizer(params, args)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup))
     if world > 1:  # dropout differs per rank (torchtune training/seed.py); the LoRA init above did not
         torch.manual_seed(args.seed + dist.get().rank)
@@ -239,6 +327,7 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
     # inside the model's forward: under torchrun too
     lm_chunk = LM_CHUNK if getattr(args, "activation_checkpointing", False) else None
     state = TrainState()
+    lazy = DeviceFiniteCheck() if args.check_finite == "log" else None
     if checkpoint is not None and checkpoint.exists():
         state = checkpoint.restore(model, opt, sched, device)
         log("resume", f"resumed at step {state.step}/{total} (epoch {state.epoch + 1}, micro-batch {state.batch})",
@@ -255,32 +344,48 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
             state.data_rng = g.get_state()  # the epoch's order is drawn next, from here
         else:
             g.set_state(state.data_rng)  # resumed mid-epoch: draw the same order again, skip what was used
-        batches = map(parallel.local_rows, text.iterate_batches(feats, global_batch, pad_id, generator=g))
+        batches = map(parallel.local_rows, text.iterate_batches(feats, global_batch, pad_id, generator=g,
+                                                                group_by_length=args.group_by_length))
         for _ in islice(batches, state.batch):
             pass
         while state.batch < per_epoch and state.step < total:
             group = list(islice(batches, args.grad_accum))
-            step_loss = backward_step(fwd, group, spec.kind, device, autocast, lm_chunk)
+            step_loss = backward_step(fwd, group, spec.kind, device, autocast, lm_chunk, args.sparse_lm_head)
             state.tokens += sum(int(b["attention_mask"].sum()) for b, w in group if w)
             state.batch += len(group)
             if args.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            step_loss = step_loss.item() if world == 1 else parallel.global_count(step_loss.item()) / world
-            check_finite(state.step + 1, step_loss, norm.item(), args)
+            if hasattr(norm, "full_tensor") and (lazy is not None or args.fused_optim):
+                norm = norm.full_tensor()  # FSDP2 gives a DTensor; the device-side checks need a plain tensor
+            if lazy is None:
+                step_loss = step_loss.item() if world == 1 else parallel.global_count(step_loss.item()) / world
+                check_finite(state.step + 1, step_loss, norm.item(), args)
+            else:
+                lazy.record(state.step + 1, step_loss, norm)
+            if args.fused_optim:
+                opt.found_inf = skip_flag(norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             state.step += 1
             if state.step % args.log_every == 0 or state.step == total:
+                if lazy is not None:  # the host reads the loss here anyway: check every step since the last one
+                    lazy.raise_if_bad(args)
+                    step_loss = step_loss.item() if world == 1 else parallel.global_count(step_loss.item()) / world
                 el = time.time() - t_start - t_eval
-                done = parallel.global_count(state.tokens - tokens0)  # all ranks: tokens/s of the whole job
+                seen = parallel.global_count(state.tokens)  # all ranks: the whole job's non-pad input tokens
+                done = seen - parallel.global_count(tokens0)  # those of this process's own run (tokens/s)
                 log("step", f"step {state.step}/{total} loss {step_loss:.4f} lr {sched.get_last_lr()[0]:.2e} "
                     f"{done / el:,.0f} tok/s ETA {el / state.step * (total - state.step):.0f}s", step=state.step,
-                    loss=step_loss, lr=sched.get_last_lr()[0], tokens_per_s=done / el)
+                    loss=step_loss, lr=sched.get_last_lr()[0], tokens_per_s=done / el, tokens=seen)
             if checkpoint is not None and checkpoint.due(state.step) and state.step < total:
+                if lazy is not None:  # a resume point is never written from a diverged state
+                    lazy.raise_if_bad(args)
                 checkpoint.save(state, model, opt, sched, device)
+        if lazy is not None:  # nor is a diverged model evaluated
+            lazy.raise_if_bad(args)
         t0 = time.time()
         scores = {k: evaluate(model, tok, spec, v, args, pad_id, device, autocast) for k, v in evals.items()
                   if k.startswith("dev")}

@@ -245,17 +245,18 @@ def gen_files(tmp_path_factory):
     return write(d / "train.jsonl", rows[:10]), write(d / "dev.jsonl", rows[10:]), "instructions"
 
 
-def check_run_matches_one_process(tmp_path, files, world, *extra):
-    """`extra` flags go to the N-rank run only (e.g. --fsdp); the oracle is one plain process at N·b."""
+def check_run_matches_one_process(tmp_path, files, world, *extra, both=()):
+    """`extra` flags go to the N-rank run only (e.g. --fsdp); the oracle is one plain process at N·b. `both`: flags
+    of both runs."""
     from slora import finetune
     model = tiny_model_dir(tmp_path / "m", "encoder" if files[2] == "classification" else "decoder")
     if files[2] == "classification":  # dropout 0 in BERT too (slora's LLaMA has none): the runs must be comparable
         cfg = json.loads((model / "config.json").read_text())
         (model / "config.json").write_text(json.dumps(cfg | {"hidden_dropout_prob": 0.0,
                                                              "attention_probs_dropout_prob": 0.0}))
-    one = finetune.main(run_argv(model, files, tmp_path / "one", 4 * world))
+    one = finetune.main(run_argv(model, files, tmp_path / "one", 4 * world, *both))
     out = tmp_path / "many"
-    res = launch(world, ["-m", "slora.finetune", *run_argv(model, files, out, 4, *extra)])
+    res = launch(world, ["-m", "slora.finetune", *run_argv(model, files, out, 4, *both, *extra)])
     for rank, (rc, text, _) in enumerate(res):
         assert rc == 0, f"rank {rank} failed:\n{text[-3000:]}"
     assert sum("run folder:" in text for _, text, _ in res) == 1  # rank 0 alone reports (and writes) the folder
@@ -293,6 +294,22 @@ def test_fsdp_run_folder_matches_one_process(tmp_path, cls_files):
 def test_decoder_run_folder_with_generation_matches_one_process(tmp_path, gen_files, extra):
     """Generated answers: evaluation split over 3 ranks (DDP, or FSDP2 in lockstep); same scores as one process."""
     check_run_matches_one_process(tmp_path, gen_files, 3, *extra)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("files,world,extra,more", [("cls_files", 2, (), ()), ("gen_files", 3, (), ()),
+                                                    ("cls_files", 2, ("--fsdp",), ()),
+                                                    ("gen_files", 3, (), ("--sparse-lm-head",)),
+                                                    ("gen_files", 3, ("--fsdp",), ("--sparse-lm-head",))])
+def test_grouped_batches_and_device_checks_under_torchrun_match_one_process(tmp_path, request, files, world, extra,
+                                                                            more):
+    """Length-grouped global micro-batches (each rank its contiguous rows), length-sorted evaluation of another
+    batch size, the device-side non-finite check read at sync points (gathered over ranks), fused AdamW, and the
+    LM head on target positions only (inside the model's forward, so through DDP's wrapper and FSDP2's root). (The
+    decoder case at 3 ranks, as above: its scores are not all 0 there.)"""
+    check_run_matches_one_process(tmp_path, request.getfixturevalue(files), world, *extra, both=(
+        "--group-by-length", "--eval-batch-size", "3", "--check-finite", "log", "--fused-optim", "--log-every", "2",
+        *more))
 
 
 # -----------------------------------------------------------------------------

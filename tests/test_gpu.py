@@ -91,3 +91,43 @@ def test_finetune_on_cuda_defaults_to_a_bf16_base_with_fp32_lora(tmp_path):
     assert json.loads((out / "args.json").read_text())["dtype"] == "auto"
     sd = load_file(out / "adapter" / "adapter_model.safetensors")
     assert sd and {t.dtype for t in sd.values()} == {torch.float32}
+
+
+# the efficient NLG path (grid.py nlg-full): grouped batches, sorted evaluation, device-side non-finite check, fused
+# AdamW, LM head on target rows, batches through pinned memory
+FAST = ("--group-by-length", "--eval-batch-size", "5", "--check-finite", "log", "--fused-optim", "--sparse-lm-head",
+        "--log-every", "2", "--epochs", "2", "--max-steps", "6")
+
+
+def test_decoder_fast_path_on_cuda_follows_the_cpu(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    rows = [{"prompt": f"what is the {WORDS[i % 7]} of {WORDS[(3 * i) % 11]}" + " very" * (i % 9),
+             "response": " ".join(WORDS[i % 20:i % 20 + 1 + i % 4])} for i in range(40)]
+    data = write_jsonl(d / "train.jsonl", rows[:32]), write_jsonl(d / "dev.jsonl", rows[32:])
+    model = tiny_model_dir(tmp_path / "m", "decoder")
+    fp32 = ("--dtype", "fp32", "--precision", "fp32")  # compare arithmetic, not bf16 rounding
+    gpu = run(tmp_path, model, data, "--device", "cuda", *fp32, *FAST, kind="instructions", out="gpu")
+    cpu = run(tmp_path, model, data, "--device", "cpu", *FAST, kind="instructions", out="cpu")
+    losses = [[r["loss"] for r in map(json.loads, (o / "log.jsonl").read_text().splitlines()) if r["event"] == "step"]
+              for o in (gpu, cpu)]
+    assert len(losses[0]) == 3
+    # same batches and updates; fp32 kernels of another summation order (cuBLAS and CUDA SDPA against the CPU's)
+    # over 6 steps: 1e-3 relative. A wrong batch order or a skipped update moves the loss by far more (~1e-1 here).
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def test_diverging_run_on_cuda_stops_at_the_first_bad_step(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    rows = [{"prompt": "what is the capital of france", "response": "paris"}] * 12
+    data = write_jsonl(d / "train.jsonl", rows[:10]), write_jsonl(d / "dev.jsonl", rows[10:])
+    model = tiny_model_dir(tmp_path / "m", "decoder")
+    msgs = []
+    for i, extra in enumerate(((), ("--check-finite", "log", "--log-every", "50"), FAST)):
+        with pytest.raises(FloatingPointError, match=r"step \d+: .* not finite") as e:
+            run(tmp_path, model, data, "--device", "cuda", "--batch-size", "2", "--lr", "1e30", *extra,
+                kind="instructions", out=f"run{i}")
+        assert not (tmp_path / f"run{i}" / "adapter").exists()
+        msgs.append(str(e.value))
+    assert msgs[1] == msgs[0]  # the same first bad step and value, read after every step or once on the device

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from slora.models import llama
 from slora.models.llama import apply_rope, rope_cos_sin, rope_inv_freq
 from tests.tiny import tiny_llama, tiny_llama_config
 
@@ -104,6 +105,21 @@ def test_generate_greedy_matches_argmax_rollout_and_left_padding():
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)], 1)
     out2 = m.generate(padded, mask, max_new_tokens=4, eos_token_id=-1)
     assert torch.equal(out2[:, 3:], out)
+
+
+def test_generate_stops_where_a_check_after_every_token_stops(monkeypatch):
+    # generate asks the host whether every row has finished only every GEN_SYNC_EVERY tokens and cuts the extra
+    # columns: the output must be what a check after every token (GEN_SYNC_EVERY = 1, the old loop) gives
+    m = tiny_llama(seed=6)
+    ids = torch.randint(3, 61, (3, 5), generator=torch.Generator().manual_seed(7))
+    free = m.generate(ids, max_new_tokens=20, eos_token_id=-1)[:, 5:]  # (3, 20): no stop id
+    for stop_after in (1, 3, 9):  # every row meets a stop id by then: some earlier, finished rows fill with eos
+        eos = sorted(set(free[:, stop_after - 1].tolist()))
+        monkeypatch.setattr(llama, "GEN_SYNC_EVERY", 1)
+        each = m.generate(ids, max_new_tokens=20, eos_token_id=eos)
+        monkeypatch.setattr(llama, "GEN_SYNC_EVERY", 8)
+        every8 = m.generate(ids, max_new_tokens=20, eos_token_id=eos)
+        assert each.shape[1] <= 5 + stop_after and torch.equal(every8, each), stop_after
 
 
 def test_bad_config_errors():

@@ -55,6 +55,18 @@ def reference(setup, tmp_path_factory):
     return finetune.main(argv(setup, tmp_path_factory.mktemp("ref") / "run"))
 
 
+# The efficient GPU path (issue 11's NLG comparison): length-grouped batches, length-sorted evaluation of another
+# batch size, the non-finite check on the device (read every 3 steps here, so checkpoints fall between reads), fused
+# AdamW. Resume must stay bit-identical with it.
+FAST = ("--group-by-length", "--eval-batch-size", "3", "--check-finite", "log", "--log-every", "3", "--fused-optim")
+
+
+@pytest.fixture(scope="module")
+def reference_fast(setup, tmp_path_factory):
+    """The uninterrupted run with the FAST flags."""
+    return finetune.main(argv(setup, tmp_path_factory.mktemp("ref-fast") / "run", *FAST))
+
+
 def interrupt_at(monkeypatch, step: int, exc=KeyboardInterrupt):
     """Raise `exc` when the loop asks whether step `step` is due for a checkpoint (after it was logged)."""
     due = resume.Checkpointer.due
@@ -85,6 +97,21 @@ def test_interrupted_then_resumed_equals_uninterrupted(setup, reference, tmp_pat
     assert not (out / ".slora-partial").exists()
 
 
+@pytest.mark.parametrize("stop", [3, 5])
+def test_resume_with_grouped_batches_and_device_checks_is_bit_identical(setup, reference, reference_fast, tmp_path,
+                                                                        monkeypatch, stop):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        interrupt_at(m, stop)
+        with pytest.raises(KeyboardInterrupt):
+            finetune.main(argv(setup, out, *FAST))
+    finetune.main(["--resume", str(out)])
+    assert adapter_bytes(out) == adapter_bytes(reference_fast)
+    assert step_losses(out) == step_losses(reference_fast) and len(step_losses(out)) == 2  # steps 3 and 6 of 6
+    assert evals(out) == evals(reference_fast)
+    assert adapter_bytes(reference_fast) != adapter_bytes(reference)  # another batch order: another adapter
+
+
 def test_resume_of_a_run_recorded_before_an_option_existed(setup, reference, tmp_path, monkeypatch):
     # args.json without a key: the run used that option's default, and so does its resumption
     out = tmp_path / "run"
@@ -101,8 +128,10 @@ def test_resume_of_a_run_recorded_before_an_option_existed(setup, reference, tmp
 
 
 @pytest.mark.slow
-def test_kill_9_after_a_checkpoint_then_resume_is_bit_identical(setup, reference, tmp_path):
-    # a real subprocess killed with SIGKILL right after step 5 was logged (checkpoint 4 written), then resumed
+@pytest.mark.parametrize("fast", [False, True], ids=["default", "fast-path"])
+def test_kill_9_after_a_checkpoint_then_resume_is_bit_identical(setup, request, tmp_path, fast):
+    # a real subprocess killed with SIGKILL right after step 5 (checkpoint 4 written), then resumed
+    reference = request.getfixturevalue("reference_fast" if fast else "reference")
     out = tmp_path / "run"
     code = ("import os, signal, sys; from slora import finetune, resume\n"
             "due = resume.Checkpointer.due\n"
@@ -112,7 +141,8 @@ def test_kill_9_after_a_checkpoint_then_resume_is_bit_identical(setup, reference
             "resume.Checkpointer.due = hook\n"
             "finetune.main(sys.argv[1:])\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-c", code, *argv(setup, out)], cwd=ROOT, env=env, capture_output=True)
+    p = subprocess.run([sys.executable, "-c", code, *argv(setup, out, *(FAST if fast else ()))], cwd=ROOT, env=env,
+                       capture_output=True)
     assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-2000:]
     assert (out / ".slora-lock").exists()  # left by the killed process: stale
     p = subprocess.run([sys.executable, "-m", "slora.finetune", "--resume", str(out)], cwd=ROOT, env=env,

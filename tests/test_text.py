@@ -1,5 +1,8 @@
 """slora.text: encoding, truncation, collation and calibration batches on tokenizers built here (nothing
 downloaded)."""
+import math
+
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -127,6 +130,72 @@ def test_iterate_batches_seeded_shuffle():
     assert epoch1 == [b["labels"].tolist() for b in text.iterate_batches(feats, 4, pad_id=0, generator=g2)]
     in_order = [b["labels"].tolist() for b in text.iterate_batches(feats, 4, pad_id=0)]
     assert in_order == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+# -----------------------------------------------------------------------------
+# Length grouping (--group-by-length)
+
+def skewed_feats(n: int, seed: int = 0) -> list:
+    """n features whose lengths are mostly short with a long tail (as prompts of wiki-describe are), label = index."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = 4 + (-20 * torch.rand(n, generator=g).log()).long()  # 4 + exponential of mean 20 (inverse CDF)
+    return [text.Features(list(range(1, int(k) + 1)), None, i) for i, k in enumerate(lengths)]
+
+
+def epoch_batches(feats, batch_size, seed, group, epochs=1):
+    g = torch.Generator().manual_seed(seed)
+    return [list(text.iterate_batches(feats, batch_size, pad_id=0, generator=g, group_by_length=group))
+            for _ in range(epochs)]
+
+
+def pad_fraction(batches) -> float:
+    return 1 - sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel() for b in batches)
+
+
+def test_grouped_batches_cover_every_example_once_per_epoch_with_less_padding():
+    # 1,003 examples at batch 8: megabatches of 400 (text.MEGABATCH 50), the last one of 203 ending in a batch of 3
+    feats = skewed_feats(1003)
+    grouped = epoch_batches(feats, 8, seed=0, group=True, epochs=2)
+    for epoch in grouped:
+        assert sorted(i for b in epoch for i in b["labels"].tolist()) == list(range(1003))
+        assert len(epoch) == math.ceil(1003 / 8) and sorted(len(b["labels"]) for b in epoch)[:2] == [3, 8]
+    assert [b["labels"].tolist() for b in grouped[0]] != [b["labels"].tolist() for b in grouped[1]]
+    random_order = epoch_batches(feats, 8, seed=0, group=False)[0]
+    # measured: 0.075 grouped against 0.59 random on this set; the bound leaves room for other seeds
+    assert pad_fraction(grouped[0]) < 0.25 * pad_fraction(random_order)
+    # the batch order is shuffled: the first batches of an epoch are not simply the longest
+    first = [len(b["input_ids"][0]) for b in grouped[0][:50]]
+    assert first != sorted(first, reverse=True)
+
+
+def test_grouped_order_is_a_function_of_the_generator_state():
+    feats = skewed_feats(300)
+    a = [b["labels"].tolist() for b in epoch_batches(feats, 4, seed=7, group=True)[0]]
+    b = [b["labels"].tolist() for b in epoch_batches(feats, 4, seed=7, group=True)[0]]
+    c = [b["labels"].tolist() for b in epoch_batches(feats, 4, seed=8, group=True)[0]]
+    assert a == b and a != c
+    # resume re-draws an epoch from the generator state saved at its start (slora.resume): same batches
+    g = torch.Generator().manual_seed(7)
+    state = g.get_state()
+    list(text.iterate_batches(feats, 4, 0, generator=g, group_by_length=True))
+    g.set_state(state)
+    assert [x["labels"].tolist() for x in text.iterate_batches(feats, 4, 0, generator=g, group_by_length=True)] == a
+
+
+def test_group_by_length_without_a_generator_is_refused():
+    with pytest.raises(ValueError, match="generator"):
+        next(text.iterate_batches(skewed_feats(5), 2, 0, group_by_length=True))
+
+
+def test_length_sorted_then_restored_is_the_identity():
+    feats = skewed_feats(37)
+    order = text.length_sorted(feats)
+    lengths = [len(feats[i].input_ids) for i in order]
+    assert lengths == sorted(lengths, reverse=True) and sorted(order) == list(range(37))
+    values = [feats[i].labels for i in order]  # a prediction per sorted example: its own index
+    assert text.restore_order(values, order) == list(range(37))
+    with pytest.raises(ValueError, match="36 predictions for 37 examples"):
+        text.restore_order(values[:-1], order)
 
 
 def test_calibration_batches():

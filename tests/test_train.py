@@ -1,4 +1,6 @@
 """slora/train.py: loss normalised per optimizer step, non-finite stop (finetune end to end in test_finetune.py)."""
+import argparse
+import contextlib
 import json
 import math
 
@@ -58,6 +60,42 @@ def test_micro_batches_times_accum_equal_one_big_batch(accum):
         assert big[n].abs().sum() > 0, n
 
 
+def test_sparse_lm_head_gives_the_plain_loss_and_gradients():
+    # float64: the two losses add the same terms in another order, so they agree to a few eps
+    model = tiny_llama().double()
+    apply_lora(model, {f"model.layers.{i}.self_attn.{m}": 2 for i in (0, 1) for m in ("q_proj", "v_proj")}, 4.0)
+    randomize_lora(model)
+    mark_only_lora_trainable(model, extra=())
+    batch = lm_batch(0, B=6, T=14, vocab=model.config.vocab_size)
+    losses, grads = [], []
+    for rows in (False, True):
+        loss = train.loss_sum(model, batch, "generation", "cpu", target_rows=rows)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(losses[1], losses[0], **TOL)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], **TOL, msg=n)
+    # the head ran on the target positions only: fewer rows than B x (T-1)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[:-1].numel()))
+    train.loss_sum(model, batch, "generation", "cpu", target_rows=True)
+    hook.remove()
+    assert seen == [train.target_count(batch, "generation")] and seen[0] < 6 * 13
+
+
+def test_sparse_lm_head_is_refused_for_an_encoder_task(tmp_path):
+    from slora.errors import UsageError
+    model = tiny_model_dir(tmp_path / "m", "encoder")
+    rows = [{"text": f"the movie was {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(24)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--model", str(model), "--task", "jsonl", "--train-file", str(tmp_path / "t.jsonl"), "--sparse-lm-head"]
+    with pytest.raises(UsageError, match="--sparse-lm-head: applies to causal-LM tasks"):
+        finetune.main(argv + ["--out", str(tmp_path / "run")])
+
+
 def test_classification_step_loss_is_the_mean():
     # with one micro-batch the normalised sum is F.cross_entropy's mean, bit for bit (the old loss)
     logits = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
@@ -68,16 +106,78 @@ def test_classification_step_loss_is_the_mean():
     assert got.item() == torch.nn.functional.cross_entropy(logits, y).item()
 
 
-def test_inf_learning_rate_stops_with_the_step_and_no_adapter(tmp_path):
+def diverging_run(tmp_path, *extra) -> str:
+    """The NonFiniteError message of a run at an absurd learning rate; checks that no adapter was written."""
     model = tiny_model_dir(tmp_path / "m", "encoder")
     rows = [{"text": f"the movie was {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(24)]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / f"run{len(extra)}"
     argv = ["--model", str(model), "--task", "jsonl", "--train-file", str(tmp_path / "t.jsonl"), "--batch-size",
-            "8", "--calib-n", "8", "--max-steps", "3", "--lr", "1e30", "--out", str(tmp_path / "run")]
+            "4", "--calib-n", "8", "--max-steps", "5", "--lr", "1e30", "--out", str(out), *extra]
     # --lr inf itself is refused as an argument (slora.argcheck); a finite but absurd rate diverges in training
-    with pytest.raises(train.NonFiniteError, match=r"step \d: .* not finite.*--lr 1e\+30"):
+    with pytest.raises(train.NonFiniteError, match=r"step \d: .* not finite.*--lr 1e\+30") as e:
         finetune.main(argv)
-    assert not (tmp_path / "run" / "adapter").exists()
+    assert not (out / "adapter").exists()
+    return str(e.value)
+
+
+def test_inf_learning_rate_stops_with_the_step_and_no_adapter(tmp_path):
+    every_step = diverging_run(tmp_path)
+    # checked on the device, read only at the last step (log every 50): the same first bad step and value
+    assert diverging_run(tmp_path, "--check-finite", "log", "--log-every", "50") == every_step
+    # fused AdamW skips the non-finite update on the device; the run still stops, naming a step
+    diverging_run(tmp_path, "--check-finite", "log", "--fused-optim", "--log-every", "50")
+
+
+def test_device_finite_check_names_the_first_bad_step():
+    check, args = train.DeviceFiniteCheck(), argparse.Namespace(lr=1e-3)
+    check.raise_if_bad(args)  # nothing recorded yet
+    one = torch.tensor(1.0)
+    check.record(1, one, one)
+    check.record(2, one, torch.tensor(2.0))
+    check.raise_if_bad(args)  # all finite so far
+    check.record(3, one, torch.tensor(math.inf))
+    check.record(4, torch.tensor(math.nan), torch.tensor(math.nan))
+    check.record(5, one, one)
+    with pytest.raises(train.NonFiniteError, match="step 3: gradient norm inf is not finite"):
+        check.raise_if_bad(args)
+
+
+def test_fused_optimizer_skips_a_step_whose_gradient_norm_is_not_finite():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = train.make_optimizer([p], argparse.Namespace(lr=0.1, weight_decay=0.0, fused_optim=True))
+    p.grad = torch.tensor([math.nan, 1.0, 1.0])
+    opt.found_inf = train.skip_flag(torch.linalg.vector_norm(p.grad))
+    opt.step()
+    assert p.tolist() == [1.0, 1.0, 1.0] and int(opt.state[p]["step"]) == 0  # parameters, moments, count kept
+    p.grad = torch.ones(3)
+    opt.found_inf = train.skip_flag(torch.linalg.vector_norm(p.grad))
+    opt.step()
+    assert all(v < 1.0 for v in p.tolist()) and int(opt.state[p]["step"]) == 1
+
+
+class LengthEcho(torch.nn.Module):
+    """A stand-in classifier whose prediction for a row is its number of real tokens mod 3: predictions that give
+    away which example they belong to, whatever the batch."""
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        return torch.nn.functional.one_hot(attention_mask.sum(-1) % 3, 3).float()  # (B, 3)
+
+
+def test_length_sorted_evaluation_returns_predictions_in_example_order(monkeypatch):
+    from slora import scoring
+    from slora.data import Example
+    from tests.tiny import tiny_tokenizer
+    tok, _ = tiny_tokenizer("encoder")
+    examples = [Example(str(i), " ".join(["good"] * (1 + (7 * i) % 11)), None, 0) for i in range(13)]
+    seen = []
+    monkeypatch.setattr(scoring, "score", lambda metrics, preds, refs: seen.append(preds) or {})
+    spec = argparse.Namespace(kind="classification", metrics=("accuracy",))
+    for group, size in ((False, None), (True, None), (True, 4)):
+        args = argparse.Namespace(max_len=32, batch_size=3, eval_batch_size=size, group_by_length=group, fsdp=False)
+        train.evaluate(LengthEcho(), tok, spec, examples, args, 0, "cpu", contextlib.nullcontext())
+    want = [(1 + (7 * i) % 11 + 2) % 3 for i in range(13)]  # [CLS] words [SEP]
+    assert seen == [want, want, want]
 
 
 # -----------------------------------------------------------------------------
@@ -204,3 +304,12 @@ def test_lm_loss_through_forward_equals_the_logits_loss():
     got = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
     assert got.dim() == 0 and got.dtype == torch.float32 and want.abs() > 1
     torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same ops in the same order: bit-identical
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batches_reach_the_gpu_through_pinned_memory_unchanged():
+    t = torch.randint(0, 50_000, (8, 257))
+    got = train.to_device(t, torch.device("cuda"))
+    assert got.device.type == "cuda" and torch.equal(got.cpu(), t)
+    assert train.to_device(t, "cpu") is t  # on the CPU nothing is copied

@@ -324,6 +324,8 @@ class LlamaModel(nn.Module):
 
 
 IGNORE_INDEX = -100  # label of prompt and pad positions: no loss (transformers' and cross_entropy's default)
+# generate(): decoding steps between two host reads of "has every row finished?" (see there)
+GEN_SYNC_EVERY = 8
 
 
 def _head_loss_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -346,17 +348,28 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, labels=None, loss_chunk=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, labels=None, loss_chunk=None,
+                loss_rows=None):
         """Logits (B, T, V); or, given `labels` (B, T), the summed (not mean) fp32 next-token cross-entropy
         Σ_t CE(logits[:, t], labels[:, t+1]) over labels other than IGNORE_INDEX, as transformers' causal-LM forward
         computes its loss (there a mean). The loss lives inside forward so that a DDP wrapper or FSDP2's root unit
         sees one forward whatever the head does. `loss_chunk`: run the LM head and the loss over that many
         positions at a time, each chunk recomputed in the backward pass, so the (B, T, V) logits and their fp32
         copy never exist whole (at LLaMA-3's V = 128,256 and 2 x 2048 tokens: 1 GB bf16 + 2 GB fp32, plus as much
-        again for the gradient). Same sum, added in another order."""
+        again for the gradient). Same sum, added in another order.
+
+        `loss_rows` (rows, cols), index tensors of the positions t whose next token labels[:, t+1] is a target
+        (--sparse-lm-head): the LM head and the loss run there only. Response-only training leaves most positions
+        without a target (prompt and pad; 93 % of wiki-describe's), yet the whole head costs 2·D·V FLOPs per
+        position forward and as many backward (a fifth of SmolLM2-135M's work per token). The same terms, summed in
+        another order and through a GEMM of another shape: equal up to rounding."""
         h = self.model(input_ids, attention_mask, position_ids, cache)  # (B, T, D)
         if labels is None:
             return self.lm_head(h)  # (B, T, V)
+        if loss_rows is not None:
+            rows, cols = loss_rows
+            logits = self.lm_head(h[rows, cols]).float()  # (N, V): the positions that predict a target
+            return F.cross_entropy(logits, labels[rows, cols + 1], reduction="sum")
         if not loss_chunk:
             logits = self.lm_head(h)[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
@@ -385,6 +398,8 @@ class LlamaForCausalLM(nn.Module):
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         cache = [{} for _ in self.model.layers]
+        width = input_ids.shape[1]
+        finished_at = []  # per step, () bool on the device: every row had finished after it
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         logits = self(input_ids, attention_mask, pos, cache)[:, -1]  # (B, V)
         for step in range(max_new_tokens):
@@ -392,13 +407,23 @@ class LlamaForCausalLM(nn.Module):
             if len(eos):
                 nxt = torch.where(done, eos[0], nxt)
                 done |= torch.isin(nxt, eos)
+                finished_at.append(done.all())
             input_ids = torch.cat([input_ids, nxt[:, None]], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], dim=1)
+            # The host asks whether every row has finished only every GEN_SYNC_EVERY tokens: each ask waits for the
+            # device to drain, and a small model's decoding step is shorter than that wait. Up to GEN_SYNC_EVERY - 1
+            # extra steps then append eos to finished rows only, and are cut off below. Under FSDP2 `all_done` makes
+            # the answer collective; every rank asks at the same steps.
             if step == max_new_tokens - 1:
                 break
-            finished = bool(done.all())
-            if finished if all_done is None else all_done(finished):
-                break
+            if (step + 1) % GEN_SYNC_EVERY == 0:
+                finished = bool(finished_at[-1]) if finished_at else False
+                if finished if all_done is None else all_done(finished):
+                    break
             pos = pos[:, -1:] + 1  # (B, 1)
             logits = self(nxt[:, None], attention_mask, pos, cache)[:, -1]
+        if finished_at:  # as many columns as a check after every token gives: up to the first step all had finished
+            finished = torch.stack(finished_at).nonzero()  # (k, 1): steps after which every row was done
+            if len(finished):
+                input_ids = input_ids[:, :width + int(finished[0, 0]) + 1]
         return input_ids

@@ -123,7 +123,8 @@ def evaluate_split(kind: str, model_dir: str, n: int, batch: int, fsdp: bool) ->
         return score(names, preds, refs)
     scoring.score = keep
     spec, examples = eval_examples(kind, n)
-    args = SimpleNamespace(max_len=32, batch_size=batch, gen_tokens=5, fsdp=fsdp)
+    args = SimpleNamespace(max_len=32, batch_size=batch, gen_tokens=5, fsdp=fsdp, eval_batch_size=None,
+                           group_by_length=False)
     scores = train.evaluate(model, load_tokenizer(model_dir), spec, examples, args, 0, torch.device("cpu"),
                             torch.autocast("cpu", enabled=False))
     scoring.score = score

@@ -110,7 +110,7 @@ def test_decoder_fast_path_on_cuda_follows_the_cpu(tmp_path):
     # 2e-3 from the second step on (the first step's matched: B = 0 there, so the mask had no effect)
     fp32 = ("--dtype", "fp32", "--precision", "fp32", "--lora-dropout", "0")
     gpu = run(tmp_path, model, data, "--device", "cuda", *fp32, *FAST, kind="instructions", out="gpu")
-    cpu = run(tmp_path, model, data, "--device", "cpu", *FAST, kind="instructions", out="cpu")
+    cpu = run(tmp_path, model, data, "--device", "cpu", *fp32, *FAST, kind="instructions", out="cpu")
     losses = [[r["loss"] for r in map(json.loads, (o / "log.jsonl").read_text().splitlines()) if r["event"] == "step"]
               for o in (gpu, cpu)]
     assert len(losses[0]) == 3

@@ -7,6 +7,7 @@ epoch_sensitivity.json). Learning rates are picked on the dev split by grid.pick
 chose what to run; test scores are only reported. Scores are ×100 (as in the paper); mean ± sample std over seeds,
 with the number of seeds when it is not the full count.
 """
+import json
 import re
 import statistics
 import sys
@@ -291,6 +292,36 @@ def mpnet_compare(targets: str, unit: str = "rank") -> list[str]:
     return out
 
 
+def nlg_full_compare() -> list[str]:
+    """SmolLM2 at full size (grid.py nlg-full): test scores ×100 at each method's own dev-picked lr, the paired test
+    difference in ROUGE-L against uniform LoRA over the seeds, and the training throughput of each run."""
+    lrs, methods = LRS["nlg-full"], grid.NLG_FULL_METHODS
+    seeds = [s for s in SEEDS["nlg-full"] if all(grid.nlg_full_run(m, lr, s).done() for m in methods for lr in lrs)]
+    out = [f"Seeds with every run recorded: {len(seeds)} of {len(SEEDS['nlg-full'])} planned"
+           f"{' (' + ', '.join(f's{s}' for s in seeds) + ')' if seeds else ''}.", "",
+           "| method | lr | " + " | ".join(f"test {g}" for g in GEN) + " | Δ ROUGE-L vs uniform (95 % CI) | "
+           "wins-losses | training tok/s per run | LoRA params |", "|---" * (len(GEN) + 6) + "|"]
+    picked = {m: pick_lr([grid.nlg_full_run(m, lr, s) for lr in lrs for s in seeds]) for m in methods}
+    runs = {m: [grid.nlg_full_run(m, picked[m], s) for s in seeds] if picked[m] else [] for m in methods}
+    base = {("wiki-describe", r_seed): score(r, "test", "rougeL") for r_seed, r in zip(seeds, runs["uniform"])}
+    for m in methods:
+        if not runs[m]:
+            out.append(f"| {NAMES[m]} | n/a |" + " n/a |" * (len(GEN) + 4))
+            continue
+        cells = [mean_std([score(r, "test", g) for r in runs[m]], len(seeds)) for g in GEN]
+        mine = {("wiki-describe", s): score(r, "test", "rougeL") for s, r in zip(seeds, runs[m])}
+        diffs = paired_differences(mine, base) if m != "uniform" else []
+        st = summary(diffs) if diffs else None
+        stats = (f"{st['mean']:+.2f} [{st['ci95'][0]:+.2f}, {st['ci95'][1]:+.2f}] | {st['wins']}-{st['losses']}"
+                 if st else "— | —")
+        tps = [[e for e in map(json.loads, (r.folder / "log.jsonl").read_text().splitlines())
+                if e.get("event") == "step"][-1]["tokens_per_s"] for r in runs[m]]
+        params = sorted({r.read("metrics.json")["lora_params"] for r in runs[m]})
+        out.append(f"| {NAMES[m]} | {picked[m]:g} | " + " | ".join(cells) + f" | {stats} | "
+                   f"{statistics.fmean(tps):,.0f} | {', '.join(f'{p:,}' for p in params)} |")
+    return out
+
+
 def mpnet_ranks() -> list[str]:
     """The q,v allocations (layers 0-11, query then value) at seed 0, lr 2e-3 (ranks do not depend on the lr)."""
     out = ["| method | " + " | ".join(f"{t}: q / v" for t in NLU_TASKS) + " |", "|---" * (len(NLU_TASKS) + 1) + "|"]
@@ -313,7 +344,7 @@ TABLES = {"nlu-main": nlu_main, "nlu-main-dev": lambda: nlu_main("dev"), "nlu-se
           "nlu-select-all": lambda: nlu_select("all"), "nlu-all-linear": nlu_all_linear,
           "diag-obs": diag_obs, "epoch-tau": epoch_tau, "nlg": nlg, "nlg-seeds": nlg_seeds,
           "mpnet-qv": lambda: mpnet_compare("qv"), "mpnet-ranks": mpnet_ranks, "mpnet-all": lambda: mpnet_compare("all"),
-          "mpnet-all-param": lambda: mpnet_compare("all", "param")}
+          "mpnet-all-param": lambda: mpnet_compare("all", "param"), "nlg-full": nlg_full_compare}
 
 
 def fill(text: str) -> str:

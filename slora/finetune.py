@@ -396,9 +396,6 @@ def run(args, tmp: Path, resume: bool = False):
         ranks=ranks)
 
     if not args.allocate_only:
-        if args.epoch_sensitivity and args.fsdp:
-            raise ValueError("--epoch-sensitivity re-measures a merged copy of the model, which --fsdp shards; "
-                             "use DDP (no --fsdp) or one process")
         tracker = EpochSensitivity(measure, sens, ranks) if args.epoch_sensitivity else None
         set_activation_checkpointing(model, args.activation_checkpointing)
         if checkpoint is not None:

@@ -171,12 +171,13 @@ class EpochSensitivity:
 
     `measure(model)` is the run's own calibration + metrics + allocation. The Hessians must see the fine-tuned
     layer inputs X. One process and DDP: `measure` gets a merged copy (LoRA folded into W, lora.merged_copy), as
-    the recorded runs did. --fsdp (shardload): a copy would gather the sharded model, so `measure` gets the live
-    model itself, which calibration puts in eval mode (LoRA dropout off) under no_grad, with its forwards through
-    FSDP2's units and the hooks on the LoRA layers (hessian.find_linears names them as the base linears). Their
-    input equals the merged model's up to rounding: x Wᵀ + s·(x Aᵀ) Bᵀ against x (W + s·B A)ᵀ differ only in the
-    order of the sums. Nothing else of the copy was used: the statistics read X alone, and the one metric source
-    that reads W (obs) is refused under --fsdp. No RNG is drawn either way (dropout is off in eval mode)."""
+    the recorded runs did. --fsdp (shardload): FSDP2 refuses a deepcopy, and a whole copy is what --fsdp avoids,
+    so `measure` gets the live sharded model, which calibration puts in eval mode (LoRA dropout off) under
+    no_grad; its forwards go through FSDP2's units and the hooks sit on the LoRA layers (hessian.find_linears names
+    them as the base linears). Their input equals the merged model's up to rounding: x Wᵀ + s·(x Aᵀ) Bᵀ against
+    x (W + s·B A)ᵀ differ only in the order of the sums (tests/test_epoch_live.py). Nothing else of the copy was
+    used: the statistics read X alone, and the one metric source that reads W (obs) is refused under --fsdp. No
+    RNG is drawn either way (dropout is off in eval mode)."""
 
     def __init__(self, measure, sens: dict, ranks: dict):
         self.measure = measure

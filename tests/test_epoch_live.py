@@ -1,10 +1,11 @@
 """--epoch-sensitivity under --fsdp measures the live LoRA model, not a merged copy (train.EpochSensitivity): the
 Hessian statistics collected with hooks on the LoRA layers equal those of lora.merged_copy on one process.
 
-Tolerance: rtol 1e-5 on diag(H) and H (fp32). The two models compute each target's input X in another order of
-sums (x Wᵀ + s·(x Aᵀ) Bᵀ against x (W + s·B A)ᵀ), a few ulps per layer, which the tiny models' 2 layers carry to
-the mean of squares; measured: at most 1.4e-6 on diag(H), 3e-5 on diag(H⁻¹). The ranks are compared exactly: θ moves by about as much, far from a
-rounding boundary of the allocation on these models.
+Tolerances (fp32): rtol 1e-5 on diag(H). The two models compute each target's input X with the sums in
+another order (x Wᵀ + s·(x Aᵀ) Bᵀ against x (W + s·B A)ᵀ), a few ulps per layer, which the tiny models' 2 layers
+carry to the mean of squares; measured at most 1.4e-6. diag((H + λI)⁻¹) within 2e-4: that rounding times the condition of
+H; measured 3e-5. Ranks exactly equal: θ moves by about as much as diag(H), far from a rounding boundary of the
+allocation on these models.
 """
 from __future__ import annotations
 

@@ -96,8 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--pra-groups", type=int, default=3, help="PRA categories (count)")
     p.add_argument("--allocate-only", action="store_true", help="stop after sensitivity.json, ranks.json, ranks.svg")
     p.add_argument("--epoch-sensitivity", action="store_true",
-                   help="re-measure θ and ranks on the merged weights after each epoch, with the same calibration "
-                        "batches (paper Table 6); writes epoch_sensitivity.json and τ-b per epoch")
+                   help="re-measure θ and ranks on the fine-tuned weights after each epoch (a merged copy; under "
+                        "--fsdp the sharded model itself), with the same calibration batches (paper Table 6); "
+                        "writes epoch_sensitivity.json and τ-b per epoch")
     # LoRA
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA α (default 2·r_avg, scaling 2 at r_avg)")
     p.add_argument("--alpha-policy", default="scale", choices=ALPHA_POLICIES,
@@ -396,9 +397,6 @@ def run(args, tmp: Path, resume: bool = False):
         ranks=ranks)
 
     if not args.allocate_only:
-        if args.epoch_sensitivity and args.fsdp:
-            raise ValueError("--epoch-sensitivity re-measures a merged copy of the model, which --fsdp shards; "
-                             "use DDP (no --fsdp) or one process")
         tracker = EpochSensitivity(measure, sens, ranks) if args.epoch_sensitivity else None
         set_activation_checkpointing(model, args.activation_checkpointing)
         if checkpoint is not None:

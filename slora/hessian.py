@@ -25,6 +25,7 @@ from torch import nn
 
 from slora import hessian_dist
 from slora.cholesky import cholesky_inverse_factor, dominance
+from slora.lora import LoRALinear
 
 # Head modules that "all-linear" leaves out, matched as whole dotted components anywhere in the name. As PEFT
 # excludes the output layer, slora excludes task heads: the LM head and classification / QA heads are trained
@@ -38,14 +39,20 @@ Progress = Callable[[str, int, "int | None"], None]  # (stage, done, total or No
 
 def find_linears(model: nn.Module, targets: str | Sequence[str], exclude: Sequence[str] = HEAD_NAMES
                  ) -> dict[str, nn.Linear]:
-    """The nn.Linear modules to analyse, keyed by qualified name in model order.
+    """The nn.Linear modules to analyse, keyed by qualified name in model order; in a model with LoRA, a
+    LoRALinear counts as the nn.Linear it wraps (same name, same input) and its factors do not count.
 
     `targets` is "all-linear" (every nn.Linear except those with a component in `exclude`) or a comma list of
     name suffixes matched on whole dotted components: "q_proj" matches "layers.0.attn.q_proj" but not
     "layers.0.attn.xq_proj"; "attn.q_proj" matches the last two components. Raises ValueError naming any
     pattern that matches no nn.Linear.
     """
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    # a LoRA layer (slora.lora.LoRALinear) stands for the linear it wraps, under the same name, and its factors
+    # lora_A / lora_B are no candidates: a fine-tuned model's targets are then its base's, whose input X they see
+    # (train.EpochSensitivity measures the live sharded model under --fsdp)
+    lora = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    linears = {n: m for n, m in model.named_modules()
+               if isinstance(m, (nn.Linear, LoRALinear)) and n.rpartition(".")[0] not in lora}
     if targets == "all-linear":
         found = {n: m for n, m in linears.items() if not set(n.split(".")) & set(exclude)}
         if not found:

@@ -169,8 +169,15 @@ def lr_at(step: int, total: int, warmup: int) -> float:
 class EpochSensitivity:
     """θ and ranks re-measured on the fine-tuned weights after each epoch, against epoch 0 (paper Table 6).
 
-    `measure(model)` is the run's own calibration + metrics + allocation; the model it gets is a merged copy
-    (LoRA folded into W, lora.merged_copy), so the Hessians see the fine-tuned layer inputs."""
+    `measure(model)` is the run's own calibration + metrics + allocation. The Hessians must see the fine-tuned
+    layer inputs X. One process and DDP: `measure` gets a merged copy (LoRA folded into W, lora.merged_copy), as
+    the recorded runs did. --fsdp (shardload): FSDP2 refuses a deepcopy, and a whole copy is what --fsdp avoids,
+    so `measure` gets the live sharded model, which calibration puts in eval mode (LoRA dropout off) under
+    no_grad; its forwards go through FSDP2's units and the hooks sit on the LoRA layers (hessian.find_linears names
+    them as the base linears). Their input equals the merged model's up to rounding: x Wᵀ + s·(x Aᵀ) Bᵀ against
+    x (W + s·B A)ᵀ differ only in the order of the sums (tests/test_epoch_live.py). Nothing else of the copy was
+    used: the statistics read X alone, and the one metric source that reads W (obs) is refused under --fsdp. No
+    RNG is drawn either way (dropout is off in eval mode)."""
 
     def __init__(self, measure, sens: dict, ranks: dict):
         self.measure = measure
@@ -183,7 +190,7 @@ class EpochSensitivity:
     def __call__(self, model, epoch: int) -> dict:
         """Measure after `epoch`; return {"tau_theta", "tau_ranks"} against epoch 0 (Kendall's τ-b)."""
         t0 = time.time()
-        sens, ranks = self.measure(merged_copy(model).eval())
+        sens, ranks = self.measure(model if shardload.is_sharded(model) else merged_copy(model).eval())
         self.epochs.append(self._entry(epoch, sens, ranks) | {"seconds": time.time() - t0})
         tau = stability(self.epochs[0], self.epochs[-1])
         return {"tau_theta": tau["tau_theta"], "tau_ranks": tau["tau_ranks"]}

@@ -51,7 +51,7 @@ def build(seed: int = 0, dropout: float = 0.1) -> LlamaForCausalLM:
 
 
 def lm_batch(B: int = 2, T: int = 8, pad: int = 2) -> dict:
-    """A right-padded LM batch on the CPU: row 0 full, the others `pad` positions shorter; targets on the second half."""
+    """A right-padded LM batch on the CPU: row 0 full, the others `pad` positions shorter; targets on the 2nd half."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, SMOL_TINY["vocab_size"], (B, T), generator=g)  # (B, T)
     mask = torch.ones(B, T, dtype=torch.long)
@@ -64,7 +64,7 @@ def lm_batch(B: int = 2, T: int = 8, pad: int = 2) -> dict:
 def train_step_fn(model, batch: dict, sparse: bool = True):
     """One optimizer step of the new NLG path (fused AdamW, device-side finite check, sparse LM head) as slora.train
     runs it: backward_step, clip_grad_norm_, DeviceFiniteCheck.record, opt.step, zero_grad."""
-    args = SimpleNamespace(lr=1e-3, weight_decay=0.0, fused_optim=False)
+    args = SimpleNamespace(lr=1e-3, weight_decay=0.0, fused_optim=True)  # the new NLG path's --fused-optim
     params = [p for p in model.parameters() if p.requires_grad]
     opt = train.make_optimizer(params, args)
     lazy = train.DeviceFiniteCheck()

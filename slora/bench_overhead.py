@@ -25,7 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from slora import text, train
-from slora.lora import apply_lora, mark_only_lora_trainable
+from slora.lora import apply_lora, mark_only_lora_trainable, merged_copy
 from slora.models.llama import LlamaConfig, LlamaForCausalLM, attention_mask_4d, rope_cos_sin
 
 # SmolLM2-135M's structure (~/.cache/slora/models/smollm2-135m/config.json) at a width where compute is negligible:
@@ -101,7 +101,8 @@ def host_ms(fn, reps: int = 20, warm: int = 3) -> float:
 
 
 def block_ops(model) -> dict:
-    """aten ops per call of each block of layer 0, in training mode (dropout on) and in eval mode, at B 2 x T 8."""
+    """aten ops per forward call of each block of layer 0, in training mode (dropout and autograd on) and in eval
+    mode (no autograd), at B 2 x T 8."""
     layer = model.model.layers[0]
     x = torch.randn(2, 8, SMOL_TINY["hidden_size"])  # (B, T, D)
     pos = torch.arange(8).expand(2, 8)
@@ -112,7 +113,9 @@ def block_ops(model) -> dict:
     out = {}
     for mode in ("train", "eval"):
         model.train(mode == "train")
-        with torch.no_grad():
+        # training: autograd on and an input that needs a gradient, as every layer's but the first has
+        x.requires_grad_(mode == "train")
+        with torch.set_grad_enabled(mode == "train"):
             calls = {"lora_linear": lambda: layer.self_attn.q_proj(x),
                      "attention_padded": lambda: layer.self_attn(x, cos, sin, mask),
                      "attention_causal": lambda: layer.self_attn(x, cos, sin, None),
@@ -125,22 +128,48 @@ def block_ops(model) -> dict:
     return out
 
 
+def train_phase_ops(model, batch: dict) -> dict:
+    """aten ops of one training step by phase: forward (loss), backward, clipping, fused AdamW step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = train.make_optimizer(params, SimpleNamespace(lr=1e-3, weight_decay=0.0, fused_optim=True))
+    held = {}
+
+    def fwd():
+        held["loss"] = train.loss_sum(model, batch, "generation", "cpu", None, True)
+    model.train()
+    fwd(), held["loss"].backward(), opt.step()  # optimizer state exists from here on
+    out = {"forward": aten_ops(fwd), "backward": aten_ops(lambda: held["loss"].backward()),
+           "clip": aten_ops(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0)), "adamw": aten_ops(opt.step)}
+    opt.zero_grad(set_to_none=True)
+    return {k: sum(v.values()) for k, v in out.items()}
+
+
+def decode_step_ops(model, ids, mask, new: tuple[int, int]) -> tuple[float, list]:
+    """aten ops per decoding step: the difference of two generation lengths over the extra tokens."""
+    gens = [lambda n=n: model.generate(ids, mask, max_new_tokens=n, eos_token_id=-1) for n in new]
+    ops = [aten_ops(f) for f in gens]
+    return (sum(ops[1].values()) - sum(ops[0].values())) / (new[1] - new[0]), ops
+
+
 def measure(reps: int = 20, gen_batch: int = 4, prompt: int = 8, new: tuple[int, int] = (8, 24)) -> dict:
     """The report: ops and host ms per training step and per decoding step, ops per block call, top ops."""
     model = build()
     step = train_step_fn(model, lm_batch())
     step()  # the optimizer's state exists from here on: every later step is the same
     train_ops = aten_ops(step)
-    res = {"train_step_aten_ops": sum(train_ops.values()), "train_step_host_ms": host_ms(step, reps)}
+    res = {"train_step_aten_ops": sum(train_ops.values()), "train_step_host_ms": host_ms(step, reps),
+           "train_step_phase_ops": train_phase_ops(build(), lm_batch())}
     model.eval()
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(3, SMOL_TINY["vocab_size"], (gen_batch, prompt), generator=g)  # (B, T)
     mask = torch.ones_like(ids)
     mask[1:, :2] = 0  # left padding on every row but the first, as evaluation batches have
     gens = [lambda n=n: model.generate(ids, mask, max_new_tokens=n, eos_token_id=-1) for n in new]
-    ops = [aten_ops(f) for f in gens]
     per = new[1] - new[0]
-    res["decode_step_aten_ops"] = (sum(ops[1].values()) - sum(ops[0].values())) / per
+    res["decode_step_aten_ops"], ops = decode_step_ops(model, ids, mask, new)
+    # for comparison only: the same decoding with the adapters merged into W (lora.merged_copy), a plain model;
+    # not what evaluation runs (merging rounds W + s·B A differently from the unmerged sum)
+    res["decode_step_aten_ops_if_merged"] = decode_step_ops(merged_copy(model).eval(), ids, mask, new)[0]
     ms = [host_ms(f, max(3, reps // 4)) for f in gens]
     res["decode_step_host_ms"] = (ms[1] - ms[0]) / per
     res["prefill_plus_8_tokens_host_ms"] = ms[0]

@@ -82,8 +82,11 @@ def loss_sum(model, batch: dict, kind: str, device, lm_chunk: int | None = None,
             # found from the labels while they are still on the CPU, so the gather asks the device nothing
             r, c = (batch["labels"][:, 1:] != text.IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) each
             rows = (to_device(r, device), to_device(c, device))
+        # whether the batch has pad positions, read from its CPU copy: the model would otherwise ask the device
+        # copy (attention_mask_4d), a host read that waits for the GPU's queue on every micro-batch
+        padded = bool((batch["attention_mask"] == 0).any()) if "attention_mask" in batch else None
         return model(**forward_inputs(batch, device), labels=to_device(batch["labels"], device), loss_chunk=lm_chunk,
-                     loss_rows=rows)
+                     loss_rows=rows, padded=padded)
     out = model(**forward_inputs(batch, device))
     y = to_device(batch["labels"], device)
     if kind == "classification":

@@ -147,9 +147,10 @@ class LlamaRMSNorm(nn.Module):
 
     def forward(self, x):
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # the casts only where they do something: on an fp32 input each is still a dispatched op (host time)
+        h = x if dtype == torch.float32 else x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * (h if dtype == torch.float32 else h.to(dtype))
 
 
 def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
@@ -184,13 +185,19 @@ def rope_cos_sin(cfg: LlamaConfig, position_ids: torch.Tensor, dtype: torch.dtyp
 
 
 def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
+    # The halves that x.chunk(2, -1) gives, taken in the fewest dispatched ops (host time): without autograd two
+    # slices; with it split, whose backward is one op where each slice's takes three.
+    half = x.shape[-1] // 2
+    x1, x2 = x.split(half, dim=-1) if x.requires_grad else (x[..., :half], x[..., half:])
     return torch.cat([-x2, x1], dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    # x: (B, H, T, hs); cos/sin: (B, T, hs) broadcast over heads
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    """x (B, H, T, hs) rotated by cos/sin of shape (B, T, hs), or (B, 1, T, hs) already broadcast over heads
+    (LlamaModel.forward makes that view once per forward rather than four per layer)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs)
+    return x * cos + rotate_half(x) * sin
 
 
 # -----------------------------------------------------------------------------
@@ -262,15 +269,20 @@ class LlamaDecoderLayer(nn.Module):
 # The model: body (`model.*`) and causal-LM head (`lm_head`)
 
 def attention_mask_4d(attention_mask: Optional[torch.Tensor], T: int, S: int, device,
-                      window: Optional[int] = None) -> Optional[torch.Tensor]:
+                      window: Optional[int] = None, padded: Optional[bool] = None) -> Optional[torch.Tensor]:
     """Causal mask combined with key padding, (B, 1, T, S) bool with True = may attend; None when plain causal.
 
     The T queries are the last T of S positions (S > T while generating with a cache). `window` (Mistral) keeps
     only keys j with i - window < j <= i, counted in cache positions as transformers' sliding_window_overlay
     does (left padding counts). A query row with no visible key (a left-pad position) may see itself so that
     softmax stays finite; its output is never used.
+
+    `padded`: whether attention_mask holds a 0, when the caller knows it from a host copy (the training loop reads
+    it from the CPU batch); None asks the mask itself, a host read that on a GPU waits for the device's queue.
     """
-    if T == S and (attention_mask is None or bool(attention_mask.all())) and (window is None or window >= S):
+    if padded is None and T == S and attention_mask is not None:
+        padded = not bool(attention_mask.all())
+    if T == S and (attention_mask is None or not padded) and (window is None or window >= S):
         return None  # SDPA's is_causal path
     q_pos = torch.arange(S - T, S, device=device)  # (T,) absolute position of each query
     k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
@@ -296,25 +308,27 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def prepare(self, input_ids, attention_mask=None, position_ids=None, past: int = 0):
+    def prepare(self, input_ids, attention_mask=None, position_ids=None, past: int = 0, padded=None):
         """Embeddings and the per-forward constants every layer needs: (x, cos, sin, mask).
 
         Split out so that layer-by-layer calibration can run the layers one at a time over cached inputs.
         Positions default to past..past+T-1, as in transformers' forward (generation passes mask-derived ones).
-        attention_mask covers all past + T positions.
+        attention_mask covers all past + T positions; `padded`: see attention_mask_4d.
         """
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)  # (B, T, D)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)  # (B, T, hs) each
-        mask = attention_mask_4d(attention_mask, T, past + T, input_ids.device, self.config.sliding_window)
+        mask = attention_mask_4d(attention_mask, T, past + T, input_ids.device, self.config.sliding_window, padded)
         return x, cos, sin, mask
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        """Final hidden states (B, T, D). `cache`: one dict per layer, filled and extended in place (generation)."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, padded=None):
+        """Final hidden states (B, T, D). `cache`: one dict per layer, filled and extended in place (generation).
+        `padded`: see attention_mask_4d."""
         past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
-        x, cos, sin, mask = self.prepare(input_ids, attention_mask, position_ids, past)
+        x, cos, sin, mask = self.prepare(input_ids, attention_mask, position_ids, past, padded)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs): broadcast over heads once, not in every layer
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
@@ -349,7 +363,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, labels=None, loss_chunk=None,
-                loss_rows=None):
+                loss_rows=None, padded=None):
         """Logits (B, T, V); or, given `labels` (B, T), the summed (not mean) fp32 next-token cross-entropy
         Σ_t CE(logits[:, t], labels[:, t+1]) over labels other than IGNORE_INDEX, as transformers' causal-LM forward
         computes its loss (there a mean). The loss lives inside forward so that a DDP wrapper or FSDP2's root unit
@@ -362,8 +376,11 @@ class LlamaForCausalLM(nn.Module):
         (--sparse-lm-head): the LM head and the loss run there only. Response-only training leaves most positions
         without a target (prompt and pad; 93 % of wiki-describe's), yet the whole head costs 2·D·V FLOPs per
         position forward and as many backward (a fifth of SmolLM2-135M's work per token). The same terms, summed in
-        another order and through a GEMM of another shape: equal up to rounding."""
-        h = self.model(input_ids, attention_mask, position_ids, cache)  # (B, T, D)
+        another order and through a GEMM of another shape: equal up to rounding.
+
+        `padded` (bool or None): whether attention_mask holds a pad position, when the caller knows it without
+        reading the device (see attention_mask_4d)."""
+        h = self.model(input_ids, attention_mask, position_ids, cache, padded)  # (B, T, D)
         if labels is None:
             return self.lm_head(h)  # (B, T, V)
         if loss_rows is not None:

@@ -124,24 +124,16 @@ class LoRALinear(nn.Module):
                 raise RuntimeError("forward of a merged LoRALinear in training mode: the LoRA factors would get "
                                    "no gradient; call unmerge() (or unmerge_lora(model)) before training")
             return F.linear(x, self.weight, self.bias)  # (B, T, d_out)
-        # Every op here is a dispatch, a few microseconds of host time: more than a small model's kernel takes on a
-        # GPU, so this is written for few of them: no cast when the dtypes agree, no dropout call in eval mode (where
-        # dropout returns its input), and the LoRA branch on 2-D rows where that gives the same bits.
-        y = F.linear(x, self.weight, self.bias)  # (B, T, d_out), as nn.Linear computes it (with a bias, a 2-D input
-        #   takes another path, addmm, than a 3-D one without autograd: other rounding)
+        # Every op is a dispatch, a few microseconds of host time, more than a small model's kernel takes on a GPU:
+        # no cast when the dtypes agree, and no dropout call in eval mode (where dropout returns its input)
+        y = F.linear(x, self.weight, self.bias)  # (B, T, d_out)
         A, B = self.lora_A.weight, self.lora_B.weight  # (r, d_in), (d_out, r)
         A = A if A.dtype == x.dtype else A.to(x.dtype)
         B = B if B.dtype == x.dtype else B.to(x.dtype)
-        if x.requires_grad:
-            # x itself, not a 2-D view of it: x then receives this branch's gradient and the base's as two terms,
-            # added in the order they always were (a shared view would pre-sum them: other rounding)
-            xa = self.lora_dropout(x) if self.training else x
-            h = (F.linear(xa, A) * self.scaling).reshape(-1, self.r)  # (B·T, r): scale the narrow side
-        else:  # no gradient to keep in order: one flattening, and F.linear's own 3-D fold is skipped
-            x2 = x.reshape(-1, self.in_features)  # (B·T, d_in)
-            h = F.linear(self.lora_dropout(x2) if self.training else x2, A) * self.scaling  # (B·T, r)
+        x = self.lora_dropout(x) if self.training else x
+        h = F.linear(x, A) * self.scaling  # (B, T, r): scale the narrow side
         # y + h Bᵀ as one GEMM whose epilogue adds y, rather than a product, a scaling and a sum over (B, T, d_out)
-        return torch.addmm(y.reshape(-1, self.out_features), h, B.T).view(y.shape)
+        return torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.r), B.T).view(y.shape)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+DONE_KEY = "slora/teardown"  # teardown(): ranks other than 0 that have left the process group
 ERROR_KEY = "slora/error"  # the first failing rank writes "rank R: <error>" here
 POLL_S = 0.2  # how often each rank looks for another rank's error
 
@@ -103,6 +104,19 @@ def teardown() -> None:
     if _state.world > 1 and tdist.is_initialized():
         tdist.barrier()
         tdist.destroy_process_group()
+        # Without torchrun's agent (a launcher that sets its environment), rank 0 hosts the store: it stays until
+        # every other rank has left its process group, or a rank still tearing down could lose the store under it
+        # (once, in CI: rank 1 aborted in teardown). Under torchrun the agent hosts the store; this costs a round trip.
+        if _store is not None:
+            try:
+                if _state.rank == 0:
+                    deadline = time.time() + 30
+                    while _store.add(DONE_KEY, 0) < _state.world - 1 and time.time() < deadline:
+                        time.sleep(POLL_S / 10)
+                else:
+                    _store.add(DONE_KEY, 1)
+            except Exception as e:  # noqa: BLE001  the store is best effort here: the work is done and saved
+                print(f"slora: rank {_state.rank}: store unreachable at teardown ({e})", file=sys.stderr)
     _state, _store = Dist(), None
 
 

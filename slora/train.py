@@ -94,6 +94,12 @@ def loss_sum(model, batch: dict, kind: str, device, lm_chunk: int | None = None,
     return F.mse_loss(out.float().squeeze(-1), y, reduction="sum")
 
 
+def global_loss(step_loss: torch.Tensor) -> float:
+    """The optimizer step's loss on the host (one read): this rank's part, summed over ranks (backward_step)."""
+    world = dist.get().world
+    return step_loss.item() if world == 1 else parallel.global_count(step_loss.item()) / world
+
+
 def step_denominator(count: int) -> float:
     """The divisor of an optimizer step's summed loss: its target count. One process: the count itself. Under data
     parallelism, the count all-reduced over ranks divided by the world size (DDP averages the gradients), so N
@@ -347,7 +353,8 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
             + (f" on {world} ranks ({'FSDP2' if args.fsdp else 'DDP'})" if world > 1 else ""), trainable=n_train,
             lora=n_lora, steps=total, world_size=world, global_batch=global_batch * args.grad_accum)
 
-    t_start, t_eval, tokens0 = time.time(), 0.0, state.tokens
+    t_start, t_eval = time.time(), 0.0
+    tokens0 = parallel.global_count(state.tokens)  # the whole job's tokens before this process's run (a resume)
     while state.step < total:
         model.train()
         if state.batch == 0:
@@ -370,7 +377,7 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
             if hasattr(norm, "full_tensor") and (lazy is not None or args.fused_optim):
                 norm = norm.full_tensor()  # FSDP2 gives a DTensor; the device-side checks need a plain tensor
             if lazy is None:
-                step_loss = step_loss.item() if world == 1 else parallel.global_count(step_loss.item()) / world
+                step_loss = global_loss(step_loss)
                 check_finite(state.step + 1, step_loss, norm.item(), args)
             else:
                 lazy.record(state.step + 1, step_loss, norm)
@@ -383,10 +390,10 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
             if state.step % args.log_every == 0 or state.step == total:
                 if lazy is not None:  # the host reads the loss here anyway: check every step since the last one
                     lazy.raise_if_bad(args)
-                    step_loss = step_loss.item() if world == 1 else parallel.global_count(step_loss.item()) / world
+                    step_loss = global_loss(step_loss)
                 el = time.time() - t_start - t_eval
                 seen = parallel.global_count(state.tokens)  # all ranks: the whole job's non-pad input tokens
-                done = seen - parallel.global_count(tokens0)  # those of this process's own run (tokens/s)
+                done = seen - tokens0  # those of this process's own run (tokens/s)
                 log("step", f"step {state.step}/{total} loss {step_loss:.4f} lr {sched.get_last_lr()[0]:.2e} "
                     f"{done / el:,.0f} tok/s ETA {el / state.step * (total - state.step):.0f}s", step=state.step,
                     loss=step_loss, lr=sched.get_last_lr()[0], tokens_per_s=done / el, tokens=seen)

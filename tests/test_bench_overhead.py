@@ -55,6 +55,7 @@ def old_model_forward(self, input_ids, attention_mask=None, position_ids=None, c
     # `padded` is accepted and ignored: the old model always asked the mask itself
     past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
     x, cos, sin, mask = self.prepare(input_ids, attention_mask, position_ids, past)
+    cos, sin = cos[:, 0], sin[:, 0]  # (B, T, hs), as the old prepare returned them (the new one adds the head axis)
     for i, layer in enumerate(self.layers):
         x = layer(x, cos, sin, mask, None if cache is None else cache[i])
     return self.norm(x)

@@ -49,12 +49,17 @@ def test_finetune_runs_on_cuda_with_bf16_autocast(tmp_path):
     assert (out / "ranks.json").read_text() == (cpu / "ranks.json").read_text()
 
 
-def test_decoder_finetune_and_generation_on_cuda(tmp_path):
+def capital_task(tmp_path):
+    """A tiny decoder and 10 train / 2 dev copies of one instruction: (model folder, (train, dev) files)."""
     d = tmp_path / "data"
     d.mkdir()
     rows = [{"prompt": "what is the capital of france", "response": "paris"}] * 12
     data = write_jsonl(d / "train.jsonl", rows[:10]), write_jsonl(d / "dev.jsonl", rows[10:])
-    model = tiny_model_dir(tmp_path / "m", "decoder")
+    return tiny_model_dir(tmp_path / "m", "decoder"), data
+
+
+def test_decoder_finetune_and_generation_on_cuda(tmp_path):
+    model, data = capital_task(tmp_path)
     out = run(tmp_path, model, data, "--device", "cuda", kind="instructions")
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["final"]["dev"]) == {"bleu4", "rouge1", "rougeL"}
@@ -81,11 +86,7 @@ def test_bf16_load_on_cuda_makes_no_fp32_copy_of_the_model(tmp_path):
 
 def test_finetune_on_cuda_defaults_to_a_bf16_base_with_fp32_lora(tmp_path):
     from safetensors.torch import load_file
-    d = tmp_path / "data"
-    d.mkdir()
-    rows = [{"prompt": "what is the capital of france", "response": "paris"}] * 12
-    data = write_jsonl(d / "train.jsonl", rows[:10]), write_jsonl(d / "dev.jsonl", rows[10:])
-    model = tiny_model_dir(tmp_path / "m", "decoder")
+    model, data = capital_task(tmp_path)
     out = run(tmp_path, model, data, "--device", "cuda", "--activation-checkpointing", "--save-every", "1",
               kind="instructions")
     assert json.loads((out / "args.json").read_text())["dtype"] == "auto"
@@ -120,11 +121,7 @@ def test_decoder_fast_path_on_cuda_follows_the_cpu(tmp_path):
 
 
 def test_diverging_run_on_cuda_stops_at_the_first_bad_step(tmp_path):
-    d = tmp_path / "data"
-    d.mkdir()
-    rows = [{"prompt": "what is the capital of france", "response": "paris"}] * 12
-    data = write_jsonl(d / "train.jsonl", rows[:10]), write_jsonl(d / "dev.jsonl", rows[10:])
-    model = tiny_model_dir(tmp_path / "m", "decoder")
+    model, data = capital_task(tmp_path)
     msgs = []
     for i, extra in enumerate(((), ("--check-finite", "log", "--log-every", "50"), FAST)):
         with pytest.raises(FloatingPointError, match=r"step \d+: .* not finite") as e:

@@ -194,7 +194,7 @@ def rotate_half(x):
 
 def apply_rope(x, cos, sin):
     """x (B, H, T, hs) rotated by cos/sin of shape (B, T, hs), or (B, 1, T, hs) already broadcast over heads
-    (LlamaModel.forward makes that view once per forward rather than four per layer)."""
+    (LlamaModel.prepare makes that view once per forward rather than four per layer)."""
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs)
     return x * cos + rotate_half(x) * sin
@@ -321,14 +321,13 @@ class LlamaModel(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)  # (B, T, hs) each
         mask = attention_mask_4d(attention_mask, T, past + T, input_ids.device, self.config.sliding_window, padded)
-        return x, cos, sin, mask
+        return x, cos[:, None], sin[:, None], mask  # cos, sin (B, 1, T, hs): broadcast over heads once, not per layer
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, padded=None):
         """Final hidden states (B, T, D). `cache`: one dict per layer, filled and extended in place (generation).
         `padded`: see attention_mask_4d."""
         past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
         x, cos, sin, mask = self.prepare(input_ids, attention_mask, position_ids, past, padded)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs): broadcast over heads once, not in every layer
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)

@@ -17,8 +17,7 @@ from tokenizers import Tokenizer
 
 from slora import chat
 from slora.data import Example
-
-IGNORE_INDEX = -100  # label of tokens that carry no loss (torch cross_entropy's default ignore_index)
+from slora.models.llama import IGNORE_INDEX  # the label of tokens the causal-LM loss skips: one definition
 
 
 # -----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from slora import text, train
+from slora import divergence, text, train
 from slora.lora import apply_lora, mark_only_lora_trainable, merged_copy
 from slora.models.llama import LlamaConfig, LlamaForCausalLM, attention_mask_4d, rope_cos_sin
 
@@ -67,7 +67,7 @@ def train_step_fn(model, batch: dict, sparse: bool = True):
     args = SimpleNamespace(lr=1e-3, weight_decay=0.0, fused_optim=True)  # the new NLG path's --fused-optim
     params = [p for p in model.parameters() if p.requires_grad]
     opt = train.make_optimizer(params, args)
-    lazy = train.DeviceFiniteCheck()
+    lazy = divergence.DeviceFiniteCheck()
     autocast = torch.autocast("cpu", enabled=False)
 
     def step():

@@ -25,6 +25,7 @@ from slora.adapter import mis_scaled_modules, save_adapter
 from slora.argcheck import check_finetune_args
 from slora.assets import MODEL_DIRS, model_dir
 from slora.checkpoint import read_config, read_json
+from slora.divergence import NonFiniteError
 from slora.errors import ArgumentParser, SloraError, UsageError, cli
 from slora.heatmap import ranks_svg
 from slora.lora import ALPHA_POLICIES
@@ -32,7 +33,7 @@ from slora.models import DECODER_TYPES, for_sequence_classification, load_model,
 from slora.models.llama import LlamaForCausalLM
 from slora.resume import Checkpointer
 from slora.sensitivity import SensitivityConfig, compute
-from slora.train import EpochSensitivity, NonFiniteError, finetune, set_activation_checkpointing
+from slora.train import EpochSensitivity, finetune, set_activation_checkpointing
 
 # Model presets: the offline assets by name (anything else is a path to a Hugging Face-format folder).
 PRESETS = tuple(MODEL_DIRS)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from slora import finetune, text, train
+from slora import divergence, finetune, text, train
 from slora.lora import apply_lora, mark_only_lora_trainable
 from slora.models.llama import IGNORE_INDEX as LLAMA_IGNORE
 from tests.tiny import randomize_lora, tiny_llama, tiny_model_dir
@@ -115,7 +115,7 @@ def diverging_run(tmp_path, *extra) -> str:
     argv = ["--model", str(model), "--task", "jsonl", "--train-file", str(tmp_path / "t.jsonl"), "--batch-size",
             "4", "--calib-n", "8", "--max-steps", "5", "--lr", "1e30", "--out", str(out), *extra]
     # --lr inf itself is refused as an argument (slora.argcheck); a finite but absurd rate diverges in training
-    with pytest.raises(train.NonFiniteError, match=r"step \d: .* not finite.*--lr 1e\+30") as e:
+    with pytest.raises(divergence.NonFiniteError, match=r"step \d: .* not finite.*--lr 1e\+30") as e:
         finetune.main(argv)
     assert not (out / "adapter").exists()
     return str(e.value)
@@ -130,7 +130,7 @@ def test_inf_learning_rate_stops_with_the_step_and_no_adapter(tmp_path):
 
 
 def test_device_finite_check_names_the_first_bad_step():
-    check, args = train.DeviceFiniteCheck(), argparse.Namespace(lr=1e-3)
+    check, args = divergence.DeviceFiniteCheck(), argparse.Namespace(lr=1e-3)
     check.raise_if_bad(args)  # nothing recorded yet
     one = torch.tensor(1.0)
     check.record(1, one, one)
@@ -139,7 +139,7 @@ def test_device_finite_check_names_the_first_bad_step():
     check.record(3, one, torch.tensor(math.inf))
     check.record(4, torch.tensor(math.nan), torch.tensor(math.nan))
     check.record(5, one, one)
-    with pytest.raises(train.NonFiniteError, match="step 3: gradient norm inf is not finite"):
+    with pytest.raises(divergence.NonFiniteError, match="step 3: gradient norm inf is not finite"):
         check.raise_if_bad(args)
 
 
@@ -147,11 +147,11 @@ def test_fused_optimizer_skips_a_step_whose_gradient_norm_is_not_finite():
     p = torch.nn.Parameter(torch.ones(3))
     opt = train.make_optimizer([p], argparse.Namespace(lr=0.1, weight_decay=0.0, fused_optim=True))
     p.grad = torch.tensor([math.nan, 1.0, 1.0])
-    opt.found_inf = train.skip_flag(torch.linalg.vector_norm(p.grad))
+    opt.found_inf = divergence.skip_flag(torch.linalg.vector_norm(p.grad))
     opt.step()
     assert p.tolist() == [1.0, 1.0, 1.0] and int(opt.state[p]["step"]) == 0  # parameters, moments, count kept
     p.grad = torch.ones(3)
-    opt.found_inf = train.skip_flag(torch.linalg.vector_norm(p.grad))
+    opt.found_inf = divergence.skip_flag(torch.linalg.vector_norm(p.grad))
     opt.step()
     assert all(v < 1.0 for v in p.tolist()) and int(opt.state[p]["step"]) == 1
 

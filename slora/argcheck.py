@@ -4,7 +4,8 @@ argparse checks only that `--lr` is a float; `inf`, `nan` and `-1` are floats to
 far away: an all-NaN adapter (`--lr inf`), clipping silently off (`--grad-clip nan`), "no cap" (`--max-steps 0`),
 "all but 5 examples" (`--max-train -5`), or a CUDA error blamed on the checkpoint (`--device cuda` without CUDA).
 The rules are tables so that the accepted range of every flag can be read in one place. A flag a table names
-but the parser lacks is skipped, so the tables serve any command that shares the flag names.
+but the parser lacks is skipped, so the tables serve any command that shares the flag names. The lengths
+(`check_positions`) are checked against the model's config.json, still before the weights load.
 """
 from __future__ import annotations
 
@@ -126,3 +127,28 @@ def check_finetune_args(args, presets, tasks, calib_sources) -> None:
                                          "know their classes")
     if args.calib not in calib_sources and not Path(args.calib).is_file():
         raise UsageError("--calib", f"{args.calib!r} is neither a source ({', '.join(calib_sources)}) nor a file")
+
+
+def position_limit(hf: dict) -> int | None:
+    """Tokens a sequence may hold in a model of this config.json; None when the config does not say."""
+    n = hf.get("max_position_embeddings")
+    if not isinstance(n, int) or isinstance(n, bool):
+        return None
+    # RoBERTa and MPNet count positions from padding_idx + 1 (fairseq), so the rows below are never a token's
+    pad = hf.get("pad_token_id")
+    return n - (pad + 1 if hf.get("model_type") in ("roberta", "mpnet") and isinstance(pad, int) else 0)
+
+
+def check_positions(args, hf: dict, decoder: bool):
+    """Lengths asked for beyond the model's positions are argument errors, found from config.json before the
+    weights load; --gen-tokens beyond them would generate for minutes."""
+    limit = position_limit(hf)
+    if limit is None:
+        return
+    for name in ("max_len", "calib_len"):
+        value = getattr(args, name)
+        if value is not None and value > limit:
+            raise UsageError(f"--{name.replace('_', '-')}", f"{value} is beyond the {limit} positions of "
+                                                            f"{args.model} (max_position_embeddings)")
+    if decoder and args.gen_tokens > limit:
+        raise UsageError("--gen-tokens", f"{args.gen_tokens} is beyond the {limit} positions of {args.model}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import replace
@@ -22,7 +21,7 @@ import torch
 
 from slora import chat, data, dist, parallel, runfolder, shardload, text
 from slora.adapter import mis_scaled_modules, save_adapter
-from slora.argcheck import check_finetune_args
+from slora.argcheck import check_finetune_args, check_positions, position_limit
 from slora.assets import MODEL_DIRS, model_dir
 from slora.checkpoint import read_config, read_json
 from slora.divergence import NonFiniteError
@@ -32,6 +31,7 @@ from slora.lora import ALPHA_POLICIES
 from slora.models import DECODER_TYPES, for_sequence_classification, load_model, load_tokenizer, meta_model
 from slora.models.llama import LlamaForCausalLM
 from slora.resume import Checkpointer
+from slora.runfolder import Log, write_json
 from slora.sensitivity import SensitivityConfig, compute
 from slora.train import EpochSensitivity, finetune, set_activation_checkpointing
 
@@ -169,65 +169,6 @@ def resumed_args(out: Path) -> argparse.Namespace:
     stored = read_json(runfolder.partial_of(out) / "args.json")
     stored.pop("resolved", None)
     return argparse.Namespace(**(vars(parse_args([])) | stored | {"resume": None, "replace": False}))
-
-
-# -----------------------------------------------------------------------------
-# Run folder (slora.runfolder: lock, in-progress folder, completion) and small writers
-
-def write_json(path: Path, obj):
-    """Strict JSON: an undefined score (NaN, e.g. the correlation of a constant prediction) is written as null."""
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-    if dist.get().is_main:  # torchrun: rank 0 alone writes the run folder
-        path.write_text(json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
-
-
-class Log:
-    """Progress lines on stdout and the same records, as JSON, in log.jsonl (one line written per record)."""
-
-    def __init__(self, path: Path, muted: bool = False):
-        self.path = path
-        self.muted = muted  # print only: a resumed run does not record its set-up stages a second time
-
-    def __call__(self, event: str, text: str = "", **fields):
-        if not dist.get().is_main:  # torchrun: rank 0 alone logs and prints
-            return
-        if not self.muted:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
-        if text:
-            print(text, flush=True)
-
-
-def position_limit(hf: dict) -> int | None:
-    """Tokens a sequence may hold in a model of this config.json; None when the config does not say."""
-    n = hf.get("max_position_embeddings")
-    if not isinstance(n, int) or isinstance(n, bool):
-        return None
-    # RoBERTa and MPNet count positions from padding_idx + 1 (fairseq), so the rows below are never a token's
-    pad = hf.get("pad_token_id")
-    return n - (pad + 1 if hf.get("model_type") in ("roberta", "mpnet") and isinstance(pad, int) else 0)
-
-
-def check_positions(args, hf: dict, decoder: bool):
-    """Lengths asked for beyond the model's positions are argument errors, found from config.json before the
-    weights load; --gen-tokens beyond them would generate for minutes."""
-    limit = position_limit(hf)
-    if limit is None:
-        return
-    for name in ("max_len", "calib_len"):
-        value = getattr(args, name)
-        if value is not None and value > limit:
-            raise UsageError(f"--{name.replace('_', '-')}", f"{value} is beyond the {limit} positions of "
-                                                            f"{args.model} (max_position_embeddings)")
-    if decoder and args.gen_tokens > limit:
-        raise UsageError("--gen-tokens", f"{args.gen_tokens} is beyond the {limit} positions of {args.model}")
 
 
 # -----------------------------------------------------------------------------

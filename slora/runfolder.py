@@ -14,11 +14,13 @@ Rules (issue 13, "Run folders never lose user data"): slora deletes only files i
 .slora-run.json, or for a run folder from before that file existed, the fixed names of a run); files a user added
 (NOTES.md, plots/) survive a --replace. A complete run is refused unless --replace is given. A lock whose process is
 gone (killed) is stale: it is taken over, and the takeover is said. SIGTERM is turned into KeyboardInterrupt, so it
-cleans up as Ctrl-C does.
+cleans up as Ctrl-C does. The files themselves are written by `write_json` (strict JSON) and `Log` (log.jsonl and
+the progress lines); under torchrun rank 0 alone writes.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -27,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from slora import dist
 from slora.checkpoint import process_alive, read_json
 from slora.errors import sigterm_as_interrupt  # SIGTERM unwinds as Ctrl-C does (raised as Terminated)
 
@@ -201,3 +204,37 @@ def _complete(out: Path, partial: Path, replace: bool):
     tmp.write_text(json.dumps({"files": names}, indent=2) + "\n")
     os.replace(tmp, out / MANIFEST)
     shutil.rmtree(partial)
+
+
+# -----------------------------------------------------------------------------
+# Writers of the run folder's files (torchrun: rank 0 alone writes)
+
+def write_json(path: Path, obj):
+    """Strict JSON: an undefined score (NaN, e.g. the correlation of a constant prediction) is written as null."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    if dist.get().is_main:  # torchrun: rank 0 alone writes the run folder
+        path.write_text(json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+class Log:
+    """Progress lines on stdout and the same records, as JSON, in log.jsonl (one line written per record)."""
+
+    def __init__(self, path: Path, muted: bool = False):
+        self.path = path
+        self.muted = muted  # print only: a resumed run does not record its set-up stages a second time
+
+    def __call__(self, event: str, text: str = "", **fields):
+        if not dist.get().is_main:  # torchrun: rank 0 alone logs and prints
+            return
+        if not self.muted:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+        if text:
+            print(text, flush=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slora import finetune
+from slora import finetune, runfolder
 from slora.adapter import load_adapter
 from slora.models import load_model
 from slora.runfolder import RunFolderError
@@ -139,7 +139,7 @@ def test_bad_input_errors(tmp_path, cls_data):
 
 
 def test_undefined_scores_are_written_as_null(tmp_path):
-    finetune.write_json(tmp_path / "m.json", {"dev": {"pearson": float("nan"), "acc": 0.5}, "xs": [float("inf")]})
+    runfolder.write_json(tmp_path / "m.json", {"dev": {"pearson": float("nan"), "acc": 0.5}, "xs": [float("inf")]})
     assert json.loads((tmp_path / "m.json").read_text()) == {"dev": {"pearson": None, "acc": 0.5}, "xs": [None]}
 
 

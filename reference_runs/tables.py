@@ -322,6 +322,24 @@ def nlg_full_compare() -> list[str]:
     return out
 
 
+def nlg_full_lrs() -> list[str]:
+    """The learning-rate grid of nlg-full: mean dev / test ROUGE-L ×100 over the complete seeds for every method and
+    rate, the dev-picked rate in bold, so a pick at the edge of the grid shows."""
+    lrs, methods = LRS["nlg-full"], grid.NLG_FULL_METHODS
+    seeds = [s for s in SEEDS["nlg-full"] if all(grid.nlg_full_run(m, lr, s).done() for m in methods for lr in lrs)]
+    out = ["| method | " + " | ".join(f"lr {lr:g}: dev / test" for lr in lrs) + " |", "|---" * (len(lrs) + 1) + "|"]
+    for m in methods:
+        picked = pick_lr([grid.nlg_full_run(m, lr, s) for lr in lrs for s in seeds]) if seeds else None
+        cells = []
+        for lr in lrs:
+            runs = [grid.nlg_full_run(m, lr, s) for s in seeds]
+            cell = (f"{statistics.fmean(score(r, 'dev', 'rougeL') for r in runs):.2f} / "
+                    f"{statistics.fmean(score(r, 'test', 'rougeL') for r in runs):.2f}") if runs else "n/a"
+            cells.append(f"**{cell}**" if lr == picked else cell)
+        out.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
+    return out
+
+
 def mpnet_ranks() -> list[str]:
     """The q,v allocations (layers 0-11, query then value) at seed 0, lr 2e-3 (ranks do not depend on the lr)."""
     out = ["| method | " + " | ".join(f"{t}: q / v" for t in NLU_TASKS) + " |", "|---" * (len(NLU_TASKS) + 1) + "|"]
@@ -344,7 +362,8 @@ TABLES = {"nlu-main": nlu_main, "nlu-main-dev": lambda: nlu_main("dev"), "nlu-se
           "nlu-select-all": lambda: nlu_select("all"), "nlu-all-linear": nlu_all_linear,
           "diag-obs": diag_obs, "epoch-tau": epoch_tau, "nlg": nlg, "nlg-seeds": nlg_seeds,
           "mpnet-qv": lambda: mpnet_compare("qv"), "mpnet-ranks": mpnet_ranks, "mpnet-all": lambda: mpnet_compare("all"),
-          "mpnet-all-param": lambda: mpnet_compare("all", "param"), "nlg-full": nlg_full_compare}
+          "mpnet-all-param": lambda: mpnet_compare("all", "param"), "nlg-full": nlg_full_compare,
+          "nlg-full-lrs": nlg_full_lrs}
 
 
 def fill(text: str) -> str:

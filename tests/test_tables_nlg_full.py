@@ -53,3 +53,15 @@ def test_nlg_full_table_picks_each_methods_lr_on_dev_and_pairs_by_seed(fake_runs
 def test_nlg_full_table_counts_only_complete_seeds(fake_runs):
     (grid.nlg_full_run("eva", fake_runs[0], 2).folder / "env.json").unlink()
     assert tables.nlg_full_compare()[0] == "Seeds with every run recorded: 2 of 3 planned (s0, s1)."
+
+
+def test_nlg_full_lr_table_marks_the_dev_pick_and_shows_every_rate(fake_runs):
+    lrs = fake_runs
+    lines = tables.nlg_full_lrs()
+    assert lines[0] == "| method | " + " | ".join(f"lr {lr:g}: dev / test" for lr in lrs) + " |"
+    uni = next(line for line in lines if line.startswith("| LoRA (uniform)")).split(" | ")[1:]
+    uni[-1] = uni[-1].rstrip(" |")
+    # uniform is best on dev at the smallest rate: dev 50, test 30 + s over seeds 0-2 -> 31; elsewhere dev 40, test 90
+    assert uni[0] == "**50.00 / 31.00**" and all(c == "40.00 / 90.00" for c in uni[1:])
+    sens = next(line for line in lines if line.startswith("| Sensitivity-LoRA")).split(" | ")
+    assert sens[-1] == "**50.00 / 32.00** |" and sum("**" in c for c in sens) == 1

@@ -7,6 +7,8 @@
     python reference_runs/carry.py join smollm2   # there, after the calls that carried s1..sN (or c and d)
     python reference_runs/carry.py split-mpnet    # here: .carry/m1..mN, MPNet as bf16 + the data, N as needed
     python reference_runs/carry.py join mpnet     # there, after the N calls that carried m1..mN
+    python reference_runs/carry.py slim           # here, before the calls: the recorded runs leave the tree that travels
+    python reference_runs/carry.py unslim         # here, after the calls (before any commit): the index as it was
 
 MiniLM's model.safetensors (91 MB) and SmolLM2's GGUF (98 MB) are each cut in two byte ranges, carried by two
 consecutive calls (the machine keeps ignored files between calls while it stays warm), and joined there. A join
@@ -20,6 +22,14 @@ data as a gzipped tar in the first part. Rounding to bf16
 here is the same round-to-nearest-even `load_model(dtype=torch.bfloat16)` applies, so a run there with the default
 `--dtype auto` (bf16 on CUDA) sees exactly the weights it would have loaded from the fp32 file. The join checks the
 sha256 of the bf16 file computed here.
+
+Every call also carries the tracked files, counted in disk blocks: the ~880 recorded run folders (7 small files each)
+weigh 50 of the tree's 56 MiB, which leaves 8 MiB a call for the assets. `slim` takes the run folders the device does
+not need out of the index for the duration of the calls (`git rm --cached`, plus lines in .git/info/exclude so they do
+not travel as untracked files either); the files stay on disk. `unslim` puts them back with `git reset`. Between the
+two, do not commit: the commit would delete those folders. `slim` refuses to start with staged changes, so that
+`unslim` restores exactly the index it found. A grid that needs to skip recorded runs there (the MPNet grid) gets
+them as one tar (`tar czf .carry/mN/runs.tgz reference_runs/mpnet`), which weighs 3 MB instead of 35 MiB.
 """
 import shutil
 import sys
@@ -64,12 +74,53 @@ def split():
         print(f".carry/{part}: {size / 2**20:.1f} MiB")
 
 
-def tracked_bytes() -> int:
-    """Disk space of the files git tracks: the working tree that travels with every call. The device tool counts
-    allocated blocks, not file lengths, so 5,400 small files weigh 38 MiB where their lengths add up to 23."""
+def git(*args: str, root: Path = ROOT) -> bytes:
     import subprocess
-    names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
-    return sum((ROOT / n.decode()).stat().st_blocks * 512 for n in names if n and (ROOT / n.decode()).is_file())
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, check=True).stdout
+
+
+def tracked_bytes(root: Path = ROOT) -> int:
+    """Disk space of the working tree that travels with every call: the files git tracks and the untracked ones it
+    does not ignore. The device tool counts allocated blocks, not file lengths, so 5,400 small files weigh 38 MiB
+    where their lengths add up to 23."""
+    names = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", root=root).split(b"\0")
+    return sum((root / n.decode()).stat().st_blocks * 512 for n in names if n and (root / n.decode()).is_file())
+
+
+SLIM = ("reference_runs/mpnet", "reference_runs/nlu", "reference_runs/stability", "reference_runs/nlg-full",
+        "reference_runs/figure3")
+MARK = ("# carry.py slim: begin", "# carry.py slim: end")
+
+
+def slim(root: Path = ROOT):
+    """Take the recorded run folders out of the index and the travelling tree (module docstring)."""
+    exclude = root / git("rev-parse", "--git-path", "info/exclude", root=root).decode().strip()
+    text = exclude.read_text() if exclude.is_file() else ""
+    if MARK[0] in text:
+        raise SystemExit(f"slim: already slim ({exclude} holds the marker); run `carry.py unslim` first")
+    if git("diff", "--cached", "--name-only", root=root).strip():
+        raise SystemExit("slim: the index has staged changes; commit or unstage them first (unslim restores HEAD's "
+                         "entries of the slimmed folders, so it would drop them)")
+    before = tracked_bytes(root)
+    present = [d for d in SLIM if git("ls-files", "--", d, root=root).strip()]
+    if present:
+        git("rm", "-r", "-q", "--cached", "--", *present, root=root)
+    exclude.parent.mkdir(parents=True, exist_ok=True)
+    exclude.write_text(text + "\n".join([MARK[0], *(f"/{d}/" for d in SLIM), MARK[1]]) + "\n")
+    print(f"slim: {before / 2**20:.1f} -> {tracked_bytes(root) / 2**20:.1f} MiB travel with each call; "
+          "run `carry.py unslim` before any commit")
+
+
+def unslim(root: Path = ROOT):
+    """Undo `slim`: the folders' index entries back from HEAD, the exclude lines gone."""
+    exclude = root / git("rev-parse", "--git-path", "info/exclude", root=root).decode().strip()
+    text = exclude.read_text() if exclude.is_file() else ""
+    if MARK[0] not in text:
+        raise SystemExit(f"unslim: not slim ({exclude} has no marker)")
+    git("reset", "-q", "--", *SLIM, root=root)
+    head, rest = text.split(MARK[0] + "\n", 1)
+    exclude.write_text(head + rest.split(MARK[1] + "\n", 1)[1])
+    print(f"unslim: {tracked_bytes(root) / 2**20:.1f} MiB travel with each call")
 
 
 CALL_LIMIT, MARGIN = 64 * 2**20, 3 * 2**19  # 1.5 MiB: the files a merge adds before the call
@@ -185,6 +236,10 @@ if __name__ == "__main__":
         split_smollm2()
     elif sys.argv[1:] == ["split-mpnet"]:
         split_mpnet()
+    elif sys.argv[1:] == ["slim"]:
+        slim()
+    elif sys.argv[1:] == ["unslim"]:
+        unslim()
     elif sys.argv[1:2] == ["join"] and len(sys.argv) == 3:
         join(sys.argv[2])
     else:

@@ -292,11 +292,17 @@ def mpnet_compare(targets: str, unit: str = "rank") -> list[str]:
     return out
 
 
+def nlg_full_seeds() -> list[int]:
+    """The nlg-full seeds whose every run (each method at each rate) is recorded: only they are compared."""
+    lrs, methods = LRS["nlg-full"], grid.NLG_FULL_METHODS
+    return [s for s in SEEDS["nlg-full"] if all(grid.nlg_full_run(m, lr, s).done() for m in methods for lr in lrs)]
+
+
 def nlg_full_compare() -> list[str]:
     """SmolLM2 at full size (grid.py nlg-full): test scores ×100 at each method's own dev-picked lr, the paired test
     difference in ROUGE-L against uniform LoRA over the seeds, and the training throughput of each run."""
     lrs, methods = LRS["nlg-full"], grid.NLG_FULL_METHODS
-    seeds = [s for s in SEEDS["nlg-full"] if all(grid.nlg_full_run(m, lr, s).done() for m in methods for lr in lrs)]
+    seeds = nlg_full_seeds()
     out = [f"Seeds with every run recorded: {len(seeds)} of {len(SEEDS['nlg-full'])} planned"
            f"{' (' + ', '.join(f's{s}' for s in seeds) + ')' if seeds else ''}.", "",
            "| method | lr | " + " | ".join(f"test {g}" for g in GEN) + " | Δ ROUGE-L vs uniform (95 % CI) | "
@@ -326,7 +332,7 @@ def nlg_full_lrs() -> list[str]:
     """The learning-rate grid of nlg-full: mean dev / test ROUGE-L ×100 over the complete seeds for every method and
     rate, the dev-picked rate in bold, so a pick at the edge of the grid shows."""
     lrs, methods = LRS["nlg-full"], grid.NLG_FULL_METHODS
-    seeds = [s for s in SEEDS["nlg-full"] if all(grid.nlg_full_run(m, lr, s).done() for m in methods for lr in lrs)]
+    seeds = nlg_full_seeds()
     out = ["| method | " + " | ".join(f"lr {lr:g}: dev / test" for lr in lrs) + " |", "|---" * (len(lrs) + 1) + "|"]
     for m in methods:
         picked = pick_lr([grid.nlg_full_run(m, lr, s) for lr in lrs for s in seeds]) if seeds else None

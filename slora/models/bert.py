@@ -270,6 +270,15 @@ def init_head(module: nn.Module, seed: int, std: float = 0.02):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def new_head(head: nn.Module, body: nn.Module, seed: int):
+    """Materialise a task head built on the meta device beside `body` and initialise it (init_head). The head is
+    trained, so it stays fp32 on a bf16 base, as the LoRA factors do (autocast runs it in bf16). A meta body (a
+    sharded load, slora.shardload): the head is made whole on the CPU, and FSDP2 shards it."""
+    device = next(body.parameters()).device
+    head.to_empty(device="cpu" if device.type == "meta" else device)
+    init_head(head, seed)
+
+
 class BertForSequenceClassification(nn.Module):
     """logits = classifier(dropout(pooler(h)))  (BERT reads the tanh-pooled [CLS] token)."""
 
@@ -325,9 +334,5 @@ def for_sequence_classification(body: BertModel, num_labels: int, seed: int = 0)
         model.roberta = body
     else:
         model.bert = body
-    # the head is trained, so it stays fp32 on a bf16 base, as the LoRA factors do (autocast runs it in bf16)
-    # a meta body (a sharded load, slora.shardload): the head is made whole on the CPU and FSDP2 shards it
-    device = next(body.parameters()).device
-    model.classifier.to_empty(device="cpu" if device.type == "meta" else device)
-    init_head(model.classifier, seed)
+    new_head(model.classifier, body, seed)
     return model

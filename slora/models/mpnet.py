@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from slora.models.bert import ACT, BertIntermediate, BertOutput, BertPooler, RobertaClassificationHead, init_head
+from slora.models.bert import ACT, BertIntermediate, BertOutput, BertPooler, RobertaClassificationHead, new_head
 
 # transformers' MPNetEncoder.relative_position_bucket fixes max_distance at 128 (no config field carries it).
 MAX_DISTANCE = 128
@@ -281,9 +281,5 @@ def for_sequence_classification(body: MPNetModel, num_labels: int, seed: int = 0
         model = MPNetForSequenceClassification(cfg, num_labels)
     body.pooler, cfg.add_pooling_layer = None, False
     model.mpnet = body
-    # the head is trained, so it stays fp32 on a bf16 base, as the LoRA factors do (autocast runs it in bf16)
-    # a meta body (a sharded load, slora.shardload): the head is made whole on the CPU and FSDP2 shards it
-    device = next(body.parameters()).device
-    model.classifier.to_empty(device="cpu" if device.type == "meta" else device)
-    init_head(model.classifier, seed)
+    new_head(model.classifier, body, seed)
     return model

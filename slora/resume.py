@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from slora import dist, parallel
+from slora import dist, parallel, shardload
 from slora.checkpoint import read_json
 from slora.runfolder import CHECKPOINT
 from slora.train import TrainState
@@ -93,7 +93,7 @@ class Checkpointer:
                 "opt_state_keys": {str(i): sorted(st) for i, st in osd["state"].items()},
                 "scheduler": sched.state_dict(), "log_bytes": log.stat().st_size if log.exists() else 0,
                 "tracker": self.tracker.epochs if self.tracker else None, "world": dist.get().world,
-                "fsdp": is_sharded(model)}
+                "fsdp": shardload.is_sharded(model)}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")  # NaN scores round-trip
         os.replace(tmp, self.folder / name)
         pointer = self.folder / (CHECKPOINT + ".tmp")
@@ -185,10 +185,6 @@ def rank_rng_states(device) -> dict[str, torch.Tensor]:
 
 # -----------------------------------------------------------------------------
 # FSDP2: whole tensors in the checkpoint, shards in the model (one process and DDP: plain tensors pass through)
-
-def is_sharded(model) -> bool:
-    return any(hasattr(p, "full_tensor") for p in model.parameters())
-
 
 def whole(t: torch.Tensor) -> torch.Tensor:
     """`t` as a whole CPU tensor: a DTensor is gathered from every rank (a collective: every rank calls it)."""

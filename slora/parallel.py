@@ -109,7 +109,8 @@ def eval_shard(batches: list, fsdp: bool) -> list[tuple[dict, bool]]:
 def lockstep_stop(fsdp: bool, real: bool):
     """generate's stop rule for one batch: None (each rank stops when its own rows are done), or under FSDP2 a
     collective one: stop when every rank's rows are done (a dummy batch counts as done), decided by an all-reduce
-    at every step, so no rank leaves a generation loop whose next forward the others wait for in an all-gather."""
+    at every check (generate checks every GEN_SYNC_EVERY tokens, at the same steps on every rank), so no rank
+    leaves a generation loop whose next forward the others wait for in an all-gather."""
     if not fsdp or dist.get().world == 1:
         return None
 

@@ -92,9 +92,14 @@ SLIM = ("reference_runs/mpnet", "reference_runs/nlu", "reference_runs/stability"
 MARK = ("# carry.py slim: begin", "# carry.py slim: end")
 
 
+def exclude_file(root: Path) -> Path:
+    """The repository's .git/info/exclude (wherever git keeps it: a worktree shares its main repository's)."""
+    return root / git("rev-parse", "--git-path", "info/exclude", root=root).decode().strip()
+
+
 def slim(root: Path = ROOT):
     """Take the recorded run folders out of the index and the travelling tree (module docstring)."""
-    exclude = root / git("rev-parse", "--git-path", "info/exclude", root=root).decode().strip()
+    exclude = exclude_file(root)
     text = exclude.read_text() if exclude.is_file() else ""
     if MARK[0] in text:
         raise SystemExit(f"slim: already slim ({exclude} holds the marker); run `carry.py unslim` first")
@@ -113,7 +118,7 @@ def slim(root: Path = ROOT):
 
 def unslim(root: Path = ROOT):
     """Undo `slim`: the folders' index entries back from HEAD, the exclude lines gone."""
-    exclude = root / git("rev-parse", "--git-path", "info/exclude", root=root).decode().strip()
+    exclude = exclude_file(root)
     text = exclude.read_text() if exclude.is_file() else ""
     if MARK[0] not in text:
         raise SystemExit(f"unslim: not slim ({exclude} has no marker)")

@@ -20,11 +20,9 @@ import grid  # noqa: E402
 import stability  # noqa: E402  (reference_runs/stability.py)
 import tables  # noqa: E402
 
-SUITES = ("nlu", "nlg", "stability", "mpnet")
-# nlu, nlg and stability are complete; the MPNet grid (issue 11) is recorded as far as device time allowed: each of
-# its recorded runs must be planned and consistent, but not every planned run must be there yet
-PLANNED = grid.nlu_plan() + grid.nlg_plan() + stability.plan()
-MPNET_RECORDED = [r for r in grid.mpnet_plan() if r.done()]
+SUITES = ("nlu", "nlg", "stability", "mpnet", "nlg-full")
+# every suite is complete: each planned run is recorded and consistent with its command, and nothing else is there
+PLANNED = grid.nlu_plan() + grid.nlg_plan() + stability.plan() + grid.mpnet_plan() + grid.nlg_full_plan()
 
 
 def recorded_folders():
@@ -44,14 +42,14 @@ def test_unknown_table_block_is_an_error():
 
 def test_every_planned_run_is_recorded_and_nothing_else():
     planned = {r.folder for r in PLANNED}
-    recorded = set(recorded_folders()) - {r.folder for r in MPNET_RECORDED}
+    recorded = set(recorded_folders())
     assert not planned - recorded, f"planned but not recorded: {sorted(planned - recorded)[:5]}"
     assert not recorded - planned, f"recorded but not planned: {sorted(recorded - planned)[:5]}"
     partial = [p for suite in SUITES for p in (ROOT / suite).glob("*/.*partial*")]
     assert not partial, f"half-written run folders: {partial[:3]}"
 
 
-@pytest.mark.parametrize("run", PLANNED + MPNET_RECORDED, ids=lambda r: f"{r.suite}/{r.task}/{r.name}")
+@pytest.mark.parametrize("run", PLANNED, ids=lambda r: f"{r.suite}/{r.task}/{r.name}")
 def test_recorded_run_matches_its_command_and_its_ranks_follow_from_theta(run):
     folder = run.folder
     command = (folder / "command.txt").read_text().strip()
@@ -102,3 +100,15 @@ def test_every_planned_command_passes_the_argument_checks(suite):
     for run in grid.PLANS[suite]():
         args = finetune.parse_args(shlex.split(run.args) + ["--out", "x"])
         check_finetune_args(args, finetune.PRESETS, data.TASKS, data.CALIBRATION_SOURCES)
+
+
+def test_nlg_full_runs_the_benchmarked_gpu_path():
+    """grid.py's nlg-full suite runs the flags `python -m slora.bench --only nlg` measures as the new path
+    (slora.bench_nlg.NEW_FLAGS, evaluation batches of 4 x the micro-batch), so the bench's speed is the runs' own."""
+    from slora.bench_nlg import NEW_FLAGS
+    argv = shlex.split(grid.NLG_FULL_COMMON)
+    flags = [a for a in argv if a.startswith("--")]
+    for flag in (f for f in NEW_FLAGS if f.startswith("--")):
+        assert flag in flags, f"{flag} is in the benchmarked path but not in NLG_FULL_COMMON"
+    assert argv[argv.index("--check-finite") + 1] == NEW_FLAGS[NEW_FLAGS.index("--check-finite") + 1]
+    assert int(argv[argv.index("--eval-batch-size") + 1]) == 4 * int(argv[argv.index("--batch-size") + 1])

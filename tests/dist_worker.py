@@ -28,16 +28,19 @@ def calib_batches(n_seq: int, batch: int, vocab: int, pad_id: int, encoder: bool
     return list(text.iterate_batches(feats, batch, pad_id))
 
 
-def calibrate(kind: str, model_dir: str, n_seq: int, batch: int, mode: str) -> dict:
-    model = load_model(model_dir)
+def calibrate(kind: str, model_dir: str, n_seq: int, batch: int, mode: str, dtype=torch.float32) -> dict:
+    """This rank's view after calibration. `dtype` float64: the oracle (weights, activations and sums in float64);
+    its θ and ranks come from the same float64 statistics."""
+    model = load_model(model_dir, dtype=dtype)
     encoder = kind == "encoder"
     batches = [{k: v for k, v in b.items() if k != "labels"}
                for b in calib_batches(n_seq, batch, model.config.vocab_size, 0, encoder)]
     mine = dist.shard(batches)
     blocks = None if encoder else [(f"model.layers.{i}", m) for i, m in enumerate(model.model.layers)]
-    cfg = SensitivityConfig(targets="all-linear", mode=mode, source="obs" if mode == "full" else "diag", r_avg=2)
+    cfg = SensitivityConfig(targets="all-linear", mode=mode, source="obs" if mode == "full" else "diag", r_avg=2,
+                            dtype="float64" if dtype == torch.float64 else "float32")
     modules = hessian.find_linears(model, cfg.targets)
-    kw = dict(mode=mode)
+    kw = dict(mode=mode, dtype=dtype)
     if blocks is None:
         stats = hessian.collect(model, mine, modules, **kw)
     else:

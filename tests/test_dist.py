@@ -5,9 +5,15 @@ Training: N ranks at micro-batch b against one process at N·b (fp32, dropout 0)
 within rtol = atol = 1e-5 (torchtune's distributed recipe test uses the same; the difference is the order of the
 cross-rank sum), run folders with the same ranks and the adapter written once, by rank 0.
 
-Stated tolerances: token counts exact; diag(H) and diag(H⁻¹) within rtol 1e-6 of one process (fp32 sums in
-another order: a few ulps per addition, far below 1e-6 for these ~100-token sums); ranks exactly equal (they are
-computed once, on rank 0); every rank ends with identical results (bitwise: they come from one broadcast).
+Stated tolerances: token counts exact; ranks exactly equal (they are computed once, on rank 0); every rank ends
+with identical results (bitwise: they come from one broadcast). diag(H) and diag(H⁻¹) are compared with one process
+against an error bound measured in the test (`fp32_bound`): the ranks run the forward in other processes with
+other thread counts, and fp32 kernels round differently by thread count, shape and SIMD path, so the activations
+themselves differ, not only the order of the sums. The bound is a multiple of the one-process fp32 error against a
+float64 oracle (the same model and batches in float64), never less than N·eps·max|H_jj| for a sum of N tokens,
+taken per module over the whole vector: an input feature whose x_j is small carries the absolute error of its
+layer, so an elementwise relative tolerance would be tuned to one machine. A wrong reduction (a batch counted
+twice or missed, a wrong N) moves diag(H) by O(1), far above it.
 Evaluation under FSDP2: split over the ranks like DDP (short ranks run dummy batches, generation stops together);
 predictions exactly equal to one process's (the same ops on the gathered weights).
 Process launches cost seconds, so the fast tier holds one launch; the rest is @pytest.mark.slow.
@@ -28,7 +34,7 @@ from safetensors.torch import load_file
 from tests.dist_worker import calibrate, grads
 from tests.tiny import tiny_model_dir
 
-RTOL = 1e-6
+EPS32 = torch.finfo(torch.float32).eps
 
 
 @given(n=st.integers(0, 50), world=st.integers(1, 9))
@@ -47,16 +53,26 @@ def test_full_mode_owners_balance_d_in_squared():
     assert set(hessian_dist.owners({"a": 8, "b": 4}, "diag", 3).values()) == {0}
 
 
-def close(a, b, rtol=RTOL):
+def fp32_bound(one: list, oracle: list, tokens: int) -> float:
+    """Largest difference allowed between two fp32 results of one module's vector: 4 times the larger of the
+    one-process fp32 error against the float64 oracle (the forward's own error, measured here) and the a-priori
+    bound N·eps·max|v| of a sum of N tokens. Entries that are +inf (dead inputs of diag(H⁻¹)) must match exactly."""
+    finite = [(x, y) for x, y in zip(one, oracle) if math.isfinite(y)]
+    err = max((abs(x - y) for x, y in finite), default=0.0)
+    scale = max((abs(y) for _, y in finite), default=0.0)
+    return 4 * max(err, tokens * EPS32 * scale)
+
+
+def close(a, b, bound: float) -> bool:
     if a is None or b is None:
         return a is b
-    return all((x == y) or (math.isfinite(x) and abs(x - y) <= rtol * max(abs(x), abs(y))) for x, y in zip(a, b)) \
-        and len(a) == len(b)
+    return len(a) == len(b) and all(x == y or (math.isfinite(x) and abs(x - y) <= bound) for x, y in zip(a, b))
 
 
 def check_against_one_process(tmp_path, kind, world, n_seq, batch, mode):
     model = tiny_model_dir(tmp_path / "m", kind)
     one = calibrate(kind, str(model), n_seq, batch, mode)
+    oracle = calibrate(kind, str(model), n_seq, batch, mode, dtype=torch.float64)
     out = tmp_path / "r"
     res = launch(world, ["tests/dist_worker.py", "calib", kind, str(model), str(n_seq), str(batch), mode, str(out)])
     for rank, (rc, text, _) in enumerate(res):
@@ -68,8 +84,12 @@ def check_against_one_process(tmp_path, kind, world, n_seq, batch, mode):
         assert g["tokens"] == one["tokens"]  # exact global token counts on every rank
         assert g["ranks"] == one["ranks"]
         for n in one["diag"]:
-            assert close(g["diag"][n], one["diag"][n]), n
-            assert close(g["inv_diag"][n], one["inv_diag"][n], rtol=1e-4 if mode == "full" else RTOL), n
+            for key in ("diag", "inv_diag"):
+                if one[key][n] is None:
+                    assert g[key][n] is None, (key, n)
+                    continue
+                bound = fp32_bound(one[key][n], oracle[key][n], one["tokens"][n])
+                assert close(g[key][n], one[key][n], bound), (key, n, bound)
         assert g == {**got[0], "batches": g["batches"], "real_tokens": g["real_tokens"]}  # ranks identical
     return got
 

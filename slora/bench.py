@@ -146,20 +146,20 @@ def bench_calibration(cfg, batches, device, dtype, with_transformers: bool) -> d
     res["forward_s"] = timed(forward, device)
     res["peak_mem_gb_forward"] = peak_gb(device)
 
-    sens_cfg = dict(targets="all-linear", r_avg=8)
+    sens_cfg = dict(r_avg=8)
+    modules = hessian.find_linears(body, "all-linear")
     reset_peak(device)
     t0 = time.perf_counter()
-    sens_diag, ranks_diag = compute(body, feed, SensitivityConfig(mode="diag", **sens_cfg))
+    ranks_diag = compute(body, feed, modules, SensitivityConfig(mode="diag", **sens_cfg)).ranks
     sync(device)
     res["calib_diag_s"] = time.perf_counter() - t0
     res["peak_mem_gb_diag"] = peak_gb(device)
 
     reset_peak(device)
     t0 = time.perf_counter()
-    modules = hessian.find_linears(body, "all-linear")
     blocks = [(f"layers.{i}", layer) for i, layer in enumerate(body.layers)]
     stats = hessian.collect_streaming(blocks, streaming_inputs(body, batches), modules, mode="full")
-    sens_full, ranks_full = from_stats(modules, stats, SensitivityConfig(mode="full", **sens_cfg))
+    ranks_full = from_stats(modules, stats, SensitivityConfig(mode="full", **sens_cfg)).ranks
     sync(device)
     res["calib_full_s"] = time.perf_counter() - t0
     res["peak_mem_gb_full"] = peak_gb(device)
@@ -168,13 +168,13 @@ def bench_calibration(cfg, batches, device, dtype, with_transformers: bool) -> d
     res["profile_full_layer"] = profile_full_layer(body, batches, modules, device)
 
     # float64 accumulation (diag mode) as the oracle for the ranks
-    _, ranks64 = compute(body, feed, SensitivityConfig(mode="diag", dtype="float64", **sens_cfg))
+    ranks64 = compute(body, feed, modules, SensitivityConfig(mode="diag", dtype="float64", **sens_cfg)).ranks
     res["ranks_fp32_equal_fp64"] = ranks_diag == ranks64
     res["accuracy"] = full_h_accuracy(body, batches[0], layer=len(body.layers) // 2)
     res["flops_forward"] = forward_flops(cfg, B, T) * len(batches)
     res["flops_hessian_full"] = hessian_flops(cfg, tokens, hessian.HessianAccumulator(1).tile)
     res["ranks"] = ranks_diag
-    del body, sens_diag, sens_full
+    del body
     if with_transformers:
         try:
             res.update(transformers_forward(cfg, batches, device, dtype))

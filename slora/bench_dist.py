@@ -29,6 +29,8 @@ from slora import dist, parallel, train
 from slora.bench import SHAPES, peak_gb, random_llama, reset_peak, sync
 from slora.lora import apply_lora, mark_only_lora_trainable
 from slora.models.llama import LlamaConfig
+from slora.hessian import find_linears
+from slora.hessian_dist import CalibrationGroup
 from slora.sensitivity import SensitivityConfig, compute
 
 
@@ -50,11 +52,14 @@ def worker(a) -> dict:
     g = torch.Generator().manual_seed(1)  # the same global data on every rank, then sharded
     calib = [torch.randint(0, cfg.vocab_size, (a.batch_size, a.seq_len), generator=g) for _ in range(a.batches)]
     mine = [{"input_ids": ids.to(device)} for ids in dist.shard(calib)]
-    scfg = SensitivityConfig(targets="all-linear", r_avg=8, mode="diag")
-    compute(model, mine[:1] or [{"input_ids": calib[0][:1, :16].to(device)}], scfg)  # warm-up (collective)
+    scfg = SensitivityConfig(r_avg=8, mode="diag")
+    modules = find_linears(model, "all-linear")
+    group = CalibrationGroup() if d.world > 1 else None
+    # warm-up (collective)
+    compute(model, mine[:1] or [{"input_ids": calib[0][:1, :16].to(device)}], modules, scfg, group=group)
     reset_peak(device)
     t0 = barrier_time(device)
-    _, ranks = compute(model, mine, scfg)
+    ranks = compute(model, mine, modules, scfg, group=group).ranks
     calib_s = barrier_time(device) - t0
     res = {"world_size": d.world, "shape": a.shape, "calib_tokens": a.batches * a.batch_size * a.seq_len,
            "calib_s": calib_s, "peak_mem_gb_calib": peak_gb(device), "ranks": ranks}

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from slora import train
 from slora.bench import peak_gb, random_llama, reset_peak, timed, transformers_llama
 from slora.lora import apply_lora, mark_only_lora_trainable
+from slora.hessian import find_linears
 from slora.sensitivity import SensitivityConfig, compute
 
 
@@ -65,7 +66,7 @@ def bench_training(cfg, B, T, device, dtype, steps: int, with_peft: bool, checkp
     g = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (B, T), device=device, generator=g)
     calib = [{"input_ids": ids[:, : T // 2]}]
-    _, ranks = compute(model, calib, SensitivityConfig(targets="all-linear", r_avg=8, mode="diag"))
+    ranks = compute(model, calib, find_linears(model, "all-linear"), SensitivityConfig(r_avg=8, mode="diag")).ranks
     ranks = {k: v for k, v in ranks.items() if v > 0}
     apply_lora(model, ranks, alpha=16.0, alpha_policy="scale")
     mark_only_lora_trainable(model, extra=())

@@ -31,6 +31,10 @@ import torch
 RHO = 2.0  # PEFT EvaConfig default: a matrix may take up to round(ρ·r) components
 
 
+class CapsTooSmall(ValueError):
+    """The caps round(ρ·r_avg) cannot hold the budget: ρ is too small for these matrices."""
+
+
 def ratios(h: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
     """Explained-variance ratios of one input, descending, float64 on CPU, shape (d_in,).
 
@@ -92,9 +96,9 @@ def allocate(spectra: Mapping[str, torch.Tensor], r_avg: float, *, rho: float = 
     cap = caps(r_avg, rho, names, groups, {n: min(int(limit[n]), spectra[n].numel()) for n in names})
     floor = {n: min(r_min, cap[n]) for n in names}
     if sum(cap.values()) < target:
-        raise ValueError(f"eva: the caps round(ρ·r_avg) = {round(rho * r_avg)} (and r_max, min(d_in, d_out)) "
+        raise CapsTooSmall(f"eva: the caps round(ρ·r_avg) = {round(rho * r_avg)} (and r_max, min(d_in, d_out)) "
                          f"hold {sum(cap.values())} ranks over {len(names)} matrices, less than the budget {target};"
-                         f" raise --eva-rho (got {rho})")
+                         f" raise rho (got {rho})")
     if sum(floor.values()) > target:
         raise ValueError(f"eva: r_min {r_min} on {len(names)} matrices exceeds the budget {target}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from dataclasses import replace
@@ -20,6 +21,9 @@ from pathlib import Path
 import torch
 
 from slora import chat, data, dist, parallel, runfolder, shardload, text
+from slora.eva import CapsTooSmall
+from slora.hessian import find_linears
+from slora.hessian_dist import CalibrationGroup
 from slora.adapter import mis_scaled_modules, save_adapter
 from slora.argcheck import check_finetune_args, check_positions, position_limit
 from slora.assets import MODEL_DIRS, model_dir
@@ -31,7 +35,7 @@ from slora.lora import ALPHA_POLICIES
 from slora.models import DECODER_TYPES, for_sequence_classification, load_model, load_tokenizer, meta_model
 from slora.models.llama import LlamaForCausalLM
 from slora.resume import Checkpointer
-from slora.runfolder import Log, write_json
+from slora.runfolder import Log, sensitivity_json, write_json
 from slora.sensitivity import SensitivityConfig, compute
 from slora.train import EpochSensitivity, finetune, set_activation_checkpointing
 
@@ -305,7 +309,7 @@ def run(args, tmp: Path, resume: bool = False):
                                        batch_size=args.batch_size, pad_id=pad_id)
     method, variant = ALLOC[args.alloc]
     full = args.metric_source == "obs" or args.alloc == "eva"  # diag(H⁻¹) and eig(H) need the whole H
-    cfg = SensitivityConfig(targets=args.targets, mode="full" if full else args.hessian, eva_rho=args.eva_rho,
+    cfg = SensitivityConfig(mode="full" if full else args.hessian, eva_rho=args.eva_rho,
                             source=args.metric_source, variant=variant, k_frac=args.k_frac, alpha=args.er_alpha,
                             r_avg=args.r_avg, method=method, categories=args.pra_groups, unit=args.budget_unit,
                             r_min=args.r_min, r_max=args.r_max, rounding=args.rounding)
@@ -315,6 +319,7 @@ def run(args, tmp: Path, resume: bool = False):
             log("calibrate", f"calibrate {done}/{total} batches", done=done, total=total)
 
     # torchrun: each rank calibrates on its contiguous share of the batches; sums are reduced over ranks
+    group = CalibrationGroup() if dist.get().world > 1 else None
     batches = [{k: v.to(device) for k, v in b.items()} for b in shardload.calibration_shard(batches, sharded)]
 
     def measure(m, progress=None):
@@ -323,7 +328,14 @@ def run(args, tmp: Path, resume: bool = False):
                   if family == "decoder" and cfg.mode == "full" else None)
         # a bf16 base calibrates in bf16 (the fp32 task head under autocast); statistics still accumulate in fp32
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_base):
-            return compute(m, batches, cfg, blocks=blocks, progress=progress)
+            try:
+                s = compute(m, batches, find_linears(m, args.targets), cfg, blocks=blocks, group=group,
+                            progress=progress)
+            except CapsTooSmall as e:
+                raise UsageError("--eva-rho", str(e)) from None
+        if s.config["concentration"]["warn"]:
+            logging.getLogger(__name__).warning("rank allocation: --r-max or --alloc eva spreads the budget")
+        return sensitivity_json(s, args.targets), s.ranks
 
     if resume:  # allocation is deterministic: the interrupted run's own result is read back, not recomputed
         sens, ranks = (read_json(tmp / f) for f in ("sensitivity.json", "ranks.json"))

@@ -5,8 +5,11 @@ H = 2·X·Xᵀ (Frantar et al. 2022, IST-DASLab/gptq gptq.py) as the Hessian of 
 layer y = W·x with W of shape (d_out, d_in), every output row shares this (d_in, d_in) matrix.
 
     calibration batches --hooks on target nn.Linear inputs--> HessianAccumulator (Σ x xᵀ and N, fp32)
-                        --[torchrun: SUM over ranks, hessian_dist]--> H = (2/N)·Σ x xᵀ
+                        --[several processes: `group.sum_hessians`]--> H = (2/N)·Σ x xᵀ
                         --reduce()--> HessianStats: diag(H), diag(H⁻¹), damping, dominance   (metrics.py)
+
+Several processes (torchrun) are the caller's business: a `group` argument (the `Group` protocol below) sums the
+accumulators over processes. Without one, everything stays in this process.
 
 Two passes are provided:
 - `collect`: one forward pass with hooks on every target; simple, for models whose Hessians fit together.
@@ -18,12 +21,12 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 from torch import nn
 
-from slora import hessian_dist
+from slora import eva
 from slora.cholesky import cholesky_inverse_factor, dominance
 from slora.lora import LoRALinear
 
@@ -100,7 +103,6 @@ class HessianAccumulator:
         self._h = torch.zeros(shape, dtype=dtype, device=device)  # Σ x xᵀ until normalised, then H
         self._mirrored = True  # False while the lower triangle is stale
         self._normalised = False
-        self.owned = True  # False on a rank whose sum went to another rank (hessian_dist.sync)
         # full mode also keeps Σ x (d_in,) for the token mean µ: EVA's covariance is H/2 - µµᵀ (slora.eva); the
         # O(n·d_in) sum costs nothing beside the O(n·d_in²) Gram
         self.x_sum = torch.zeros(d_in, dtype=dtype, device=device) if mode == "full" else None
@@ -108,8 +110,6 @@ class HessianAccumulator:
     @property
     def value(self) -> torch.Tensor:
         """diag(H) (d_in,) in "diag" mode, the whole symmetric H (d_in, d_in) in "full" mode."""
-        if not self.owned:
-            raise RuntimeError("this rank's Hessian sum was reduced into another rank's accumulator")
         if not self._mirrored:  # copy the upper triangle onto the lower: H is then exactly symmetric
             d, t = self._h.shape[0], self.tile
             for i0 in range(0, d, t):
@@ -137,10 +137,6 @@ class HessianAccumulator:
         if self.x_sum is None:
             return None
         return self.x_sum / self.tokens if self.tokens else torch.zeros_like(self.x_sum)
-
-    def release(self) -> None:
-        """Free the sum on a rank that does not own this H (its sum was reduced into the owner's)."""
-        self._h, self.owned = None, False
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Add n tokens, x of shape (n, d_in) (already stripped of masked tokens)."""
@@ -176,6 +172,29 @@ class HessianAccumulator:
 
     def diag(self) -> torch.Tensor:
         return self.value.diagonal() if self.mode == "full" else self.value
+
+
+class Group(Protocol):
+    """How the statistics of several processes that calibrate on shards of the batches are combined (torchrun).
+
+    The method never imports a process group: the caller passes an object with these methods (slora.dist's
+    calibration group), or None for one process. Every process calls them in the same order."""
+
+    is_main: bool  # the process that computes the allocation
+
+    def sum_hessians(self, owner: dict[str, str], accs: dict[str, "HessianAccumulator"],
+                     modules: dict[str, nn.Linear], mode: str, dtype: torch.dtype
+                     ) -> tuple[dict[str, str], dict[str, "HessianAccumulator"]]:
+        """Agree on the shared-input map `owner` (module -> the module whose accumulator it uses), add every
+        process's sums of each accumulator into one process (its owner there), and return the agreed map and the
+        accumulators this process now holds, summed."""
+
+    def gather_stats(self, stats: dict[str, "HessianStats"], modules: dict[str, nn.Linear]
+                     ) -> dict[str, "HessianStats"]:
+        """Every module's statistics on every process, from the part each process reduced."""
+
+    def on_main(self, fn: Callable[[], object]) -> object:
+        """fn() computed on the main process only, its result (plain JSON-able data) given to every process."""
 
 
 class _Hooks:
@@ -229,13 +248,15 @@ class _Hooks:
         """An accumulator with no tokens for `module` (a rank that saw no calibration batch)."""
         return HessianAccumulator(module.in_features, self.mode, self.dtype, module.weight.device)
 
-    def result(self, modules: dict[str, nn.Linear]) -> dict[str, HessianAccumulator]:
-        """Accumulators keyed like `modules`; under torchrun summed over ranks into each H's owner rank."""
-        hessian_dist.sync(self, modules)
+    def result(self, modules: dict[str, nn.Linear], group: "Group | None" = None) -> dict[str, HessianAccumulator]:
+        """Accumulators keyed like `modules`. With a `group`, the sums of all its processes: a module whose
+        accumulator went to another process (its owner there) is left out here."""
+        if group is not None:
+            self.owner, self.accs = group.sum_hessians(self.owner, self.accs, modules, self.mode, self.dtype)
         missing = [n for n in modules if n not in self.owner]
         if missing:
             raise RuntimeError(f"target modules never called during calibration: {missing}")
-        return {n: self.accs[self.owner[n]] for n in modules}
+        return {n: self.accs[self.owner[n]] for n in modules if self.owner[n] in self.accs}
 
 
 def _tokens(name: str, x: torch.Tensor, mask: torch.Tensor | None, all_real: bool = False) -> torch.Tensor:
@@ -274,15 +295,15 @@ class _Calibrating:
 
 
 def accumulate(model: nn.Module, batches: Iterable[dict], modules: dict[str, nn.Linear], *, mode: str = "diag",
-               dtype: torch.dtype = torch.float32, progress: Progress | None = None
+               dtype: torch.dtype = torch.float32, progress: Progress | None = None, group: "Group | None" = None
                ) -> dict[str, HessianAccumulator]:
     """One calibration pass: `model(**batch)` for each batch, with hooks on `modules`, under torch.no_grad()
     in eval mode.
 
     Tokens where batch["attention_mask"] (B, T) is 0 are dropped. Modules with a shared input map to the same
-    accumulator object. Accumulators live on the device of the inputs (the model's device). Under torchrun each
-    rank passes its own shard of the batches; the sums are then reduced over ranks (hessian_dist.sync) and an
-    accumulator whose owner is another rank comes back released (`owned` False).
+    accumulator object. Accumulators live on the device of the inputs (the model's device). With a `group`, each
+    process passes its own shard of the batches; the sums are then added over the group, and a module whose sum
+    went to another process is absent from the result.
     Peak memory: the model's forward pass plus one accumulator per distinct input: d_in² numbers each in
     "full" mode (LLaMA-7B: ~22 GB fp32 for all 32 layers, hence `collect_streaming`), d_in in "diag" mode.
     """
@@ -298,7 +319,7 @@ def accumulate(model: nn.Module, batches: Iterable[dict], modules: dict[str, nn.
                     progress("calibrate", i + 1, total)
     finally:
         hooks.close()
-    return hooks.result(modules)
+    return hooks.result(modules, group)
 
 
 # -----------------------------------------------------------------------------
@@ -316,13 +337,16 @@ class HessianStats:
     percdamp: float | None = None  # λ / mean(live diag H)
     offdiag_share: float | None = None
     dominant_rows: float | None = None
-    hessian: torch.Tensor | None = None  # (d_in, d_in) on CPU, only when asked to keep it
-    mean: torch.Tensor | None = None  # (d_in,) float64 CPU: token mean µ of the input (mode "full")
+    spectrum: torch.Tensor | None = None  # (d_in,) float64 CPU: EVA's explained-variance ratios (eva.ratios)
+
+
+SPECTRA = (None, "centred", "uncentred")  # EVA's spectrum: none, of the covariance H/2 - µµᵀ, or of H itself
 
 
 def reduce(acc: HessianAccumulator, owner: str, *, percdamp: float = 0.01, blocksize: int = 128,
-           keep_hessian: bool = False) -> HessianStats:
-    """Everything metrics.py uses from one accumulator; in full mode also the inverse diagonal and dominance."""
+           spectrum: str | None = None) -> HessianStats:
+    """Everything metrics.py uses from one accumulator; in full mode also the inverse diagonal and dominance, and
+    with `spectrum` EVA's explained-variance ratios of H (eva.ratios), so the whole H never leaves this process."""
     diag = acc.diag().to("cpu", torch.float64)
     stats = HessianStats(owner, acc.tokens, diag, dead=int((diag == 0).sum()))
     if acc.mode == "full":
@@ -330,9 +354,11 @@ def reduce(acc: HessianAccumulator, owner: str, *, percdamp: float = 0.01, block
         stats.inv_diag = inv.inv_diag.to("cpu", torch.float64)
         stats.damping, stats.percdamp = inv.damping, inv.percdamp
         stats.offdiag_share, stats.dominant_rows = dominance(acc.value)
-        stats.mean = acc.mean.to("cpu", torch.float64)
-        if keep_hessian:
-            stats.hessian = acc.value.to("cpu")
+    if spectrum is not None:
+        if acc.mode != "full" or spectrum not in SPECTRA:
+            raise ValueError(f"spectrum {spectrum!r} needs mode 'full' and one of {SPECTRA[1:]}")
+        stats.spectrum = eva.ratios(acc.value, mean=acc.mean.to("cpu", torch.float64) if spectrum == "centred"
+                                    else None)
     return stats
 
 
@@ -340,17 +366,18 @@ def reduce_all(accs: dict[str, HessianAccumulator], **kw) -> dict[str, HessianSt
     """Reduce each distinct accumulator once; the first name (model order) of a shared group owns it."""
     by_acc: dict[int, HessianStats] = {}
     for name, acc in accs.items():
-        if id(acc) not in by_acc and acc.owned:  # under torchrun: only the H this rank owns
+        if id(acc) not in by_acc:
             by_acc[id(acc)] = reduce(acc, name, **kw)
-    return {name: by_acc[id(acc)] for name, acc in accs.items() if acc.owned}
+    return {name: by_acc[id(acc)] for name, acc in accs.items()}
 
 
 def collect(model: nn.Module, batches: Iterable[dict], modules: dict[str, nn.Linear], *, mode: str = "diag",
             dtype: torch.dtype = torch.float32, percdamp: float = 0.01, blocksize: int = 128,
-            keep_hessian: bool = False, progress: Progress | None = None) -> dict[str, HessianStats]:
+            spectrum: str | None = None, progress: Progress | None = None, group: "Group | None" = None
+            ) -> dict[str, HessianStats]:
     """One-pass calibration then reduction. Peak memory as `accumulate`, plus 3·d_in² while inverting one H."""
-    accs = accumulate(model, batches, modules, mode=mode, dtype=dtype, progress=progress)
-    return reduce_all(accs, percdamp=percdamp, blocksize=blocksize, keep_hessian=keep_hessian)
+    accs = accumulate(model, batches, modules, mode=mode, dtype=dtype, progress=progress, group=group)
+    return reduce_all(accs, percdamp=percdamp, blocksize=blocksize, spectrum=spectrum)
 
 
 # -----------------------------------------------------------------------------
@@ -391,8 +418,8 @@ def capture_inputs(model: nn.Module, block: nn.Module, batches: Iterable[dict]) 
 def collect_streaming(blocks: Sequence[tuple[str, nn.Module]], inputs: list[CachedInput],
                       modules: dict[str, nn.Linear], *,
                       mode: str = "full", dtype: torch.dtype = torch.float32, percdamp: float = 0.01,
-                      blocksize: int = 128, keep_hessian: bool = False, progress: Progress | None = None
-                      ) -> dict[str, HessianStats]:
+                      blocksize: int = 128, spectrum: str | None = None, progress: Progress | None = None,
+                      group: "Group | None" = None) -> dict[str, HessianStats]:
     """Hessian statistics block by block: each block runs over all cached inputs with hooks on its targets only,
     its Hessians are reduced (and optionally copied to CPU) and freed, and its outputs feed the next block.
 
@@ -420,8 +447,8 @@ def collect_streaming(blocks: Sequence[tuple[str, nn.Module]], inputs: list[Cach
                     hidden[i] = out[0] if isinstance(out, (tuple, list)) else out
         finally:
             hooks.close()
-        accs = hooks.result(mine)
-        stats.update(reduce_all(accs, percdamp=percdamp, blocksize=blocksize, keep_hessian=keep_hessian))
+        accs = hooks.result(mine, group)
+        stats.update(reduce_all(accs, percdamp=percdamp, blocksize=blocksize, spectrum=spectrum))
         del accs, hooks  # free this block's Hessians before the next block accumulates
         if progress is not None:
             progress("stream", b + 1, len(blocks))

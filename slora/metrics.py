@@ -223,22 +223,3 @@ def aggregate(metrics: Mapping[str, ModuleMetrics], variant: str = "sensitivity"
     theta = [g1 * g + g2 * l for g, l in zip(sg, sl)]  # Eq. 14
     return Aggregate(dict(zip(names, sl)), dict(zip(names, theta)),
                      {"beta1": b1, "beta2": b2, "gamma1": g1, "gamma2": g2})
-
-
-# -----------------------------------------------------------------------------
-# The sensitivity.json artifact
-
-def sensitivity_json(shapes: Mapping[str, tuple[int, int]], tokens: Mapping[str, int],
-                     metrics: Mapping[str, ModuleMetrics], agg: Aggregate, config: dict) -> dict:
-    """`{"modules": {name: {d_in, d_out, tokens, trace, topk, effective_rank, s_global, s_local, theta}},
-    "weights": {beta1, beta2, gamma1, gamma2}, "config": {...}}`, in the order of `metrics`.
-
-    shapes[name] = (d_in, d_out). Plain ints and floats only, so json.dumps needs no encoder.
-    """
-    modules = {}
-    for name, m in metrics.items():
-        d_in, d_out = shapes[name]
-        modules[name] = {"d_in": int(d_in), "d_out": int(d_out), "tokens": int(tokens[name]),
-                         "trace": m.trace, "topk": m.topk, "effective_rank": int(m.effective_rank),
-                         "s_global": m.trace, "s_local": agg.s_local[name], "theta": agg.theta[name]}
-    return {"modules": modules, "weights": {k: float(v) for k, v in agg.weights.items()}, "config": dict(config)}

@@ -223,6 +223,13 @@ def write_json(path: Path, obj):
         path.write_text(json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
+def sensitivity_json(s, targets: str) -> dict:
+    """sensitivity.json: `{"modules": {name: {d_in, d_out, tokens, trace, topk, effective_rank, s_global, s_local,
+    theta}}, "weights": {beta1, beta2, gamma1, gamma2}, "config": {targets, ...}}` from a sensitivity.Sensitivity;
+    `targets` is the run's module selection (--targets), recorded with the method's configuration."""
+    return {"modules": s.modules, "weights": s.weights, "config": {"targets": targets} | s.config}
+
+
 class Log:
     """Progress lines on stdout and the same records, as JSON, in log.jsonl (one line written per record)."""
 

@@ -1,9 +1,10 @@
 """Sensitivity-LoRA's whole pre-training step (arXiv 2509.09119 Fig. 1): model + calibration batches -> ranks.
 
-    find_linears -> hessian.collect (or collect_streaming) -> metrics (Eqs. 8-14) -> allocate (Eq. 15)
-    -> (sensitivity.json content, ranks.json content)
+    target modules (the caller's) -> hessian.collect (or collect_streaming) -> metrics (Eqs. 8-14)
+    -> allocate (Eq. 15) -> Sensitivity (per-module metrics and θ, the weights, the configuration, the ranks)
 
-Works for any nn.Module built from nn.Linear whose forward takes `model(**batch)`.
+Works for any nn.Module built from nn.Linear whose forward takes `model(**batch)`. Several processes (torchrun)
+come in as a `group` (hessian.Group); the result is then the same on every process.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from slora import allocate as alloc
-from slora import dist, eva, hessian, hessian_dist, metrics
+from slora import eva, hessian, metrics
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -23,7 +24,6 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass
 class SensitivityConfig:
-    targets: str = "all-linear"  # comma list of module-name suffixes, or "all-linear" (heads excluded)
     mode: str = "diag"  # Hessian kept: "diag" (Σx², O(d_in)) or "full" (d_in², for "obs" and diagnostics)
     source: str = "diag"  # sensitivity vector: "diag" (N = d_in), "full-diag" (N = d_out·d_in), "obs"
     variant: str = "sensitivity"  # θ: "sensitivity" (Eq. 14), "global" (Sg), "local" (Sl), "half-mu" (Table 7)
@@ -55,36 +55,44 @@ class SensitivityConfig:
             raise ValueError("method 'eva' needs the eigenvalues of H (mode 'full') and counts ranks (unit 'rank')")
 
 
-def compute(model: nn.Module, batches: Iterable[dict], cfg: SensitivityConfig, *,
-            blocks: Sequence[tuple[str, nn.Module]] | None = None,
-            progress: hessian.Progress | None = None) -> tuple[dict, dict[str, int]]:
-    """Run calibration, metrics and allocation; return (sensitivity.json content, ranks.json content).
+@dataclass
+class Sensitivity:
+    """The result of the pre-training step, as plain data (ints, floats, strings, dicts), in model order."""
+    modules: dict  # name -> {d_in, d_out, tokens, trace, topk, effective_rank, s_global, s_local, theta}
+    weights: dict  # β1, β2, γ1, γ2 of Eqs. 11 and 13: {beta1, beta2, gamma1, gamma2}
+    config: dict  # the SensitivityConfig, and the budget, concentration, fallback message, Hessian facts
+    ranks: dict  # name -> rank
+
+
+def compute(model: nn.Module, batches: Iterable[dict], modules: dict[str, nn.Linear], cfg: SensitivityConfig, *,
+            blocks: Sequence[tuple[str, nn.Module]] | None = None, group: hessian.Group | None = None,
+            progress: hessian.Progress | None = None) -> Sensitivity:
+    """Run calibration, metrics and allocation over `modules` (qualified name -> nn.Linear of `model`).
 
     With `blocks` (qualified name, module) in forward order, the Hessians are collected block by block over
     cached block inputs (hessian.collect_streaming), the memory strategy for mode "full" on large models.
     A fallback to uniform ranks is logged as a warning and recorded in config["message"].
-    Under torchrun (slora.dist initialised) `batches` is this rank's shard; the result is the same on every rank.
+    With a `group`, `batches` is this process's shard; the result is the same on every process of the group.
     """
-    modules = hessian.find_linears(model, cfg.targets)
     dtype = DTYPES[cfg.dtype]
+    spectrum = None if cfg.method != "eva" else "centred" if cfg.eva_centred else "uncentred"
     kw = dict(mode=cfg.mode, dtype=dtype, percdamp=cfg.percdamp, blocksize=cfg.blocksize, progress=progress,
-              keep_hessian=cfg.method == "eva")  # EVA decomposes the whole H
+              spectrum=spectrum, group=group)  # EVA's ratios of eig(H), on the process that holds H
     if blocks is None:
         stats = hessian.collect(model, batches, modules, **kw)
     else:
         cached = hessian.capture_inputs(model, blocks[0][1], batches)
         stats = hessian.collect_streaming(blocks, cached, modules, **kw)
-    if dist.get().world == 1:
+    if group is None:
         return from_stats(modules, stats, cfg)
-    # torchrun: each rank passed its own shard of `batches`; the statistics were summed over ranks, the
-    # allocation is computed once on rank 0 and broadcast, so every rank builds the same LoRA shapes
-    stats = hessian_dist.gather_stats(stats, modules)
-    sens, ranks = from_stats(modules, stats, cfg) if dist.get().is_main else (None, None)
-    return tuple(dist.broadcast_json([sens, ranks]))
+    # each process passed its own shard of `batches`; the statistics were summed over the group, the
+    # allocation is computed once on the main process and broadcast, so every process builds the same LoRA shapes
+    stats = group.gather_stats(stats, modules)
+    return Sensitivity(**group.on_main(lambda: asdict(from_stats(modules, stats, cfg))))
 
 
 def from_stats(modules: dict[str, nn.Linear], stats: dict[str, hessian.HessianStats], cfg: SensitivityConfig
-               ) -> tuple[dict, dict[str, int]]:
+               ) -> Sensitivity:
     """Metrics (Eqs. 8-14) and ranks (Eq. 15 / PRA / uniform) from Hessian statistics keyed like `modules`."""
     shapes = {n: (m.in_features, m.out_features) for n, m in modules.items()}
     table, seen = {}, {}
@@ -113,9 +121,9 @@ def from_stats(modules: dict[str, nn.Linear], stats: dict[str, hessian.HessianSt
         log.warning("rank allocation: %s", result.message)
     conc = alloc.concentration(result.ranks)
     if conc["warn"]:
-        log.warning("rank allocation: %d of %d matrices (top %.0f %%) take %.0f %% of the budget (%s); consider "
-                    "--r-max or --alloc eva", conc["k"], conc["n"], 100 * conc["top_frac"], 100 * conc["share"],
-                    ", ".join(f"{n}: {r}" for n, r in conc["top"].items()))
+        log.warning("rank allocation: %d of %d matrices (top %.0f %%) take %.0f %% of the budget (%s); a lower "
+                    "r_max or EVA's rule spreads it", conc["k"], conc["n"], 100 * conc["top_frac"],
+                    100 * conc["share"], ", ".join(f"{n}: {r}" for n, r in conc["top"].items()))
 
     config = asdict(cfg) | {
         "budget": {"unit": result.unit, "target": result.target, "achieved": result.achieved},
@@ -123,21 +131,23 @@ def from_stats(modules: dict[str, nn.Linear], stats: dict[str, hessian.HessianSt
         "message": result.message,
         "hessian": {n: _diagnostics(stats[n]) for n in modules}}
     tokens = {n: stats[n].tokens for n in modules}
-    sensitivity = metrics.sensitivity_json(shapes, tokens, table, agg, config)
-    return sensitivity, {n: result.ranks[n] for n in modules}
+    rows = {}
+    for name, m in table.items():
+        d_in, d_out = shapes[name]
+        rows[name] = {"d_in": int(d_in), "d_out": int(d_out), "tokens": int(tokens[name]), "trace": m.trace,
+                      "topk": m.topk, "effective_rank": int(m.effective_rank), "s_global": m.trace,
+                      "s_local": agg.s_local[name], "theta": agg.theta[name]}
+    return Sensitivity(rows, {k: float(v) for k, v in agg.weights.items()}, dict(config),
+                       {n: result.ranks[n] for n in modules})
 
 
 def _eva(modules: dict[str, nn.Linear], stats: dict[str, hessian.HessianStats], cfg: SensitivityConfig,
          cap: dict[str, int]) -> alloc.Allocation:
     """EVA's rule (slora.eva) on the eigenvalues of each distinct H; modules sharing an input share a spectrum."""
-    spectra: dict[str, torch.Tensor] = {}
     for name in modules:
-        owner = stats[name].owner
-        if owner not in spectra:
-            if stats[name].hessian is None:
-                raise ValueError(f"{name}: method 'eva' needs the whole H (keep_hessian) but it was not kept")
-            spectra[owner] = eva.ratios(stats[name].hessian, mean=stats[name].mean if cfg.eva_centred else None)
-    ranks = eva.allocate({n: spectra[stats[n].owner] for n in modules}, cfg.r_avg, rho=cfg.eva_rho,
+        if stats[name].spectrum is None:
+            raise ValueError(f"{name}: method 'eva' needs the spectrum of H, which was not computed")
+    ranks = eva.allocate({n: stats[n].spectrum for n in modules}, cfg.r_avg, rho=cfg.eva_rho,
                          groups={n: stats[n].owner for n in modules}, limit=cap, r_min=cfg.r_min)
     total = sum(ranks.values())
     return alloc.Allocation(ranks, "rank", total, total)

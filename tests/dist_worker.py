@@ -12,7 +12,8 @@ import torch
 
 from safetensors.torch import save_file
 
-from slora import data, dist, hessian, hessian_dist, parallel, text, train
+from slora import data, dist, hessian, parallel, text, train
+from slora.hessian_dist import CalibrationGroup
 from slora.lora import apply_lora, mark_only_lora_trainable
 from slora.models import load_model
 from slora.sensitivity import SensitivityConfig, compute
@@ -29,24 +30,29 @@ def calib_batches(n_seq: int, batch: int, vocab: int, pad_id: int, encoder: bool
 
 
 def calibrate(kind: str, model_dir: str, n_seq: int, batch: int, mode: str, dtype=torch.float32) -> dict:
-    """This rank's view after calibration. `dtype` float64: the oracle (weights, activations and sums in float64);
-    its θ and ranks come from the same float64 statistics."""
+    """This rank's view after calibration. `mode` diag, full (θ from the OBS saliency) or eva (EVA's rule on the
+    full H). `dtype` float64: the oracle (weights, activations and sums in float64); its θ and ranks come from the
+    same float64 statistics."""
     model = load_model(model_dir, dtype=dtype)
     encoder = kind == "encoder"
     batches = [{k: v for k, v in b.items() if k != "labels"}
                for b in calib_batches(n_seq, batch, model.config.vocab_size, 0, encoder)]
     mine = dist.shard(batches)
     blocks = None if encoder else [(f"model.layers.{i}", m) for i, m in enumerate(model.model.layers)]
-    cfg = SensitivityConfig(targets="all-linear", mode=mode, source="obs" if mode == "full" else "diag", r_avg=2,
-                            dtype="float64" if dtype == torch.float64 else "float32")
-    modules = hessian.find_linears(model, cfg.targets)
-    kw = dict(mode=mode, dtype=dtype)
+    method, mode = ("eva", "full") if mode == "eva" else ("sra", mode)
+    cfg = SensitivityConfig(mode=mode, source="obs" if mode == "full" and method == "sra" else "diag", r_avg=2,
+                            method=method, dtype="float64" if dtype == torch.float64 else "float32")
+    modules = hessian.find_linears(model, "all-linear")
+    group = CalibrationGroup() if dist.get().world > 1 else None
+    kw = dict(mode=mode, dtype=dtype, group=group)
     if blocks is None:
         stats = hessian.collect(model, mine, modules, **kw)
     else:
         stats = hessian.collect_streaming(blocks, hessian.capture_inputs(model, blocks[0][1], mine), modules, **kw)
-    stats = hessian_dist.gather_stats(stats, modules)
-    sens, ranks = compute(model, mine, cfg, blocks=blocks)
+    if group is not None:
+        stats = group.gather_stats(stats, modules)
+    s = compute(model, mine, modules, cfg, blocks=blocks, group=group)
+    sens, ranks = {"modules": s.modules}, s.ranks
     return {"batches": len(mine), "tokens": {n: s.tokens for n, s in stats.items()},
             "diag": {n: s.diag.tolist() for n, s in stats.items()},
             "inv_diag": {n: None if s.inv_diag is None else s.inv_diag.tolist() for n, s in stats.items()},

@@ -107,6 +107,8 @@ def test_two_ranks_uneven_padded_encoder_diag(tmp_path):
     ("decoder", 2, 7, 3, "full"),   # streamed layer by layer, H reduced per layer to its owner
     ("decoder", 3, 5, 1, "diag"),
     ("decoder", 1, 5, 2, "diag"),   # torchrun with one process
+    ("encoder", 2, 6, 2, "eva"),    # EVA: each H's spectrum on its owner rank, gathered like diag(H)
+    ("decoder", 3, 7, 3, "eva"),    # ... streamed layer by layer
 ])
 def test_ranks_match_one_process(tmp_path, kind, world, n_seq, batch, mode):
     check_against_one_process(tmp_path, kind, world, n_seq, batch, mode)

@@ -14,7 +14,8 @@ import torch
 
 from slora import hessian
 from slora.lora import LoRALinear, apply_lora, merged_copy
-from slora.sensitivity import SensitivityConfig, compute
+from slora.sensitivity import SensitivityConfig
+from tests.tiny import compute_files
 from tests.tiny import randomize_lora, tiny_bert, tiny_llama
 
 RTOL = 1e-5
@@ -88,10 +89,10 @@ def merged_copy_without_lora(model):
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])
 def test_live_lora_model_gives_the_merged_copy_ranks(kind):
     model, targets, _ = lora_model(kind, dropout=0.0)
-    cfg = SensitivityConfig(targets=targets, r_avg=3)
+    cfg = SensitivityConfig(r_avg=3)
     b = batches(model.config.vocab_size, seed=2)
-    sens_m, ranks_m = compute(merged_copy(model).eval(), b, cfg)
-    sens_l, ranks_l = compute(model, b, cfg)
+    sens_m, ranks_m = compute_files(merged_copy(model).eval(), b, cfg, targets)
+    sens_l, ranks_l = compute_files(model, b, cfg, targets)
     assert ranks_l == ranks_m
     theta = [(sens_l["modules"][n]["theta"], sens_m["modules"][n]["theta"]) for n in ranks_m]
     assert [a for a, _ in theta] == pytest.approx([t for _, t in theta], rel=RTOL)

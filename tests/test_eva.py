@@ -151,7 +151,7 @@ def test_ratios_match_float64_eigenvalues_of_the_raw_tokens(n, d, seed, log_scal
 
 def test_infeasible_rho_and_bad_spectra_are_errors_naming_the_culprit():
     s = {"a": torch.tensor([0.6, 0.4], dtype=torch.float64), "b": torch.tensor([1.0, 0.0], dtype=torch.float64)}
-    with pytest.raises(ValueError, match="eva-rho"):
+    with pytest.raises(eva.CapsTooSmall, match="raise rho"):
         eva.allocate(s, 2, rho=0.5)
     with pytest.raises(ValueError, match="b: .*descending"):
         eva.allocate(s | {"b": torch.tensor([0.0, 1.0], dtype=torch.float64)}, 1)
@@ -176,13 +176,14 @@ def test_from_stats_eva_groups_shared_inputs_and_records_concentration():
         x = torch.randn(200, 6, generator=torch.Generator().manual_seed(i)) * spread.sqrt()
         acc = hessian.HessianAccumulator(6, "full", torch.float64)
         acc.add_batch(x)
-        st_ = hessian.reduce(acc, f"l{i}.q", keep_hessian=True)
+        st_ = hessian.reduce(acc, f"l{i}.q", spectrum="centred")
         stats[f"l{i}.q"] = stats[f"l{i}.v"] = st_
-    cfg = SensitivityConfig(targets="q,v", mode="full", method="eva", r_avg=2, r_min=0)
-    sens, ranks = from_stats(mods, stats, cfg)
+    cfg = SensitivityConfig(mode="full", method="eva", r_avg=2, r_min=0)
+    s = from_stats(mods, stats, cfg)
+    sens, ranks = s.config, s.ranks
     assert sum(ranks.values()) == 8 and ranks["l0.q"] == ranks["l0.v"] and ranks["l1.q"] == ranks["l1.v"]
     assert ranks["l1.q"] > ranks["l0.q"]  # the flat spectrum spreads its variance over more components
-    assert sens["config"]["concentration"]["k"] == 1
+    assert sens["concentration"]["k"] == 1
     with pytest.raises(ValueError, match="mode 'full'"):
         SensitivityConfig(mode="diag", method="eva")
 
@@ -199,6 +200,7 @@ def test_finetune_alloc_eva_end_to_end_on_tiny_models(tmp_path):
     --eva-rho 1 gives uniform ranks; the budget is exact and the concentration record is in sensitivity.json."""
     import json
 
+    from slora.errors import UsageError
     from tests.test_finetune import run, write_jsonl
     from tests.tiny import WORDS, tiny_model_dir
     rows = [{"text": f"the movie was {WORDS[i % 8]} and {WORDS[(3 * i) % 8]}", "label": i % 2} for i in range(24)]
@@ -215,6 +217,10 @@ def test_finetune_alloc_eva_end_to_end_on_tiny_models(tmp_path):
         assert sens["config"]["mode"] == "full" and "concentration" in sens["config"]
         uni = run(tmp_path, model, data, *common, "--eva-rho", "1", kind=kind, out=name + "-rho1")
         assert set(json.loads((uni / "ranks.json").read_text()).values()) == {4}
+    # caps round(0.5·4) = 2 cannot hold a budget of 4 per matrix: the command names its flag
+    with pytest.raises(UsageError, match="raise rho") as e:
+        run(tmp_path, enc, cls, *common, "--eva-rho", "0.5", out="rho-half")
+    assert e.value.culprit == "--eva-rho"
 
 
 @given(st.integers(1, 30), st.integers(1, 6), st.integers(0, 2 ** 16), st.integers(1, 4))

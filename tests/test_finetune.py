@@ -162,7 +162,8 @@ def test_epoch_sensitivity_remeasures_the_merged_weights(tmp_path, cls_data):
     from slora.lora import merged_copy
     from slora.models import load_tokenizer
     from slora.models.bert import for_sequence_classification
-    from slora.sensitivity import SensitivityConfig, compute
+    from slora.sensitivity import SensitivityConfig
+    from tests.tiny import compute_files
     from slora.stability import stability
     model = tiny_model_dir(tmp_path / "m", "encoder")
     out = run(tmp_path, model, cls_data, "--targets", "all-linear", "--epochs", "2", "--max-steps", "1000",
@@ -182,7 +183,7 @@ def test_epoch_sensitivity_remeasures_the_merged_weights(tmp_path, cls_data):
     fields = set(SensitivityConfig.__dataclass_fields__)
     cfg = SensitivityConfig(**{k: v for k, v in sens["config"].items() if k in fields})
     m = load_adapter(for_sequence_classification(load_model(model), 2, seed=7), out / "adapter")
-    oracle, oracle_ranks = compute(merged_copy(m).eval(), batches, cfg)
+    oracle, oracle_ranks = compute_files(merged_copy(m).eval(), batches, cfg, sens["config"]["targets"])
     assert epochs[2]["ranks"] == oracle_ranks
     for name, v in oracle["modules"].items():
         assert epochs[2]["theta"][name] == pytest.approx(v["theta"], rel=1e-6), name  # same fp32 ops: rounding

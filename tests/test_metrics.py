@@ -155,13 +155,17 @@ def test_a_metric_that_does_not_vary_gets_weight_zero():
 # sensitivity.json
 
 def test_sensitivity_json_has_exactly_the_published_keys():
-    table = {"a.q": ModuleMetrics(3.0, 2.0, 4, 8), "a.v": ModuleMetrics(1.0, 0.5, 2, 8)}
-    agg = metrics.aggregate(table)
-    out = metrics.sensitivity_json({"a.q": (8, 8), "a.v": (8, 4)}, {"a.q": 10, "a.v": 10}, table, agg, {"x": 1})
+    from slora.hessian import HessianStats
+    from slora.runfolder import sensitivity_json
+    from slora.sensitivity import SensitivityConfig, from_stats
+    mods = {"a.q": torch.nn.Linear(8, 8), "a.v": torch.nn.Linear(8, 4)}
+    shared = HessianStats("a.q", 10, torch.arange(1.0, 9.0, dtype=torch.float64))
+    out = sensitivity_json(from_stats(mods, {"a.q": shared, "a.v": shared}, SensitivityConfig(r_avg=2)), "a")
     assert set(out) == {"modules", "weights", "config"}
     assert list(out["modules"]) == ["a.q", "a.v"]
     assert set(out["modules"]["a.v"]) == {"d_in", "d_out", "tokens", "trace", "topk", "effective_rank",
                                           "s_global", "s_local", "theta"}
     assert set(out["weights"]) == {"beta1", "beta2", "gamma1", "gamma2"}
-    assert out["modules"]["a.v"]["d_out"] == 4 and out["modules"]["a.q"]["s_global"] == 3.0
+    assert out["modules"]["a.v"]["d_out"] == 4 and out["modules"]["a.q"]["s_global"] == 36.0
+    assert out["config"]["targets"] == "a" and out["modules"]["a.v"]["tokens"] == 10
     assert json.loads(json.dumps(out)) == out

@@ -14,7 +14,8 @@ from strategies import TinyModel, token_batches
 from slora import hessian
 from slora.models.bert import BertConfig, BertForSequenceClassification
 from slora.models.llama import LlamaConfig, LlamaForCausalLM
-from slora.sensitivity import SensitivityConfig, compute, from_stats
+from slora.sensitivity import SensitivityConfig, from_stats
+from tests.tiny import as_files, compute_files
 
 EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps
@@ -54,7 +55,7 @@ def rounding_margin(q):
 # End to end
 
 def test_compute_writes_both_artifacts_in_model_order():
-    sens, ranks = compute(MODEL, BATCHES, SensitivityConfig(r_avg=4))
+    sens, ranks = compute_files(MODEL, BATCHES, SensitivityConfig(r_avg=4))
     assert list(ranks) == list(MODULES) == list(sens["modules"])
     assert sum(ranks.values()) == 4 * len(ranks) == sens["config"]["budget"]["achieved"]
     assert json.loads(json.dumps(sens)) == sens and json.loads(json.dumps(ranks)) == ranks
@@ -66,7 +67,7 @@ def test_compute_writes_both_artifacts_in_model_order():
 
 @pytest.mark.parametrize("source", ["diag", "full-diag", "obs"])
 def test_every_source_runs_in_full_mode_with_diagnostics(source):
-    sens, ranks = compute(MODEL, BATCHES, SensitivityConfig(mode="full", source=source, unit="param"))
+    sens, ranks = compute_files(MODEL, BATCHES, SensitivityConfig(mode="full", source=source, unit="param"))
     assert sens["config"]["budget"]["target"] - max(m["d_in"] + m["d_out"] for m in sens["modules"].values()) \
         < sens["config"]["budget"]["achieved"] <= sens["config"]["budget"]["target"]
     diag = sens["config"]["hessian"]["layers.0.mlp.down_proj"]
@@ -79,7 +80,7 @@ def test_every_source_runs_in_full_mode_with_diagnostics(source):
 def test_streaming_blocks_give_the_same_artifacts():
     cfg = SensitivityConfig(mode="full", source="obs", r_avg=3)
     blocks = [(f"layers.{i}", layer) for i, layer in enumerate(MODEL.layers)]
-    assert compute(MODEL, BATCHES, cfg, blocks=blocks) == compute(MODEL, BATCHES, cfg)
+    assert compute_files(MODEL, BATCHES, cfg, blocks=blocks) == compute_files(MODEL, BATCHES, cfg)
 
 
 def test_config_errors():
@@ -91,7 +92,7 @@ def test_config_errors():
 
 def test_a_single_module_falls_back_to_uniform_with_a_logged_reason(caplog):
     with caplog.at_level(logging.WARNING, logger="slora.sensitivity"):
-        sens, ranks = compute(MODEL, BATCHES, SensitivityConfig(targets="layers.0.mlp.down_proj", r_avg=3))
+        sens, ranks = compute_files(MODEL, BATCHES, SensitivityConfig(r_avg=3), "layers.0.mlp.down_proj")
     assert ranks == {"layers.0.mlp.down_proj": 3}
     assert "σ = 0" in sens["config"]["message"] and "σ = 0" in caplog.text
 
@@ -104,8 +105,8 @@ def test_wired_to_slora_llama_with_streaming_over_its_decoder_layers():
     batches = token_batches(3, vocab=50, seed=4)
     sc = SensitivityConfig(mode="full", source="obs", r_avg=4)
     blocks = [(f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
-    sens, ranks = compute(model, batches, sc)
-    assert compute(model, batches, sc, blocks=blocks) == (sens, ranks)
+    sens, ranks = compute_files(model, batches, sc)
+    assert compute_files(model, batches, sc, blocks=blocks) == (sens, ranks)
     assert len(ranks) == 14 and "lm_head" not in ranks and sum(ranks.values()) == 4 * 14
     shared = sens["config"]["hessian"]
     assert shared["model.layers.1.self_attn.v_proj"]["shared_with"] == "model.layers.1.self_attn.q_proj"
@@ -120,8 +121,8 @@ def test_wired_to_slora_bert_with_padding_and_heads_left_out():
     batches = token_batches(3, seed=5)
     every = hessian.find_linears(model, "all-linear")
     assert not [n for n in every if "pooler" in n or "classifier" in n] and len(every) == 12
-    sens, ranks = compute(model, batches, SensitivityConfig(targets="query,value", r_avg=4))
-    assert compute(model, batches, SensitivityConfig(targets="query,value", r_avg=4)) == (sens, ranks)
+    sens, ranks = compute_files(model, batches, SensitivityConfig(r_avg=4), "query,value")
+    assert compute_files(model, batches, SensitivityConfig(r_avg=4), "query,value") == (sens, ranks)
     assert model.training and list(ranks) == [f"bert.encoder.layer.{i}.attention.self.{m}"
                                               for i in range(2) for m in ("query", "value")]
     n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
@@ -134,8 +135,8 @@ def test_wired_to_slora_bert_with_padding_and_heads_left_out():
 @given(st.integers(-40, 40))
 def test_scaling_every_hessian_by_a_power_of_two_changes_nothing(k):
     """2^k·H is exact in floating point, so θ and the ranks are identical bit for bit."""
-    base, ranks = from_stats(MODULES, STATS, EQ15)
-    other, ranks2 = from_stats(MODULES, scaled(STATS, 2.0 ** k), EQ15)
+    base, ranks = as_files(from_stats(MODULES, STATS, EQ15))
+    other, ranks2 = as_files(from_stats(MODULES, scaled(STATS, 2.0 ** k), EQ15))
     assert ranks2 == ranks
     assert [m["theta"] for m in other["modules"].values()] == [m["theta"] for m in base["modules"].values()]
 
@@ -143,8 +144,8 @@ def test_scaling_every_hessian_by_a_power_of_two_changes_nothing(k):
 @given(st.floats(1e-3, 1e3))
 @settings(max_examples=30)
 def test_scaling_every_hessian_by_any_c_keeps_the_ranks(c):
-    base, ranks = from_stats(MODULES, STATS, EQ15)
-    other, ranks2 = from_stats(MODULES, scaled(STATS, c), EQ15)
+    base, ranks = as_files(from_stats(MODULES, STATS, EQ15))
+    other, ranks2 = as_files(from_stats(MODULES, scaled(STATS, c), EQ15))
     same_er = all(base["modules"][n]["effective_rank"] == m["effective_rank"] for n, m in other["modules"].items())
     q, q2 = quotas(base), quotas(other)
     moved = max(abs(q[n] - q2[n]) for n in q)
@@ -163,8 +164,8 @@ def test_repeating_the_calibration_set_keeps_h_and_the_ranks(copies):
         assert again[name].tokens == copies * once[name].tokens
         tol = (copies * n_tok + 3 * n_batches) * EPS32 * once[name].diag  # accumulation bound, test_hessian
         assert ((again[name].diag - once[name].diag).abs() <= tol).all()
-    base, ranks = from_stats(MODULES, once, EQ15)
-    other, ranks2 = from_stats(MODULES, again, EQ15)
+    base, ranks = as_files(from_stats(MODULES, once, EQ15))
+    other, ranks2 = as_files(from_stats(MODULES, again, EQ15))
     q, q2 = quotas(base), quotas(other)
     assert max(abs(q[n] - q2[n]) for n in q) < rounding_margin(q)  # the tiny model's quotas are far from ties
     assert ranks2 == ranks
@@ -177,9 +178,9 @@ def test_repeating_the_calibration_set_keeps_h_and_the_ranks(copies):
 @pytest.mark.parametrize("cfg", [SensitivityConfig(r_avg=4),
                                  SensitivityConfig(r_avg=4, mode="full", source="obs", unit="param")])
 def test_cpu_and_cuda_give_the_same_ranks(cfg):
-    cpu_sens, cpu_ranks = compute(MODEL, BATCHES, cfg)
+    cpu_sens, cpu_ranks = compute_files(MODEL, BATCHES, cfg)
     cuda_batches = [{k: v.cuda() for k, v in b.items()} for b in BATCHES]
-    cuda_sens, cuda_ranks = compute(copy.deepcopy(MODEL).cuda(), cuda_batches, cfg)
+    cuda_sens, cuda_ranks = compute_files(copy.deepcopy(MODEL).cuda(), cuda_batches, cfg)
     assert cuda_ranks == cpu_ranks
     n_tok = cpu_sens["modules"]["layers.0.self_attn.q_proj"]["tokens"]
     for name, m in cpu_sens["modules"].items():  # float32 forward and accumulation differ per kernel only

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 import naive
 from strategies import TinyModel, token_batches
 from slora import stability
-from slora.sensitivity import SensitivityConfig, compute
+from slora.sensitivity import SensitivityConfig
+from tests.tiny import compute_files
 
 EPS64 = torch.finfo(torch.float64).eps
 # small integers give many ties, the case τ-b exists for; floats give the tie-free case
@@ -56,7 +57,7 @@ def test_allocations_from_two_disjoint_calibration_halves_agree():
     model = TinyModel(n_layers=3, seed=1)
     batches = token_batches(16, seed=2)
     cfg = SensitivityConfig(r_avg=4)
-    halves = [compute(model, part, cfg) for part in (batches[0::2], batches[1::2])]
+    halves = [compute_files(model, part, cfg) for part in (batches[0::2], batches[1::2])]
     runs = [{"theta": {n: m["theta"] for n, m in sens["modules"].items()}, "ranks": ranks} for sens, ranks in halves]
     out = stability.stability(*runs)
     assert out["modules"] == 21

@@ -125,3 +125,19 @@ def randomize_lora(model, seed=0, std=0.3):
             m.lora_A.weight.copy_(torch.randn(m.lora_A.weight.shape, generator=g) * std)
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
     return model
+
+
+# -----------------------------------------------------------------------------
+# The pre-training step as python -m slora.finetune records it
+
+def as_files(s, targets: str = "all-linear") -> tuple[dict, dict]:
+    """(sensitivity.json content, ranks.json content) of a sensitivity.Sensitivity."""
+    from slora.runfolder import sensitivity_json
+    return sensitivity_json(s, targets), s.ranks
+
+
+def compute_files(model, batches, cfg, targets: str = "all-linear", **kw) -> tuple[dict, dict]:
+    """sensitivity.compute on the modules `targets` selects, as the two files a run writes."""
+    from slora.hessian import find_linears
+    from slora.sensitivity import compute
+    return as_files(compute(model, batches, find_linears(model, targets), cfg, **kw), targets)

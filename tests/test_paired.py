@@ -94,6 +94,12 @@ def test_sign_test_is_symmetric(diffs):
     assert 0 < p <= 1
 
 
+def test_sign_test_many_pairs():
+    # 1,100 pairs: 2^1100 does not fit a float, so the tail is summed in integers (exact, then one rounding)
+    tail = sum(math.comb(1100, k) for k in range(501))
+    assert paired.sign_test([1.0] * 600 + [-1.0] * 500)[2] == float(Fraction(2 * tail, 2 ** 1100))
+
+
 def test_sign_test_darwin():
     # Darwin's Zea mays, 15 pairs (Fisher 1935, The Design of Experiments, §17): 13 positive, 2 negative differences;
     # p = 2·(C(15,0) + C(15,1) + C(15,2)) / 2^15 = 242/32768

@@ -36,7 +36,7 @@ from pathlib import Path
 
 FILE = "runs.jsonl"
 THETA_FIELDS = ("theta", "d_in", "d_out")  # what a fine-tuning run keeps of sensitivity.json's modules
-_cache: dict[Path, tuple[tuple[int, int], dict]] = {}
+_cache: dict[Path, tuple[tuple[int, int, int], dict]] = {}
 
 
 def _read(folder: Path, name: str):
@@ -116,7 +116,7 @@ def load(path: Path) -> dict[tuple[str, str], "Record"]:
         st = os.stat(path)
     except FileNotFoundError:
         return {}
-    stamp = (st.st_mtime_ns, st.st_size)
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
     if path in _cache and _cache[path][0] == stamp:
         return _cache[path][1]
     runs = {}

@@ -241,7 +241,7 @@ def nlg_seeds() -> list[str]:
 
 def mpnet_seeds(targets: str, unit: str = "rank") -> list[int]:
     """The seeds whose every run of this comparison (all tasks, methods and learning rates) is recorded: every
-    method is compared on the same seeds, and a seed the device time did not finish counts for none."""
+    method is compared on the same seeds, and a seed with a run not yet recorded counts for none."""
     methods = [m for m in MPNET_METHODS if unit == "rank" or m in MPNET_PARAM_METHODS]
     return [s for s in SEEDS["mpnet"]
             if all(mpnet_run(t, targets, m, lr, s, "rank" if m == "uniform" else unit).done()

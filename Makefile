@@ -40,6 +40,6 @@ test-gpu: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
 
-# regenerate the recorded runs in reference_runs/ (review the diff like code)
+# regenerate the recorded CI run folder reference_runs/minilm-rt-polarity-short/ (review the diff like code)
 reference: assets
 	$(PY) reference_runs/record.py

@@ -6,13 +6,12 @@
     python reference_runs/grid.py nlg-full --device cuda --workers 9 --threads 1  # SmolLM2 at full size (one H200: 19 min)
     python reference_runs/grid.py nlu --list                       # what is done, what is pending
 
-Each run's folder is reference_runs/<suite>/<task>/<run>/: the run folder of slora.finetune (args.json,
-sensitivity.json, ranks.json, metrics.json, log.jsonl, epoch_sensitivity.json where asked) plus
-command.txt (the exact command) and env.json (device, torch, wall time, how many runs shared the device). The PEFT
-adapter, ranks.svg (a picture of ranks.json) and .slora-run.json (the file list `--replace` needs) are deleted after
-the run to keep the repository small: the files of 650 runs were counted in the working tree that every GPU call
-carries. The command regenerates them. A folder with env.json
-is complete and is never run again, so a second call resumes where a first one ran out of time.
+Each run is one line of reference_runs/<suite>/runs.jsonl (store.py): the exact command, the device, torch and
+Python versions, wall time and how many runs shared the device, args.json, metrics.json, ranks.json, θ per module and
+what else of the run folder the tables and checks read. The run writes its folder (named by the command's --out,
+reference_runs/<suite>/<task>/<run>) inside a scratch directory; the line is appended to the suite's file when the
+run completes, and the scratch folder goes (the command rebuilds the adapter and ranks.svg). A recorded run is never
+run again, so a grid that stops resumes where it stopped, and a new suite is recorded run by run.
 
 Selection, on the dev split only (the test split is read once per run, after training, and never compared here):
 - NLU. Phase "select": uniform LoRA and Sensitivity-LoRA at every learning rate of LRS, three seeds, α policy
@@ -23,12 +22,12 @@ Selection, on the dev split only (the test split is read once per run, after tra
   the rate picked for uniform and Sensitivity-LoRA.
 - NLG. Uniform and Sensitivity-LoRA, attention-only and attention+MLP, two seeds, one fixed learning rate (the
   CPU-sized setting below; not tuned).
-- MPNet (issue 11: RoBERTa-base shape). Every method at every learning rate of LRS, five seeds, on q,v and on all
+- MPNet (RoBERTa-base shape: 12 layers, d 768). Every method at every learning rate of LRS, five seeds, on q,v and on all
   linear layers; the learning rate is picked on dev **per method** (and per task and target set), so no method is
   compared at a rate tuned for another (the tuning critique of arXiv 2602.04998). Methods: uniform, Sensitivity-LoRA,
   Sg, Sl, PRA, the obs metric source, and EVA (`--alloc eva`, ρ = 2). All linear layers once more with the budget
   kept in parameters (`--budget-unit param`) for the methods whose ranks differ between matrix shapes.
-- NLG at full size (issue 11, "nlg-full"). SmolLM2 on all 7,890 wiki-describe training examples (--max-len 256),
+- NLG at full size ("nlg-full", paper Table 2). SmolLM2 on all 7,890 wiki-describe training examples (--max-len 256),
   2 epochs, seeds 0 1 2; uniform, Sensitivity-LoRA and EVA on q,k,v,o (the decoder default) at every rate of
   LRS["nlg-full"]; the learning rate is picked on dev per method, as for MPNet. The GPU path of NLG_FULL_COMMON:
   micro-batch 32 in length-grouped batches, evaluation in length-sorted batches of 128, the non-finite check kept
@@ -50,9 +49,9 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -61,14 +60,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import store  # noqa: E402  (reference_runs/store.py)
 
 SEEDS = {"nlu": (0, 1, 2), "nlg": (0, 1), "mpnet": (0, 1, 2, 3, 4), "nlg-full": (0, 1, 2)}
 LRS = {"nlu": (5e-4, 1e-3, 2e-3), "nlg": (1e-3,), "mpnet": (5e-4, 1e-3, 2e-3), "nlg-full": (5e-4, 1e-3, 2e-3, 4e-3)}
 NLU_TASKS = ("rt-polarity", "rt-regression", "wiki-topic")
 NLU_COMMON = "--model minilm --epochs 3 --batch-size 32 --log-every 50"
-# NLG is sized for the 2-core CPU (about 100 training tokens/s for SmolLM2): the full-size version (7,890 examples
-# of 256 tokens, 2 epochs, two learning rates) did not fit in one session's GPU time (see README), so one lr, a
-# 160-example training sample, 96-token sequences and 100 dev/test examples. Not tuned on dev: the lr is fixed.
+# NLG is sized for a 2-core CPU (about 100 training tokens/s for SmolLM2): one lr, a 160-example training sample,
+# 96-token sequences and 100 dev/test examples (the full size is the nlg-full suite). Not tuned on dev: the lr is fixed.
 NLG_COMMON = ("--model smollm2 --task wiki-describe --max-train 160 --max-eval 100 --max-len 96 --calib-n 64 "
               "--epochs 2 --batch-size 8 --gen-tokens 16 --log-every 5")
 # NLG at full size (module docstring): the efficient GPU path; 2 epochs at micro-batch 32 are 494 optimizer steps
@@ -77,8 +77,8 @@ NLG_FULL_COMMON = ("--model smollm2 --task wiki-describe --max-len 256 --epochs 
                    "--gen-tokens 32 --log-every 50")
 NLG_FULL_METHODS = {"uniform": "--alloc uniform", "sensitivity": "--alloc sensitivity", "eva": "--alloc eva"}
 ABLATIONS = ("global", "local", "pra", "half-mu")
-# MPNet: one epoch over the full training split, like the default run (the paper's 10 epochs over 7 methods x 3 lrs x
-# 5 seeds x 3 tasks do not fit one session's device time; every method gets the same schedule)
+# MPNet: one epoch over the full training split, like the default run (the paper trains 10 epochs); every method gets
+# the same schedule
 MPNET_COMMON = "--model mpnet --epochs 1 --batch-size 32 --log-every 50"
 # method -> finetune arguments; "obs" is Sensitivity-LoRA on the OBS saliency (full-mode H)
 MPNET_METHODS = {"uniform": "--alloc uniform", "sensitivity": "--alloc sensitivity", "global": "--alloc global",
@@ -92,27 +92,33 @@ MLP = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 @dataclass(frozen=True)
 class Run:
-    suite: str  # "nlu" | "nlg"
+    suite: str  # "nlu" | "nlg" | "mpnet" | "nlg-full" | "stability" | "figure3"
     task: str
-    name: str  # folder name, e.g. "qv-sensitivity-scale-lr1e-3-s0"
+    name: str  # the run's name in its suite, e.g. "qv-sensitivity-scale-lr1e-3-s0"
     args: str  # slora.finetune arguments, without --out and --device
     phase: str
 
     @property
-    def folder(self) -> Path:
-        return HERE / self.suite / self.task / self.name
+    def key(self) -> str:
+        return f"{self.suite}/{self.task}/{self.name}"
+
+    @property
+    def out(self) -> str:
+        """The run folder its command names (--out), relative to the directory the command runs in."""
+        return f"reference_runs/{self.key}"
+
+    @property
+    def suite_file(self) -> Path:
+        """The suite's file of recorded runs."""
+        return HERE / self.suite / store.FILE
+
+    @property
+    def record(self) -> store.Record | None:
+        """The recorded run, or None while it is not recorded."""
+        return store.load(self.suite_file).get((self.task, self.name))
 
     def done(self) -> bool:
-        return (self.folder / "env.json").is_file()
-
-    def read(self, name: str):
-        """One JSON file of the recorded run folder."""
-        return json.loads((self.folder / name).read_text())
-
-    def allocation(self) -> dict:
-        """{"theta": {module: θ}, "ranks": {module: r}}, the form slora.stability.stability compares."""
-        return {"theta": {k: v["theta"] for k, v in self.read("sensitivity.json")["modules"].items()},
-                "ranks": self.read("ranks.json")}
+        return self.record is not None
 
 
 def lr_tag(lr: float) -> str:
@@ -169,7 +175,7 @@ def mpnet_plan() -> list[Run]:
 
 def score(run: Run, split: str = "dev", metric: str | None = None) -> float:
     """A final score of a recorded run (the task's main metric by default); NaN where it was undefined."""
-    m = run.read("metrics.json")
+    m = run.record.metrics
     v = m["final"][split][metric or m["main_metric"]]
     return float("nan") if v is None else v
 
@@ -240,48 +246,64 @@ def _init_worker(threads: int):
     torch.set_num_threads(threads)
 
 
-def record(argv: list[str], concurrent_runs: int = 1, keep_adapter: bool = False) -> float:
-    """Run `python -m slora.finetune ARGV` (ARGV ends with --out FOLDER) from the repository root, then write
-    command.txt and env.json (device, torch, wall time) into its folder; returns the wall time. env.json is
-    written last, so its presence marks a complete recording (Run.done)."""
+def finetune_in(cwd: Path, argv: list[str], concurrent_runs: int = 1) -> tuple[Path, str, dict]:
+    """Run `python -m slora.finetune ARGV` (ARGV ends with --out FOLDER, relative) in the directory `cwd`; return its
+    run folder, the command, and the hardware and versions it ran on with its wall time (env)."""
     import torch
     from slora import finetune
-    os.chdir(ROOT)  # relative paths in args.json and command.txt: the same on every clone
-    t0 = time.time()
-    out = finetune.main(argv)
-    wall = time.time() - t0
-    if not keep_adapter:
-        shutil.rmtree(out / "adapter", ignore_errors=True)
-        for name in ("ranks.svg", ".slora-run.json"):  # derived from ranks.json / only for --replace
-            (out / name).unlink(missing_ok=True)
-    (out / "command.txt").write_text("python -m slora.finetune " + " ".join(argv) + "\n")
+    before = os.getcwd()
+    os.chdir(cwd)  # a relative --out: args.json and the command read the same on every clone
+    try:
+        t0 = time.time()
+        out = cwd / finetune.main(argv)
+        wall = time.time() - t0
+    finally:
+        os.chdir(before)
     dev = torch.device(json.loads((out / "args.json").read_text())["device"])
-    env = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "python": platform.python_version(), "wall_s": round(wall, 1),
-           "concurrent_runs": concurrent_runs}
+    env = {"concurrent_runs": concurrent_runs, "cpu": platform.processor() or platform.machine(),
+           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "python":
+           platform.python_version(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "wall_s": round(wall, 1)}
+    return out, "python -m slora.finetune " + " ".join(argv), env
+
+
+def record(argv: list[str]) -> float:
+    """A whole run folder in the repository (record.py, the CI run): run `python -m slora.finetune ARGV` (ARGV ends
+    with --out FOLDER) from the repository root, then write command.txt and env.json (hardware, versions, wall
+    time) into its folder; returns the wall time."""
+    out, command, env = finetune_in(ROOT, argv)
+    (out / "command.txt").write_text(command + "\n")
     (out / "env.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
-    return wall
+    return env["wall_s"]
 
 
-def execute(run: Run, device: str, workers: int) -> str:
-    """One grid run (in a worker process), recorded in run.folder without its adapter."""
-    wall = record(shlex.split(run.args) + ["--device", device, "--out", str(run.folder.relative_to(ROOT))],
-                  concurrent_runs=workers)
-    return f"{run.suite}/{run.task}/{run.name}: {wall:.0f}s"
+def execute(run: Run, device: str, workers: int) -> dict:
+    """One run of a suite (in a worker process): its run folder is written in a scratch directory and returned as
+    the run's line (store.py); the scratch directory goes."""
+    argv = shlex.split(run.args) + ["--device", device, "--out", run.out]
+    with tempfile.TemporaryDirectory(prefix="slora-run-") as scratch:
+        folder, command, env = finetune_in(Path(scratch), argv, concurrent_runs=workers)
+        return store.from_folder(folder, run.task, run.name, command, env)
+
+
+def record_run(run: Run, device: str, workers: int = 1) -> str:
+    """Run one run here and append its line to the suite's file; the progress line to print."""
+    line = execute(run, device, workers)
+    store.append(run.suite_file, line)
+    return f"{run.key}: {line['env']['wall_s']:.0f}s"
 
 
 def drive(suite: str, device: str, workers: int, budget_s: float, threads: int) -> None:
     """Run pending runs of `suite`, `workers` at a time, until none is left or `budget_s` has passed (runs in
-    flight then finish). The plan is recomputed whenever a run ends, so later phases start once their inputs are
-    done."""
+    flight then finish). Each completed run's line is appended to the suite's file here, by this one process. The
+    plan is recomputed whenever a run ends, so later phases start once their inputs are done."""
     t0, running, failed = time.time(), {}, set()
     ctx = get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
         while True:
-            busy = {r.folder for r in running.values()}
-            # a run that failed is not tried again in this call: it would fail again, at the cost of a slot
-            todo = [r for r in PLANS[suite]() if not r.done() and r.folder not in busy | failed]
+            busy = {r.key for r in running.values()}
+            # a run that failed is not tried again by this process: it would fail again, at the cost of a slot
+            todo = [r for r in PLANS[suite]() if not r.done() and r.key not in busy | failed]
             while todo and len(running) < workers and time.time() - t0 < budget_s:
                 r = todo.pop(0)
                 running[pool.submit(execute, r, device, workers)] = r
@@ -291,10 +313,13 @@ def drive(suite: str, device: str, workers: int, budget_s: float, threads: int) 
             for f in done:
                 r = running.pop(f)
                 try:
-                    print(f"[{time.time() - t0:5.0f}s] {f.result()}", flush=True)
+                    line = f.result()
                 except Exception as e:  # a failed run is reported and left unrecorded; the rest go on
-                    failed.add(r.folder)
-                    print(f"[{time.time() - t0:5.0f}s] FAILED {r.suite}/{r.task}/{r.name}: {e!r}", flush=True)
+                    failed.add(r.key)
+                    print(f"[{time.time() - t0:5.0f}s] FAILED {r.key}: {e!r}", flush=True)
+                    continue
+                store.append(r.suite_file, line)
+                print(f"[{time.time() - t0:5.0f}s] {r.key}: {line['env']['wall_s']:.0f}s", flush=True)
     left = [r for r in PLANS[suite]() if not r.done()]
     print(f"{suite}: {len(left)} runs pending ({len(failed)} failed) after {time.time() - t0:.0f}s", flush=True)
 
@@ -310,7 +335,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.list:
         for r in PLANS[args.suite]():
-            print(f"{'done   ' if r.done() else 'pending'} {r.phase:10s} {r.folder.relative_to(HERE)}")
+            print(f"{'done   ' if r.done() else 'pending'} {r.phase:10s} {r.key}")
         return
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     drive(args.suite, args.device, args.workers, args.budget_s, threads)

@@ -1,9 +1,9 @@
 """Regenerate the recorded runs: python reference_runs/record.py [NAME ...]   (make reference)
 
-Each run is one `python -m slora.finetune` command. Its run folder goes to reference_runs/<name>/, with
-command.txt (the exact command) and env.json (device, torch version, wall time) beside the run's own files
-(grid.record, as for the grid runs, but the PEFT adapter is kept).
-tests/test_reference_runs.py re-runs each command and compares with what is recorded here.
+Each run is one `python -m slora.finetune` command. Its whole run folder goes to reference_runs/<name>/ (the PEFT
+adapter included), with command.txt (the exact command) and env.json (hardware, torch version, wall time) beside the
+run's own files (grid.record). tests/test_reference_runs.py re-runs each command and compares with what is recorded
+here, file by file.
 """
 import shlex
 import sys
@@ -19,5 +19,5 @@ RUNS = {
 if __name__ == "__main__":
     for name in sys.argv[1:] or RUNS:
         # --replace: re-recording replaces the run files; command.txt and env.json are rewritten by record()
-        record(shlex.split(RUNS[name]) + ["--out", f"reference_runs/{name}", "--replace"], keep_adapter=True)
+        record(shlex.split(RUNS[name]) + ["--out", f"reference_runs/{name}", "--replace"])
         print(f"recorded {HERE / name}")

@@ -1,13 +1,12 @@
-"""Fill the result tables of reference_runs/README.md from the recorded run folders (never by hand).
+"""Fill the result tables of reference_runs/README.md from the recorded runs (never by hand).
 
     python reference_runs/tables.py          # rewrites every <!-- table:NAME --> ... <!-- /table:NAME --> block
 
-Reads reference_runs/{nlu,nlg}/<task>/<run>/ (args.json, metrics.json, sensitivity.json, ranks.json,
-epoch_sensitivity.json). Learning rates are picked on the dev split by grid.pick_lr, exactly as grid.py did when it
+Reads reference_runs/{nlu,nlg,mpnet,nlg-full}/runs.jsonl (store.py): each run's metrics, ranks, θ, per-epoch θ and
+training tokens/s. Learning rates are picked on the dev split by grid.pick_lr, exactly as grid.py did when it
 chose what to run; test scores are only reported. Scores are ×100 (as in the paper); mean ± sample std over seeds,
 with the number of seeds when it is not the full count.
 """
-import json
 import re
 import statistics
 import sys
@@ -68,7 +67,7 @@ def nlu_main(split: str = "test") -> list[str]:
             xs = [score(r, split) for r in runs]
             cells.append(mean_std(xs, n))
             means.append(statistics.fmean(xs) if len(xs) == n else None)
-            params |= {r.read("metrics.json")["lora_params"] for r in runs}
+            params |= {r.record.metrics["lora_params"] for r in runs}
         avg = f"{statistics.fmean(means):.2f}" if None not in means else "n/a"
         out.append(f"| {label} | " + " | ".join(cells) + f" | {avg} | {', '.join(f'{p:,}' for p in sorted(params))} |")
     return out
@@ -122,10 +121,10 @@ def nlu_ranks() -> list[str]:
             for s in SEEDS["nlu"]:
                 r, ref = variant(t, lrs[t], s, key), variant(t, lrs[t], s, "sensitivity")
                 if r.done() and ref.done():
-                    same += r.read("ranks.json") == ref.read("ranks.json")
+                    same += r.record.ranks() == ref.record.ranks()
                     total += 1
                 if s == SEEDS["nlu"][0]:
-                    cells.append(" ".join(map(str, r.read("ranks.json").values())) if r.done() else "n/a")
+                    cells.append(" ".join(map(str, r.record.ranks().values())) if r.done() else "n/a")
         out.append(f"| {label} | " + " | ".join(cells) + f" | {same} of {total} |")
     return out
 
@@ -155,7 +154,7 @@ def nlu_all_linear() -> list[str]:
         for t in NLU_TASKS:
             runs = done([nlu_run(t, "all", m, lrs[t], s, "") for s in SEEDS["nlu"]]) if lrs[t] else []
             cells.append(f"{mean_std([score(r, 'test') for r in runs], n)}" + (f" (lr {lrs[t]:g})" if lrs[t] else ""))
-            params |= {r.read("metrics.json")["lora_params"] for r in runs}
+            params |= {r.record.metrics["lora_params"] for r in runs}
         out.append(f"| {NAMES[m]} | " + " | ".join(cells) + f" | {', '.join(f'{p:,}' for p in sorted(params))} |")
     return out
 
@@ -171,8 +170,8 @@ def diag_obs() -> list[str]:
             a, b = variant(t, lrs[t], s, "sensitivity"), variant(t, lrs[t], s, ("sensitivity", "scale", "obs"))
             if not (a.done() and b.done()):
                 continue
-            st = stability(a.allocation(), b.allocation())
-            ra, rb = (" ".join(str(v) for v in r.read("ranks.json").values()) for r in (a, b))
+            st = stability(a.record.allocation(), b.record.allocation())
+            ra, rb = (" ".join(str(v) for v in r.record.ranks().values()) for r in (a, b))
             out.append(f"| {t} | {s} | {st['tau_theta']:.3f} | {st['tau_ranks']:.3f} | {ra} | {rb} | "
                        f"{score(a, 'test'):.2f} | {score(b, 'test'):.2f} |")
     return out
@@ -193,7 +192,7 @@ def epoch_tau() -> list[str]:
         per_epoch: dict[int, list] = {}
         modules = None
         for r in done(runs):
-            eps = r.read("epoch_sensitivity.json")["epochs"]
+            eps = r.record.epochs()
             modules = len(eps[0]["theta"])
             for e in eps[1:]:
                 st = stability(eps[0], e)
@@ -224,7 +223,7 @@ def nlg() -> list[str]:
             runs = done([nlg_run(tg, m, lr, s) for s in SEEDS["nlg"]])
             cols = [[score(r, "test", g) for r in runs] for g in GEN]
             avg = [statistics.fmean(c) for c in zip(*cols)]
-            params = {r.read("metrics.json")["lora_params"] for r in runs}
+            params = {r.record.metrics["lora_params"] for r in runs}
             out.append(f"| {label} | {NAMES[m]} | {lr:g} | " + " | ".join(mean_std(c, n) for c in cols)
                        + f" | {mean_std(avg, n)} | {mean_std([score(r, 'dev') for r in runs], n)} | "
                        + ", ".join(f"{p:,}" for p in sorted(params)) + " |")
@@ -242,7 +241,7 @@ def nlg_seeds() -> list[str]:
 
 def mpnet_seeds(targets: str, unit: str = "rank") -> list[int]:
     """The seeds whose every run of this comparison (all tasks, methods and learning rates) is recorded: every
-    method is compared on the same seeds, and a seed the device time did not finish counts for none."""
+    method is compared on the same seeds, and a seed with a run not yet recorded counts for none."""
     methods = [m for m in MPNET_METHODS if unit == "rank" or m in MPNET_PARAM_METHODS]
     return [s for s in SEEDS["mpnet"]
             if all(mpnet_run(t, targets, m, lr, s, "rank" if m == "uniform" else unit).done()
@@ -279,7 +278,7 @@ def mpnet_compare(targets: str, unit: str = "rank") -> list[str]:
             mine |= {(t, s): v for s, v in by_seed.items()}
             if lr:
                 params |= {mpnet_run(t, targets, m, lr, s, "rank" if m == "uniform" else unit)
-                           .read("metrics.json")["lora_params"] for s in seeds}
+                           .record.metrics["lora_params"] for s in seeds}
         diffs = paired_differences(mine, base) if m != "uniform" else []
         if diffs:
             st = summary(diffs)
@@ -320,9 +319,8 @@ def nlg_full_compare() -> list[str]:
         st = summary(diffs) if diffs else None
         stats = (f"{st['mean']:+.2f} [{st['ci95'][0]:+.2f}, {st['ci95'][1]:+.2f}] | {st['wins']}-{st['losses']}"
                  if st else "— | —")
-        tps = [[e for e in map(json.loads, (r.folder / "log.jsonl").read_text().splitlines())
-                if e.get("event") == "step"][-1]["tokens_per_s"] for r in runs[m]]
-        params = sorted({r.read("metrics.json")["lora_params"] for r in runs[m]})
+        tps = [r.record.log("step")[-1]["tokens_per_s"] for r in runs[m]]  # each run's last logged rate
+        params = sorted({r.record.metrics["lora_params"] for r in runs[m]})
         out.append(f"| {NAMES[m]} | {picked[m]:g} | " + " | ".join(cells) + f" | {stats} | "
                    f"{statistics.fmean(tps):,.0f} | {', '.join(f'{p:,}' for p in params)} |")
     return out
@@ -356,7 +354,7 @@ def mpnet_ranks() -> list[str]:
             if not r.done():
                 cells.append("n/a")
                 continue
-            ranks = r.read("ranks.json")
+            ranks = r.record.ranks()
             q, v = ([ranks[k] for k in sorted(ranks, key=lambda k: int(k.split(".")[3])) if k.endswith(f".attn.{p}")]
                     for p in "qv")
             cells.append(f"{' '.join(map(str, q))} / {' '.join(map(str, v))}")

@@ -1,9 +1,9 @@
 """Fast checks of reference_runs/figure3 (paper Fig. 3 and the SmolLM2 all-linear study).
 
 - README.md and the SVGs are what figure3.py writes from results.json (nothing edited by hand);
-- results.json follows from the recorded run folders: per-metric and capped ranks recomputed with today's
-  slora.allocate, ranks and metrics equal to each run's ranks.json / sensitivity.json;
-- every planned run is recorded and complete;
+- results.json follows from the recorded runs (figure3/runs.jsonl): per-metric and capped ranks recomputed with
+  today's slora.allocate, ranks and metrics equal to each run's ranks and sensitivity metrics;
+- every planned run is recorded;
 - Spearman's ρ against a float64 numpy oracle.
 """
 import json
@@ -39,17 +39,18 @@ def test_readme_and_svgs_are_generated_from_results():
 
 @needs_results
 def test_every_planned_run_is_recorded():
-    missing = [str(r.folder) for r in figure3.plan() if not r.done()]
+    missing = [r.key for r in figure3.plan() if not r.done()]
     assert not missing, f"not recorded: {missing}"
 
 
 @needs_results
-def test_results_follow_from_the_run_folders_under_todays_allocation_code():
+def test_results_follow_from_the_recorded_runs_under_todays_allocation_code():
     res = results()
     for run in figure3.plan():
-        sens = run.read("sensitivity.json")
+        sens = run.record.sensitivity()
         entry = res["figure"][run.task] if run.phase == "qv" else res["all_linear"][run.name]
-        assert entry["ranks"] == run.read("ranks.json")
+        assert entry["command"] == run.record.command
+        assert entry["ranks"] == run.record.ranks()
         assert entry["modules"] == sens["modules"]
         if run.phase == "qv":
             for m in figure3.METRICS:

@@ -1,6 +1,5 @@
 """tables.nlg_full_compare on synthetic recorded runs: each method's lr picked on dev, test scores at that lr, the
-paired ROUGE-L difference against uniform over the seeds, and the throughput read from log.jsonl."""
-import json
+paired ROUGE-L difference against uniform over the seeds, and the throughput of each run's last logged step."""
 import sys
 from pathlib import Path
 
@@ -9,18 +8,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "reference_runs"
 sys.path.insert(0, str(ROOT))
 import grid  # noqa: E402
+import store  # noqa: E402
 import tables  # noqa: E402
 
 
 def record(run, dev: float, test: float, tps: float, params: int):
-    run.folder.mkdir(parents=True)
     metrics = {"main_metric": "rougeL", "lora_params": params,
                "final": {"dev": {"bleu4": dev / 2, "rouge1": dev, "rougeL": dev},
                          "test": {"bleu4": test / 2, "rouge1": test, "rougeL": test}}}
-    (run.folder / "metrics.json").write_text(json.dumps(metrics))
-    (run.folder / "log.jsonl").write_text(json.dumps({"event": "step", "tokens_per_s": tps / 2}) + "\n"
-                                          + json.dumps({"event": "step", "tokens_per_s": tps}) + "\n")
-    (run.folder / "env.json").write_text("{}")
+    store.append(run.suite_file, {"task": run.task, "name": run.name, "metrics": metrics,
+                                  "log": [{"event": "step", "tokens_per_s": tps / 2},
+                                          {"event": "step", "tokens_per_s": tps}]})
 
 
 @pytest.fixture
@@ -51,7 +49,10 @@ def test_nlg_full_table_picks_each_methods_lr_on_dev_and_pairs_by_seed(fake_runs
 
 
 def test_nlg_full_table_counts_only_complete_seeds(fake_runs):
-    (grid.nlg_full_run("eva", fake_runs[0], 2).folder / "env.json").unlink()
+    gone = grid.nlg_full_run("eva", fake_runs[0], 2)
+    path = gone.suite_file
+    path.write_text("".join(store.dumps(r.line) + "\n" for k, r in store.load(path).items()
+                            if k != (gone.task, gone.name)))
     assert tables.nlg_full_compare()[0] == "Seeds with every run recorded: 2 of 3 planned (s0, s1)."
 
 

@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from grid import Run, record_run  # noqa: E402
-from slora import allocate  # noqa: E402
-from slora.finetune import PRESETS  # noqa: E402
+from slora.method import allocate  # noqa: E402
+from slora.cli.finetune import PRESETS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent / "figure3"
 METRICS = ("trace", "topk", "effective_rank")
@@ -133,20 +133,22 @@ def evidence(command: str) -> dict:
     """diag(H) of every down_proj and q_proj input on the calibration batches of `command` (the all-linear SRA run),
     and where it comes from: the largest feature's share of tr(H), the token position-0 share of tr(H), and the
     largest |x| seen with its feature. Same batches as slora.finetune builds (task inputs, seed 0, defaults)."""
-    from slora import data, hessian, text
-    from slora.assets import model_dir
-    from slora.finetune import parse_args
-    from slora.models import load_model, load_tokenizer
+    from slora.data import tasks, text
+    from slora.method import hessian
+    from slora.models.targets import find_linears
+    from slora.io.assets import model_dir
+    from slora.cli.finetune import parse_args
+    from slora.io.model_folder import load_model, load_tokenizer
 
     args = parse_args(command.split())
     folder = model_dir(args.model)
     model, tok = load_model(folder), load_tokenizer(folder)
-    train = data.load_task(args.task, seed=args.seed)["train"]
-    calib = data.calibration_examples("task", min(args.calib_n, len(train)), train=train, seed=args.seed)
+    train = tasks.load_task(args.task, seed=args.seed)["train"]
+    calib = tasks.calibration_examples("task", min(args.calib_n, len(train)), train=train, seed=args.seed)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
     batches = text.calibration_batches(tok, calib, decoder=True, max_len=256, batch_size=args.batch_size,
                                        pad_id=pad)  # 256: the decoder default max_len that run resolved to
-    mods = hessian.find_linears(model, "down_proj,q_proj")
+    mods = find_linears(model, "down_proj,q_proj")
     pos0, peak, mask = {}, {}, {}
 
     def hook(name):

@@ -250,7 +250,7 @@ def finetune_in(cwd: Path, argv: list[str], concurrent_runs: int = 1) -> tuple[P
     """Run `python -m slora.finetune ARGV` (ARGV ends with --out FOLDER, relative) in the directory `cwd`; return its
     run folder, the command, and the hardware and versions it ran on with its wall time (env)."""
     import torch
-    from slora import finetune
+    from slora.cli import finetune
     before = os.getcwd()
     os.chdir(cwd)  # a relative --out: args.json and the command read the same on every clone
     try:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from grid import Run, record_run
-from slora.stability import stability
+from slora.method.stability import stability
 
 HERE = Path(__file__).resolve().parent / "stability"
 MODELS = {"minilm": "--model minilm --task rt-polarity --max-len 128",

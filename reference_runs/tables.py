@@ -17,7 +17,7 @@ from grid import (HERE, LRS, MPNET_METHODS, MPNET_PARAM_METHODS, NLU_TASKS, SEED
 from paired import paired_differences, summary
 
 sys.path.insert(0, str(HERE.parent))
-from slora.stability import stability  # noqa: E402
+from slora.method.stability import stability  # noqa: E402
 
 NAMES = {"uniform": "LoRA (uniform)", "sensitivity": "Sensitivity-LoRA", "global": "Sg-LoRA (global only)",
          "local": "Sl-LoRA (local only)", "pra": "PRA", "half-mu": "0.5/µ weights",

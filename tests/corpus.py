@@ -11,7 +11,7 @@ from typing import Callable
 
 import pytest
 
-from slora.errors import run_cli
+from slora.cli.runner import run_cli
 from tests.tiny import sentiment_rows, tiny_model_dir
 from tests.tiny import write_jsonl as jsonl
 

@@ -12,11 +12,15 @@ import torch
 
 from safetensors.torch import save_file
 
-from slora import data, dist, hessian, parallel, text, train
-from slora.hessian_dist import CalibrationGroup
-from slora.lora import apply_lora, mark_only_lora_trainable
-from slora.models import load_model
-from slora.sensitivity import SensitivityConfig, compute
+from slora.data import tasks, text
+from slora.dist import process_group, data_parallel
+from slora.method import hessian
+from slora.models import targets
+from slora.train import loop, objective, evaluation
+from slora.dist.calibration import CalibrationGroup
+from slora.models.lora import apply_lora, mark_only_lora_trainable
+from slora.io.model_folder import load_model
+from slora.method.sensitivity import SensitivityConfig, compute
 
 
 def calib_batches(n_seq: int, batch: int, vocab: int, pad_id: int, encoder: bool) -> list[dict]:
@@ -37,13 +41,13 @@ def calibrate(kind: str, model_dir: str, n_seq: int, batch: int, mode: str, dtyp
     encoder = kind == "encoder"
     batches = [{k: v for k, v in b.items() if k != "labels"}
                for b in calib_batches(n_seq, batch, model.config.vocab_size, 0, encoder)]
-    mine = dist.shard(batches)
+    mine = process_group.shard(batches)
     blocks = None if encoder else [(f"model.layers.{i}", m) for i, m in enumerate(model.model.layers)]
     method, mode = ("eva", "full") if mode == "eva" else ("sra", mode)
     cfg = SensitivityConfig(mode=mode, source="obs" if mode == "full" and method == "sra" else "diag", r_avg=2,
                             method=method, dtype="float64" if dtype == torch.float64 else "float32")
-    modules = hessian.find_linears(model, "all-linear")
-    group = CalibrationGroup() if dist.get().world > 1 else None
+    modules = targets.find_linears(model, "all-linear")
+    group = CalibrationGroup() if process_group.get().world > 1 else None
     kw = dict(mode=mode, dtype=dtype, group=group)
     if blocks is None:
         stats = hessian.collect(model, mine, modules, **kw)
@@ -80,22 +84,22 @@ def grads(model_dir: str, batch: int, accum: int, fsdp: bool, ckpt: bool = False
     activation checkpointing per layer, applied before wrapping (torchtune's order). `lm_chunk`: the LM head and
     loss run that many positions at a time (inside the model's forward, through the DDP / FSDP2 wrapper)."""
     from tests.tiny import randomize_lora
-    device = torch.device(device) if device is not None else dist.get().device
+    device = torch.device(device) if device is not None else process_group.get().device
     model = load_model(model_dir).to(device)
-    ranks = {n: 2 for n in hessian.find_linears(model, "all-linear")}
+    ranks = {n: 2 for n in targets.find_linears(model, "all-linear")}
     apply_lora(model, ranks, 4.0, generator=torch.Generator().manual_seed(0))
     randomize_lora(model, seed=3)
     mark_only_lora_trainable(model, extra=())
-    train.set_activation_checkpointing(model, ckpt)
-    fwd = parallel.wrap(model, fsdp)
-    world = dist.get().world
+    loop.set_activation_checkpointing(model, ckpt)
+    fwd = data_parallel.wrap(model, fsdp)
+    world = process_group.get().world
     feats = lm_features(11, model.config.vocab_size)
-    group = [parallel.local_rows(b) for b in text.iterate_batches(feats, batch * world, 0)][:accum]
+    group = [data_parallel.local_rows(b) for b in text.iterate_batches(feats, batch * world, 0)][:accum]
     model.train()
-    loss = train.backward_step(fwd, group, "lm", device, torch.autocast(device.type, enabled=False), lm_chunk)
+    loss = objective.backward_step(fwd, group, "lm", device, torch.autocast(device.type, enabled=False), lm_chunk)
     out = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).contiguous().cpu()
            for n, p in model.named_parameters() if p.requires_grad}
-    out["loss"] = torch.tensor([parallel.global_count(loss.item()) / world], dtype=torch.float64)
+    out["loss"] = torch.tensor([data_parallel.global_count(loss.item()) / world], dtype=torch.float64)
     return out
 
 
@@ -103,49 +107,50 @@ def eval_examples(kind: str, n: int) -> tuple:
     """(spec, examples): n seeded sentiment sentences (encoder) or prompts whose reference is a few words (decoder)."""
     from tests.tiny import WORDS
     if kind == "encoder":
-        spec = data.TaskSpec("t", "classification", 2, ("text",), "label", ("accuracy", "f1"), "accuracy")
-        rows = [data.Example(str(i), " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(1 + i % 6)), None,
+        spec = tasks.TaskSpec("t", "classification", 2, ("text",), "label", ("accuracy", "f1"), "accuracy")
+        rows = [tasks.Example(str(i), " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(1 + i % 6)), None,
                              i % 2) for i in range(n)]
     else:
-        spec = data.TaskSpec("t", "generation", 0, ("prompt",), "response", ("rouge1", "bleu4"), "rouge1")
-        rows = [data.Example(str(i), " ".join(WORDS[(i * 3 + j) % len(WORDS)] for j in range(1 + i % 5)), None,
+        spec = tasks.TaskSpec("t", "generation", 0, ("prompt",), "response", ("rouge1", "bleu4"), "rouge1")
+        rows = [tasks.Example(str(i), " ".join(WORDS[(i * 3 + j) % len(WORDS)] for j in range(1 + i % 5)), None,
                              " ".join(WORDS[i % 7:i % 7 + 2])) for i in range(n)]
     return spec, rows
 
 
 def evaluate_split(kind: str, model_dir: str, n: int, batch: int, fsdp: bool) -> dict:
-    """train.evaluate on `n` examples at batch size `batch`: the scores, the predictions in example order (read from
-    scoring.score's arguments) and how many forwards this rank ran (a sharded evaluation runs about 1/world)."""
+    """evaluation.evaluate on `n` examples at batch size `batch`: the scores, the predictions in example order (read from
+    scores.score's arguments) and how many forwards this rank ran (a sharded evaluation runs about 1/world)."""
     from types import SimpleNamespace
-    from slora import scoring
-    from slora.models import for_sequence_classification, load_tokenizer
+    from slora.data import scores
+    from slora.models import for_sequence_classification
+    from slora.io.model_folder import load_tokenizer
     model = load_model(model_dir)
     if kind == "encoder":
         model = for_sequence_classification(model, 2, seed=3)  # a head whose predictions are not all one class
-    parallel.wrap(model, fsdp)
+    data_parallel.wrap(model, fsdp)
     forwards = []
     model.register_forward_pre_hook(lambda m, a: forwards.append(1))
-    seen, score = {}, scoring.score
+    seen, score = {}, scores.score
 
     def keep(names, preds, refs):  # the gathered predictions, as evaluate hands them to the metrics
         seen["preds"] = preds
         return score(names, preds, refs)
-    scoring.score = keep
+    scores.score = keep
     spec, examples = eval_examples(kind, n)
     args = SimpleNamespace(max_len=32, batch_size=batch, gen_tokens=5, fsdp=fsdp, eval_batch_size=None,
                            group_by_length=False)
-    scores = train.evaluate(model, load_tokenizer(model_dir), spec, examples, args, 0, torch.device("cpu"),
+    scores = evaluation.evaluate(model, load_tokenizer(model_dir), spec, examples, args, 0, torch.device("cpu"),
                             torch.autocast("cpu", enabled=False))
-    scoring.score = score
+    scores.score = score
     return {"scores": scores, "preds": seen["preds"], "forwards": len(forwards)}
 
 
 def generate_until(model_dir: str, eos: int) -> list[int]:
     """Greedy generation under FSDP2 from rank r's own prompt (PROMPTS[r]) with stop id `eos`, collective stop."""
     model = load_model(model_dir)
-    parallel.wrap(model, True)
-    ids = torch.tensor([PROMPTS[dist.get().rank]])
-    out = model.generate(ids, max_new_tokens=8, eos_token_id=eos, all_done=parallel.lockstep_stop(True, True))
+    data_parallel.wrap(model, True)
+    ids = torch.tensor([PROMPTS[process_group.get().rank]])
+    out = model.generate(ids, max_new_tokens=8, eos_token_id=eos, all_done=data_parallel.lockstep_stop(True, True))
     return out[0].tolist()
 
 
@@ -154,8 +159,8 @@ PROMPTS = [[14, 6], [8, 8, 19, 4, 10]]  # token ids of the tiny vocabulary: rank
 
 if __name__ == "__main__":
     what, *rest = sys.argv[1:]
-    d = dist.init(os.environ.get("SLORA_TEST_DEVICE", "cpu"))  # cuda: tests/test_dist.py's gpu tier
-    with dist.guard():
+    d = process_group.init(os.environ.get("SLORA_TEST_DEVICE", "cpu"))  # cuda: tests/test_dist.py's gpu tier
+    with process_group.guard():
         if what == "calib":
             kind, model_dir, n_seq, batch, mode, out = rest
             res = calibrate(kind, model_dir, int(n_seq), int(batch), mode)
@@ -176,15 +181,15 @@ if __name__ == "__main__":
                 json.dump(generate_until(model_dir, int(eos)), f)
         elif what == "mismatch":  # test_lora_shape_mismatch_is_an_error_on_every_rank
             model = load_model(rest[0])
-            names = list(hessian.find_linears(model, "q_proj,v_proj"))
+            names = list(targets.find_linears(model, "q_proj,v_proj"))
             apply_lora(model, {n: 2 + (d.rank == 1 and i == 1) for i, n in enumerate(names)}, 4.0)
             mark_only_lora_trainable(model, extra=())
-            parallel.wrap(model, rest[1] == "fsdp")
+            data_parallel.wrap(model, rest[1] == "fsdp")
         elif what == "fail":  # test_failure_inside_a_collective_is_reported
-            dist.all_reduce_sum(torch.ones(1))
+            process_group.all_reduce_sum(torch.ones(1))
             if d.rank == 1:
                 raise ValueError("injected on rank 1")
-            dist.all_reduce_sum(torch.ones(1))  # never completes: rank 1 is gone
+            process_group.all_reduce_sum(torch.ones(1))  # never completes: rank 1 is gone
         else:
             raise SystemExit(f"unknown worker task {what!r}")
-    dist.teardown()
+    process_group.teardown()

@@ -29,9 +29,11 @@ from peft.tuners.lora.config import EvaConfig  # noqa: E402
 from peft.tuners.lora.eva import get_eva_state_dict  # noqa: E402
 from transformers import AutoModel, AutoModelForCausalLM  # noqa: E402
 
-from slora import data, eva, hessian, text  # noqa: E402
-from slora.assets import model_dir  # noqa: E402
-from slora.models import load_model, load_tokenizer  # noqa: E402
+from slora.data import tasks, text  # noqa: E402
+from slora.method import eva, hessian  # noqa: E402
+from slora.models.targets import find_linears  # noqa: E402
+from slora.io.assets import model_dir  # noqa: E402
+from slora.io.model_folder import load_model, load_tokenizer  # noqa: E402
 
 SETUPS = {  # model -> (task, targets as slora suffixes, r_avg, HF auto class, prefix slora adds to HF names)
     "minilm": ("rt-polarity", "query,value", 4, AutoModel, ""),
@@ -77,12 +79,12 @@ def main(argv=None):
     folder = model_dir(args.model)
     model, tok = load_model(folder), load_tokenizer(folder)
     decoder = auto is AutoModelForCausalLM
-    train = data.load_task(task, seed=0)["train"]
-    calib = data.calibration_examples("task", min(args.calib_n, len(train)), train=train, seed=0)
+    train = tasks.load_task(task, seed=0)["train"]
+    calib = tasks.calibration_examples("task", min(args.calib_n, len(train)), train=train, seed=0)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
     batches = text.calibration_batches(tok, calib, decoder=decoder, max_len=args.max_len,
                                        batch_size=args.batch_size, pad_id=pad)
-    modules = hessian.find_linears(model, targets)
+    modules = find_linears(model, targets)
 
     # slora: exact H (float64), its eigenvalues, and the token means for the centred covariance
     stats = hessian.collect(model, batches, modules, mode="full", dtype=torch.float64, keep_hessian=True)

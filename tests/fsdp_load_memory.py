@@ -20,8 +20,8 @@ import torch
 import torch.distributed as tdist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from slora import dist, shardload  # noqa: E402
-from slora.models import meta_model, save_model  # noqa: E402
+from slora.dist import process_group, sharded_load  # noqa: E402
+from slora.io.model_folder import meta_model, save_model  # noqa: E402
 from tests.tiny import fixed_init, tiny_llama_config  # noqa: E402
 from slora.models.llama import LlamaForCausalLM  # noqa: E402
 
@@ -34,7 +34,7 @@ def main():
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--device", default="cuda", help="cpu: a smoke run (gloo), memory counted from the shards")
     a = p.parse_args()
-    d = dist.init(a.device)
+    d = process_group.init(a.device)
     cuda = d.device.type == "cuda"
     folder = Path(tempfile.gettempdir()) / f"slora-fsdp-mem-{a.layers}-{a.hidden}-{a.inter}-{a.vocab}"
     cfg = tiny_llama_config(hidden_size=a.hidden, intermediate_size=a.inter, num_hidden_layers=a.layers,
@@ -48,7 +48,7 @@ def main():
     tdist.barrier()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    model = shardload.materialise(meta_model(folder, torch.bfloat16), folder, d.device)
+    model = sharded_load.materialise(meta_model(folder, torch.bfloat16), folder, d.device)
     local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
     loaded = torch.cuda.memory_allocated() if cuda else local
     full = sum(p.numel() * p.element_size() for p in model.parameters())  # DTensor: global numel
@@ -60,7 +60,7 @@ def main():
                       "shards_gb": local / 1e9, "loaded_share": loaded / full,
                       "forward_peak_gb": peak and peak / 1e9}), flush=True)
     ok = loaded <= full / d.world * 1.01
-    dist.teardown()
+    process_group.teardown()
     sys.exit(0 if ok else 1)
 
 

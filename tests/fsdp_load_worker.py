@@ -10,10 +10,13 @@ import sys
 
 import torch
 
-from slora import checkpoint, dist, hessian, shardload
-from slora.lora import apply_lora, mark_only_lora_trainable
-from slora.models import for_sequence_classification, load_model, meta_model
-from slora.train import set_activation_checkpointing
+from slora.io import weights
+from slora.dist import process_group, sharded_load
+from slora.models.targets import find_linears
+from slora.models.lora import apply_lora, mark_only_lora_trainable
+from slora.models import for_sequence_classification
+from slora.io.model_folder import load_model, meta_model
+from slora.train.loop import set_activation_checkpointing
 
 READS: dict[str, int] = {}  # tensor name -> elements read through get_slice
 WHOLE: list[str] = []  # tensors read whole through get_tensor
@@ -58,13 +61,13 @@ class _File:
 
 @contextlib.contextmanager
 def recording():
-    """Every safetensors read inside the block goes through _File (checkpoint.safe_open is the one opener)."""
-    real_open = checkpoint.safe_open
-    checkpoint.safe_open = lambda *a, **k: _File(real_open(*a, **k))
+    """Every safetensors read inside the block goes through _File (weights.safe_open is the one opener)."""
+    real_open = weights.safe_open
+    weights.safe_open = lambda *a, **k: _File(real_open(*a, **k))
     try:
         yield
     finally:
-        checkpoint.safe_open = real_open
+        weights.safe_open = real_open
 
 
 def load(kind: str, dtype: torch.dtype, model_dir: str) -> dict:
@@ -73,43 +76,43 @@ def load(kind: str, dtype: torch.dtype, model_dir: str) -> dict:
     with recording():
         body = meta_model(model_dir, dtype)
         model = body if kind == "decoder" else for_sequence_classification(body, 3, seed=5)
-        shardload.materialise(model, model_dir, dist.get().device)
+        sharded_load.materialise(model, model_dir, process_group.get().device)
     read, whole = dict(READS), list(WHOLE)
     full = load_model(model_dir, dtype)  # the oracle, read whole (not recorded)
     full = full if kind == "decoder" else for_sequence_classification(full, 3, seed=5)
-    d = dist.get()
+    d = process_group.get()
     same, local, total = {}, 0, 0
     for name, p in model.named_parameters():
         want = full.get_parameter(name).detach()
-        rows = shardload.shard_rows(want.shape[0], d.rank, d.world)
+        rows = sharded_load.shard_rows(want.shape[0], d.rank, d.world)
         same[name] = bool(torch.equal(p.to_local(), want[rows.start:rows.stop])) and p.dtype == want.dtype
         local += p.to_local().numel()
         total += want.numel()
     with recording():
         lora = add_lora_like_finetune(model, full)
     return {"reads": read, "whole": whole, "same": same, "local": local, "total": total,
-            "shapes": {n: list(s) for n, (_, s) in checkpoint.tensor_shapes(model_dir).items()},
+            "shapes": {n: list(s) for n, (_, s) in weights.tensor_shapes(model_dir).items()},
             "lora": lora, "reads_after": dict(READS), "whole_after": list(WHOLE)}
 
 
 def add_lora_like_finetune(model, full) -> dict:
-    """shardload.with_lora as train.finetune calls it (activation checkpointing set first, on the calibration
+    """sharded_load.with_lora as train.finetune calls it (activation checkpointing set first, on the calibration
     model), against apply_lora on the whole model with the same generator: do the LoRA shards hold those rows, is
     every base shard taken over unchanged, is the checkpointing flag carried over?"""
-    d = dist.get()
+    d = process_group.get()
     set_activation_checkpointing(model, True)
-    ranks = {n: 1 + i % 3 for i, n in enumerate(hessian.find_linears(full, "all-linear"))}
+    ranks = {n: 1 + i % 3 for i, n in enumerate(find_linears(full, "all-linear"))}
     apply_lora(full, ranks, 4.0, generator=torch.Generator().manual_seed(11))
 
     def add_lora(m):
         apply_lora(m, ranks, 4.0, generator=torch.Generator().manual_seed(11))
         mark_only_lora_trainable(m, extra=() if not hasattr(m, "classifier") else ("classifier",))
 
-    trained = shardload.with_lora(model, add_lora)
+    trained = sharded_load.with_lora(model, add_lora)
     same = {}
     for name, p in trained.named_parameters():
         want = full.get_parameter(name).detach()
-        rows = shardload.shard_rows(want.shape[0], d.rank, d.world)
+        rows = sharded_load.shard_rows(want.shape[0], d.rank, d.world)
         same[name] = bool(torch.equal(p.to_local(), want[rows.start:rows.stop]))
     flags = [m.activation_checkpointing for m in trained.modules() if hasattr(type(m), "activation_checkpointing")]
     return {"same": same, "checkpointing": flags,
@@ -118,12 +121,12 @@ def add_lora_like_finetune(model, full) -> dict:
 
 if __name__ == "__main__":
     out, *specs = sys.argv[1:]  # specs: KIND:DTYPE:MODEL_DIR (DTYPE float32 or bfloat16)
-    d = dist.init("cpu")
-    with dist.guard():
+    d = process_group.init("cpu")
+    with process_group.guard():
         res = {}
         for spec in specs:
             kind, dtype, model_dir = spec.split(":", 2)
             res[spec] = load(kind, getattr(torch, dtype), model_dir)
         with open(f"{out}.{d.rank}.json", "w") as f:
             json.dump(res, f)
-    dist.teardown()
+    process_group.teardown()

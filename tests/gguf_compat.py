@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformers  # noqa: E402
 
-from slora.gguf import convert_gguf_to_hf  # noqa: E402
-from slora.models import load_model  # noqa: E402
+from slora.io.gguf import convert_gguf_to_hf  # noqa: E402
+from slora.io.model_folder import load_model  # noqa: E402
 from tests.test_gguf import ROPE31, build_tiny_llama, converter_rope_factors  # noqa: E402
 
 
@@ -41,9 +41,9 @@ def hf_logits(folder, name, ids, config=None):
 
 
 def compare_tokenizers() -> bool:
-    from slora.assets import data_dir
-    from slora.gguf import read_gguf
-    from slora.gguf_tokenizer import hf_tokenizer
+    from slora.io.assets import data_dir
+    from slora.io.gguf import read_gguf
+    from slora.io.gguf_tokenizer import hf_tokenizer
     from tests.test_gguf_tokenizer import read_vectors
     try:
         folder = data_dir("vocab")

@@ -28,10 +28,11 @@ import transformers  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from transformers import AutoModel, AutoModelForSequenceClassification  # noqa: E402
 
-from slora import data  # noqa: E402
-from slora.adapter import load_adapter, save_adapter  # noqa: E402
-from slora.lora import apply_lora  # noqa: E402
-from slora.models import for_sequence_classification, load_model, load_tokenizer  # noqa: E402
+from slora.data import tasks  # noqa: E402
+from slora.io.adapter import load_adapter, save_adapter  # noqa: E402
+from slora.models.lora import apply_lora  # noqa: E402
+from slora.models import for_sequence_classification
+from slora.io.model_folder import load_model, load_tokenizer  # noqa: E402
 from slora.models.bert import mean_pool  # noqa: E402
 from tests.peft_compat import load_hf  # noqa: E402
 from tests.tiny import randomize_lora  # noqa: E402
@@ -51,7 +52,7 @@ def batch(tok, texts, pad_id):
 
 def inputs(tok, pad_id, n):
     """[(label, ids, mask)]: n real sentences as one padded batch, and one long text cut at 400 tokens."""
-    train = data.load_task("rt-polarity", seed=0)["train"]
+    train = tasks.load_task("rt-polarity", seed=0)["train"]
     short = batch(tok, [e.text for e in train[:n]], pad_id)
     long_text = " ".join(e.text for e in train[n:n + 40])
     ids = torch.tensor([tok.encode(long_text).ids[:400]])
@@ -123,7 +124,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model is None:
-        from slora.assets import model_dir
+        from slora.io.assets import model_dir
         args.model = model_dir("mpnet")
     path = Path(args.model)
     tok = load_tokenizer(path)

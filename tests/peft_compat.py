@@ -31,9 +31,10 @@ import transformers  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: E402
 
-from slora.adapter import load_adapter, save_adapter  # noqa: E402
-from slora.lora import apply_lora, lora_modules  # noqa: E402
-from slora.models import for_sequence_classification, load_model, save_model  # noqa: E402
+from slora.io.adapter import load_adapter, save_adapter  # noqa: E402
+from slora.models.lora import apply_lora, lora_modules  # noqa: E402
+from slora.models import for_sequence_classification
+from slora.io.model_folder import load_model, save_model  # noqa: E402
 from tests.tiny import randomize_lora, tiny_bert, tiny_llama, tiny_mpnet  # noqa: E402
 
 NUM_LABELS = 3

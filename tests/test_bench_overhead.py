@@ -12,8 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slora import bench_overhead, text, train
-from slora.lora import LoRALinear, apply_lora, mark_only_lora_trainable
+from slora.cli import bench_overhead
+from slora.data import text
+from slora.train import objective
+from slora.models.lora import LoRALinear, apply_lora, mark_only_lora_trainable
 from slora.models import llama
 from tests.tiny import tiny_llama
 
@@ -104,7 +106,7 @@ def train_and_generate(dtype, sparse, batch):
     for step in range(2):
         model.train()
         torch.manual_seed(10 + step)  # the dropout masks
-        loss = train.loss_sum(model, batch, "generation", "cpu", target_rows=sparse)
+        loss = objective.loss_sum(model, batch, "generation", "cpu", target_rows=sparse)
         loss.backward()
         out += [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
         opt.step()
@@ -222,7 +224,7 @@ def test_loss_sum_tells_the_model_whether_the_batch_is_padded(full, monkeypatch)
     real = llama.LlamaForCausalLM.forward
     monkeypatch.setattr(llama.LlamaForCausalLM, "forward",
                         lambda self, *a, **kw: seen.append(kw.get("padded")) or real(self, *a, **kw))
-    train.loss_sum(model, batch, "generation", "cpu")
+    objective.loss_sum(model, batch, "generation", "cpu")
     assert seen == [not full]
 
 

@@ -6,10 +6,11 @@ import json
 import pytest
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-from slora import chat, data, finetune, text
-from slora.data import Example
-from slora.text import IGNORE_INDEX
-from slora.models import save_model
+from slora.data import chat, tasks, text
+from slora.cli import finetune
+from slora.data.tasks import Example
+from slora.data.text import IGNORE_INDEX
+from slora.io.model_folder import save_model
 from tests.tiny import tiny_llama, tiny_model_dir
 
 # SmolLM2-135M-Instruct's chat template, from ~/.cache/slora/models/smollm2-135m/tokenizer_config.json
@@ -113,7 +114,7 @@ def write_lines(path, lines):
 def test_chat_records_and_bad_records(tmp_path):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                          {"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}]}
-    spec, splits = data.load_jsonl("chat", write_lines(tmp_path / "t.jsonl", [good] * 3),
+    spec, splits = tasks.load_jsonl("chat", write_lines(tmp_path / "t.jsonl", [good] * 3),
                                    write_lines(tmp_path / "d.jsonl", [good]))
     assert spec.kind == "generation" and spec.name == "jsonl-chat"
     (e,) = splits["dev"]
@@ -130,7 +131,7 @@ def test_chat_records_and_bad_records(tmp_path):
     for record, match in cases:
         f = write_lines(tmp_path / "bad.jsonl", [good, record])
         with pytest.raises(ValueError, match=f"{f}{match}"):
-            data.read_jsonl(f, "chat")
+            tasks.read_jsonl(f, "chat")
 
 
 def test_finetune_on_chat_data(tmp_path):

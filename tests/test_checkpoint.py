@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slora.models import load_model, save_model
+from slora.io.model_folder import load_model, save_model
 from tests.tiny import tiny_bert, tiny_llama
 
 
@@ -121,7 +121,7 @@ def test_checkpoint_saved_inside_a_task_model_loads(tmp_path):
 
 
 def test_nonfinite_count_screens_by_sum_and_counts_exactly():
-    from slora.checkpoint import nonfinite_count
+    from slora.io.weights import nonfinite_count
     big = torch.full((4,), 3e38)  # finite entries whose fp32 sum overflows: not a damaged tensor
     assert nonfinite_count(big) == 0
     x = torch.randn(100, dtype=torch.bfloat16)

@@ -27,7 +27,7 @@ import pytest
 import torch
 from hypothesis import example, given, strategies as st
 
-from slora import dist, hessian_dist
+from slora.dist import process_group, calibration
 from tests.dist_launch import ROOT, launch
 from safetensors.torch import load_file
 
@@ -41,16 +41,16 @@ EPS32 = torch.finfo(torch.float32).eps
 @example(n=2, world=3)  # fewer items than ranks: the last rank gets nothing
 @example(n=0, world=1)
 def test_shard_range_is_a_contiguous_disjoint_cover(n, world):
-    parts = [dist.shard_range(n, r, world) for r in range(world)]
+    parts = [process_group.shard_range(n, r, world) for r in range(world)]
     assert [i for p in parts for i in p] == list(range(n))  # in order, nothing repeated, nothing padded
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
 def test_full_mode_owners_balance_d_in_squared():
-    where = hessian_dist.owners({"a": 8, "b": 8, "c": 16, "d": 4}, "full", 2)
+    where = calibration.owners({"a": 8, "b": 8, "c": 16, "d": 4}, "full", 2)
     # d_in² loads: c 256 -> rank 0; a 64, b 64, d 16 each go to rank 1, still the lighter (64, 128, 144 < 256)
     assert where == {"c": 0, "a": 1, "b": 1, "d": 1}
-    assert set(hessian_dist.owners({"a": 8, "b": 4}, "diag", 3).values()) == {0}
+    assert set(calibration.owners({"a": 8, "b": 4}, "diag", 3).values()) == {0}
 
 
 def fp32_bound(one: list, oracle: list, tokens: int) -> float:
@@ -167,13 +167,13 @@ def test_gradients_match_one_gpu_on_two_gpus(tmp_path, how):
 
 @pytest.mark.parametrize("world,n", [(2, 5), (3, 4), (2, 1), (1, 3)])
 def test_fsdp_eval_shard_pads_short_ranks_with_dummy_batches(monkeypatch, world, n):
-    from slora import parallel
+    from slora.dist import data_parallel
     batches = [{"i": i} for i in range(n)]
     shards = []
     for rank in range(world):
-        monkeypatch.setattr(dist, "_state", dist.Dist(rank=rank, world=world))
-        shards.append(parallel.eval_shard(batches, fsdp=True))
-        assert [b for b, real in parallel.eval_shard(batches, fsdp=False)] == [b for b, real in shards[-1] if real]
+        monkeypatch.setattr(process_group, "_state", process_group.Dist(rank=rank, world=world))
+        shards.append(data_parallel.eval_shard(batches, fsdp=True))
+        assert [b for b, real in data_parallel.eval_shard(batches, fsdp=False)] == [b for b, real in shards[-1] if real]
     assert [b["i"] for part in shards for b, real in part if real] == list(range(n))  # each batch once, in order
     assert len({len(part) for part in shards}) == 1  # as many forwards on every rank
     assert len(shards[0]) == math.ceil(n / world)  # split, not replicated
@@ -211,7 +211,7 @@ def test_fsdp_generation_stops_together(tmp_path):
     """Rank 0's prompt hits the stop id at its first new token, rank 1's never: rank 0 must keep running forwards
     (its rows stay at the stop id) until rank 1 is done, or rank 1's next all-gather would wait forever. Each rank's
     tokens equal one process's generation of its prompt with the same stop id."""
-    from slora.models import load_model
+    from slora.io.model_folder import load_model
     from tests.dist_worker import PROMPTS
     model_dir = tiny_model_dir(tmp_path / "m", "decoder")
     m = load_model(model_dir)
@@ -272,7 +272,7 @@ def gen_files(tmp_path_factory):
 def check_run_matches_one_process(tmp_path, files, world, *extra, both=()):
     """`extra` flags go to the N-rank run only (e.g. --fsdp); the oracle is one plain process at N·b. `both`: flags
     of both runs."""
-    from slora import finetune
+    from slora.cli import finetune
     model = tiny_model_dir(tmp_path / "m", "encoder" if files[2] == "classification" else "decoder")
     if files[2] == "classification":  # dropout 0 in BERT too (slora's LLaMA has none): the runs must be comparable
         cfg = json.loads((model / "config.json").read_text())
@@ -373,7 +373,7 @@ def test_fsdp_epoch_sensitivity_matches_ddp(tmp_path, request, files, extra):
 # -----------------------------------------------------------------------------
 # Failure: one rank's error ends every rank, with that error, long before the gloo timeout (30 min by default)
 
-BOUND_S = 60  # generous for a loaded 2-core CI machine; the mechanism itself reacts within dist.POLL_S
+BOUND_S = 60  # generous for a loaded 2-core CI machine; the mechanism itself reacts within process_group.POLL_S
 
 
 def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path, cls_files):
@@ -418,7 +418,7 @@ def test_lora_shape_mismatch_is_an_error_on_every_rank(tmp_path, how):
 @pytest.mark.slow
 def test_bench_dist_small_runs_under_torchrun(tmp_path):
     """python -m slora.bench_dist --small: torchrun (with its agent's store) at 1 and 2 processes on CPU."""
-    from slora import bench_dist
+    from slora.cli import bench_dist
     r = bench_dist.main(["--small", "--out", str(tmp_path)])
     assert r["ranks_identical"] and r["runs"]["2"]["world_size"] == 2
     assert r["calib_speedup"] > 0 and r["train_speedup"] > 0

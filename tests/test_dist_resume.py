@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slora import finetune
+from slora.cli import finetune
 from tests.dist_launch import launch
 from tests.tiny import sentiment_rows, tiny_model_dir, write_jsonl
 

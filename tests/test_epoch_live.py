@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slora import hessian
-from slora.lora import LoRALinear, apply_lora, merged_copy
-from slora.sensitivity import SensitivityConfig
+from slora.method import hessian
+from slora.models.targets import find_linears
+from slora.models.lora import LoRALinear, apply_lora, merged_copy
+from slora.method.sensitivity import SensitivityConfig
 from tests.tiny import compute_files
 from tests.tiny import randomize_lora, tiny_bert, tiny_llama
 
@@ -39,7 +40,7 @@ def lora_model(kind: str, dropout: float):
         model, targets = tiny_llama(), "q_proj,k_proj,v_proj,o_proj"
     else:
         model, targets = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), "query,value"
-    names = list(hessian.find_linears(model, targets))
+    names = list(find_linears(model, targets))
     ranks = {n: (0 if i == 1 else 1 + i % 3) for i, n in enumerate(names)}
     apply_lora(model, ranks, alpha=4.0, dropout=dropout, generator=torch.Generator().manual_seed(0))
     randomize_lora(model, seed=1, std=0.3)
@@ -51,12 +52,12 @@ def lora_model(kind: str, dropout: float):
 def test_live_lora_model_statistics_equal_the_merged_copy(kind, mode):
     model, targets, ranks = lora_model(kind, dropout=0.3)
     vocab = model.config.vocab_size
-    live = hessian.find_linears(model, targets)
+    live = find_linears(model, targets)
     # the LoRA layers stand for the base linears, under the same names; their factors are no targets
     assert list(live) == list(ranks)
     assert {n for n, m in live.items() if isinstance(m, LoRALinear)} == {n for n, r in ranks.items() if r}
     merged = merged_copy(model).eval()
-    want = hessian.collect(merged, batches(vocab), hessian.find_linears(merged, targets), mode=mode)
+    want = hessian.collect(merged, batches(vocab), find_linears(merged, targets), mode=mode)
     flags = {n: m.training for n, m in model.named_modules()}
     got = hessian.collect(model, batches(vocab), live, mode=mode)
     assert {n: m.training for n, m in model.named_modules()} == flags  # dropout back on for the next epoch
@@ -70,7 +71,7 @@ def test_live_lora_model_statistics_equal_the_merged_copy(kind, mode):
             torch.testing.assert_close(got[n].inv_diag, want[n].inv_diag, rtol=20 * RTOL, atol=0)
     # not vacuous: LoRA moves the inputs of the later targets well beyond the tolerance
     plain = merged_copy_without_lora(model)
-    base = hessian.collect(plain, batches(vocab), hessian.find_linears(plain, targets), mode=mode)
+    base = hessian.collect(plain, batches(vocab), find_linears(plain, targets), mode=mode)
     moved = max(((base[n].diag - want[n].diag).abs() / want[n].diag.abs().clamp_min(1e-12)).max().item()
                 for n in want)
     assert moved > 100 * RTOL

@@ -3,7 +3,8 @@ import signal
 
 import pytest
 
-from slora.errors import ArgumentParser, SloraError, Terminated, UsageError, one_line, run_cli, sigterm_as_interrupt
+from slora.cli.runner import ArgumentParser, one_line, run_cli
+from slora.errors import SloraError, Terminated, UsageError, sigterm_as_interrupt
 
 
 def raising(e):

@@ -12,9 +12,9 @@ import pytest
 import torch
 from hypothesis import example, given, strategies as st
 
-from slora import allocate, eva
-from slora.sensitivity import SensitivityConfig, from_stats
-from slora import hessian
+from slora.method import allocate, eva
+from slora.method.sensitivity import SensitivityConfig, from_stats
+from slora.method import hessian
 
 EPS = torch.finfo(torch.float64).eps
 NAMES = [f"layers.{i}.{m}" for i in range(6) for m in ("attn.q_proj", "attn.v_proj", "mlp.down_proj")]

@@ -5,10 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slora import finetune, runfolder
-from slora.adapter import load_adapter
-from slora.models import load_model
-from slora.runfolder import RunFolderError
+from slora.cli import finetune
+from slora.train import run_folder
+from slora.io.adapter import load_adapter
+from slora.io.model_folder import load_model
+from slora.train.run_folder import RunFolderError
 from tests.tiny import sentiment_rows, tiny_model_dir, write_jsonl
 
 # the manifest (.slora-run.json) marks a complete run; no lock or in-progress folder is left
@@ -139,7 +140,7 @@ def test_bad_input_errors(tmp_path, cls_data):
 
 
 def test_undefined_scores_are_written_as_null(tmp_path):
-    runfolder.write_json(tmp_path / "m.json", {"dev": {"pearson": float("nan"), "acc": 0.5}, "xs": [float("inf")]})
+    run_folder.write_json(tmp_path / "m.json", {"dev": {"pearson": float("nan"), "acc": 0.5}, "xs": [float("inf")]})
     assert json.loads((tmp_path / "m.json").read_text()) == {"dev": {"pearson": None, "acc": 0.5}, "xs": [None]}
 
 
@@ -158,13 +159,13 @@ def test_epoch_sensitivity_remeasures_the_merged_weights(tmp_path, cls_data):
     # --epoch-sensitivity (paper Table 6): epoch 0 is the run's own allocation; after each epoch θ and ranks are
     # re-measured on the fine-tuned weights. The oracle for the last epoch is independent of the training loop:
     # the saved adapter loaded onto a fresh model, merged into plain layers, and calibrated on the same batches.
-    from slora import data, text
-    from slora.lora import merged_copy
-    from slora.models import load_tokenizer
+    from slora.data import tasks, text
+    from slora.models.lora import merged_copy
+    from slora.io.model_folder import load_tokenizer
     from slora.models.bert import for_sequence_classification
-    from slora.sensitivity import SensitivityConfig
+    from slora.method.sensitivity import SensitivityConfig
     from tests.tiny import compute_files
-    from slora.stability import stability
+    from slora.method.stability import stability
     model = tiny_model_dir(tmp_path / "m", "encoder")
     out = run(tmp_path, model, cls_data, "--targets", "all-linear", "--epochs", "2", "--max-steps", "1000",
               "--lr", "2e-2", "--lora-dropout", "0", "--epoch-sensitivity")
@@ -176,9 +177,9 @@ def test_epoch_sensitivity_remeasures_the_merged_weights(tmp_path, cls_data):
     assert epochs[2]["theta"] != epochs[0]["theta"]  # training moved the layer inputs, so H moved
 
     train, dev = cls_data
-    _, splits = data.load_jsonl("classification", train, dev, seed=0)
+    _, splits = tasks.load_jsonl("classification", train, dev, seed=0)
     tok = load_tokenizer(model)
-    calib = data.calibration_examples("task", 16, train=splits["train"], seed=0)
+    calib = tasks.calibration_examples("task", 16, train=splits["train"], seed=0)
     batches = text.calibration_batches(tok, calib, decoder=False, max_len=128, batch_size=8, pad_id=0)
     fields = set(SensitivityConfig.__dataclass_fields__)
     cfg = SensitivityConfig(**{k: v for k, v in sens["config"].items() if k in fields})

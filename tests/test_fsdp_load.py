@@ -18,8 +18,9 @@ import torch
 from hypothesis import example, given, strategies as st
 from safetensors.torch import load_file, save_file
 
-from slora import checkpoint, shardload
-from slora.models import meta_model, save_model
+from slora.io import weights
+from slora.dist import sharded_load
+from slora.io.model_folder import meta_model, save_model
 from tests.dist_launch import launch
 from tests.test_dist import cls_files, gen_files, log_rows, run_argv  # noqa: F401  (fixtures)
 from tests.tiny import tiny_bert, tiny_llama, tiny_model_dir, tiny_mpnet
@@ -33,7 +34,7 @@ def test_shard_rows_are_fsdp2_chunks(n, world):
     parts = torch.chunk(torch.arange(n), world)
     for r in range(world):
         want = parts[r].tolist() if r < len(parts) else []
-        assert list(shardload.shard_rows(n, r, world)) == want
+        assert list(sharded_load.shard_rows(n, r, world)) == want
 
 
 def test_meta_model_reads_no_tensor_and_registers_no_buffer(tmp_path):
@@ -55,7 +56,7 @@ def test_a_mismatched_checkpoint_is_named_before_sharding(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 3}))
     with pytest.raises(ValueError, match=r"missing tensor\(s\): model\.layers\.2\.input_layernorm\.weight"):
-        shardload.materialise(meta_model(tmp_path / "m"), tmp_path / "m", torch.device("cpu"))
+        sharded_load.materialise(meta_model(tmp_path / "m"), tmp_path / "m", torch.device("cpu"))
 
 
 def test_read_rows_reads_rows_and_names_a_non_finite_tensor(tmp_path):
@@ -63,11 +64,11 @@ def test_read_rows_reads_rows_and_names_a_non_finite_tensor(tmp_path):
     bad = t.clone()
     bad[3, 1] = math.nan
     save_file({"w": t, "bad": bad}, str(tmp_path / "x.safetensors"))
-    assert torch.equal(checkpoint.read_rows(tmp_path / "x.safetensors", "w", range(1, 3), torch.bfloat16),
+    assert torch.equal(weights.read_rows(tmp_path / "x.safetensors", "w", range(1, 3), torch.bfloat16),
                        t[1:3].to(torch.bfloat16))
-    assert checkpoint.read_rows(tmp_path / "x.safetensors", "bad", range(0, 2)).isfinite().all()  # rows 0-1 clean
+    assert weights.read_rows(tmp_path / "x.safetensors", "bad", range(0, 2)).isfinite().all()  # rows 0-1 clean
     with pytest.raises(ValueError, match=r"tensor 'bad'.*rows 2:4 are NaN or inf"):
-        checkpoint.read_rows(tmp_path / "x.safetensors", "bad", range(2, 4))
+        weights.read_rows(tmp_path / "x.safetensors", "bad", range(2, 4))
 
 
 # -----------------------------------------------------------------------------
@@ -104,14 +105,14 @@ def test_each_rank_reads_only_its_rows_of_every_tensor(tmp_path):
                 assert reads == [0, 0], (name, t)
                 continue
             row = math.prod(shape[1:])
-            assert reads == [len(shardload.shard_rows(shape[0], r, 2)) * row for r in range(2)], (name, t, reads)
+            assert reads == [len(sharded_load.shard_rows(shape[0], r, 2)) * row for r in range(2)], (name, t, reads)
             assert sum(reads) == math.prod(shape), (name, t)  # read once over the ranks
         for g in got:
             assert g[spec]["whole"] == [], name
             assert all(g[spec]["same"].values()) and len(g[spec]["same"]) > 10, name
             # the task head (3 labels) is the only rounding beyond half: ceil of odd row counts
             assert g[spec]["local"] <= g[spec]["total"] / 2 + 200, (name, g[spec]["local"], g[spec]["total"])
-            # the training model (shardload.with_lora): LoRA rows as apply_lora draws them on the whole model, the
+            # the training model (sharded_load.with_lora): LoRA rows as apply_lora draws them on the whole model, the
             # base taken over, not read again; the checkpointing flag carried over; LoRA (and head) trainable
             lora = g[spec]["lora"]
             assert all(lora["same"].values()) and sum(".lora_A." in n for n in lora["same"]) > 4, name
@@ -133,7 +134,7 @@ def encoder_dir(tmp_path, kind):
 
 def check_fsdp_matches_ddp(tmp_path, model, files, *extra, tol=1e-5, exact=True):
     """Two ranks each way; --calib-n 10 at batch 4 makes 3 calibration batches, 2 on rank 0 and 1 on rank 1, so
-    the sharded path runs a stand-in batch (shardload.calibration_shard). `exact`: sensitivity.json equal, else
+    the sharded path runs a stand-in batch (sharded_load.calibration_shard). `exact`: sensitivity.json equal, else
     its numbers within rtol `tol` (ranks are compared exactly either way)."""
     outs = {}
     for how in ("ddp", "fsdp"):

@@ -8,7 +8,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
-from slora.gguf import GGUFError, convert_gguf_to_hf, permute_qk, read_gguf, unpermute_qk
+from slora.io.gguf import GGUFError, convert_gguf_to_hf, permute_qk, read_gguf, unpermute_qk
 from tests import gguf_writer as gw
 
 FP16_REL = 2.0 ** -11  # relative rounding error of storing a scale as fp16 (10-bit mantissa)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from slora.gguf import GGUFError, read_gguf
-from slora.gguf_tokenizer import hf_tokenizer
+from slora.io.gguf import GGUFError, read_gguf
+from slora.io.gguf_tokenizer import hf_tokenizer
 from tests import gguf_writer as gw
 
 SP = "\u2581"  # ▁
@@ -177,7 +177,7 @@ def read_vectors(folder, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name, model", [("llama-spm", "llama"), ("llama-bpe", "gpt2")])
 def test_llama_cpp_test_vectors(name, model):
-    from slora.assets import data_dir
+    from slora.io.assets import data_dir
     try:
         folder = data_dir("vocab")
     except FileNotFoundError as e:  # an optional asset (like mpnet): absent means not fetched, say how

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from slora import hessian
+from slora.method import hessian
 from tests.test_finetune import run, write_jsonl
 from tests.tiny import WORDS, tiny_model_dir
 
@@ -68,7 +68,7 @@ def test_decoder_finetune_and_generation_on_cuda(tmp_path):
 def test_bf16_load_on_cuda_makes_no_fp32_copy_of_the_model(tmp_path):
     # an fp32 checkpoint read with dtype bf16: the device holds the bf16 weights plus at most one fp32 tensor at a
     # time (checkpoint.read_tensors casts tensor by tensor), never a whole fp32 shard
-    from slora.models import load_model, save_model
+    from slora.io.model_folder import load_model, save_model
     from tests.tiny import tiny_llama
     model = tiny_llama(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4,
                        vocab_size=8192)

@@ -3,7 +3,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from slora.heatmap import colour, ranks_svg, split_name
+from slora.train.heatmap import colour, ranks_svg, split_name
 
 SVG = "{http://www.w3.org/2000/svg}"
 LLAMA = {f"model.layers.{i}.{kind}": r

@@ -9,7 +9,8 @@ from torch import nn
 
 import naive
 from strategies import SINGLE_TOKEN, TinyModel, calibration_sets, spd_matrices, token_batches
-from slora import hessian
+from slora.method import hessian
+from slora.models.targets import find_linears
 
 EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps
@@ -35,7 +36,7 @@ class Probe(nn.Module):
 def run(batches, mode="full", dtype=torch.float32, shared=False):
     d = batches[0][0].shape[-1]
     model = Probe(d, shared)
-    mods = hessian.find_linears(model, "all-linear")
+    mods = find_linears(model, "all-linear")
     feed = [{"x": x, "attention_mask": m} for x, m in batches]
     return hessian.accumulate(model, feed, mods, mode=mode, dtype=dtype)
 
@@ -52,16 +53,16 @@ def accumulation_tol(batches, diag64, eps):
 
 def test_find_linears_matches_whole_components_and_excludes_heads():
     model = TinyModel(n_layers=2)
-    assert list(hessian.find_linears(model, "q_proj")) == ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj"]
-    assert list(hessian.find_linears(model, "self_attn.v_proj, up_proj")) == [
+    assert list(find_linears(model, "q_proj")) == ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj"]
+    assert list(find_linears(model, "self_attn.v_proj, up_proj")) == [
         "layers.0.self_attn.v_proj", "layers.0.mlp.up_proj", "layers.1.self_attn.v_proj", "layers.1.mlp.up_proj"]
-    every = hessian.find_linears(model, "all-linear")
+    every = find_linears(model, "all-linear")
     assert len(every) == 14 and "lm_head" not in every
-    assert "lm_head" in hessian.find_linears(model, "lm_head")  # asked for by name, a head is allowed
+    assert "lm_head" in find_linears(model, "lm_head")  # asked for by name, a head is allowed
     with pytest.raises(ValueError, match="'proj'"):
-        hessian.find_linears(model, "q_proj,proj")  # "proj" is not a whole component of "q_proj"
+        find_linears(model, "q_proj,proj")  # "proj" is not a whole component of "q_proj"
     with pytest.raises(ValueError, match="'mlp'"):
-        hessian.find_linears(model, "mlp")  # matches a container, no nn.Linear
+        find_linears(model, "mlp")  # matches a container, no nn.Linear
 
 
 def test_hooks_are_removed_when_the_forward_raises():
@@ -71,7 +72,7 @@ def test_hooks_are_removed_when_the_forward_raises():
             raise RuntimeError("boom")
     model = Boom(4)
     with pytest.raises(RuntimeError, match="boom"):
-        hessian.accumulate(model, [{"x": torch.ones(1, 2, 4)}], hessian.find_linears(model, "q"))
+        hessian.accumulate(model, [{"x": torch.ones(1, 2, 4)}], find_linears(model, "q"))
     assert not model.q._forward_pre_hooks
 
 
@@ -88,7 +89,7 @@ def test_calibration_runs_in_eval_mode_and_restores_train_flags():
         def forward(self, x):
             return self.net(x)
     wrapped = Call()
-    mods = hessian.find_linears(wrapped, "all-linear")
+    mods = find_linears(wrapped, "all-linear")
     batch = [{"x": torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))}]
     first, second = (hessian.accumulate(wrapped, batch, mods, mode="full")["net.2"].value for _ in range(2))
     assert torch.equal(first, second)  # dropout was off
@@ -167,7 +168,7 @@ def test_shared_inputs_are_accumulated_once(batches):
 def test_progress_callback_reports_every_batch():
     seen = []
     model = TinyModel()
-    hessian.accumulate(model, token_batches(3), hessian.find_linears(model, "all-linear"),
+    hessian.accumulate(model, token_batches(3), find_linears(model, "all-linear"),
                        progress=lambda *a: seen.append(a))
     assert seen == [("calibrate", 1, 3), ("calibrate", 2, 3), ("calibrate", 3, 3)]
 
@@ -256,7 +257,7 @@ def test_dominance_diagnostic_matches_loops(hk):
 def test_streaming_over_blocks_equals_the_one_pass_collection(mode):
     model = TinyModel(n_layers=3)
     batches = token_batches(3)
-    modules = hessian.find_linears(model, "all-linear")
+    modules = find_linears(model, "all-linear")
     spectrum = "centred" if mode == "full" else None
     one = hessian.collect(model, batches, modules, mode=mode, spectrum=spectrum)
     cached = hessian.capture_inputs(model, model.layers[0], batches)
@@ -275,12 +276,12 @@ def test_streaming_over_blocks_equals_the_one_pass_collection(mode):
     assert streamed["layers.1.self_attn.k_proj"] is streamed["layers.1.self_attn.q_proj"]
     assert streamed["layers.1.mlp.up_proj"].owner == "layers.1.mlp.gate_proj"
     with pytest.raises(ValueError, match="lm_head"):
-        hessian.collect_streaming(blocks, cached, hessian.find_linears(model, "lm_head,q_proj"))
+        hessian.collect_streaming(blocks, cached, find_linears(model, "lm_head,q_proj"))
 
 
 def test_collect_full_mode_reports_damping_and_dominance_per_distinct_input():
     model = TinyModel()
-    stats = hessian.collect(model, token_batches(2), hessian.find_linears(model, "all-linear"), mode="full")
+    stats = hessian.collect(model, token_batches(2), find_linears(model, "all-linear"), mode="full")
     for s in stats.values():
         assert s.damping > 0 and 0 <= s.offdiag_share <= 1 and 0 <= s.dominant_rows <= 1
         assert s.inv_diag.shape == s.diag.shape and s.diag.dtype == torch.float64
@@ -294,7 +295,7 @@ def test_bf16_model_accumulates_in_fp32_against_float64_oracles():
     m64 = tiny_llama().to(torch.bfloat16).double()  # the same bf16-representable weights, computed in float64
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(3, 61, (4, 16), generator=g)} for _ in range(3)]
-    mods16 = hessian.find_linears(m16.model, "all-linear")
+    mods16 = find_linears(m16.model, "all-linear")
     seen = {}  # the bf16 inputs each module really saw, for the tight oracle
     hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, 32)))
              for n, m in mods16.items() if n.endswith(("q_proj", "o_proj", "gate_proj"))]
@@ -303,7 +304,7 @@ def test_bf16_model_accumulates_in_fp32_against_float64_oracles():
     finally:
         for h in hooks:
             h.remove()
-    a64 = hessian.accumulate(m64.model, batches, hessian.find_linears(m64.model, "all-linear"), mode="diag",
+    a64 = hessian.accumulate(m64.model, batches, find_linears(m64.model, "all-linear"), mode="diag",
                              dtype=torch.float64)
     eps16 = torch.finfo(torch.bfloat16).eps
     for n in a16:

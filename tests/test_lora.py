@@ -5,9 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from slora.lora import (LoRALinear, apply_lora, lora_alphas, lora_modules, lora_parameters_count, lora_ranks,
-                        lora_state_dict, mark_only_lora_trainable, merge_lora, merged_copy, module_alphas,
-                        unmerge_lora)
+from slora.models.lora import (LoRALinear, apply_lora, lora_alphas, lora_modules, lora_parameters_count, lora_ranks, lora_state_dict, mark_only_lora_trainable, merge_lora, merged_copy, module_alphas, unmerge_lora)
 from slora.models.bert import for_sequence_classification
 from tests.tiny import randomize_lora, tiny_bert, tiny_llama
 

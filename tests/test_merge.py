@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from slora import finetune, merge
-from slora.adapter import load_adapter
-from slora.models import for_sequence_classification, load_model, load_sequence_classifier, save_model
+from slora.cli import finetune, merge as merge_cmd
+from slora.io.adapter import load_adapter
+from slora.models import for_sequence_classification
+from slora.io.model_folder import load_model, load_sequence_classifier, save_model
 from tests.tiny import WORDS, fixed_init, tiny_bert, tiny_llama, tiny_model_dir, tiny_mpnet, write_jsonl
 
 TOL = 1e-5  # the bound for fp32: merged W + s·BA vs the unmerged x Wᵀ + s·(x Aᵀ) Bᵀ
@@ -38,7 +39,7 @@ def ids(vocab=30, seed=0):
 
 def test_decoder_merge_matches_unmerged_lora(runs, tmp_path):
     base, run = runs["decoder"]
-    out = merge.main([str(run), str(tmp_path / "merged"), "--max-shard-size", "20KB"])
+    out = merge_cmd.main([str(run), str(tmp_path / "merged"), "--max-shard-size", "20KB"])
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= names
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -56,7 +57,7 @@ def test_decoder_merge_matches_unmerged_lora(runs, tmp_path):
 
 def test_encoder_merge_writes_the_task_model(runs, tmp_path):
     base, run = runs["encoder"]
-    out = merge.main([str(run), str(tmp_path / "merged")])
+    out = merge_cmd.main([str(run), str(tmp_path / "merged")])
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"] and config["num_labels"] == 2
     assert config["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
@@ -69,7 +70,7 @@ def test_encoder_merge_writes_the_task_model(runs, tmp_path):
 
 def test_bf16_and_a_base_given_by_path_or_flag(runs, tmp_path):
     base, run = runs["decoder"]
-    out = merge.main([str(run), str(tmp_path / "bf16"), "--dtype", "bf16", "--base", str(base)])
+    out = merge_cmd.main([str(run), str(tmp_path / "bf16"), "--dtype", "bf16", "--base", str(base)])
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     args = json.loads((run / "args.json").read_text())
@@ -84,7 +85,7 @@ def test_refuses_an_adapter_that_does_not_fit(runs, tmp_path):
     save_model(hidden, other, tokenizer=base / "tokenizer.json")
     with pytest.raises(ValueError, match=rf"adapter does not fit the base model {other}: .*mis-shaped tensor\(s\): "
                                          r"base_model\.model\.model\.layers\.\d\.self_attn\.\w_proj\.lora_A"):
-        merge.main([str(run), str(tmp_path / "merged"), "--base", str(other)])
+        merge_cmd.main([str(run), str(tmp_path / "merged"), "--base", str(other)])
     assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged.partial-*"))
 
 
@@ -92,7 +93,7 @@ def test_refuses_a_base_of_the_other_family(runs, tmp_path):
     enc_base, _ = runs["encoder"]
     _, dec_run = runs["decoder"]
     with pytest.raises(ValueError, match=r"task_type CAUSAL_LM does not fit the base model .* an encoder \(bert\)"):
-        merge.main([str(dec_run), str(tmp_path / "m"), "--base", str(enc_base)])
+        merge_cmd.main([str(dec_run), str(tmp_path / "m"), "--base", str(enc_base)])
 
 
 def test_refuses_foreign_out_dir_and_missing_adapter(runs, tmp_path):
@@ -101,10 +102,10 @@ def test_refuses_foreign_out_dir_and_missing_adapter(runs, tmp_path):
     foreign.mkdir()
     (foreign / "todo.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="does not hold a model folder"):
-        merge.main([str(run), str(foreign)])
+        merge_cmd.main([str(run), str(foreign)])
     assert (foreign / "todo.txt").read_text() == "keep me"
     with pytest.raises(FileNotFoundError, match="the run has no adapter"):
-        merge.main([str(tmp_path), str(tmp_path / "m")])
+        merge_cmd.main([str(tmp_path), str(tmp_path / "m")])
 
 
 @pytest.mark.parametrize("model_type,pad", [("bert", 0), ("roberta", 1), ("mpnet", 1)])

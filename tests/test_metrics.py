@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 import naive
 from strategies import sensitivity_vectors
-from slora import metrics
-from slora.metrics import ModuleMetrics, SensitivityVector
+from slora.method import metrics
+from slora.method.metrics import ModuleMetrics, SensitivityVector
 
 EPS64 = torch.finfo(torch.float64).eps
 K_FRACS = st.sampled_from([0.5, 1 / 3, 0.25, 0.8, 1.0])
@@ -155,9 +155,9 @@ def test_a_metric_that_does_not_vary_gets_weight_zero():
 # sensitivity.json
 
 def test_sensitivity_json_has_exactly_the_published_keys():
-    from slora.hessian import HessianStats
-    from slora.runfolder import sensitivity_json
-    from slora.sensitivity import SensitivityConfig, from_stats
+    from slora.method.hessian import HessianStats
+    from slora.train.run_folder import sensitivity_json
+    from slora.method.sensitivity import SensitivityConfig, from_stats
     mods = {"a.q": torch.nn.Linear(8, 8), "a.v": torch.nn.Linear(8, 4)}
     shared = HessianStats("a.q", 10, torch.arange(1.0, 9.0, dtype=torch.float64))
     out = sensitivity_json(from_stats(mods, {"a.q": shared, "a.v": shared}, SensitivityConfig(r_avg=2)), "a")

@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from slora.models import build_config, load_model, save_model
+from slora.models import build_config
+from slora.io.model_folder import load_model, save_model
 from slora.models.llama import LlamaConfig, apply_rope, attention_mask_4d, rope_cos_sin
 from tests.tiny import tiny_llama
 
@@ -137,7 +138,7 @@ def test_mistral_generate_with_cache_matches_full_rerun_past_the_window():
 def test_finetune_runs_on_each_family(tmp_path, family):
     # the whole pipeline (calibration, allocation, LoRA on q/k/v/o including the biased ones, training,
     # generation past the window) on a tiny folder of each family
-    from slora import finetune
+    from slora.cli import finetune
     from tests.tiny import tiny_tokenizer
     tok, n = tiny_tokenizer("decoder")
     tok.save(str(tmp_path / "tokenizer.json"))

@@ -4,8 +4,9 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from slora.hessian import find_linears
-from slora.models import for_sequence_classification, load_model, save_model
+from slora.models.targets import find_linears
+from slora.models import for_sequence_classification
+from slora.io.model_folder import load_model, save_model
 from slora.models.mpnet import MPNetConfig, position_ids_for, relative_position_bucket
 from tests import naive
 from tests.tiny import tiny_mpnet, tiny_mpnet_config
@@ -161,8 +162,8 @@ def test_save_load_roundtrip(tmp_path):
 def test_finetune_run_on_tiny_mpnet(tmp_path):
     import json
 
-    from slora import finetune
-    from slora.adapter import load_adapter
+    from slora.cli import finetune
+    from slora.io.adapter import load_adapter
     from tests.tiny import sentiment_rows, tiny_model_dir, write_jsonl
     model = tiny_model_dir(tmp_path / "m", "mpnet")
     rows = sentiment_rows(24)
@@ -182,7 +183,7 @@ def test_finetune_run_on_tiny_mpnet(tmp_path):
 
 
 def test_missing_asset_says_how_to_fetch_it(tmp_path, monkeypatch):
-    from slora import finetune
+    from slora.cli import finetune
     monkeypatch.setenv("SLORA_HOME", str(tmp_path / "home"))
     with pytest.raises(FileNotFoundError, match=r"run `python -m slora.assets --only mpnet` first"):
         finetune.main(["--model", "mpnet", "--allocate-only", "--out", str(tmp_path / "run")])

@@ -11,6 +11,7 @@ itself; the selection-aware bootstrap against cases whose answer is known.
 """
 import itertools
 import math
+import types
 import random
 import statistics
 import sys
@@ -392,16 +393,14 @@ def test_report_with_enough_pairs():
 
 
 class FakeRun:
-    """What grid.pick_lr reads of a run: done(), its args (--lr) and metrics.json's dev score."""
+    """What grid.pick_lr reads of a run: done(), its args (--lr) and the recorded metrics' dev score."""
 
     def __init__(self, lr, dev):
-        self.args, self.dev = f"--lr {lr!r}", dev
+        self.args = f"--lr {lr!r}"
+        self.record = types.SimpleNamespace(metrics={"main_metric": "m", "final": {"dev": {"m": dev}}})
 
     def done(self):
         return True
-
-    def read(self, name):
-        return {"main_metric": "m", "final": {"dev": {"m": self.dev}}}
 
 
 LRS = (5e-4, 1e-3, 2e-3)

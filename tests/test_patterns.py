@@ -8,7 +8,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from slora.errors import SloraError
-from slora.patterns import compile_pattern
+from slora.io.patterns import compile_pattern
 
 # Module names of the shapes PEFT sees: dotted components of lower-case words, digits and underscores.
 NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.11.mlp.down_proj", "lm_head", "q_proj", "a.b",

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slora.assets import data_dir, model_dir
-from slora.models import load_model, load_tokenizer
+from slora.io.assets import data_dir, model_dir
+from slora.io.model_folder import load_model, load_tokenizer
 from slora.models.bert import mean_pool
 
 pytestmark = pytest.mark.slow
@@ -77,7 +77,7 @@ def test_minilm_paraphrases_are_closer_than_cross_topic(minilm):
 
 @pytest.fixture(scope="module")
 def mpnet():
-    from slora.assets import ASSETS, is_built
+    from slora.io.assets import ASSETS, is_built
     if not is_built(ASSETS["mpnet"]):
         pytest.skip("optional asset mpnet is not built (python -m slora.assets --only mpnet)")
     path = model_dir("mpnet")

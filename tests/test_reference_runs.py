@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from slora import finetune
+from slora.cli import finetune
 
 ROOT = Path(__file__).resolve().parents[1] / "reference_runs"
 sys.path.insert(0, str(ROOT))

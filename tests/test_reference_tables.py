@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from slora import allocate, finetune
+from slora.method import allocate
+from slora.cli import finetune
 
 ROOT = Path(__file__).resolve().parents[1] / "reference_runs"
 sys.path.insert(0, str(ROOT))
@@ -108,17 +109,17 @@ def test_recorded_run_matches_its_command_and_its_ranks_follow_from_theta(run):
 def test_every_planned_command_passes_the_argument_checks(suite):
     """A run the grid plans but finetune refuses would fail when the grid reaches it and waste its slot: finetune
     refuses `--alloc eva --budget-unit param` (EVA's rule counts ranks), so grid.py must not plan it."""
-    from slora import data
-    from slora.argcheck import check_finetune_args
+    from slora.data import tasks
+    from slora.cli.argcheck import check_finetune_args
     for run in grid.PLANS[suite]():
         args = finetune.parse_args(shlex.split(run.args) + ["--out", "x"])
-        check_finetune_args(args, finetune.PRESETS, data.TASKS, data.CALIBRATION_SOURCES)
+        check_finetune_args(args, finetune.PRESETS, tasks.TASKS, tasks.CALIBRATION_SOURCES)
 
 
 def test_nlg_full_runs_the_benchmarked_gpu_path():
     """grid.py's nlg-full suite runs the flags `python -m slora.bench --only nlg` measures as the new path
     (slora.bench_nlg.NEW_FLAGS, evaluation batches of 4 x the micro-batch), so the bench's speed is the runs' own."""
-    from slora.bench_nlg import NEW_FLAGS
+    from slora.cli.bench_nlg import NEW_FLAGS
     argv = shlex.split(grid.NLG_FULL_COMMON)
     flags = [a for a in argv if a.startswith("--")]
     for flag in (f for f in NEW_FLAGS if f.startswith("--")):

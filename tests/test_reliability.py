@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slora import assets, bench, finetune
-from slora.adapter import PREFIX, WEIGHTS
-from slora.errors import run_cli
+from slora.cli import assets as assets_cmd, bench, finetune
+from slora.io.adapter import PREFIX, WEIGHTS
+from slora.cli.runner import run_cli
 from tests.corpus import Case, base, expect_one_line, ft, jsonl, run_case  # noqa: F401 (base: a fixture)
 
 
@@ -229,8 +229,8 @@ def test_models(case, tmp_path, base, capsys):
 # python -m slora.assets and python -m slora.bench
 
 OTHER_COMMANDS = [
-    (assets.main, ["--only", "nope"], "--only"),
-    (assets.main, ["--lst"], "--lst"),
+    (assets_cmd.main, ["--only", "nope"], "--only"),
+    (assets_cmd.main, ["--lst"], "--lst"),
     (bench.main, ["--batches", "0"], "--batches"),
     (bench.main, ["--seq-len", "-1"], "--seq-len"),
     (bench.main, ["--train-steps", "0"], "--train-steps"),

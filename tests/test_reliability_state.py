@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slora import finetune, gguf
-from slora.adapter import CONFIG, PREFIX, WEIGHTS, load_adapter, save_adapter
-from slora.errors import run_cli
-from slora.lora import apply_lora, lora_modules
+from slora.cli import finetune, gguf as gguf_cmd
+from slora.io.adapter import CONFIG, PREFIX, WEIGHTS, load_adapter, save_adapter
+from slora.cli.runner import run_cli
+from slora.models.lora import apply_lora, lora_modules
 from tests.corpus import ROOT, Case, base, expect_one_line, ft, run_case, snapshot  # noqa: F401 (base: a fixture)
 from tests.gguf_writer import encode
 from tests.test_gguf import build_tiny_llama
@@ -142,7 +142,7 @@ GGUF = [
 ]
 @pytest.mark.parametrize("case", [c.param() for c in GGUF])
 def test_gguf(case, tmp_path, base, capsys):
-    run_case(gguf.main, case, tmp_path, base, capsys)
+    run_case(gguf_cmd.main, case, tmp_path, base, capsys)
     assert not list(tmp_path.glob(".hf.partial-*"))
 
 
@@ -155,7 +155,7 @@ def test_gguf_stale_partial_is_reported_and_removed(tmp_path, capsys):
     (stale / "model.safetensors").write_bytes(b"\x00" * 1000)
     old = tmp_path / ".hf.partial-k2j3h4"  # the older unnamed form
     old.mkdir()
-    assert run_cli(gguf.main, [str(tmp_path / "m.gguf"), str(tmp_path / "hf")]) == 0
+    assert run_cli(gguf_cmd.main, [str(tmp_path / "m.gguf"), str(tmp_path / "hf")]) == 0
     err = capsys.readouterr().err
     assert not stale.exists() and not old.exists() and (tmp_path / "hf" / "config.json").is_file()
     assert f"note: removed {stale}" in err and f"note: removed {old}" in err
@@ -168,7 +168,7 @@ def test_gguf_live_partial_is_refused(tmp_path, base, capsys):
         build_tiny_llama(tmp_path / "m.gguf")
         (tmp_path / f".hf.partial-{live.pid}-xyz").mkdir()
         case = Case("live-partial", lambda t, b: [t / "m.gguf", t / "hf"], 1, f"process {live.pid}")
-        run_case(gguf.main, case, tmp_path, base, capsys)
+        run_case(gguf_cmd.main, case, tmp_path, base, capsys)
     finally:
         live.kill()
         live.wait()
@@ -305,7 +305,7 @@ def _start(tmp_path, base, *extra):
 
 def test_sigterm_inside_an_atomic_folder_removes_it(tmp_path):
     # slora.gguf, save_adapter and write_folder write through checkpoint.atomic_folder: SIGTERM unwinds as Ctrl-C
-    from slora.checkpoint import atomic_folder
+    from slora.io.files import atomic_folder
     from slora.errors import Terminated
     with pytest.raises(Terminated):
         with atomic_folder(tmp_path / "out") as tmp:
@@ -345,7 +345,7 @@ def test_debug_shows_the_traceback(tmp_path, base):
 
 def test_adapter_failing_midway_is_undone(adapter, monkeypatch):
     # the last line of defence: should the change itself fail after some layers were swapped, they are put back
-    import slora.adapter as ad
+    import slora.io.adapter as ad
     real = ad.apply_lora
 
     def apply_then_fail(model, *a, **kw):

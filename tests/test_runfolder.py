@@ -1,4 +1,4 @@
-"""slora/runfolder.py and slora/resume.py through `python -m slora.finetune`: the lock, --replace keeps user files,
+"""slora/run_folder.py and slora/resume.py through `python -m slora.finetune`: the lock, --replace keeps user files,
 the in-progress folder, SIGTERM, --resume bit-identical to an uninterrupted run (in process, and after kill -9)."""
 import json
 import os
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from slora import finetune, resume, runfolder
-from slora.errors import run_cli
-from slora.runfolder import RunFolderError
+from slora.cli import finetune
+from slora.train import resume, run_folder
+from slora.cli.runner import run_cli
+from slora.train.run_folder import RunFolderError
 from tests.tiny import sentiment_rows, tiny_model_dir, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(setup, reference, tmp_pat
         interrupt_at(m, stop)
         with pytest.raises(KeyboardInterrupt):
             finetune.main(argv(setup, out))
-    assert runfolder.interrupted(out) and not (out / ".slora-lock").exists()
+    assert run_folder.interrupted(out) and not (out / ".slora-lock").exists()
     assert step_losses(out / ".slora-partial")[-1][0] == stop  # logged beyond the checkpoint: cut on resume
     finetune.main(["--resume", str(out / ".slora-partial")])  # the printed folder works as well as --out
     assert adapter_bytes(out) == adapter_bytes(reference)

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from slora.scoring import (GLUE_METRICS, accuracy, average_ranks, bleu, f1, lcs_length, mcc, pearson, rouge1,
-                           rouge_l, score, spearman)
+from slora.data.scores import (GLUE_METRICS, accuracy, average_ranks, bleu, f1, lcs_length, mcc, pearson, rouge1, rouge_l, score, spearman)
 
 TOL = 1e-12
 

@@ -11,17 +11,18 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from strategies import TinyModel, token_batches
-from slora import hessian
+from slora.method import hessian
+from slora.models.targets import find_linears
 from slora.models.bert import BertConfig, BertForSequenceClassification
 from slora.models.llama import LlamaConfig, LlamaForCausalLM
-from slora.sensitivity import SensitivityConfig, from_stats
+from slora.method.sensitivity import SensitivityConfig, from_stats
 from tests.tiny import as_files, compute_files
 
 EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps
 MODEL = TinyModel(n_layers=3, seed=1)
 BATCHES = token_batches(6, seed=3)
-MODULES = hessian.find_linears(MODEL, "all-linear")
+MODULES = find_linears(MODEL, "all-linear")
 EQ15 = SensitivityConfig(r_avg=2, r_min=0)  # no bound can bind: the ranks are Eq. 15 rounded
 STATS = hessian.collect(MODEL, BATCHES, MODULES)
 
@@ -119,7 +120,7 @@ def test_wired_to_slora_bert_with_padding_and_heads_left_out():
                                                      intermediate_size=48, vocab_size=32), 3)
     model.train()  # calibration must switch dropout off by itself, and give the train flag back
     batches = token_batches(3, seed=5)
-    every = hessian.find_linears(model, "all-linear")
+    every = find_linears(model, "all-linear")
     assert not [n for n in every if "pooler" in n or "classifier" in n] and len(every) == 12
     sens, ranks = compute_files(model, batches, SensitivityConfig(r_avg=4), "query,value")
     assert compute_files(model, batches, SensitivityConfig(r_avg=4), "query,value") == (sens, ranks)

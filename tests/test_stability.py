@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 import naive
 from strategies import TinyModel, token_batches
-from slora import stability
-from slora.sensitivity import SensitivityConfig
+from slora.method import stability
+from slora.method.sensitivity import SensitivityConfig
 from tests.tiny import compute_files
 
 EPS64 = torch.finfo(torch.float64).eps

@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 
-from slora import data, text
-from slora.data import Example
-from slora.text import IGNORE_INDEX
+from slora.data import tasks, text
+from slora.data.tasks import Example
+from slora.data.text import IGNORE_INDEX
 
 # -----------------------------------------------------------------------------
 # Tokenization and batching on tokenizers built here
@@ -201,7 +201,7 @@ def test_length_sorted_then_restored_is_the_identity():
 def test_calibration_batches():
     tok = bert_like()
     train = [Example(str(i), " ".join(WORDS[i:i + 9]), None, i % 2) for i in range(8)]
-    batches = text.calibration_batches(tok, data.calibration_examples("task", 5, train=train), decoder=False,
+    batches = text.calibration_batches(tok, tasks.calibration_examples("task", 5, train=train), decoder=False,
                                        max_len=6, batch_size=2, pad_id=0)
     assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
     assert all(set(b) == {"input_ids", "attention_mask", "token_type_ids"} for b in batches)

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from slora import divergence, finetune, text, train
-from slora.lora import apply_lora, mark_only_lora_trainable
+from slora.train import divergence, loop, objective, evaluation
+from slora.cli import finetune
+from slora.data import text
+from slora.models.lora import apply_lora, mark_only_lora_trainable
 from slora.models.llama import IGNORE_INDEX as LLAMA_IGNORE
 from tests.tiny import randomize_lora, tiny_llama, tiny_model_dir
 
@@ -29,10 +31,10 @@ def lm_batch(seed: int, B: int, T: int, vocab: int) -> dict:
 
 
 def grads_after_step(model, micro_batches, kind) -> dict:
-    """LoRA gradients of one optimizer step over `micro_batches`, as train.finetune computes them."""
-    denom = train.step_denominator(sum(train.target_count(b, kind) for b in micro_batches))
+    """LoRA gradients of one optimizer step over `micro_batches`, as loop.finetune computes them."""
+    denom = objective.step_denominator(sum(objective.target_count(b, kind) for b in micro_batches))
     for b in micro_batches:
-        (train.loss_sum(model, b, kind, "cpu") / denom).backward()
+        (objective.loss_sum(model, b, kind, "cpu") / denom).backward()
     out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return out
@@ -50,7 +52,7 @@ def test_micro_batches_times_accum_equal_one_big_batch(accum):
     randomize_lora(model)
     mark_only_lora_trainable(model, extra=())
     batch = lm_batch(0, B=8, T=12, vocab=model.config.vocab_size)
-    counts = [train.target_count(b, "generation") for b in split(batch, accum)]
+    counts = [objective.target_count(b, "generation") for b in split(batch, accum)]
     assert len(set(counts)) > 1  # the case that per-micro-batch means would get wrong
     big = grads_after_step(model, [batch], "generation")
     small = grads_after_step(model, split(batch, accum), "generation")
@@ -69,7 +71,7 @@ def test_sparse_lm_head_gives_the_plain_loss_and_gradients():
     batch = lm_batch(0, B=6, T=14, vocab=model.config.vocab_size)
     losses, grads = [], []
     for rows in (False, True):
-        loss = train.loss_sum(model, batch, "generation", "cpu", target_rows=rows)
+        loss = objective.loss_sum(model, batch, "generation", "cpu", target_rows=rows)
         loss.backward()
         losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -81,9 +83,9 @@ def test_sparse_lm_head_gives_the_plain_loss_and_gradients():
     # the head ran on the target positions only: fewer rows than B x (T-1)
     seen = []
     hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[:-1].numel()))
-    train.loss_sum(model, batch, "generation", "cpu", target_rows=True)
+    objective.loss_sum(model, batch, "generation", "cpu", target_rows=True)
     hook.remove()
-    assert seen == [train.target_count(batch, "generation")] and seen[0] < 6 * 13
+    assert seen == [objective.target_count(batch, "generation")] and seen[0] < 6 * 13
 
 
 def test_sparse_lm_head_is_refused_for_an_encoder_task(tmp_path):
@@ -102,7 +104,7 @@ def test_classification_step_loss_is_the_mean():
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     model = lambda **kw: logits  # noqa: E731
     batch = {"input_ids": torch.zeros(8, 2, dtype=torch.long), "labels": y}
-    got = train.loss_sum(model, batch, "classification", "cpu") / train.target_count(batch, "classification")
+    got = objective.loss_sum(model, batch, "classification", "cpu") / objective.target_count(batch, "classification")
     assert got.item() == torch.nn.functional.cross_entropy(logits, y).item()
 
 
@@ -145,7 +147,7 @@ def test_device_finite_check_names_the_first_bad_step():
 
 def test_fused_optimizer_skips_a_step_whose_gradient_norm_is_not_finite():
     p = torch.nn.Parameter(torch.ones(3))
-    opt = train.make_optimizer([p], argparse.Namespace(lr=0.1, weight_decay=0.0, fused_optim=True))
+    opt = loop.make_optimizer([p], argparse.Namespace(lr=0.1, weight_decay=0.0, fused_optim=True))
     p.grad = torch.tensor([math.nan, 1.0, 1.0])
     opt.found_inf = divergence.skip_flag(torch.linalg.vector_norm(p.grad))
     opt.step()
@@ -165,17 +167,17 @@ class LengthEcho(torch.nn.Module):
 
 
 def test_length_sorted_evaluation_returns_predictions_in_example_order(monkeypatch):
-    from slora import scoring
-    from slora.data import Example
+    from slora.data import scores
+    from slora.data.tasks import Example
     from tests.tiny import tiny_tokenizer
     tok, _ = tiny_tokenizer("encoder")
     examples = [Example(str(i), " ".join(["good"] * (1 + (7 * i) % 11)), None, 0) for i in range(13)]
     seen = []
-    monkeypatch.setattr(scoring, "score", lambda metrics, preds, refs: seen.append(preds) or {})
+    monkeypatch.setattr(scores, "score", lambda metrics, preds, refs: seen.append(preds) or {})
     spec = argparse.Namespace(kind="classification", metrics=("accuracy",))
     for group, size in ((False, None), (True, None), (True, 4)):
         args = argparse.Namespace(max_len=32, batch_size=3, eval_batch_size=size, group_by_length=group, fsdp=False)
-        train.evaluate(LengthEcho(), tok, spec, examples, args, 0, "cpu", contextlib.nullcontext())
+        evaluation.evaluate(LengthEcho(), tok, spec, examples, args, 0, "cpu", contextlib.nullcontext())
     want = [(1 + (7 * i) % 11 + 2) % 3 for i in range(13)]  # [CLS] words [SEP]
     assert seen == [want, want, want]
 
@@ -184,9 +186,9 @@ def test_length_sorted_evaluation_returns_predictions_in_example_order(monkeypat
 # Activation checkpointing
 
 def lora_grads(model, batch, kind, checkpointing: bool) -> dict:
-    train.set_activation_checkpointing(model, checkpointing)
+    loop.set_activation_checkpointing(model, checkpointing)
     model.train()
-    (train.loss_sum(model, batch, kind, "cpu") / train.target_count(batch, kind)).backward()
+    (objective.loss_sum(model, batch, kind, "cpu") / objective.target_count(batch, kind)).backward()
     out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return out
@@ -232,7 +234,7 @@ def test_activation_checkpointing_gives_the_same_nonzero_lora_gradients(family, 
 
 def test_activation_checkpointing_is_refused_on_a_model_without_layer_stacks():
     with pytest.raises(ValueError, match="Linear has no layer stack"):
-        train.set_activation_checkpointing(torch.nn.Linear(2, 2))
+        loop.set_activation_checkpointing(torch.nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])
@@ -281,7 +283,7 @@ def test_chunked_lm_loss_equals_the_whole_loss_and_gradients(dtype, tol):
     batch = lm_batch(3, B=4, T=11, vocab=model.config.vocab_size)
     grads = []
     for chunk in (None, 3, 100):
-        loss = train.loss_sum(model, batch, "generation", "cpu", lm_chunk=chunk)
+        loss = objective.loss_sum(model, batch, "generation", "cpu", lm_chunk=chunk)
         loss.backward()
         grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
         model.zero_grad(set_to_none=True)
@@ -310,6 +312,6 @@ def test_lm_loss_through_forward_equals_the_logits_loss():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batches_reach_the_gpu_through_pinned_memory_unchanged():
     t = torch.randint(0, 50_000, (8, 257))
-    got = train.to_device(t, torch.device("cuda"))
+    got = objective.to_device(t, torch.device("cuda"))
     assert got.device.type == "cuda" and torch.equal(got.cpu(), t)
-    assert train.to_device(t, "cpu") is t  # on the CPU nothing is copied
+    assert objective.to_device(t, "cpu") is t  # on the CPU nothing is copied

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from slora.models import save_model
+from slora.io.model_folder import save_model
 from slora.models.bert import BertConfig, BertModel
 from slora.models.llama import LlamaConfig, LlamaForCausalLM
 from slora.models.mpnet import MPNetConfig, MPNetModel
@@ -118,7 +118,7 @@ def tiny_model_dir(folder, kind: str, seed: int = 0):
 
 def randomize_lora(model, seed=0, std=0.3):
     """Fresh seeded A and non-zero B in every LoRA layer, so that LoRA changes the output."""
-    from slora.lora import lora_modules
+    from slora.models.lora import lora_modules
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in lora_modules(model).values():
@@ -132,12 +132,12 @@ def randomize_lora(model, seed=0, std=0.3):
 
 def as_files(s, targets: str = "all-linear") -> tuple[dict, dict]:
     """(sensitivity.json content, ranks.json content) of a sensitivity.Sensitivity."""
-    from slora.runfolder import sensitivity_json
+    from slora.train.run_folder import sensitivity_json
     return sensitivity_json(s, targets), s.ranks
 
 
 def compute_files(model, batches, cfg, targets: str = "all-linear", **kw) -> tuple[dict, dict]:
     """sensitivity.compute on the modules `targets` selects, as the two files a run writes."""
-    from slora.hessian import find_linears
-    from slora.sensitivity import compute
+    from slora.models.targets import find_linears
+    from slora.method.sensitivity import compute
     return as_files(compute(model, batches, find_linears(model, targets), cfg, **kw), targets)

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from slora import data, finetune, text
-from slora.bench import SHAPES, peak_gb, random_llama, reset_peak
-from slora.models import load_tokenizer, save_model
+from slora.data import tasks, text
+from slora.cli import finetune
+from slora.cli.bench import SHAPES, peak_gb, random_llama, reset_peak
+from slora.io.model_folder import load_tokenizer, save_model
 from slora.models.llama import LlamaConfig
 
 # the flags of the new path besides its batch size (the same flags reference_runs/grid.py's nlg-full suite runs)
@@ -84,9 +85,9 @@ def training_features(model: Path, task_args: list[str], max_len: int):
     tok = load_tokenizer(model)
     eos = json.loads((model / "config.json").read_text()).get("eos_token_id")
     if "--train-file" in task_args:
-        train = data.read_jsonl(task_args[task_args.index("--train-file") + 1], "instructions")
+        train = tasks.read_jsonl(task_args[task_args.index("--train-file") + 1], "instructions")
     else:
-        train = data.load_task("wiki-describe", seed=0)["train"]
+        train = tasks.load_task("wiki-describe", seed=0)["train"]
     return text.encode_lm(tok, train, max_len, eos_id=eos if isinstance(eos, int) else None)
 
 
@@ -121,7 +122,7 @@ def bench_nlg(device, steps: int, batch: int, n_eval: int, small: bool) -> dict:
             model, task_args = tiny_setup(tmp / "tiny")
             model_arg, max_len = str(model), 64
         else:
-            from slora.assets import model_dir
+            from slora.io.assets import model_dir
             model, task_args = model_dir("smollm2"), ["--task", "wiki-describe"]
             model_arg, max_len = "smollm2", 256
         feats = training_features(model, task_args, max_len)

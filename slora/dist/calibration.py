@@ -17,8 +17,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from slora import dist
-from slora.hessian import HessianAccumulator, HessianStats
+from slora.dist import process_group
+from slora.method.hessian import HessianAccumulator, HessianStats
 
 
 def owners(groups: dict[str, int], mode: str, world: int) -> dict[str, int]:
@@ -43,7 +43,7 @@ class CalibrationGroup:
     """The torchrun ranks of slora.dist as the method's calibration group (hessian.Group)."""
 
     def __init__(self):
-        self.is_main = dist.get().is_main
+        self.is_main = process_group.get().is_main
 
     def sum_hessians(self, owner: dict[str, str], accs: dict[str, HessianAccumulator],
                      modules: dict[str, nn.Linear], mode: str, dtype: torch.dtype
@@ -51,8 +51,8 @@ class CalibrationGroup:
         """A rank that saw no batch has no accumulators and no sharing map: it adopts the other ranks' map and adds
         zero sums. Ranks that saw batches must agree on which modules share an input (error otherwise, on every
         rank). Returns the agreed map and the accumulators this rank owns, holding the sums of all ranks."""
-        d = dist.get()
-        maps = dist.all_gather_json(owner)
+        d = process_group.get()
+        maps = process_group.all_gather_json(owner)
         seen = [(r, m) for r, m in enumerate(maps) if m]
         if not seen:
             return owner, accs  # no rank ran a batch: the caller names the modules never called
@@ -66,15 +66,15 @@ class CalibrationGroup:
         for g in groups:
             if g not in accs:
                 accs[g] = HessianAccumulator(modules[g].in_features, mode, dtype, modules[g].weight.device)
-        tokens = torch.tensor([accs[g].tokens for g in groups], dtype=torch.int64, device=dist.comm_device())
-        dist.all_reduce_sum(tokens)
+        tokens = torch.tensor([accs[g].tokens for g in groups], dtype=torch.int64, device=process_group.comm_device())
+        process_group.all_reduce_sum(tokens)
         where = owners({g: modules[g].in_features for g in groups}, mode, d.world)
         mine = {}
         for i, g in enumerate(groups):
             acc = accs[g]
-            dist.reduce_sum(acc.sum, dst=where[g])
+            process_group.reduce_sum(acc.sum, dst=where[g])
             if acc.x_sum is not None:  # full mode's Σ x (EVA's token mean) adds over ranks like Σ x xᵀ
-                dist.reduce_sum(acc.x_sum, dst=where[g])
+                process_group.reduce_sum(acc.x_sum, dst=where[g])
             acc.tokens = int(tokens[i])
             if where[g] == d.rank:
                 mine[g] = acc  # the sums of other ranks' groups are freed with `accs`
@@ -88,7 +88,7 @@ class CalibrationGroup:
         mine = {"stats": {st.owner: _to_json(st) for st in stats.values()},
                 "names": {n: st.owner for n, st in stats.items()}}
         by_owner, owner_of = {}, {}
-        for part in dist.all_gather_json(mine):
+        for part in process_group.all_gather_json(mine):
             by_owner.update(part["stats"])
             owner_of.update(part["names"])
         rebuilt = {}
@@ -102,7 +102,7 @@ class CalibrationGroup:
 
     def on_main(self, fn):
         """fn() on rank 0 (a JSON-able value), broadcast to every rank."""
-        return dist.broadcast_json(fn() if self.is_main else None)
+        return process_group.broadcast_json(fn() if self.is_main else None)
 
 
 def _to_json(st: HessianStats) -> dict:

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from tokenizers import Tokenizer
 
-from slora.checkpoint import read_json
+from slora.io.files import read_json
 
 ROLES = ("system", "user", "assistant")
 FAMILIES = {  # family -> the special tokens that identify it (all must be in the vocabulary)

@@ -24,8 +24,9 @@ from types import SimpleNamespace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from slora import divergence, text, train
-from slora.lora import apply_lora, mark_only_lora_trainable, merged_copy
+from slora.train import divergence, loop, objective
+from slora.data import text
+from slora.models.lora import apply_lora, mark_only_lora_trainable, merged_copy
 from slora.models.llama import LlamaConfig, LlamaForCausalLM, attention_mask_4d, rope_cos_sin
 
 # SmolLM2-135M's structure (~/.cache/slora/models/smollm2-135m/config.json) at a width where compute is negligible:
@@ -66,13 +67,13 @@ def train_step_fn(model, batch: dict, sparse: bool = True):
     runs it: backward_step, clip_grad_norm_, DeviceFiniteCheck.record, opt.step, zero_grad."""
     args = SimpleNamespace(lr=1e-3, weight_decay=0.0, fused_optim=True)  # the new NLG path's --fused-optim
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = train.make_optimizer(params, args)
+    opt = loop.make_optimizer(params, args)
     lazy = divergence.DeviceFiniteCheck()
     autocast = torch.autocast("cpu", enabled=False)
 
     def step():
         model.train()
-        loss = train.backward_step(model, [(batch, 1.0)], "generation", "cpu", autocast, None, sparse)
+        loss = objective.backward_step(model, [(batch, 1.0)], "generation", "cpu", autocast, None, sparse)
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         lazy.record(1, loss, norm)
         opt.step()
@@ -131,11 +132,11 @@ def block_ops(model) -> dict:
 def train_phase_ops(model, batch: dict) -> dict:
     """aten ops of one training step by phase: forward (loss), backward, clipping, fused AdamW step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = train.make_optimizer(params, SimpleNamespace(lr=1e-3, weight_decay=0.0, fused_optim=True))
+    opt = loop.make_optimizer(params, SimpleNamespace(lr=1e-3, weight_decay=0.0, fused_optim=True))
     held = {}
 
     def fwd():
-        held["loss"] = train.loss_sum(model, batch, "generation", "cpu", None, True)
+        held["loss"] = objective.loss_sum(model, batch, "generation", "cpu", None, True)
     model.train()
     fwd(), held["loss"].backward(), opt.step()  # optimizer state exists from here on
     out = {"forward": aten_ops(fwd), "backward": aten_ops(lambda: held["loss"].backward()),
@@ -191,7 +192,3 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     return res
-
-
-if __name__ == "__main__":
-    main()

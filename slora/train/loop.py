@@ -32,141 +32,18 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 import torch
-import torch.nn.functional as F
 
-from slora import chat, dist, parallel, scoring, shardload, text
-from slora.divergence import DeviceFiniteCheck, check_finite, skip_flag
-from slora.lora import apply_lora, lora_parameters_count, mark_only_lora_trainable, merged_copy
-from slora.stability import stability
+from slora.data import text
+from slora.dist import process_group, data_parallel, sharded_load
+from slora.train.divergence import DeviceFiniteCheck, check_finite, skip_flag
+from slora.models.lora import apply_lora, lora_parameters_count, mark_only_lora_trainable, merged_copy
+from slora.method.stability import stability
+from slora.train.evaluation import evaluate
+from slora.train.objective import LM_CHUNK, backward_step, global_loss
 
-
-# positions per LM-head + loss chunk under --activation-checkpointing: torchtune's CEWithChunkedOutputLoss uses 8
-# chunks, 256 positions at 2048; at LLaMA-3's vocabulary one chunk of 2 x 256 holds 0.26 GB of fp32 logits
-LM_CHUNK = 256
 
 # -----------------------------------------------------------------------------
 # Loss and evaluation
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A CPU batch tensor on `device`. To CUDA through pinned memory, without waiting: a copy from pageable memory
-    first waits until the device has finished everything queued before it (CUDA's rule for pageable host-to-device
-    copies), a host stall per tensor per micro-batch. The copied values are the same bits either way (the
-    DataLoader's pin_memory pattern; torch's pinned-memory allocator keeps the source alive until the copy ends)."""
-    if torch.device(device).type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def forward_inputs(batch: dict, device) -> dict:
-    return {k: to_device(v, device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
-                                                                      "token_type_ids")}
-
-
-def target_count(batch: dict, kind: str) -> int:
-    """How many terms `loss_sum` adds up for `batch`: examples, or LM target tokens (labels not IGNORE_INDEX)."""
-    if kind in ("classification", "regression"):
-        return int(batch["labels"].shape[0])
-    return int((batch["labels"][:, 1:] != text.IGNORE_INDEX).sum())
-
-
-def loss_sum(model, batch: dict, kind: str, device, lm_chunk: int | None = None, target_rows: bool = False
-             ) -> torch.Tensor:
-    """Sum (not mean) of the per-example or per-token losses of one micro-batch, in fp32.
-
-    Causal LM: the model's own forward computes the summed next-token loss from the labels (LlamaForCausalLM),
-    `lm_chunk` positions of LM head and loss at a time when given, or with `target_rows` (--sparse-lm-head) only at
-    the positions that carry a target. Through the forward, so that under torchrun the DDP wrapper and FSDP2's root
-    unit see one forward call (and gather the head's shards) either way."""
-    if kind not in ("classification", "regression"):  # causal LM: prompt and pad tokens carry label IGNORE_INDEX
-        rows = None
-        if target_rows:
-            # found from the labels while they are still on the CPU, so the gather asks the device nothing
-            r, c = (batch["labels"][:, 1:] != text.IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) each
-            rows = (to_device(r, device), to_device(c, device))
-        # whether the batch has pad positions, read from its CPU copy: the model would otherwise ask the device
-        # copy (attention_mask_4d), a host read that waits for the GPU's queue on every micro-batch
-        padded = bool((batch["attention_mask"] == 0).any()) if "attention_mask" in batch else None
-        return model(**forward_inputs(batch, device), labels=to_device(batch["labels"], device), loss_chunk=lm_chunk,
-                     loss_rows=rows, padded=padded)
-    out = model(**forward_inputs(batch, device))
-    y = to_device(batch["labels"], device)
-    if kind == "classification":
-        return F.cross_entropy(out.float(), y, reduction="sum")
-    return F.mse_loss(out.float().squeeze(-1), y, reduction="sum")
-
-
-def global_loss(step_loss: torch.Tensor) -> float:
-    """The optimizer step's loss on the host (one read): this rank's part, summed over ranks (backward_step)."""
-    world = dist.get().world
-    return step_loss.item() if world == 1 else parallel.global_count(step_loss.item()) / world
-
-
-def step_denominator(count: int) -> float:
-    """The divisor of an optimizer step's summed loss: its target count. One process: the count itself. Under data
-    parallelism, the count all-reduced over ranks divided by the world size (DDP averages the gradients), so N
-    processes at micro-batch b follow one process at N·b (torchtune `training/_grad_scaler.py`)."""
-    world = dist.get().world
-    return count if world == 1 else parallel.global_count(count) / world
-
-
-def backward_step(fwd, group: list[tuple[dict, float]], kind: str, device, autocast, lm_chunk: int | None = None,
-                  target_rows: bool = False) -> torch.Tensor:
-    """Forward and backward of one optimizer step's micro-batches, given as (batch, weight) pairs (weight 0: a
-    rank's stand-in row, parallel.local_rows). Gradients accumulate in the parameters, communicated over ranks on
-    the last micro-batch only. Returns this rank's part of the step loss (sum over ranks / world = the loss)."""
-    denom = step_denominator(sum(target_count(b, kind) * w for b, w in group))
-    step_loss = None
-    for i, (batch, weight) in enumerate(group):
-        with parallel.grad_sync(fwd, last=i == len(group) - 1):
-            with autocast:
-                loss = loss_sum(fwd, batch, kind, device, lm_chunk, target_rows) * weight / denom
-            loss.backward()
-        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-    return step_loss
-
-
-def eval_batches(feats, args, pad_id, side: str = "right") -> tuple[list[dict], list[int]]:
-    """(batches, order): evaluation batches of --eval-batch-size (default --batch-size) features, and the example
-    index of each row in batch order. With --group-by-length the features are taken longest first
-    (text.length_sorted), so a batch pads to a length near its own rows' and generation runs fewer pad positions;
-    predictions go back to example order with text.restore_order. Only then: a row's numbers can change with the
-    batch it shares (its pad width), in the last bits, and so a greedy token now and then."""
-    size = args.eval_batch_size or args.batch_size
-    order = text.length_sorted(feats) if args.group_by_length else list(range(len(feats)))
-    return list(text.iterate_batches([feats[i] for i in order], size, pad_id, side=side)), order
-
-
-@torch.no_grad()
-def evaluate(model, tok, spec, examples, args, pad_id, device, autocast) -> dict:
-    model.eval()
-    if spec.kind == "generation":
-        feats = text.encode_prompts(tok, examples, args.max_len)
-        stops = chat.stop_ids(tok) + [i for i in (model.config.eos_token_id,) if isinstance(i, int)]
-        preds = []
-        batches, order = eval_batches(feats, args, pad_id, side="left")
-        # torchrun: this rank's batches, gathered below; under FSDP2 padded with dummies (real False) that keep
-        # every rank's forwards in step
-        for batch, real in parallel.eval_shard(batches, args.fsdp):
-            with autocast:
-                out = model.generate(to_device(batch["input_ids"], device),
-                                     to_device(batch["attention_mask"], device), max_new_tokens=args.gen_tokens,
-                                     eos_token_id=stops, all_done=parallel.lockstep_stop(args.fsdp, real))
-            if real:
-                preds += text.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
-        preds = text.restore_order(parallel.gather(preds), order)
-        refs = [e.label for e in examples]
-    else:
-        feats = text.encode_encoder(tok, examples, args.max_len)
-        preds = []
-        batches, order = eval_batches(feats, args, pad_id)
-        for batch, real in parallel.eval_shard(batches, args.fsdp):
-            with autocast:
-                logits = model(**forward_inputs(batch, device)).float()
-            if real:
-                preds += (logits.squeeze(-1) if spec.kind == "regression" else logits.argmax(-1)).tolist()
-        preds = text.restore_order(parallel.gather(preds), order)
-        refs = [f.labels for f in feats]
-    return scoring.score(spec.metrics, preds, refs)
 
 
 def lr_at(step: int, total: int, warmup: int) -> float:
@@ -200,7 +77,7 @@ class EpochSensitivity:
     def __call__(self, model, epoch: int) -> dict:
         """Measure after `epoch`; return {"tau_theta", "tau_ranks"} against epoch 0 (Kendall's τ-b)."""
         t0 = time.time()
-        sens, ranks = self.measure(model if shardload.is_sharded(model) else merged_copy(model).eval())
+        sens, ranks = self.measure(model if sharded_load.is_sharded(model) else merged_copy(model).eval())
         self.epochs.append(self._entry(epoch, sens, ranks) | {"seconds": time.time() - t0})
         tau = stability(self.epochs[0], self.epochs[-1])
         return {"tau_theta": tau["tau_theta"], "tau_ranks": tau["tau_ranks"]}
@@ -254,12 +131,12 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
                    generator=g)
         mark_only_lora_trainable(m, extra=("classifier",) if spec.kind != "generation" else ())
 
-    if shardload.is_sharded(model):  # --fsdp under torchrun: a new sharded model with LoRA in its layers' units
-        model = fwd = shardload.with_lora(model, add_lora)
+    if sharded_load.is_sharded(model):  # --fsdp under torchrun: a new sharded model with LoRA in its layers' units
+        model = fwd = sharded_load.with_lora(model, add_lora)
     else:
         add_lora(model)
         # DDP, FSDP2 or the model itself; before `params`: fully_shard replaces parameters by sharded ones
-        fwd = parallel.wrap(model, args.fsdp)
+        fwd = data_parallel.wrap(model, args.fsdp)
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
     n_lora = lora_parameters_count(model)
@@ -270,9 +147,9 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
         feats = text.encode_encoder(tok, train, args.max_len)
     if not feats:
         raise ValueError("no training examples: the training split is empty")
-    world = dist.get().world
+    world = process_group.get().world
     # torchrun: a global micro-batch holds world·batch-size sequences in the order of one process, and each rank
-    # trains on its contiguous rows of it (parallel.local_rows): N ranks at b follow one process at N·b
+    # trains on its contiguous rows of it (data_parallel.local_rows): N ranks at b follow one process at N·b
     global_batch = args.batch_size * world
     per_epoch = math.ceil(len(feats) / global_batch)  # micro-batches per epoch
     steps_per_epoch = math.ceil(per_epoch / args.grad_accum)
@@ -282,7 +159,7 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
     opt = make_optimizer(params, args)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup))
     if world > 1:  # dropout differs per rank (torchtune training/seed.py); the LoRA init above did not
-        torch.manual_seed(args.seed + dist.get().rank)
+        torch.manual_seed(args.seed + process_group.get().rank)
     # with activation checkpointing the LM head and loss run in chunks too (their logits are the largest tensors),
     # inside the model's forward: under torchrun too
     lm_chunk = LM_CHUNK if getattr(args, "activation_checkpointing", False) else None
@@ -298,14 +175,14 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
             lora=n_lora, steps=total, world_size=world, global_batch=global_batch * args.grad_accum)
 
     t_start, t_eval = time.time(), 0.0
-    tokens0 = parallel.global_count(state.tokens)  # the whole job's tokens before this process's run (a resume)
+    tokens0 = data_parallel.global_count(state.tokens)  # the whole job's tokens before this process's run (a resume)
     while state.step < total:
         model.train()
         if state.batch == 0:
             state.data_rng = g.get_state()  # the epoch's order is drawn next, from here
         else:
             g.set_state(state.data_rng)  # resumed mid-epoch: draw the same order again, skip what was used
-        batches = map(parallel.local_rows, text.iterate_batches(feats, global_batch, pad_id, generator=g,
+        batches = map(data_parallel.local_rows, text.iterate_batches(feats, global_batch, pad_id, generator=g,
                                                                 group_by_length=args.group_by_length))
         for _ in islice(batches, state.batch):
             pass
@@ -336,7 +213,7 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
                     lazy.raise_if_bad(args)
                     step_loss = global_loss(step_loss)
                 el = time.time() - t_start - t_eval
-                seen = parallel.global_count(state.tokens)  # all ranks: the whole job's non-pad input tokens
+                seen = data_parallel.global_count(state.tokens)  # all ranks: the whole job's non-pad input tokens
                 done = seen - tokens0  # those of this process's own run (tokens/s)
                 log("step", f"step {state.step}/{total} loss {step_loss:.4f} lr {sched.get_last_lr()[0]:.2e} "
                     f"{done / el:,.0f} tok/s ETA {el / state.step * (total - state.step):.0f}s", step=state.step,

@@ -15,8 +15,8 @@ from typing import Iterator, Sequence
 import torch
 from tokenizers import Tokenizer
 
-from slora import chat
-from slora.data import Example
+from slora.data import chat
+from slora.data.tasks import Example
 from slora.models.llama import IGNORE_INDEX  # the label of tokens the causal-LM loss skips: one definition
 
 

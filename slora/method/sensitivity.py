@@ -15,8 +15,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from slora import allocate as alloc
-from slora import eva, hessian, metrics
+from slora.method import allocate as alloc
+from slora.method import eva, hessian, metrics
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

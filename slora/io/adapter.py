@@ -34,10 +34,10 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slora.checkpoint import atomic_folder, read_json
+from slora.io.files import atomic_folder, read_json
 from slora.errors import SloraError
-from slora.lora import LoRALinear, apply_lora, lora_modules
-from slora.patterns import compile_pattern
+from slora.models.lora import LoRALinear, apply_lora, lora_modules
+from slora.io.patterns import compile_pattern
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

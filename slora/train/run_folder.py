@@ -29,8 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from slora import dist
-from slora.checkpoint import process_alive, read_json
+from slora.dist import process_group
+from slora.io.files import process_alive, read_json
 from slora.errors import sigterm_as_interrupt  # SIGTERM unwinds as Ctrl-C does (raised as Terminated)
 
 LOCK = ".slora-lock"
@@ -219,7 +219,7 @@ def write_json(path: Path, obj):
         if isinstance(x, (list, tuple)):
             return [clean(v) for v in x]
         return x
-    if dist.get().is_main:  # torchrun: rank 0 alone writes the run folder
+    if process_group.get().is_main:  # torchrun: rank 0 alone writes the run folder
         path.write_text(json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
@@ -238,7 +238,7 @@ class Log:
         self.muted = muted  # print only: a resumed run does not record its set-up stages a second time
 
     def __call__(self, event: str, text: str = "", **fields):
-        if not dist.get().is_main:  # torchrun: rank 0 alone logs and prints
+        if not process_group.get().is_main:  # torchrun: rank 0 alone logs and prints
             return
         if not self.muted:
             with open(self.path, "a") as f:

@@ -1,7 +1,7 @@
 """--fsdp under torchrun for models larger than one device: no rank ever holds the whole base.
 
     models.meta_model(path, dtype)   the skeleton: every base parameter on the meta device, nothing read
-    materialise(model, path, device) FSDP2-shard it (parallel.wrap: per transformer layer, then the root) and read
+    materialise(model, path, device) FSDP2-shard it (data_parallel.wrap: per transformer layer, then the root) and read
                                      from the safetensors file(s) only the rows of each tensor this rank keeps
     with_lora(model, add_lora)       the training model: the same skeleton again, LoRA added by `add_lora` (whole,
                                      on the CPU, from the run's generator), sharded, and the base shards taken over
@@ -33,8 +33,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from slora import checkpoint, dist, parallel
-from slora.models import build_model, checkpoint_keys, for_sequence_classification
+from slora.io import weights
+from slora.dist import process_group, data_parallel
+from slora.models import build_model, for_sequence_classification
+from slora.io.model_folder import checkpoint_keys
 
 
 def shard_rows(n: int, rank: int, world: int) -> range:
@@ -93,17 +95,17 @@ def materialise(model: nn.Module, path, device: torch.device) -> nn.Module:
     The checkpoint is checked against the model first, as load_model does: every missing, unexpected or
     mis-shaped tensor is named."""
     path = Path(path)
-    files = checkpoint.tensor_shapes(path)
+    files = weights.tensor_shapes(path)
     keys = checkpoint_keys(model.config, files)  # {body key: checkpoint name}
     prefix = _body_prefix(model)
     body = model.get_submodule(prefix[:-1]) if prefix else model
     if prefix and getattr(body, "pooler", None) is None:  # a RoBERTa / MPNet task model drops the pooler on purpose
         keys = {k: v for k, v in keys.items() if not k.startswith("pooler.")}
-    checkpoint.check_state({k: tuple(v.shape) for k, v in body.state_dict().items()},
+    weights.check_state({k: tuple(v.shape) for k, v in body.state_dict().items()},
                            {k: files[name][1] for k, name in keys.items()}, path)
     model.requires_grad_(False)
-    parallel.wrap(model, fsdp=True)  # fully_shard per layer, then the root: meta parameters become meta DTensors
-    d = dist.get()
+    data_parallel.wrap(model, fsdp=True)  # fully_shard per layer, then the root: meta parameters become meta DTensors
+    d = process_group.get()
     for p, places in _occurrences(model).values():
         if not p.is_meta:
             continue  # the task head: made whole on the CPU, already sharded by FSDP2
@@ -112,7 +114,7 @@ def materialise(model: nn.Module, path, device: torch.device) -> nn.Module:
             raise RuntimeError(f"{name}: a meta parameter outside the model body {prefix[:-1]!r}")
         file, shape = files[keys[name[len(prefix):]]]
         rows = shard_rows(shape[0], d.rank, d.world)
-        local = checkpoint.read_rows(file, keys[name[len(prefix):]], rows, p.dtype)  # (len(rows), *shape[1:])
+        local = weights.read_rows(file, keys[name[len(prefix):]], rows, p.dtype)  # (len(rows), *shape[1:])
         _replace(places, p, local.to(device))
     _check_complete(model)
     return model.eval()
@@ -125,14 +127,14 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def calibration_shard(batches: list[dict], sharded: bool) -> list[dict]:
-    """This rank's calibration batches (dist.shard: contiguous, never repeated). Sharded, every forward is a
+    """This rank's calibration batches (process_group.shard: contiguous, never repeated). Sharded, every forward is a
     collective (FSDP2 all-gathers each layer), so a rank with fewer batches than rank 0 (which has the most) adds
     stand-ins until the counts agree: one token with attention mask 0, which the Hessian hooks drop
     (hessian._tokens keeps unmasked tokens only), so the statistics are those of its real batches."""
-    mine = dist.shard(batches)
+    mine = process_group.shard(batches)
     if not sharded or not batches:
         return mine
-    most = len(dist.shard_range(len(batches), 0, dist.get().world))
+    most = len(process_group.shard_range(len(batches), 0, process_group.get().world))
     blank = {k: torch.zeros_like(v[:1, :1]) for k, v in batches[0].items()}  # (1, 1) each: id 0, mask 0
     return mine + [blank] * (most - len(mine))
 
@@ -142,9 +144,9 @@ def with_lora(model: nn.Module, add_lora: Callable[[nn.Module], object]) -> nn.M
     """The training model for sharded calibration model `model`: a new meta skeleton of the same architecture,
     `add_lora(skeleton)` (apply_lora and the trainable mask: the factors come out whole on the CPU with the values
     the run's generator gives a full model), activation checkpointing as set on `model`, FSDP2-sharded
-    (parallel.wrap, which first compares the LoRA shapes across ranks), and every base and head parameter taken
+    (data_parallel.wrap, which first compares the LoRA shapes across ranks), and every base and head parameter taken
     over from `model`'s local shard. `model` must not be used afterwards."""
-    parallel.reshard(model)  # FSDP2 leaves the root gathered after calibration's forwards: back to DTensor shards
+    data_parallel.reshard(model)  # FSDP2 leaves the root gathered after calibration's forwards: back to DTensor shards
     dtype = next(p.dtype for n, p in model.named_parameters() if "classifier" not in n)
     with torch.device("meta"):
         body = build_model(model.config).to(dtype)
@@ -157,7 +159,7 @@ def with_lora(model: nn.Module, add_lora: Callable[[nn.Module], object]) -> nn.M
     for name, m in model.named_modules():
         if "activation_checkpointing" in vars(m):  # set on the instance by train.set_activation_checkpointing
             skeleton.get_submodule(name).activation_checkpointing = m.activation_checkpointing
-    parallel.wrap(skeleton, fsdp=True)
+    data_parallel.wrap(skeleton, fsdp=True)
     old = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
     for p, places in _occurrences(skeleton).values():
         name = places[0][2]

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from slora import dist
+from slora.dist import process_group
 
 
 class NonFiniteError(FloatingPointError):
@@ -61,7 +61,7 @@ class DeviceFiniteCheck:
         if self.state is None:
             return
         mine = torch.stack([t.double() for t in self.state]).tolist()  # [step, loss, norm]: one host read
-        bad = [r for r in dist.all_gather_json(mine) if r[0]]  # each rank's loss is its own part of the loss
+        bad = [r for r in process_group.all_gather_json(mine) if r[0]]  # each rank's loss is its own part of the loss
         if bad:
             step, loss, norm = min(bad, key=lambda r: r[0])
             check_finite(int(step), loss, norm, args)

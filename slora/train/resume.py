@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from slora import dist, parallel, shardload
-from slora.checkpoint import read_json
-from slora.runfolder import CHECKPOINT
-from slora.train import TrainState
+from slora.dist import process_group, data_parallel, sharded_load
+from slora.io.files import read_json
+from slora.train.run_folder import CHECKPOINT
+from slora.train.loop import TrainState
 
 LOG = "log.jsonl"
 
@@ -63,7 +63,7 @@ class Checkpointer:
     # -------------------------------------------------------------------------
     def save(self, state: TrainState, model, opt, sched, device):
         # every rank takes part in the gathers (collectives: FSDP2 shards, RNG states); then rank 0 alone writes
-        parallel.reshard(model)
+        data_parallel.reshard(model)
         tensors = {f"param.{n}": whole(p) for n, p in model.named_parameters() if p.requires_grad}
         osd = opt.state_dict()
         for i, st in osd["state"].items():
@@ -72,7 +72,7 @@ class Checkpointer:
                     raise TypeError(f"optimizer state {i}.{k} is not a tensor ({type(v).__name__}): not saved")
                 tensors[f"opt.{i}.{k}"] = whole(v)
         others = rank_rng_states(device)
-        if not dist.get().is_main:
+        if not process_group.get().is_main:
             return
         name = f"checkpoint-{state.step}"
         tmp = self.folder / f"{name}.tmp"
@@ -81,7 +81,7 @@ class Checkpointer:
         tensors["rng.torch"] = torch.get_rng_state()
         if device.type == "cuda":
             # (n_devices, state bytes); torchrun: (1, state bytes) of this rank's own device (rank_rng_states)
-            tensors["rng.cuda"] = (torch.stack(torch.cuda.get_rng_state_all()) if dist.get().world == 1
+            tensors["rng.cuda"] = (torch.stack(torch.cuda.get_rng_state_all()) if process_group.get().world == 1
                                    else torch.cuda.get_rng_state(device)[None])
         tensors["rng.data"] = state.data_rng
         for key, t in others.items():
@@ -92,8 +92,8 @@ class Checkpointer:
                 "history": state.history, "param_groups": osd["param_groups"],
                 "opt_state_keys": {str(i): sorted(st) for i, st in osd["state"].items()},
                 "scheduler": sched.state_dict(), "log_bytes": log.stat().st_size if log.exists() else 0,
-                "tracker": self.tracker.epochs if self.tracker else None, "world": dist.get().world,
-                "fsdp": shardload.is_sharded(model)}
+                "tracker": self.tracker.epochs if self.tracker else None, "world": process_group.get().world,
+                "fsdp": sharded_load.is_sharded(model)}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")  # NaN scores round-trip
         os.replace(tmp, self.folder / name)
         pointer = self.folder / (CHECKPOINT + ".tmp")
@@ -110,7 +110,7 @@ class Checkpointer:
     def truncate_log(self):
         """Cut log.jsonl back to its length at the checkpoint (call before the resumed run logs anything). Rank 0
         alone: it owns the run folder."""
-        if not dist.get().is_main:
+        if not process_group.get().is_main:
             return
         meta = read_json(self.path() / "state.json")
         with open(self.folder / LOG, "r+b") as f:
@@ -121,7 +121,7 @@ class Checkpointer:
         and the tracker; return the loop's state. Any mismatch with the model is an error naming the tensor."""
         path = self.path()
         meta = read_json(path / "state.json")
-        world, rank = dist.get().world, dist.get().rank
+        world, rank = process_group.get().world, process_group.get().rank
         if meta.get("world", 1) != world:  # checkpoints before torchrun support were written by one process
             raise ValueError(f"{path}: written by {meta.get('world', 1)} process(es), resumed by {world}: resume "
                              f"with the same torchrun --nproc-per-node (the data each rank trains on depends on it)")
@@ -131,7 +131,7 @@ class Checkpointer:
         if saved != set(params):
             diff = sorted(saved ^ set(params))
             raise ValueError(f"{path}: checkpoint does not match the model's trainable parameters: {diff[:5]}")
-        parallel.reshard(model)
+        data_parallel.reshard(model)
         with torch.no_grad():
             for n, p in params.items():
                 t = tensors[f"param.{n}"]
@@ -168,13 +168,13 @@ def rank_rng_states(device) -> dict[str, torch.Tensor]:
     and `rng.rank<R>.cuda` ((1, state bytes): that rank's own device), on every rank; rank 0's own are saved as
     rng.torch / rng.cuda like one process's. One process: {} (no collective). Each state crosses ranks as a JSON
     list of its bytes (slora.dist never pickles)."""
-    d = dist.get()
+    d = process_group.get()
     if d.world == 1:
         return {}
     mine = {"torch": torch.get_rng_state().tolist()}
     if device.type == "cuda":  # this rank's device only: get_rng_state_all would open a context on every GPU
         mine["cuda"] = torch.cuda.get_rng_state(device).tolist()
-    states = dist.all_gather_json(mine)
+    states = process_group.all_gather_json(mine)
     out = {}
     for r, st in enumerate(states[1:], start=1):
         for kind, values in st.items():

@@ -28,7 +28,7 @@ from typing import Mapping
 
 import numpy as np
 
-from slora.metrics import rational
+from slora.method.metrics import rational
 
 METHODS = ("sra", "pra", "uniform")
 UNITS = ("rank", "param")

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from slora.errors import SloraError
-from slora.scoring import GLUE_METRICS
+from slora.data.scores import GLUE_METRICS
 
 
 # -----------------------------------------------------------------------------
@@ -202,7 +202,7 @@ DESCRIBE_PROMPT = "Write a short description (a few words) of this Wikipedia art
 def _data_root(data_dir) -> Path:
     if data_dir is not None:
         return Path(data_dir)
-    from slora.assets import data_dir as assets_data_dir  # lazy: slora.assets owns SLORA_HOME and fetching
+    from slora.io.assets import data_dir as assets_data_dir  # lazy: slora.assets owns SLORA_HOME and fetching
     return Path(assets_data_dir())
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slora import train
-from slora.bench import peak_gb, random_llama, reset_peak, timed, transformers_llama
-from slora.lora import apply_lora, mark_only_lora_trainable
-from slora.hessian import find_linears
-from slora.sensitivity import SensitivityConfig, compute
+from slora.train import loop, objective
+from slora.cli.bench import peak_gb, random_llama, reset_peak, timed, transformers_llama
+from slora.models.lora import apply_lora, mark_only_lora_trainable
+from slora.models.targets import find_linears
+from slora.method.sensitivity import SensitivityConfig, compute
 
 
 # -----------------------------------------------------------------------------
@@ -42,11 +42,11 @@ def train_steps(model, ids, params, device, steps: int, autocast, loss_of=logits
 
 
 def slora_loss(model, ids):
-    """slora's own training loss (what `python -m slora.finetune` runs): train.loss_sum, chunked LM head under
+    """slora's own training loss (what `python -m slora.finetune` runs): objective.loss_sum, chunked LM head under
     activation checkpointing, over the count of target tokens."""
     batch = {"input_ids": ids, "labels": ids}
-    chunk = train.LM_CHUNK if model.model.activation_checkpointing else None
-    return train.loss_sum(model, batch, "generation", ids.device, chunk) / train.target_count(batch, "generation")
+    chunk = objective.LM_CHUNK if model.model.activation_checkpointing else None
+    return objective.loss_sum(model, batch, "generation", ids.device, chunk) / objective.target_count(batch, "generation")
 
 
 def peft_loss(model, ids):
@@ -70,7 +70,7 @@ def bench_training(cfg, B, T, device, dtype, steps: int, with_peft: bool, checkp
     ranks = {k: v for k, v in ranks.items() if v > 0}
     apply_lora(model, ranks, alpha=16.0, alpha_policy="scale")
     mark_only_lora_trainable(model, extra=())
-    train.set_activation_checkpointing(model, checkpointing)
+    loop.set_activation_checkpointing(model, checkpointing)
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -88,7 +88,7 @@ def bench_training(cfg, B, T, device, dtype, steps: int, with_peft: bool, checkp
     except ImportError:
         res.update({f"{prefix}_step_s_peft": None, "peft": "not installed"})
         return res
-    from slora.adapter import adapter_config
+    from slora.io.adapter import adapter_config
     lcfg = adapter_config(model, "random", "CAUSAL_LM")
     del model, params
     reset_peak(device)  # frees slora's model before transformers' is built

@@ -21,7 +21,7 @@ import contextlib
 import torch
 from torch import nn
 
-from slora import dist
+from slora.dist import process_group
 
 
 def transformer_layers(model: nn.Module) -> list[nn.Module]:
@@ -41,12 +41,12 @@ def wrap(model: nn.Module, fsdp: bool) -> nn.Module:
     the LoRA init seed is the same on every rank anyway. LoRA shapes are compared across ranks first: a mismatch
     is an error naming the module, not a hang inside DDP's own shape check or an FSDP all-gather.
     """
-    d = dist.get()
+    d = process_group.get()
     if d.world == 1:
         if fsdp:
             raise ValueError("--fsdp shards the model over torchrun ranks: launch with torchrun --nproc-per-node N")
         return model
-    dist.check_same({n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad},
+    process_group.check_same({n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad},
                     "trainable parameter shapes (LoRA ranks, task head)")
     if not fsdp:
         ids = [d.device.index] if d.device.type == "cuda" else None
@@ -63,14 +63,14 @@ def wrap(model: nn.Module, fsdp: bool) -> nn.Module:
 
 
 def local_rows(batch: dict) -> tuple[dict, float]:
-    """(this rank's rows of a global micro-batch, weight). Rows are split contiguously (dist.shard_range); a rank
+    """(this rank's rows of a global micro-batch, weight). Rows are split contiguously (process_group.shard_range); a rank
     left without rows (the last, short batch of an epoch) runs the first row with weight 0, so it still joins the
     gradient all-reduce of this step (DDP and FSDP2 both communicate from inside backward)."""
-    d = dist.get()
+    d = process_group.get()
     if d.world == 1:
         return batch, 1.0
     n = next(iter(batch.values())).shape[0]
-    rows = dist.shard_range(n, d.rank, d.world)
+    rows = process_group.shard_range(n, d.rank, d.world)
     if len(rows) == 0:
         return {k: v[:1] for k, v in batch.items()}, 0.0
     return {k: v[rows.start:rows.stop] for k, v in batch.items()}, 1.0
@@ -78,10 +78,10 @@ def local_rows(batch: dict) -> tuple[dict, float]:
 
 def global_count(count: float) -> float:
     """Sum of `count` over ranks (the step's target count for the loss normalisation)."""
-    if dist.get().world == 1:
+    if process_group.get().world == 1:
         return count
-    t = torch.tensor([float(count)], dtype=torch.float64, device=dist.comm_device())
-    return float(dist.all_reduce_sum(t))
+    t = torch.tensor([float(count)], dtype=torch.float64, device=process_group.comm_device())
+    return float(process_group.all_reduce_sum(t))
 
 
 def grad_sync(fwd: nn.Module, last: bool):
@@ -94,14 +94,14 @@ def grad_sync(fwd: nn.Module, last: bool):
 
 
 def eval_shard(batches: list, fsdp: bool) -> list[tuple[dict, bool]]:
-    """This rank's evaluation batches as (batch, real) pairs: a contiguous shard (dist.shard), so the ranks split
+    """This rank's evaluation batches as (batch, real) pairs: a contiguous shard (process_group.shard), so the ranks split
     the work as in DDP. Under FSDP2 every forward is a collective (each unit all-gathers its parameters), so every
     rank must run as many forwards as the others: ranks with a shorter shard are padded with dummy batches (the
     first batch again, real False) whose outputs the caller drops; generation also stops together (lockstep_stop).
     One process: every batch, all real."""
-    mine = [(b, True) for b in dist.shard(batches)]
+    mine = [(b, True) for b in process_group.shard(batches)]
     if fsdp and batches:
-        longest = len(dist.shard_range(len(batches), 0, dist.get().world))  # rank 0's shard is never shorter
+        longest = len(process_group.shard_range(len(batches), 0, process_group.get().world))  # rank 0's shard is never shorter
         mine += [(batches[0], False)] * (longest - len(mine))
     return mine
 
@@ -111,20 +111,20 @@ def lockstep_stop(fsdp: bool, real: bool):
     collective one: stop when every rank's rows are done (a dummy batch counts as done), decided by an all-reduce
     at every check (generate checks every GEN_SYNC_EVERY tokens, at the same steps on every rank), so no rank
     leaves a generation loop whose next forward the others wait for in an all-gather."""
-    if not fsdp or dist.get().world == 1:
+    if not fsdp or process_group.get().world == 1:
         return None
 
     def all_done(done: bool) -> bool:
-        busy = torch.tensor([0.0 if done or not real else 1.0], device=dist.comm_device())
-        return float(dist.all_reduce_sum(busy)) == 0
+        busy = torch.tensor([0.0 if done or not real else 1.0], device=process_group.comm_device())
+        return float(process_group.all_reduce_sum(busy)) == 0
     return all_done
 
 
 def gather(preds: list) -> list:
     """Predictions of all ranks in batch order (the inverse of eval_shard's contiguous split)."""
-    if dist.get().world == 1:
+    if process_group.get().world == 1:
         return preds
-    return [p for part in dist.all_gather_json(preds) for p in part]
+    return [p for part in process_group.all_gather_json(preds) for p in part]
 
 
 @torch.no_grad()
@@ -132,7 +132,7 @@ def full_trainable(model: nn.Module) -> None:
     """FSDP2: replace every sharded trainable parameter (a DTensor) by its full tensor, on every rank, so the
     adapter can be read as from one process. Collective: all ranks call it, then rank 0 writes (torchtune's
     save order; calling full_tensor() under `if rank == 0` deadlocks). The model cannot train after this."""
-    if dist.get().world == 1:
+    if process_group.get().world == 1:
         return
     reshard(model)
     for name, p in list(model.named_parameters()):
@@ -145,7 +145,7 @@ def reshard(model: nn.Module) -> None:
     """FSDP2: reshard every unit. The root stays unsharded after a forward without backward (evaluation): its
     registered parameters are then plain tensors whose storage FSDP frees later; resharded, they are the DTensor
     shards again, the ones the optimizer steps and a checkpoint gathers. One process or DDP: nothing to do."""
-    if dist.get().world == 1:
+    if process_group.get().world == 1:
         return
     from torch.distributed.fsdp import FSDPModule
     for m in model.modules():

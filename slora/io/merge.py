@@ -1,0 +1,86 @@
+"""Merge a run's LoRA adapter into its base model and write a complete Hugging Face-format folder: config.json,
+safetensors weights (shards plus model.safetensors.index.json once they exceed --max-shard-size), tokenizer.json and
+the base folder's tokenizer_config.json / special_tokens_map.json / generation_config.json where present. For a task
+model (encoder runs) the classification head is included and config.json names the task architecture
+(Bert/Roberta/MPNetForSequenceClassification) and num_labels. transformers loads the result with
+its Auto classes and slora with `load_model` (decoder) or `load_sequence_classifier` (encoder task model).
+
+This is PEFT's `merge_and_unload` as a command: W ← W + (α_w/r_w)·B A for every LoRA module (`lora.merged_copy`),
+written by `io.model_folder.save_model`. The base is the run's: its preset is resolved again on this machine, or its recorded
+path (args.json `resolved.model_path`) is read; --base overrides both. An adapter that does not fit the base is
+refused with the tensors that differ; OUT_DIR is written atomically (io.files.atomic_folder).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from slora.io.adapter import CONFIG, PREFIX, WEIGHTS, load_adapter
+from slora.io.assets import MODEL_DIRS, model_dir
+from slora.io.files import read_json
+from slora.models.lora import merged_copy
+from slora.models import for_sequence_classification
+from slora.io.model_folder import load_model, save_model
+from slora.models.llama import LlamaForCausalLM
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Files of the base folder that describe the tokenizer and generation, copied unchanged when present.
+BASE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def base_path(run_dir: Path, override: Path | None) -> Path:
+    """The run's base folder: --base, else its preset resolved here, else the path it recorded."""
+    if override is not None:
+        return override
+    args_file = run_dir / "args.json"
+    if not args_file.is_file():
+        raise FileNotFoundError(f"{args_file}: missing; {run_dir} is not a slora run folder")
+    args = read_json(args_file)
+    if args.get("model") in MODEL_DIRS:  # a preset: resolved on this machine, as finetune does
+        return Path(model_dir(args["model"]))
+    return Path(args.get("resolved", {}).get("model_path", args.get("model")))
+
+
+def num_labels(adapter: Path) -> int:
+    """Label count of a SEQ_CLS adapter, from its saved head: the rows of the last classifier weight
+    (`classifier.weight` for BERT, `classifier.out_proj.weight` for RoBERTa)."""
+    with safe_open(str(adapter / WEIGHTS), framework="pt", device="cpu") as f:
+        heads = [k for k in f.keys() if k in (f"{PREFIX}classifier.weight", f"{PREFIX}classifier.out_proj.weight")]
+        if len(heads) != 1:
+            raise ValueError(f"{adapter / WEIGHTS}: a SEQ_CLS adapter must carry one classifier head weight, "
+                             f"found {heads or 'none'}")
+        return f.get_slice(heads[0]).get_shape()[0]
+
+
+def merge(run_dir, out_dir, dtype: torch.dtype = torch.float32, base: Path | None = None,
+          max_shard_bytes: int | None = None) -> Path:
+    """Load the base and the run's adapter, merge, write OUT_DIR. Returns OUT_DIR."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    adapter = run_dir / "adapter"
+    if not (adapter / CONFIG).is_file():
+        raise FileNotFoundError(f"{adapter / CONFIG}: missing; the run has no adapter (an --allocate-only run?)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+        raise FileExistsError(f"{out_dir}: exists and does not hold a model folder; not overwriting it")
+    path = base_path(run_dir, base)
+    model = load_model(path)  # fp32: the merge is computed in fp32 and cast once at the end
+    task_type = read_json(adapter / CONFIG).get("task_type")
+    decoder = isinstance(model, LlamaForCausalLM)
+    if (task_type == "CAUSAL_LM") != decoder and task_type in ("CAUSAL_LM", "SEQ_CLS"):
+        kind = "a decoder" if decoder else "an encoder"
+        raise ValueError(f"{adapter / CONFIG}: task_type {task_type} does not fit the base model {path}, which is "
+                         f"{kind} ({model.config.model_type}); give the run's own base (--base)")
+    if task_type == "SEQ_CLS":  # an encoder's task model: the head comes with the adapter
+        model = for_sequence_classification(model, num_labels(adapter))
+    try:
+        load_adapter(model, adapter)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{adapter} does not fit the base model {path}: {e}") from None
+    tok = path / "tokenizer.json"
+    if not tok.is_file():
+        raise FileNotFoundError(f"{tok}: the base has no tokenizer.json; a merged folder needs one")
+    merged = merged_copy(model.eval()).to(dtype)
+    extra = {name: path / name for name in BASE_FILES if (path / name).is_file()}
+    return save_model(merged, out_dir, max_shard_bytes, tokenizer=tok, extra_files=extra)
+

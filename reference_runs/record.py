@@ -2,7 +2,7 @@
 
 Each run is one `python -m slora.finetune` command. Its whole run folder goes to reference_runs/<name>/ (the PEFT
 adapter included), with command.txt (the exact command) and env.json (hardware, torch version, wall time) beside the
-run's own files (grid.record). tests/test_reference_runs.py re-runs each command and compares with what is recorded
+run's own files (grid.record). tests/reference_runs/test_record.py re-runs each command and compares with what is recorded
 here, file by file.
 """
 import shlex

@@ -8,7 +8,7 @@ Two tokenizer models are read (`tokenizer.ggml.model`):
 References: llama.cpp src/llama-vocab.cpp (llm_tokenizer_spm_session, the LLaMA-3 pre-tokenizer regex,
 ignore_merges, the per-model add_bos defaults), transformers' convert_slow_tokenizer.py (SentencePieceExtractor:
 SentencePiece scores turned into BPE merge ranks; the legacy LLaMA normalizer). Tested token for token against
-llama.cpp's own test vectors (tests/test_gguf_tokenizer.py).
+llama.cpp's own test vectors (tests/io/test_gguf_tokenizer.py).
 """
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 

@@ -11,7 +11,7 @@ prepare_layer_inputs_fn does. The ratios are the eigenvalues over the trace; con
 - centring. PEFT's IncrementalPCA subtracts the running token mean, so its ratios are those of the covariance
   C = H/2 - µµᵀ; `ratios(h, mean=µ)` computes exactly those, and `--alloc eva` uses them by default
   (SensitivityConfig.eva_centred). Without the mean, H's first component also carries the mean direction: on
-  SmolLM2 q,v that moves 54 of 480 ranks against PEFT (tests/eva_compat.py), so it is kept only as an option.
+  SmolLM2 q,v that moves 54 of 480 ranks against PEFT (tests/comparisons/eva_compat.py), so it is kept only as an option.
 - exactness. PEFT's incremental low-rank SVD stops once the needed components are stable to a cosine of τ = 0.99
   between batches, and may cycle the data loader; here the spectrum is the exact float64 eigh of H over one pass.
 

@@ -62,7 +62,7 @@ class EpochSensitivity:
     so `measure` gets the live sharded model, which calibration puts in eval mode (LoRA dropout off) under
     no_grad; its forwards go through FSDP2's units and the hooks sit on the LoRA layers (hessian.find_linears names
     them as the base linears). Their input equals the merged model's up to rounding: x Wᵀ + s·(x Aᵀ) Bᵀ against
-    x (W + s·B A)ᵀ differ only in the order of the sums (tests/test_epoch_live.py). Nothing else of the copy was
+    x (W + s·B A)ᵀ differ only in the order of the sums (tests/train/test_loop_epoch_live.py). Nothing else of the copy was
     used: the statistics read X alone, and the one metric source that reads W (obs) is refused under --fsdp. No
     RNG is drawn either way (dropout is off in eval mode)."""
 

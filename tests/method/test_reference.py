@@ -17,7 +17,7 @@ from slora.models.targets import find_linears
 from slora.method import reference
 from slora.models import for_sequence_classification
 from slora.method.sensitivity import SensitivityConfig, compute
-from tests.tiny import tiny_bert, tiny_llama, tiny_mpnet
+from tests.support.tiny import tiny_bert, tiny_llama, tiny_mpnet
 
 U = torch.finfo(torch.float64).eps / 2  # unit roundoff: |fl(a ∘ b) - a ∘ b| <= U·|a ∘ b|
 

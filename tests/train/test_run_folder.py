@@ -1,0 +1,246 @@
+"""slora/run_folder.py and slora/resume.py through `python -m slora.finetune`: the lock, --replace keeps user files,
+the in-progress folder, SIGTERM, --resume bit-identical to an uninterrupted run (in process, and after kill -9)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slora.cli import finetune
+from slora.train import resume, run_folder
+from slora.cli.runner import run_cli
+from slora.train.run_folder import RunFolderError
+from tests.support.tiny import sentiment_rows, tiny_model_dir, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rf")
+    rows = sentiment_rows(36)
+    write_jsonl(d / "train.jsonl", rows[:30])
+    write_jsonl(d / "dev.jsonl", rows[30:])
+    return d, tiny_model_dir(d / "m", "encoder")
+
+
+def argv(setup, out, *extra):
+    d, model = setup
+    # 30 examples / batch 4 = 8 micro-batches per epoch, accumulation 3: steps of 3, 3, 2 micro-batches; two epochs,
+    # so checkpoints fall mid-epoch and at an epoch's end; LoRA dropout 0.1 draws from the saved RNG
+    return ["--model", str(model), "--task", "jsonl", "--train-file", str(d / "train.jsonl"), "--dev-file",
+            str(d / "dev.jsonl"), "--batch-size", "4", "--grad-accum", "3", "--epochs", "2", "--calib-n", "8",
+            "--log-every", "1", "--save-every", "2", "--threads", "1", "--out", str(out), *extra]
+
+
+def step_losses(out: Path) -> list:
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if r["event"] == "step"]
+
+
+def evals(out: Path) -> list:
+    return json.loads((out / "metrics.json").read_text())["epochs"]
+
+
+def adapter_bytes(out: Path) -> bytes:
+    return (out / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    """The uninterrupted run."""
+    return finetune.main(argv(setup, tmp_path_factory.mktemp("ref") / "run"))
+
+
+# The efficient GPU path (issue 11's NLG comparison): length-grouped batches, length-sorted evaluation of another
+# batch size, the non-finite check on the device (read every 3 steps here, so checkpoints fall between reads), fused
+# AdamW. Resume must stay bit-identical with it.
+FAST = ("--group-by-length", "--eval-batch-size", "3", "--check-finite", "log", "--log-every", "3", "--fused-optim")
+
+
+@pytest.fixture(scope="module")
+def reference_fast(setup, tmp_path_factory):
+    """The uninterrupted run with the FAST flags."""
+    return finetune.main(argv(setup, tmp_path_factory.mktemp("ref-fast") / "run", *FAST))
+
+
+def interrupt_at(monkeypatch, step: int, exc=KeyboardInterrupt):
+    """Raise `exc` when the loop asks whether step `step` is due for a checkpoint (after it was logged)."""
+    due = resume.Checkpointer.due
+
+    def hook(self, s):
+        if s == step:
+            raise exc("interrupted by the test")
+        return due(self, s)
+    monkeypatch.setattr(resume.Checkpointer, "due", hook)
+
+
+# -----------------------------------------------------------------------------
+# Resume
+
+@pytest.mark.parametrize("stop", [3, 5])  # 3: mid-epoch (checkpoint 2); 5: checkpoint 4 is mid-epoch 2 too
+def test_interrupted_then_resumed_equals_uninterrupted(setup, reference, tmp_path, monkeypatch, stop):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        interrupt_at(m, stop)
+        with pytest.raises(KeyboardInterrupt):
+            finetune.main(argv(setup, out))
+    assert run_folder.interrupted(out) and not (out / ".slora-lock").exists()
+    assert step_losses(out / ".slora-partial")[-1][0] == stop  # logged beyond the checkpoint: cut on resume
+    finetune.main(["--resume", str(out / ".slora-partial")])  # the printed folder works as well as --out
+    assert adapter_bytes(out) == adapter_bytes(reference)
+    assert step_losses(out) == step_losses(reference)
+    assert evals(out) == evals(reference)
+    assert not (out / ".slora-partial").exists()
+
+
+@pytest.mark.parametrize("stop", [3, 5])
+def test_resume_with_grouped_batches_and_device_checks_is_bit_identical(setup, reference, reference_fast, tmp_path,
+                                                                        monkeypatch, stop):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        interrupt_at(m, stop)
+        with pytest.raises(KeyboardInterrupt):
+            finetune.main(argv(setup, out, *FAST))
+    finetune.main(["--resume", str(out)])
+    assert adapter_bytes(out) == adapter_bytes(reference_fast)
+    assert step_losses(out) == step_losses(reference_fast) and len(step_losses(out)) == 2  # steps 3 and 6 of 6
+    assert evals(out) == evals(reference_fast)
+    assert adapter_bytes(reference_fast) != adapter_bytes(reference)  # another batch order: another adapter
+
+
+def test_resume_of_a_run_recorded_before_an_option_existed(setup, reference, tmp_path, monkeypatch):
+    # args.json without a key: the run used that option's default, and so does its resumption
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            finetune.main(argv(setup, out))
+    path = out / ".slora-partial" / "args.json"
+    recorded = json.loads(path.read_text())
+    del recorded["activation_checkpointing"], recorded["dtype"]
+    path.write_text(json.dumps(recorded))
+    finetune.main(["--resume", str(out)])
+    assert adapter_bytes(out) == adapter_bytes(reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fast", [False, True], ids=["default", "fast-path"])
+def test_kill_9_after_a_checkpoint_then_resume_is_bit_identical(setup, request, tmp_path, fast):
+    # a real subprocess killed with SIGKILL right after step 5 (checkpoint 4 written), then resumed
+    reference = request.getfixturevalue("reference_fast" if fast else "reference")
+    out = tmp_path / "run"
+    code = ("import os, signal, sys; from slora.cli import finetune; from slora.train import resume\n"
+            "due = resume.Checkpointer.due\n"
+            "def hook(self, s):\n"
+            "    if s == 5: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return due(self, s)\n"
+            "resume.Checkpointer.due = hook\n"
+            "finetune.main(sys.argv[1:])\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-c", code, *argv(setup, out, *(FAST if fast else ()))], cwd=ROOT, env=env,
+                       capture_output=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-2000:]
+    assert (out / ".slora-lock").exists()  # left by the killed process: stale
+    p = subprocess.run([sys.executable, "-m", "slora.finetune", "--resume", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "stale lock" in p.stdout
+    assert adapter_bytes(out) == adapter_bytes(reference)
+    assert step_losses(out) == step_losses(reference)
+    assert evals(out) == evals(reference)
+
+
+def test_resume_refuses_what_is_not_an_interrupted_run(setup, reference, tmp_path):
+    with pytest.raises(RunFolderError, match="holds a complete run, nothing to resume"):
+        finetune.main(["--resume", str(reference)])
+    with pytest.raises(RunFolderError, match="holds no interrupted slora run"):
+        finetune.main(["--resume", str(tmp_path / "never")])
+    assert run_cli(finetune.main, ["--resume", str(reference), "--lr", "1"]) == 2  # an argument error
+    assert run_cli(finetune.main, argv(setup, tmp_path / "x", "--save-every", "-1")) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_run_stopped_before_its_first_checkpoint_leaves_nothing(setup, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    interrupt_at(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(argv(setup, out))
+    assert not out.exists()
+
+
+def test_sigterm_cleans_up_like_ctrl_c(setup, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    (out / "keep").mkdir(parents=True)  # a user's folder inside --out
+    due = resume.Checkpointer.due
+    monkeypatch.setattr(resume.Checkpointer, "due",
+                        lambda self, s: os.kill(os.getpid(), signal.SIGTERM) if s == 1 else due(self, s))
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        finetune.main(argv(setup, out))
+    assert [p.name for p in out.iterdir()] == ["keep"]  # no lock, no in-progress folder (no checkpoint yet)
+    assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def test_new_run_on_an_interrupted_one_names_it(setup, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            finetune.main(argv(setup, out))
+    with pytest.raises(RunFolderError, match=r"interrupted run in .*\.slora-partial.*--resume .*--replace"):
+        finetune.main(argv(setup, out))
+    finetune.main(argv(setup, out, "--max-steps", "1", "--replace"))
+    assert not (out / ".slora-partial").exists() and (out / "adapter").is_dir()
+
+
+# -----------------------------------------------------------------------------
+# Complete runs, user files, locks
+
+def test_replace_keeps_user_files(setup, tmp_path):
+    out = tmp_path / "run"
+    finetune.main(argv(setup, out, "--max-steps", "1"))
+    (out / "NOTES.md").write_text("mine")
+    (out / "plots").mkdir()
+    (out / "plots" / "a.txt").write_text("mine too")
+    with pytest.raises(RunFolderError, match="already holds a complete run; pass --replace"):
+        finetune.main(argv(setup, out, "--max-steps", "1"))
+    finetune.main(argv(setup, out, "--max-steps", "2", "--replace"))
+    assert (out / "NOTES.md").read_text() == "mine" and (out / "plots" / "a.txt").read_text() == "mine too"
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    assert {p.name for p in out.iterdir()} == {"NOTES.md", "plots", ".slora-run.json", *json.loads(
+        (out / ".slora-run.json").read_text())["files"]}
+
+
+def test_a_user_file_with_a_run_file_name_is_never_overwritten(setup, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    with pytest.raises(RunFolderError, match="holds metrics.json, which a run would overwrite"):
+        finetune.main(argv(setup, out, "--max-steps", "1"))
+    assert [p.name for p in out.iterdir()] == ["metrics.json"]
+
+
+def test_live_lock_refuses_at_once_naming_the_holder(setup, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-12-01 10:00:00"}
+    (out / ".slora-lock").write_text(json.dumps(holder))
+    with pytest.raises(RunFolderError, match=rf"in use by another slora run \(pid {os.getpid()}, host .*, started "
+                                             r"2026-12-01 10:00:00\)"):
+        finetune.main(argv(setup, out, "--max-steps", "1"))
+    assert json.loads((out / ".slora-lock").read_text()) == holder  # not ours to remove
+
+
+def test_stale_lock_is_taken_over_and_said(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".slora-lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    finetune.main(argv(setup, out, "--max-steps", "1"))
+    assert f"stale lock of process {dead.pid}" in capsys.readouterr().out
+    assert not (out / ".slora-lock").exists() and (out / "adapter").is_dir()

@@ -19,7 +19,6 @@ import json
 import statistics
 import time
 from collections import Counter
-from types import SimpleNamespace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -65,9 +64,9 @@ def lm_batch(B: int = 2, T: int = 8, pad: int = 2) -> dict:
 def train_step_fn(model, batch: dict, sparse: bool = True):
     """One optimizer step of the new NLG path (fused AdamW, device-side finite check, sparse LM head) as slora.train
     runs it: backward_step, clip_grad_norm_, DeviceFiniteCheck.record, opt.step, zero_grad."""
-    args = SimpleNamespace(lr=1e-3, weight_decay=0.0, fused_optim=True)  # the new NLG path's --fused-optim
+    cfg = loop.TrainConfig(lr=1e-3, fused_optim=True)  # the new NLG path's --fused-optim
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = loop.make_optimizer(params, args)
+    opt = loop.make_optimizer(params, cfg)
     lazy = divergence.DeviceFiniteCheck()
     autocast = torch.autocast("cpu", enabled=False)
 
@@ -132,7 +131,7 @@ def block_ops(model) -> dict:
 def train_phase_ops(model, batch: dict) -> dict:
     """aten ops of one training step by phase: forward (loss), backward, clipping, fused AdamW step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = loop.make_optimizer(params, SimpleNamespace(lr=1e-3, weight_decay=0.0, fused_optim=True))
+    opt = loop.make_optimizer(params, loop.TrainConfig(lr=1e-3, fused_optim=True))
     held = {}
 
     def fwd():

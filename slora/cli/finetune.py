@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ from slora.models.llama import LlamaForCausalLM
 from slora.train.resume import Checkpointer
 from slora.train.run_folder import Log, sensitivity_json, write_json
 from slora.method.sensitivity import SensitivityConfig, compute
-from slora.train.loop import EpochSensitivity, finetune, set_activation_checkpointing
+from slora.train.loop import EpochSensitivity, TrainConfig, finetune, set_activation_checkpointing
 
 # Model presets: the offline assets by name (anything else is a path to a Hugging Face-format folder).
 PRESETS = tuple(MODEL_DIRS)
@@ -171,6 +171,11 @@ def parse_args(argv=None):
     if args.resume is not None and len(argv if argv is not None else sys.argv[1:]) > 2:
         raise UsageError("--resume", "takes no other flags: the arguments come from the run's own args.json")
     return args
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The training loop's settings: the flags of the same names."""
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
 
 
 def resumed_args(out: Path) -> argparse.Namespace:
@@ -361,7 +366,7 @@ def run(args, tmp: Path, resume: bool = False):
         if checkpoint is not None:
             checkpoint.tracker = tracker
         log.muted = False
-        result, model = finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker,
+        result, model = finetune(model, tok, spec, train, evals, train_config(args), pad_id, device, autocast, log, ranks, tracker,
                                  checkpoint)  # sharded: a new model, with LoRA inside its layers' FSDP2 units
         times.update(result.pop("times"))
         if tracker:

@@ -17,7 +17,8 @@ from tokenizers import Tokenizer
 
 from slora.data import chat
 from slora.data.tasks import Example
-from slora.models.llama import IGNORE_INDEX  # the label of tokens the causal-LM loss skips: one definition
+
+IGNORE_INDEX = -100  # label of prompt and pad positions: no loss (transformers' and cross_entropy's default)
 
 
 # -----------------------------------------------------------------------------

@@ -6,7 +6,7 @@
     grad_sync(fwd, last)    no gradient communication on accumulation micro-steps (DDP no_sync, FSDP2
                             set_requires_gradient_sync)
     eval_shard / gather     evaluation batches split over ranks and predictions gathered in order; under FSDP2
-                            short shards padded with dummy batches, and generation stops together (lockstep_stop)
+                            short shards padded with dummy batches, and generation runs every step on every rank
     full_trainable(model)   FSDP2: every trainable shard gathered into a full tensor on every rank, for saving
 
 One process: every function is the identity. Sources: torchtune recipes/lora_finetune_distributed.py (FSDP2 per
@@ -97,27 +97,13 @@ def eval_shard(batches: list, fsdp: bool) -> list[tuple[dict, bool]]:
     """This rank's evaluation batches as (batch, real) pairs: a contiguous shard (process_group.shard), so the ranks split
     the work as in DDP. Under FSDP2 every forward is a collective (each unit all-gathers its parameters), so every
     rank must run as many forwards as the others: ranks with a shorter shard are padded with dummy batches (the
-    first batch again, real False) whose outputs the caller drops; generation also stops together (lockstep_stop).
+    first batch again, real False) whose outputs the caller drops; generation runs all its steps (early_stop False).
     One process: every batch, all real."""
     mine = [(b, True) for b in process_group.shard(batches)]
     if fsdp and batches:
         longest = len(process_group.shard_range(len(batches), 0, process_group.get().world))  # rank 0's shard is never shorter
         mine += [(batches[0], False)] * (longest - len(mine))
     return mine
-
-
-def lockstep_stop(fsdp: bool, real: bool):
-    """generate's stop rule for one batch: None (each rank stops when its own rows are done), or under FSDP2 a
-    collective one: stop when every rank's rows are done (a dummy batch counts as done), decided by an all-reduce
-    at every check (generate checks every GEN_SYNC_EVERY tokens, at the same steps on every rank), so no rank
-    leaves a generation loop whose next forward the others wait for in an all-gather."""
-    if not fsdp or process_group.get().world == 1:
-        return None
-
-    def all_done(done: bool) -> bool:
-        busy = torch.tensor([0.0 if done or not real else 1.0], device=process_group.comm_device())
-        return float(process_group.all_reduce_sum(busy)) == 0
-    return all_done
 
 
 def gather(preds: list) -> list:

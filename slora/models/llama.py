@@ -336,15 +336,8 @@ class LlamaModel(nn.Module):
         return self.norm(x)  # (B, T, D)
 
 
-IGNORE_INDEX = -100  # label of prompt and pad positions: no loss (transformers' and cross_entropy's default)
 # generate(): decoding steps between two host reads of "has every row finished?" (see there)
 GEN_SYNC_EVERY = 8
-
-
-def _head_loss_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = head(h).float()  # (B, C, V) for one chunk of C positions
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
 
 
 class LlamaForCausalLM(nn.Module):
@@ -361,52 +354,22 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, labels=None, loss_chunk=None,
-                loss_rows=None, padded=None):
-        """Logits (B, T, V); or, given `labels` (B, T), the summed (not mean) fp32 next-token cross-entropy
-        Σ_t CE(logits[:, t], labels[:, t+1]) over labels other than IGNORE_INDEX, as transformers' causal-LM forward
-        computes its loss (there a mean). The loss lives inside forward so that a DDP wrapper or FSDP2's root unit
-        sees one forward whatever the head does. `loss_chunk`: run the LM head and the loss over that many
-        positions at a time, each chunk recomputed in the backward pass, so the (B, T, V) logits and their fp32
-        copy never exist whole (at LLaMA-3's V = 128,256 and 2 x 2048 tokens: 1 GB bf16 + 2 GB fp32, plus as much
-        again for the gradient). Same sum, added in another order.
-
-        `loss_rows` (rows, cols), index tensors of the positions t whose next token labels[:, t+1] is a target
-        (--sparse-lm-head): the LM head and the loss run there only. Response-only training leaves most positions
-        without a target (prompt and pad; 93 % of wiki-describe's), yet the whole head costs 2·D·V FLOPs per
-        position forward and as many backward (a fifth of SmolLM2-135M's work per token). The same terms, summed in
-        another order and through a GEMM of another shape: equal up to rounding.
-
-        `padded` (bool or None): whether attention_mask holds a pad position, when the caller knows it without
-        reading the device (see attention_mask_4d)."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, padded=None, hidden=False):
+        """Logits (B, T, V); with `hidden` the final hidden states (B, T, D), for a caller that applies the LM head
+        itself (the training loss runs it in chunks or at some positions only, slora.train.objective). `cache`:
+        see LlamaModel.forward; `padded`: see attention_mask_4d."""
         h = self.model(input_ids, attention_mask, position_ids, cache, padded)  # (B, T, D)
-        if labels is None:
-            return self.lm_head(h)  # (B, T, V)
-        if loss_rows is not None:
-            rows, cols = loss_rows
-            logits = self.lm_head(h[rows, cols]).float()  # (N, V): the positions that predict a target
-            return F.cross_entropy(logits, labels[rows, cols + 1], reduction="sum")
-        if not loss_chunk:
-            logits = self.lm_head(h)[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        h, y = h[:, :-1], labels[:, 1:]  # (B, T-1, D), (B, T-1)
-        total = None
-        for t0 in range(0, h.shape[1], loss_chunk):
-            part = checkpoint(_head_loss_sum, self.lm_head, h[:, t0:t0 + loss_chunk], y[:, t0:t0 + loss_chunk],
-                              use_reentrant=False)
-            total = part if total is None else total + part
-        return total
+        return h if hidden else self.lm_head(h)  # (B, T, V)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None, all_done=None):
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None, early_stop=True):
         """Greedy decoding with a key/value cache: the prompt is run once, then one token per step.
 
         input_ids (B, T) may be left-padded (attention_mask 0 on the left); positions follow the mask, as in
         transformers' generate. eos_token_id: an id or a list of ids (default: the config's). Returns
-        (B, T + n); rows that finished early are filled with their eos id. `all_done` (bool -> bool): turns this
-        batch's "every row is done" into the decision to stop; sharded models (FSDP2) pass a collective one, so
-        that every process runs the same number of forwards (slora.parallel.lockstep_stop).
+        (B, T + n); rows that finished early are filled with their eos id. `early_stop` False runs all
+        max_new_tokens steps whatever the rows do, with the same output: a caller whose forwards must stay in
+        step with other processes' (a model sharded with FSDP2) passes it.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -428,14 +391,11 @@ class LlamaForCausalLM(nn.Module):
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], dim=1)
             # The host asks whether every row has finished only every GEN_SYNC_EVERY tokens: each ask waits for the
             # device to drain, and a small model's decoding step is shorter than that wait. Up to GEN_SYNC_EVERY - 1
-            # extra steps then append eos to finished rows only, and are cut off below. Under FSDP2 `all_done` makes
-            # the answer collective; every rank asks at the same steps.
+            # extra steps then append eos to finished rows only, and are cut off below.
             if step == max_new_tokens - 1:
                 break
-            if (step + 1) % GEN_SYNC_EVERY == 0:
-                finished = bool(finished_at[-1]) if finished_at else False
-                if finished if all_done is None else all_done(finished):
-                    break
+            if early_stop and (step + 1) % GEN_SYNC_EVERY == 0 and finished_at and bool(finished_at[-1]):
+                break
             pos = pos[:, -1:] + 1  # (B, 1)
             logits = self(nxt[:, None], attention_mask, pos, cache)[:, -1]
         if finished_at:  # as many columns as a check after every token gives: up to the first step all had finished

@@ -1,6 +1,6 @@
 """Stopping a diverged run: the non-finite checks of the training loop (slora.train).
 
-    check_finite(step, loss, norm, args)   after every optimizer step (--check-finite step, the default): the host
+    check_finite(step, loss, norm, cfg)   after every optimizer step (--check-finite step, the default): the host
                                            reads loss and gradient norm and raises NonFiniteError naming the step
     DeviceFiniteCheck                      --check-finite log: the same check kept on the device, read where the loop
                                            syncs anyway (log steps, before a checkpoint, before evaluation)
@@ -22,13 +22,13 @@ class NonFiniteError(FloatingPointError):
     """Training diverged: a loss or gradient norm is NaN or infinite."""
 
 
-def check_finite(step: int, loss: float, norm: float, args):
+def check_finite(step: int, loss: float, norm: float, cfg):
     if math.isfinite(loss) and math.isfinite(norm):
         return
     what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
     raise NonFiniteError(
         f"step {step}: {what} is not finite; training stopped and no adapter was saved. Likely causes: the "
-        f"learning rate is too high (--lr {args.lr:g}), a bad training example, or fp16/bf16 overflow "
+        f"learning rate is too high (--lr {cfg.lr:g}), a bad training example, or fp16/bf16 overflow "
         f"(try --precision fp32)")
 
 
@@ -56,7 +56,7 @@ class DeviceFiniteCheck:
         self.state = (torch.where(new, step, first), torch.where(new, loss.float(), lo),
                       torch.where(new, norm.float(), no))
 
-    def raise_if_bad(self, args) -> None:
+    def raise_if_bad(self, cfg) -> None:
         """NonFiniteError for the first bad step of any rank (torchrun: a collective, every rank calls it)."""
         if self.state is None:
             return
@@ -64,7 +64,7 @@ class DeviceFiniteCheck:
         bad = [r for r in process_group.all_gather_json(mine) if r[0]]  # each rank's loss is its own part of the loss
         if bad:
             step, loss, norm = min(bad, key=lambda r: r[0])
-            check_finite(int(step), loss, norm, args)
+            check_finite(int(step), loss, norm, cfg)
 
 
 def skip_flag(norm: torch.Tensor) -> torch.Tensor:

@@ -9,41 +9,42 @@ from slora.dist import data_parallel
 from slora.train.objective import forward_inputs, to_device
 
 
-def eval_batches(feats, args, pad_id, side: str = "right") -> tuple[list[dict], list[int]]:
+def eval_batches(feats, cfg, pad_id, side: str = "right") -> tuple[list[dict], list[int]]:
     """(batches, order): evaluation batches of --eval-batch-size (default --batch-size) features, and the example
     index of each row in batch order. With --group-by-length the features are taken longest first
     (text.length_sorted), so a batch pads to a length near its own rows' and generation runs fewer pad positions;
     predictions go back to example order with text.restore_order. Only then: a row's numbers can change with the
     batch it shares (its pad width), in the last bits, and so a greedy token now and then."""
-    size = args.eval_batch_size or args.batch_size
-    order = text.length_sorted(feats) if args.group_by_length else list(range(len(feats)))
+    size = cfg.eval_batch_size or cfg.batch_size
+    order = text.length_sorted(feats) if cfg.group_by_length else list(range(len(feats)))
     return list(text.iterate_batches([feats[i] for i in order], size, pad_id, side=side)), order
 
 
 @torch.no_grad()
-def evaluate(model, tok, spec, examples, args, pad_id, device, autocast) -> dict:
+def evaluate(model, tok, spec, examples, cfg, pad_id, device, autocast) -> dict:
     model.eval()
     if spec.kind == "generation":
-        feats = text.encode_prompts(tok, examples, args.max_len)
+        feats = text.encode_prompts(tok, examples, cfg.max_len)
         stops = chat.stop_ids(tok) + [i for i in (model.config.eos_token_id,) if isinstance(i, int)]
         preds = []
-        batches, order = eval_batches(feats, args, pad_id, side="left")
+        batches, order = eval_batches(feats, cfg, pad_id, side="left")
         # torchrun: this rank's batches, gathered below; under FSDP2 padded with dummies (real False) that keep
-        # every rank's forwards in step
-        for batch, real in data_parallel.eval_shard(batches, args.fsdp):
+        # every rank's forwards in step, and every batch runs all gen_tokens steps (no rank stops early while
+        # another still decodes: each forward all-gathers weights from every rank)
+        for batch, real in data_parallel.eval_shard(batches, cfg.fsdp):
             with autocast:
                 out = model.generate(to_device(batch["input_ids"], device),
-                                     to_device(batch["attention_mask"], device), max_new_tokens=args.gen_tokens,
-                                     eos_token_id=stops, all_done=data_parallel.lockstep_stop(args.fsdp, real))
+                                     to_device(batch["attention_mask"], device), max_new_tokens=cfg.gen_tokens,
+                                     eos_token_id=stops, early_stop=not cfg.fsdp)
             if real:
                 preds += text.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
         preds = text.restore_order(data_parallel.gather(preds), order)
         refs = [e.label for e in examples]
     else:
-        feats = text.encode_encoder(tok, examples, args.max_len)
+        feats = text.encode_encoder(tok, examples, cfg.max_len)
         preds = []
-        batches, order = eval_batches(feats, args, pad_id)
-        for batch, real in data_parallel.eval_shard(batches, args.fsdp):
+        batches, order = eval_batches(feats, cfg, pad_id)
+        for batch, real in data_parallel.eval_shard(batches, cfg.fsdp):
             with autocast:
                 logits = model(**forward_inputs(batch, device)).float()
             if real:

@@ -1,16 +1,12 @@
 """The LoRA training loop of `python -m slora.finetune`, written flat as nanoGPT's train.py: AdamW, linear warmup
 and decay, gradient accumulation, clipping, evaluation after every epoch, and resume points.
 
-finetune.py owns the CLI, the run folder and the order of the stages; this module owns what happens between
-"LoRA applied" and "final scores". References: Hu et al. 2021 (LoRA, the schedule), torchtune
+slora.cli.finetune owns the CLI, the run folder and the order of the stages; this module owns what happens between
+"ranks allocated" and "final scores", and takes its settings as a TrainConfig, never the command line. References: Hu et al. 2021 (LoRA, the schedule), torchtune
 `recipes/lora_finetune_single_device.py` and `training/_grad_scaler.py` (loss normalised by the number of target
 tokens of the whole optimizer step), nanoGPT `train.py` (the shape of the loop).
 
-Loss normalisation. Each optimizer step sums the per-token (LM) or per-example (classification, regression) losses
-of all its micro-batches and divides by their total count, counted before the first backward pass. Then
-`--batch-size b --grad-accum k` and `--batch-size b·k --grad-accum 1` give the same gradient (up to rounding), and
-a step whose micro-batches hold uneven numbers of response tokens weighs every token equally. The count goes
-through `step_denominator`, the one place data parallelism has to change (all-reduce the count).
+Loss normalisation: slora.train.objective (the loss of a step over its target count).
 
 Data order. Optimizer steps never span an epoch: the last step of an epoch takes the micro-batches that are left
 (fewer than --grad-accum when they do not divide evenly), and the count normalisation weighs it correctly. With
@@ -95,6 +91,41 @@ def set_activation_checkpointing(model, on: bool = True) -> int:
 
 
 # -----------------------------------------------------------------------------
+# Settings
+
+@dataclass
+class TrainConfig:
+    """Everything the loop and the evaluation read; slora.cli.finetune fills it from the flags of the same names."""
+    # LoRA (Hu et al. 2021)
+    lora_alpha: float = 8.0  # α: scaling α/r at r_avg (--lora-alpha; the command's default is 2·r_avg)
+    alpha_policy: str = "scale"  # α for unequal ranks: scale (α·r/r_avg), constant, rslora (models.lora)
+    lora_dropout: float = 0.1  # dropout probability on the LoRA input
+    # optimisation: AdamW, linear warmup then linear decay, clipping
+    lr: float = 2e-3  # peak learning rate
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    warmup: float = 0.06  # warmup steps as a fraction of all steps
+    grad_clip: float = 1.0  # max global L2 norm of the gradient (0: off)
+    fused_optim: bool = False  # one fused AdamW kernel; skips a non-finite step on the device
+    epochs: float = 1.0  # passes over the training set (may be fractional)
+    max_steps: int | None = None  # stop after this many optimizer steps
+    batch_size: int = 32  # sequences per micro-batch (per rank under torchrun)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    group_by_length: bool = False  # batches of similar length (text.grouped_order), evaluation sorted by length
+    seed: int = 0  # LoRA init and data order; dropout (seed + rank under torchrun)
+    # memory and host reads
+    activation_checkpointing: bool = False  # with it, the LM head and loss also run in chunks of LM_CHUNK
+    sparse_lm_head: bool = False  # causal LM: LM head and loss only at target positions (objective.lm_loss_sum)
+    check_finite: str = "step"  # when the host checks loss and norm: "step" (every step) or "log" (at log steps)
+    # evaluation
+    max_len: int = 128  # tokens per sequence
+    eval_batch_size: int | None = None  # sequences per evaluation batch (default batch_size)
+    gen_tokens: int = 24  # max new tokens per generated answer
+    # torchrun and bookkeeping
+    fsdp: bool = False  # the model is sharded with FSDP2 (evaluation then keeps every rank's forwards in step)
+    log_every: int = 10  # a progress line every this many steps
+
+
+# -----------------------------------------------------------------------------
 # The loop
 
 @dataclass
@@ -108,26 +139,26 @@ class TrainState:
     data_rng: torch.Tensor | None = None  # the data-order generator's state at the start of `epoch`
 
 
-def make_optimizer(params, args) -> torch.optim.AdamW:
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; with --fused-optim the fused implementation: one kernel for all parameters, where the default
     (foreach on CUDA, a loop over tensors on CPU) launches several per parameter group, which matters for LoRA's
     many small tensors (two per adapted matrix). A different summation order: results differ in the last bits."""
-    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
-                             **({"fused": True} if args.fused_optim else {}))
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             **({"fused": True} if cfg.fused_optim else {}))
 
 
-def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log, ranks, tracker=None,
+def finetune(model, tok, spec, train, evals, cfg: TrainConfig, pad_id, device, autocast, log, ranks, tracker=None,
              checkpoint=None) -> tuple[dict, torch.nn.Module]:
     """Apply LoRA with the allocated ranks, train with AdamW, evaluate every epoch (and re-measure the sensitivity
     with `tracker`, an EpochSensitivity). Returns (metrics.json content, the trained model): `model` itself, or
-    under a sharded load (slora.shardload) the new sharded model that holds the LoRA factors.
+    under a sharded load (slora.dist.sharded_load) the new sharded model that holds the LoRA factors.
 
-    `checkpoint` (a slora.resume.Checkpointer, or None) writes a resume point every `args.save_every` steps and,
+    `checkpoint` (a slora.train.resume.Checkpointer, or None) writes a resume point at the steps it is due and,
     when it holds one, restores the loop from it before the first step."""
-    g = torch.Generator().manual_seed(args.seed)  # LoRA init, then the data order of every epoch
+    g = torch.Generator().manual_seed(cfg.seed)  # LoRA init, then the data order of every epoch
 
     def add_lora(m):
-        apply_lora(m, ranks, args.lora_alpha, alpha_policy=args.alpha_policy, dropout=args.lora_dropout,
+        apply_lora(m, ranks, cfg.lora_alpha, alpha_policy=cfg.alpha_policy, dropout=cfg.lora_dropout,
                    generator=g)
         mark_only_lora_trainable(m, extra=("classifier",) if spec.kind != "generation" else ())
 
@@ -136,43 +167,43 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
     else:
         add_lora(model)
         # DDP, FSDP2 or the model itself; before `params`: fully_shard replaces parameters by sharded ones
-        fwd = data_parallel.wrap(model, args.fsdp)
+        fwd = data_parallel.wrap(model, cfg.fsdp)
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
     n_lora = lora_parameters_count(model)
 
     if spec.kind == "generation":
-        feats = text.encode_lm(tok, train, args.max_len, eos_id=model.config.eos_token_id)
+        feats = text.encode_lm(tok, train, cfg.max_len, eos_id=model.config.eos_token_id)
     else:
-        feats = text.encode_encoder(tok, train, args.max_len)
+        feats = text.encode_encoder(tok, train, cfg.max_len)
     if not feats:
         raise ValueError("no training examples: the training split is empty")
     world = process_group.get().world
     # torchrun: a global micro-batch holds world·batch-size sequences in the order of one process, and each rank
     # trains on its contiguous rows of it (data_parallel.local_rows): N ranks at b follow one process at N·b
-    global_batch = args.batch_size * world
+    global_batch = cfg.batch_size * world
     per_epoch = math.ceil(len(feats) / global_batch)  # micro-batches per epoch
-    steps_per_epoch = math.ceil(per_epoch / args.grad_accum)
-    total = math.ceil(args.epochs * steps_per_epoch)
-    total = min(total, args.max_steps) if args.max_steps else total
-    warmup = max(1, round(args.warmup * total))
-    opt = make_optimizer(params, args)
+    steps_per_epoch = math.ceil(per_epoch / cfg.grad_accum)
+    total = math.ceil(cfg.epochs * steps_per_epoch)
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    warmup = max(1, round(cfg.warmup * total))
+    opt = make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup))
     if world > 1:  # dropout differs per rank (torchtune training/seed.py); the LoRA init above did not
-        torch.manual_seed(args.seed + process_group.get().rank)
+        torch.manual_seed(cfg.seed + process_group.get().rank)
     # with activation checkpointing the LM head and loss run in chunks too (their logits are the largest tensors),
     # inside the model's forward: under torchrun too
-    lm_chunk = LM_CHUNK if getattr(args, "activation_checkpointing", False) else None
+    lm_chunk = LM_CHUNK if cfg.activation_checkpointing else None
     state = TrainState()
-    lazy = DeviceFiniteCheck() if args.check_finite == "log" else None
+    lazy = DeviceFiniteCheck() if cfg.check_finite == "log" else None
     if checkpoint is not None and checkpoint.exists():
         state = checkpoint.restore(model, opt, sched, device)
         log("resume", f"resumed at step {state.step}/{total} (epoch {state.epoch + 1}, micro-batch {state.batch})",
             step=state.step, epoch=state.epoch, batch=state.batch)
     else:
         log("train", f"training {n_train:,} parameters ({n_lora:,} LoRA) for {total} steps"
-            + (f" on {world} ranks ({'FSDP2' if args.fsdp else 'DDP'})" if world > 1 else ""), trainable=n_train,
-            lora=n_lora, steps=total, world_size=world, global_batch=global_batch * args.grad_accum)
+            + (f" on {world} ranks ({'FSDP2' if cfg.fsdp else 'DDP'})" if world > 1 else ""), trainable=n_train,
+            lora=n_lora, steps=total, world_size=world, global_batch=global_batch * cfg.grad_accum)
 
     t_start, t_eval = time.time(), 0.0
     tokens0 = data_parallel.global_count(state.tokens)  # the whole job's tokens before this process's run (a resume)
@@ -183,34 +214,34 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
         else:
             g.set_state(state.data_rng)  # resumed mid-epoch: draw the same order again, skip what was used
         batches = map(data_parallel.local_rows, text.iterate_batches(feats, global_batch, pad_id, generator=g,
-                                                                group_by_length=args.group_by_length))
+                                                                group_by_length=cfg.group_by_length))
         for _ in islice(batches, state.batch):
             pass
         while state.batch < per_epoch and state.step < total:
-            group = list(islice(batches, args.grad_accum))
-            step_loss = backward_step(fwd, group, spec.kind, device, autocast, lm_chunk, args.sparse_lm_head)
+            group = list(islice(batches, cfg.grad_accum))
+            step_loss = backward_step(fwd, group, spec.kind, device, autocast, lm_chunk, cfg.sparse_lm_head)
             state.tokens += sum(int(b["attention_mask"].sum()) for b, w in group if w)
             state.batch += len(group)
-            if args.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            if cfg.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if hasattr(norm, "full_tensor") and (lazy is not None or args.fused_optim):
+            if hasattr(norm, "full_tensor") and (lazy is not None or cfg.fused_optim):
                 norm = norm.full_tensor()  # FSDP2 gives a DTensor; the device-side checks need a plain tensor
             if lazy is None:
                 step_loss = global_loss(step_loss)
-                check_finite(state.step + 1, step_loss, norm.item(), args)
+                check_finite(state.step + 1, step_loss, norm.item(), cfg)
             else:
                 lazy.record(state.step + 1, step_loss, norm)
-            if args.fused_optim:
+            if cfg.fused_optim:
                 opt.found_inf = skip_flag(norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             state.step += 1
-            if state.step % args.log_every == 0 or state.step == total:
+            if state.step % cfg.log_every == 0 or state.step == total:
                 if lazy is not None:  # the host reads the loss here anyway: check every step since the last one
-                    lazy.raise_if_bad(args)
+                    lazy.raise_if_bad(cfg)
                     step_loss = global_loss(step_loss)
                 el = time.time() - t_start - t_eval
                 seen = data_parallel.global_count(state.tokens)  # all ranks: the whole job's non-pad input tokens
@@ -220,12 +251,12 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
                     loss=step_loss, lr=sched.get_last_lr()[0], tokens_per_s=done / el, tokens=seen)
             if checkpoint is not None and checkpoint.due(state.step) and state.step < total:
                 if lazy is not None:  # a resume point is never written from a diverged state
-                    lazy.raise_if_bad(args)
+                    lazy.raise_if_bad(cfg)
                 checkpoint.save(state, model, opt, sched, device)
         if lazy is not None:  # nor is a diverged model evaluated
-            lazy.raise_if_bad(args)
+            lazy.raise_if_bad(cfg)
         t0 = time.time()
-        scores = {k: evaluate(model, tok, spec, v, args, pad_id, device, autocast) for k, v in evals.items()
+        scores = {k: evaluate(model, tok, spec, v, cfg, pad_id, device, autocast) for k, v in evals.items()
                   if k.startswith("dev")}
         if tracker:
             scores["sensitivity"] = tracker(model, state.epoch + 1)
@@ -237,7 +268,7 @@ def finetune(model, tok, spec, train, evals, args, pad_id, device, autocast, log
     t0 = time.time()
     # final scores: the last epoch's dev scores and, once, the held-out splits (never used for selection)
     final = {k: v for k, v in state.history[-1].items() if k.startswith("dev")}
-    final |= {k: evaluate(model, tok, spec, v, args, pad_id, device, autocast) for k, v in evals.items()
+    final |= {k: evaluate(model, tok, spec, v, cfg, pad_id, device, autocast) for k, v in evals.items()
               if not k.startswith("dev")}
     log("final", "final: " + json.dumps(final), **final)
     return {"epochs": state.history, "final": final, "main_metric": spec.main_metric, "trainable_params": n_train,

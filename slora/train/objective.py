@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
 from slora.data import text
-from slora.dist import process_group
-from slora.dist import data_parallel
-from slora.data import text
+from slora.dist import data_parallel, process_group
 
 
 # positions per LM-head + loss chunk under --activation-checkpointing: torchtune's CEWithChunkedOutputLoss uses 8
@@ -44,25 +45,58 @@ def target_count(batch: dict, kind: str) -> int:
     return int((batch["labels"][:, 1:] != text.IGNORE_INDEX).sum())
 
 
+def _head_loss_sum(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # (B, C, V) for one chunk of C positions
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=text.IGNORE_INDEX,
+                           reduction="sum")
+
+
+def lm_loss_sum(fwd, batch: dict, device, lm_chunk: int | None = None, target_rows: bool = False) -> torch.Tensor:
+    """The summed (not mean) fp32 next-token cross-entropy Σ_t CE(logits[:, t], labels[:, t+1]) over the labels
+    other than IGNORE_INDEX, as transformers' causal-LM loss computes it (there a mean).
+
+    `fwd` (the model, or its DDP wrapper, or the FSDP2-sharded model) gives the final hidden states; the LM head
+    runs here, on the model's own `lm_head`. Under FSDP2 the root unit (embeddings, final norm, LM head) stays
+    unsharded from its forward until its backward (fully_shard's rule for the root), so the head is whole here.
+    - `lm_chunk`: the head and the loss run over that many positions at a time, each chunk recomputed in the
+      backward pass, so the (B, T, V) logits and their fp32 copy never exist whole (at LLaMA-3's V = 128,256 and
+      2 x 2048 tokens: 1 GB bf16 + 2 GB fp32, plus as much again for the gradient). Same sum, in another order.
+    - `target_rows` (--sparse-lm-head): the head and the loss run only at the positions t whose next token is a
+      target. Response-only training leaves most positions without one (prompt and pad; 93 % of
+      wiki-describe's), yet the whole head costs 2·D·V FLOPs per position forward and as many backward. The same
+      terms, summed in another order and through a GEMM of another shape: equal up to rounding.
+    """
+    head = (fwd.module if isinstance(fwd, DistributedDataParallel) else fwd).lm_head
+    labels = to_device(batch["labels"], device)  # (B, T)
+    # whether the batch has pad positions, read from its CPU copy: the model would otherwise ask the device copy
+    # (attention_mask_4d), a host read that waits for the GPU's queue on every micro-batch
+    padded = bool((batch["attention_mask"] == 0).any()) if "attention_mask" in batch else None
+    h = fwd(**forward_inputs(batch, device), padded=padded, hidden=True)  # (B, T, D)
+    if target_rows:
+        # found from the labels while they are still on the CPU, so the gather asks the device nothing
+        r, c = (batch["labels"][:, 1:] != text.IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) each
+        rows, cols = to_device(r, device), to_device(c, device)
+        logits = head(h[rows, cols]).float()  # (N, V): the positions that predict a target
+        return F.cross_entropy(logits, labels[rows, cols + 1], reduction="sum")
+    if not lm_chunk:
+        logits = head(h)[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=text.IGNORE_INDEX, reduction="sum")
+    h, y = h[:, :-1], labels[:, 1:]  # (B, T-1, D), (B, T-1)
+    total = None
+    for t0 in range(0, h.shape[1], lm_chunk):
+        part = checkpoint(_head_loss_sum, head, h[:, t0:t0 + lm_chunk], y[:, t0:t0 + lm_chunk], use_reentrant=False)
+        total = part if total is None else total + part
+    return total
+
+
 def loss_sum(model, batch: dict, kind: str, device, lm_chunk: int | None = None, target_rows: bool = False
              ) -> torch.Tensor:
-    """Sum (not mean) of the per-example or per-token losses of one micro-batch, in fp32.
-
-    Causal LM: the model's own forward computes the summed next-token loss from the labels (LlamaForCausalLM),
-    `lm_chunk` positions of LM head and loss at a time when given, or with `target_rows` (--sparse-lm-head) only at
-    the positions that carry a target. Through the forward, so that under torchrun the DDP wrapper and FSDP2's root
-    unit see one forward call (and gather the head's shards) either way."""
+    """Sum (not mean) of the per-example or per-token losses of one micro-batch, in fp32: classification
+    cross-entropy, regression squared error, or the causal LM's next-token loss (`lm_loss_sum`). `model` is what
+    the forward runs through: the model, or under torchrun its DDP wrapper or the FSDP2-sharded model."""
     if kind not in ("classification", "regression"):  # causal LM: prompt and pad tokens carry label IGNORE_INDEX
-        rows = None
-        if target_rows:
-            # found from the labels while they are still on the CPU, so the gather asks the device nothing
-            r, c = (batch["labels"][:, 1:] != text.IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) each
-            rows = (to_device(r, device), to_device(c, device))
-        # whether the batch has pad positions, read from its CPU copy: the model would otherwise ask the device
-        # copy (attention_mask_4d), a host read that waits for the GPU's queue on every micro-batch
-        padded = bool((batch["attention_mask"] == 0).any()) if "attention_mask" in batch else None
-        return model(**forward_inputs(batch, device), labels=to_device(batch["labels"], device), loss_chunk=lm_chunk,
-                     loss_rows=rows, padded=padded)
+        return lm_loss_sum(model, batch, device, lm_chunk, target_rows)
     out = model(**forward_inputs(batch, device))
     y = to_device(batch["labels"], device)
     if kind == "classification":

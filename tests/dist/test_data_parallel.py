@@ -131,7 +131,7 @@ def test_sharded_fsdp_evaluation_matches_one_process(tmp_path, kind, n, batch):
 @pytest.mark.slow
 def test_fsdp_generation_stops_together(tmp_path):
     """Rank 0's prompt hits the stop id at its first new token, rank 1's never: rank 0 must keep running forwards
-    (its rows stay at the stop id) until rank 1 is done, or rank 1's next all-gather would wait forever. Each rank's
+    (its rows stay at the stop id) while rank 1 decodes, or rank 1's next all-gather would wait forever. Each rank's
     tokens equal one process's generation of its prompt with the same stop id."""
     from slora.io.model_folder import load_model
     from tests.support.dist_worker import PROMPTS

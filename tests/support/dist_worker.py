@@ -120,7 +120,6 @@ def eval_examples(kind: str, n: int) -> tuple:
 def evaluate_split(kind: str, model_dir: str, n: int, batch: int, fsdp: bool) -> dict:
     """evaluation.evaluate on `n` examples at batch size `batch`: the scores, the predictions in example order (read from
     scores.score's arguments) and how many forwards this rank ran (a sharded evaluation runs about 1/world)."""
-    from types import SimpleNamespace
     from slora.data import scores
     from slora.models import for_sequence_classification
     from slora.io.model_folder import load_tokenizer
@@ -137,20 +136,20 @@ def evaluate_split(kind: str, model_dir: str, n: int, batch: int, fsdp: bool) ->
         return score(names, preds, refs)
     scores.score = keep
     spec, examples = eval_examples(kind, n)
-    args = SimpleNamespace(max_len=32, batch_size=batch, gen_tokens=5, fsdp=fsdp, eval_batch_size=None,
-                           group_by_length=False)
-    result = evaluation.evaluate(model, load_tokenizer(model_dir), spec, examples, args, 0, torch.device("cpu"),
+    cfg = loop.TrainConfig(max_len=32, batch_size=batch, gen_tokens=5, fsdp=fsdp)
+    result = evaluation.evaluate(model, load_tokenizer(model_dir), spec, examples, cfg, 0, torch.device("cpu"),
                                  torch.autocast("cpu", enabled=False))
     scores.score = score
     return {"scores": result, "preds": seen["preds"], "forwards": len(forwards)}
 
 
 def generate_until(model_dir: str, eos: int) -> list[int]:
-    """Greedy generation under FSDP2 from rank r's own prompt (PROMPTS[r]) with stop id `eos`, collective stop."""
+    """Greedy generation under FSDP2 from rank r's own prompt (PROMPTS[r]) with stop id `eos`, every step run
+    (early_stop False), as slora.train.evaluation generates under FSDP2."""
     model = load_model(model_dir)
     data_parallel.wrap(model, True)
     ids = torch.tensor([PROMPTS[process_group.get().rank]])
-    out = model.generate(ids, max_new_tokens=8, eos_token_id=eos, all_done=data_parallel.lockstep_stop(True, True))
+    out = model.generate(ids, max_new_tokens=8, eos_token_id=eos, early_stop=False)
     return out[0].tolist()
 
 

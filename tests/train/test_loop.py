@@ -11,7 +11,6 @@ from slora.train import divergence, loop, objective, evaluation
 from slora.cli import finetune
 from slora.data import text
 from slora.models.lora import apply_lora, mark_only_lora_trainable
-from slora.models.llama import IGNORE_INDEX as LLAMA_IGNORE
 from tests.support.tiny import randomize_lora, tiny_llama, tiny_model_dir
 
 TOL = dict(rtol=0, atol=64 * torch.finfo(torch.float64).eps)  # float64: only summation order differs
@@ -132,7 +131,7 @@ def test_inf_learning_rate_stops_with_the_step_and_no_adapter(tmp_path):
 
 
 def test_device_finite_check_names_the_first_bad_step():
-    check, args = divergence.DeviceFiniteCheck(), argparse.Namespace(lr=1e-3)
+    check, args = divergence.DeviceFiniteCheck(), loop.TrainConfig(lr=1e-3)
     check.raise_if_bad(args)  # nothing recorded yet
     one = torch.tensor(1.0)
     check.record(1, one, one)
@@ -147,7 +146,7 @@ def test_device_finite_check_names_the_first_bad_step():
 
 def test_fused_optimizer_skips_a_step_whose_gradient_norm_is_not_finite():
     p = torch.nn.Parameter(torch.ones(3))
-    opt = loop.make_optimizer([p], argparse.Namespace(lr=0.1, weight_decay=0.0, fused_optim=True))
+    opt = loop.make_optimizer([p], loop.TrainConfig(lr=0.1, weight_decay=0.0, fused_optim=True))
     p.grad = torch.tensor([math.nan, 1.0, 1.0])
     opt.found_inf = divergence.skip_flag(torch.linalg.vector_norm(p.grad))
     opt.step()
@@ -176,7 +175,7 @@ def test_length_sorted_evaluation_returns_predictions_in_example_order(monkeypat
     monkeypatch.setattr(scores, "score", lambda metrics, preds, refs: seen.append(preds) or {})
     spec = argparse.Namespace(kind="classification", metrics=("accuracy",))
     for group, size in ((False, None), (True, None), (True, 4)):
-        args = argparse.Namespace(max_len=32, batch_size=3, eval_batch_size=size, group_by_length=group, fsdp=False)
+        args = loop.TrainConfig(max_len=32, batch_size=3, eval_batch_size=size, group_by_length=group, fsdp=False)
         evaluation.evaluate(LengthEcho(), tok, spec, examples, args, 0, "cpu", contextlib.nullcontext())
     want = [(1 + (7 * i) % 11 + 2) % 3 for i in range(13)]  # [CLS] words [SEP]
     assert seen == [want, want, want]
@@ -274,7 +273,6 @@ FP32_TOL = dict(rtol=16 * torch.finfo(torch.float32).eps, atol=16 * torch.finfo(
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, TOL), (torch.float32, FP32_TOL)], ids=["fp64", "fp32"])
 def test_chunked_lm_loss_equals_the_whole_loss_and_gradients(dtype, tol):
     # lm_chunk runs the head and loss over a few positions at a time, recomputed in backward: same sum, same grads
-    assert text.IGNORE_INDEX == LLAMA_IGNORE  # the model's loss skips exactly the labels data marks as no-loss
     model = tiny_llama().to(dtype)
     apply_lora(model, {f"model.layers.{i}.mlp.up_proj": 2 for i in (0, 1)}, 4.0)
     randomize_lora(model)
@@ -297,13 +295,14 @@ def test_chunked_lm_loss_equals_the_whole_loss_and_gradients(dtype, tol):
 
 
 def test_lm_loss_through_forward_equals_the_logits_loss():
-    # the labels path of LlamaForCausalLM.forward is the cross-entropy of its own logits, shifted by one position
+    # the training loss (objective.lm_loss_sum: hidden states from the forward, then the LM head) is the
+    # cross-entropy of the model's own logits, shifted by one position
     model = tiny_llama().double()
     batch = lm_batch(4, B=3, T=9, vocab=model.config.vocab_size)
     logits = model(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
     want = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                              batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
-    got = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+    got = objective.lm_loss_sum(model, batch, "cpu")
     assert got.dim() == 0 and got.dtype == torch.float32 and want.abs() > 1
     torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same ops in the same order: bit-identical
 

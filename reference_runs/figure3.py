@@ -7,13 +7,13 @@ Every allocation is one `python -m slora.finetune --allocate-only` run, recorded
 (store.py: the command, hardware and versions, every metric per module, ranks), named <model>/<key>, run once and
 never again. From each run's sensitivity metrics this script
 allocates the budget by each metric alone under SRA (Eq. 15 on θ = trace, θ = top-k mean or θ = effective rank, with
-slora.allocate, exact rounding, r_min 1) and sums the q and v ranks of each layer, as the paper's Fig. 3 does
+slora.method.allocate, exact rounding, r_min 1) and sums the q and v ranks of each layer, as the paper's Fig. 3 does
 (RoBERTa-base: 96 = 12 layers x 2 matrices x r_avg 4). The trend with depth is Spearman's ρ between layer index and
 per-layer rank; the paper's bar heights (shared/docs/paper.md) get the same statistic.
 
 The SmolLM2 all-linear part shows, with a new user's command, that SRA over all linear layers gives most of the
 budget to a few MLP down-projections, explains it with the per-feature diagonal of H at the MLP down-projections (one
-calibration pass, here, on the same batches as the run), then shows what a cap does: SRA's θ re-allocated with r_max (pure slora.allocate, no new calibration) and
+calibration pass, here, on the same batches as the run), then shows what a cap does: SRA's θ re-allocated with r_max (pure slora.method.allocate, no new calibration) and
 EVA's rule (`--alloc eva`, its own run, ρ = 2).
 """
 from __future__ import annotations
@@ -353,7 +353,7 @@ def all_linear_report(res: dict) -> list[str]:
     for label, ranks in variants.items():
         per = {t: sum(r for n, r in ranks.items() if n.endswith("." + t)) for t in types}
         out.append(f"| {label} | " + " | ".join(str(per[t]) for t in types) + " |")
-    out += ["", "The capped SRA rows re-allocate the recorded θ with `slora.allocate` (water-filling gives what the "
+    out += ["", "The capped SRA rows re-allocate the recorded θ with `slora.method.allocate` (water-filling gives what the "
             "cap frees to the other matrices in proportion to θ); EVA is its own run, on the centred covariance of "
             "each input (as PEFT).", ""]
     return out

@@ -9,7 +9,7 @@ Every allocation is one `python -m slora.finetune --allocate-only` run (all-line
 - one full-mode run per model for the dominance of each H (the assumption of Eqs. 6-7).
 Each run is one line of stability/runs.jsonl (store.py: the command, hardware and versions, θ and every metric per
 module, ranks, and the Hessian diagnostics of each module), named <model>/<key>, and is not run again once recorded.
-Kendall's τ-b between allocations is taken over θ and over the rank vectors (slora.stability). The tables in
+Kendall's τ-b between allocations is taken over θ and over the rank vectors (slora.method.stability). The tables in
 stability/README.md are generated from runs.jsonl by this script, never by hand.
 """
 import sys

@@ -180,7 +180,7 @@ class Record:
         return sens | {"config": sens["config"] | {"hessian": hessian}, "modules": modules}
 
     def allocation(self) -> dict:
-        """{"theta": {module: θ}, "ranks": {module: r}}, the form slora.stability.stability compares."""
+        """{"theta": {module: θ}, "ranks": {module: r}}, the form slora.method.stability.stability compares."""
         return {"theta": self.theta(), "ranks": self.ranks()}
 
     def epochs(self) -> list[dict]:

@@ -20,7 +20,7 @@ Side-by-side measurements of what slora costs on the current device, every figur
 5. NLG fine-tuning (issue 11): `python -m slora.finetune` on SmolLM2 and wiki-describe, the old path (batch 8, random
    order, a host read per step) against the new one (bigger micro-batch, length-grouped batches, the non-finite
    check on the device, fused AdamW, the LM head on response positions only): tokens/s, padding, peak memory,
-   generation throughput (slora.bench_nlg).
+   generation throughput (slora.cli.bench_nlg).
 
 `--only CASE` (calibration, train1b, train8b, nlg; repeatable) runs a subset; with `--out` the keys of an existing
 result.json that were not re-measured are kept. `--small` runs tiny shapes on the CPU in seconds (the CI smoke
@@ -291,7 +291,7 @@ def transformers_forward(cfg: LlamaConfig, batches, device, dtype) -> dict:
 # Report
 
 def _training_cases():
-    """slora.bench_train (cases 3 and 4), which builds on this module's helpers, hence imported at run time."""
+    """slora.cli.bench_train (cases 3 and 4), which builds on this module's helpers, hence imported at run time."""
     from slora.cli import bench_train
     return bench_train
 

@@ -9,7 +9,7 @@ heads over 3 key/value heads, tied embeddings, LoRA on q,k,v,o) at a tiny width 
     torch.profiler (every aten:: event, nested ones included, as the profiler's key_averages counts them);
   - ops per call of each block (LoRA linear, attention, RMSNorm, MLP, rotary tables, the 4-D mask);
   - host milliseconds per step (median of repeats; on 2 shared cores this is noisy, the op counts are not).
-The training step goes through slora.train's own backward_step, clipping and optimizer; decoding through
+The training step goes through slora.train's own backward_step (objective), clipping and optimizer; decoding through
 LlamaForCausalLM.generate (ops per step = the difference between two generation lengths, over the extra tokens).
 """
 from __future__ import annotations

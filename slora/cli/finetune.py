@@ -53,7 +53,7 @@ FAMILY_DEFAULTS = {
 }
 # Encoders that name their query and value projections otherwise (transformers' modeling_mpnet: attention.attn.q/v).
 ENCODER_TARGETS = {"mpnet": "attn.q,attn.v"}
-# --alloc -> (allocation method, θ variant) of slora.sensitivity; "sensitivity" is the paper's full method.
+# --alloc -> (allocation method, θ variant) of slora.method.sensitivity; "sensitivity" is the paper's full method.
 ALLOC = {"sensitivity": ("sra", "sensitivity"), "uniform": ("uniform", "sensitivity"), "global": ("sra", "global"),
          "local": ("sra", "local"), "pra": ("pra", "sensitivity"), "half-mu": ("sra", "half-mu"),
          "eva": ("eva", "sensitivity")}  # EVA (arXiv 2410.07170) on eig(H): a peer, not the paper's method

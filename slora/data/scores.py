@@ -1,4 +1,4 @@
-"""Task metrics: accuracy, F1, MCC, Pearson, Spearman, corpus BLEU-4, ROUGE-1 and ROUGE-L.
+"""Task scores: accuracy, F1, MCC, Pearson, Spearman, corpus BLEU-4, ROUGE-1 and ROUGE-L.
 
 Pure functions of two equal-length sequences (predictions first, references second), computed in float64 (or exact
 integer counts) and returned as Python floats. No scikit-learn, scipy, nltk or sacrebleu: every convention that
@@ -6,10 +6,10 @@ those libraries leave implicit is written in the docstring that uses it.
 
 GLUE conventions (Wang et al., 2019, "GLUE", §3 and Table 1; transformers' `glue_compute_metrics`):
 CoLA reports Matthews correlation; STS-B the Pearson and Spearman correlations, ranked by their mean; MRPC and QQP
-accuracy and F1, ranked by their mean; every other task accuracy. `GLUE_METRICS` below holds that table, and
-`score()` computes any list of metric names, including the two means.
+accuracy and F1, ranked by their mean; every other task accuracy. `GLUE_SCORES` below holds that table, and
+`score()` computes any list of score names, including the two means.
 
-Text metrics (BLEU-4, ROUGE) share one tokenizer, `words()`: lowercase, then split on runs of whitespace.
+Text scores (BLEU-4, ROUGE) share one tokenizer, `words()`: lowercase, then split on runs of whitespace.
 Punctuation stays attached to its word ("film," and "film" differ), as in a plain `str.split`.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _binary_counts(predictions: Sequence[int], references: Sequence[int]) -> tup
     for i, (p, y) in enumerate(zip(predictions, references)):
         p, y = int(p), int(y)
         if p not in (0, 1) or y not in (0, 1):
-            raise ValueError(f"binary metric needs labels in {{0, 1}}; item {i} has prediction {p}, reference {y}")
+            raise ValueError(f"binary score needs labels in {{0, 1}}; item {i} has prediction {p}, reference {y}")
         tp += p == 1 and y == 1
         fp += p == 1 and y == 0
         fn += p == 0 and y == 1
@@ -146,7 +146,7 @@ def spearman(predictions: Sequence[float], references: Sequence[float]) -> float
 
 
 def words(text: str) -> list[str]:
-    """The tokenizer of every text metric here: lowercase, split on whitespace."""
+    """The tokenizer of every text score here: lowercase, split on whitespace."""
     return text.lower().split()
 
 
@@ -245,8 +245,8 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
 # -----------------------------------------------------------------------------
 # Metric names, GLUE's table and the one-call `score`
 
-# name -> function(predictions, references); the keys are the names used in task specs and metrics.json.
-METRICS = {
+# name -> function(predictions, references); the keys are the names used in task specs and in metrics.json.
+SCORES = {
     "accuracy": accuracy,
     "f1": f1,
     "mcc": mcc,
@@ -256,14 +256,14 @@ METRICS = {
     "rouge1": rouge1,
     "rougeL": rouge_l,
 }
-# Means that GLUE ranks by (Wang et al., 2019): name -> the metrics averaged.
+# Means that GLUE ranks by (Wang et al., 2019): name -> the scores averaged.
 COMBINED = {
     "acc_and_f1": ("accuracy", "f1"),
     "pearson_spearman": ("pearson", "spearman"),
 }
 
-# GLUE task -> (metrics reported, main metric). The main metric is the one model selection and tables use.
-GLUE_METRICS = {
+# GLUE task -> (scores reported, main score). The main score is the one model selection and tables use.
+GLUE_SCORES = {
     "cola": (("mcc",), "mcc"),
     "sst2": (("accuracy",), "accuracy"),
     "mrpc": (("accuracy", "f1", "acc_and_f1"), "acc_and_f1"),
@@ -275,22 +275,22 @@ GLUE_METRICS = {
 }
 
 
-def score(metric_names: Sequence[str], predictions: Sequence, references: Sequence) -> dict[str, float]:
-    """{name: value} for each requested metric, in the order asked.
+def score(names: Sequence[str], predictions: Sequence, references: Sequence) -> dict[str, float]:
+    """{name: value} for each requested score, in the order asked.
 
     A combined name (`acc_and_f1`, `pearson_spearman`) is the plain mean of its parts, computed whether or not
     the parts were also requested (and NaN if a part is NaN). An unknown name is an error listing the known ones.
     """
-    known = list(METRICS) + list(COMBINED)
-    unknown = [m for m in metric_names if m not in known]
+    known = list(SCORES) + list(COMBINED)
+    unknown = [m for m in names if m not in known]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; known metrics: {known}")
+        raise ValueError(f"unknown score(s) {unknown}; known scores: {known}")
     cache: dict[str, float] = {}
 
     def one(name: str) -> float:
         if name not in cache:
-            cache[name] = METRICS[name](predictions, references)
+            cache[name] = SCORES[name](predictions, references)
         return cache[name]
 
     return {m: (sum(one(p) for p in COMBINED[m]) / len(COMBINED[m]) if m in COMBINED else one(m))
-            for m in metric_names}
+            for m in names}

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from slora.errors import SloraError
-from slora.data.scores import GLUE_METRICS
+from slora.data.scores import GLUE_SCORES
 
 
 # -----------------------------------------------------------------------------
@@ -46,8 +46,8 @@ class TaskSpec:
     num_labels: int                      # classes; 1 for regression (one output); 0 for generation (LM head)
     text_fields: tuple[str, ...]         # columns/fields read as text (and text_pair)
     label_field: str                     # column/field read as the label
-    metrics: tuple[str, ...]             # names for slora.scoring.score
-    main_metric: str                     # the one that ranks runs
+    scores: tuple[str, ...]              # names for slora.data.scores.score
+    main_score: str                      # the one that ranks runs
     label_names: tuple[str, ...] = ()    # file value of each class id, in id order
     label_range: tuple[float, float] | None = None  # regression targets must lie in [lo, hi]
     folder: str | None = None            # sub-folder of GLUE_DIR (GLUE tasks only)
@@ -55,14 +55,14 @@ class TaskSpec:
     def __post_init__(self):
         if self.kind not in ("classification", "regression", "generation"):
             raise ValueError(f"task {self.name}: unknown kind {self.kind!r}")
-        if self.main_metric not in self.metrics:
-            raise ValueError(f"task {self.name}: main metric {self.main_metric!r} not in {self.metrics}")
+        if self.main_score not in self.scores:
+            raise ValueError(f"task {self.name}: main score {self.main_score!r} not in {self.scores}")
 
 
 def _glue(name, folder, fields, label, label_names=(), label_range=None, kind="classification"):
-    metrics, main = GLUE_METRICS[name]
+    names, main = GLUE_SCORES[name]
     n = 1 if kind == "regression" else len(label_names)
-    return TaskSpec(name, kind, n, fields, label, metrics, main, label_names, label_range, folder)
+    return TaskSpec(name, kind, n, fields, label, names, main, label_names, label_range, folder)
 
 
 # CoLA's train/dev files have no header; these are its columns (GLUE's CoLA README).
@@ -71,7 +71,7 @@ NLI2 = ("entailment", "not_entailment")
 WIKI_TOPICS = ("Arts", "Biology and health sciences", "Everyday life", "Geography", "History", "Mathematics",
                "People", "Philosophy and religion", "Physical sciences", "Society and social sciences",
                "Technology")  # the 11 topics of the Vital Articles file, sorted; "Uncategorized" is dropped
-GEN_METRICS = ("bleu4", "rouge1", "rougeL")
+GEN_SCORES = ("bleu4", "rouge1", "rougeL")
 
 TASKS = {
     "cola": _glue("cola", "CoLA", ("sentence",), "label", ("0", "1")),
@@ -91,7 +91,7 @@ TASKS = {
                            ("accuracy",), "accuracy", WIKI_TOPICS),
     # ROUGE-L ranks runs: on descriptions of ~6 words it is steadier than corpus BLEU-4.
     "wiki-describe": TaskSpec("wiki-describe", "generation", 0, ("title", "extract"), "description",
-                              GEN_METRICS, "rougeL"),
+                              GEN_SCORES, "rougeL"),
 }
 
 
@@ -359,9 +359,9 @@ def load_jsonl(kind: str, train, dev=None, test=None, *, num_labels: int | None 
     splits = carve(splits["train"], holdout, seed, train) if dev is None else splits | {"dev": read_jsonl(dev, kind)}
     splits |= {"test": read_jsonl(test, kind)} if test is not None else {}
     if kind == "instructions":
-        return TaskSpec("jsonl-instructions", "generation", 0, ("prompt",), "response", GEN_METRICS, "rougeL"), splits
+        return TaskSpec("jsonl-instructions", "generation", 0, ("prompt",), "response", GEN_SCORES, "rougeL"), splits
     if kind == "chat":  # scored on the final assistant turn
-        return TaskSpec("jsonl-chat", "generation", 0, ("messages",), "messages", GEN_METRICS, "rougeL"), splits
+        return TaskSpec("jsonl-chat", "generation", 0, ("messages",), "messages", GEN_SCORES, "rougeL"), splits
     files = {"train": train, "dev": dev if dev is not None else train, "test": test}
     where = {(part, e.uid): f"{files[part]}:{e.uid.rsplit(':', 1)[1]}" for part, items in splits.items()
              for e in items}

@@ -90,7 +90,7 @@ def is_chat(e: Example) -> bool:
 
 
 def encode_chat(tok: Tokenizer, e: Example, max_len: int) -> Features:
-    """A whole conversation in the model's chat template (slora.chat), loss on every assistant turn's content and
+    """A whole conversation in the model's chat template (slora.data.chat), loss on every assistant turn's content and
     end marker. The final assistant turn keeps up to max_len//2 tokens (as a response does in encode_lm); the
     earlier turns keep their last tokens, as many as fit (the oldest text is dropped first)."""
     turns = chat.render_turns(tok, e.text + (("assistant", e.label),))

@@ -40,7 +40,7 @@ VECTORS = ("diag", "inv_diag", "spectrum")  # HessianStats fields that are float
 
 
 class CalibrationGroup:
-    """The torchrun ranks of slora.dist as the method's calibration group (hessian.Group)."""
+    """The torchrun ranks of slora.dist.process_group as the method's calibration group (hessian.Group)."""
 
     def __init__(self):
         self.is_main = process_group.get().is_main

@@ -1,4 +1,5 @@
-"""Data-parallel LoRA training under torchrun: how train.py's loop changes when slora.dist has several ranks.
+"""Data-parallel LoRA training under torchrun: how the training loop (slora.train.loop) changes when
+slora.dist.process_group has several ranks.
 
     wrap(model, fsdp)       DDP (default: only the trainable LoRA and head gradients are all-reduced), or FSDP2
                             `fully_shard` per transformer layer then the root (--fsdp), LoRA inside its layer's unit

@@ -36,7 +36,7 @@ from torch import nn
 from slora.io import weights
 from slora.dist import process_group, data_parallel
 from slora.models import build_model, for_sequence_classification
-from slora.io.model_folder import checkpoint_keys
+from slora.io.model_folder import file_keys
 
 
 def shard_rows(n: int, rank: int, world: int) -> range:
@@ -73,7 +73,7 @@ def _replace(places: list, target: nn.Parameter, local: torch.Tensor) -> None:
 
 
 def _body_prefix(model: nn.Module) -> str:
-    """'' for a bare model, 'bert.' / 'roberta.' / 'mpnet.' for a task model (the checkpoint's body keys)."""
+    """'' for a bare model, 'bert.' / 'roberta.' / 'mpnet.' for a task model (the model folder's body keys)."""
     return f"{model.config.model_type}." if hasattr(model, "classifier") else ""
 
 
@@ -90,13 +90,13 @@ def _check_complete(model: nn.Module) -> None:
 @torch.no_grad()
 def materialise(model: nn.Module, path, device: torch.device) -> nn.Module:
     """Shard `model` (meta base from models.meta_model, with its task head if any) with FSDP2 and fill this rank's shards
-    of the base from the checkpoint folder `path`, reading only their rows; returns the frozen, eval-mode model.
+    of the base from the model folder `path`, reading only their rows; returns the frozen, eval-mode model.
 
-    The checkpoint is checked against the model first, as load_model does: every missing, unexpected or
+    The model folder is checked against the model first, as load_model does: every missing, unexpected or
     mis-shaped tensor is named."""
     path = Path(path)
     files = weights.tensor_shapes(path)
-    keys = checkpoint_keys(model.config, files)  # {body key: checkpoint name}
+    keys = file_keys(model.config, files)  # {body key: name in the model folder's files}
     prefix = _body_prefix(model)
     body = model.get_submodule(prefix[:-1]) if prefix else model
     if prefix and getattr(body, "pooler", None) is None:  # a RoBERTa / MPNet task model drops the pooler on purpose

@@ -54,7 +54,7 @@ ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND, compared lo
 
 def pattern_key(keys: Iterable[str], name: str, field: str = "rank_pattern") -> Optional[str]:
     """PEFT's get_pattern_key: the first key k with re.match(rf"(.*\\.)?({k})$", name), or None. Keys are checked
-    and matched by slora.patterns (bounded time; a key that could backtrack without bound is an error)."""
+    and matched by slora.io.patterns (bounded time; a key that could backtrack without bound is an error)."""
     for k in keys:
         if compile_pattern(k, f"{CONFIG} {field} key").peft_key(name):
             return k
@@ -315,7 +315,7 @@ TYPES = {"peft_type": str, "task_type": (str, type(None)), "base_model_name_or_p
 
 
 def check_config(config, path: Path, model: nn.Module):
-    """Every value slora reads, its type included, and every pattern (compiled: slora.patterns refuses what can
+    """Every value slora reads, its type included, and every pattern (compiled: slora.io.patterns refuses what can
     backtrack without bound), before the model is touched. Errors name the file and the key."""
     if not isinstance(config, dict):
         raise SloraError(path, f"must hold a JSON object, not a {type(config).__name__}")

@@ -2,7 +2,7 @@
 
 `load_model(path)` reads `config.json`, picks the architecture from `model_type` (a plain `if` over the families
 BERT/RoBERTa, MPNet and LLaMA, not a registry), builds the model on the meta device (so no weight is ever held
-twice), and assigns the tensors with a strict load. Module names already mirror the checkpoint's, so the only
+twice), and assigns the tensors with a strict load. Module names already mirror the files' tensor names, so the only
 renames are the documented ones below.
 """
 from __future__ import annotations
@@ -19,11 +19,11 @@ from slora.models.mpnet import MPNetConfig
 from slora.models import TASK_MODELS, build_config, build_model, for_sequence_classification
 
 
-# Keys that checkpoints carry but the models do not use, dropped on purpose:
+# Keys that model folders carry but the models do not use, dropped on purpose:
 # - `embeddings.position_ids` / `embeddings.token_type_ids`: index buffers older transformers versions saved;
 # - `cls.*` (BERT MLM/NSP heads) and `lm_head.*` (RoBERTa and MPNet MLM heads): pre-training heads, not part of
 #   the encoder;
-# - `rotary_emb.inv_freq`: a RoPE buffer old LLaMA checkpoints saved; slora recomputes it from rope_theta.
+# - `rotary_emb.inv_freq`: a RoPE buffer old LLaMA model folders saved; slora recomputes it from rope_theta.
 ENCODER_DROP_PREFIXES = ("cls.", "lm_head.")
 
 
@@ -31,7 +31,7 @@ ENCODER_DROP_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
 def _encoder_state(sd: dict, model_type: str) -> dict:
-    """Encoder keys from a checkpoint saved bare (`encoder.…`) or inside a task model (`bert.encoder.…`,
+    """Encoder keys from a model folder saved bare (`encoder.…`) or inside a task model (`bert.encoder.…`,
     `mpnet.encoder.…`)."""
     prefix = f"{model_type}."
     if any(k.startswith(prefix) for k in sd):
@@ -81,8 +81,8 @@ def _folder_config(path: Path):
         raise SloraError(path / "config.json", what) from None
 
 
-def checkpoint_keys(cfg, names) -> dict[str, str]:
-    """{model key: checkpoint tensor name} for a checkpoint holding tensors `names`: load_model's renames and
+def file_keys(cfg, names) -> dict[str, str]:
+    """{model key: tensor name in the files} for a model folder holding tensors `names`: load_model's renames and
     drops applied to the names alone (a tied lm_head maps to the embedding's tensor)."""
     same = {n: n for n in names}
     if isinstance(cfg, (BertConfig, MPNetConfig)):
@@ -93,11 +93,11 @@ def checkpoint_keys(cfg, names) -> dict[str, str]:
 def meta_model(path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model of a folder as `load_model` builds it, with every parameter on the meta device in `dtype` and no
     tensor read (only the file headers, for the pooler's presence): the skeleton of a sharded load
-    (slora.shardload), which then reads each rank's rows."""
+    (slora.dist.sharded_load), which then reads each rank's rows."""
     path = Path(path)
     cfg = _folder_config(path)
     if isinstance(cfg, (BertConfig, MPNetConfig)):
-        keys = checkpoint_keys(cfg, tensor_shapes(path))
+        keys = file_keys(cfg, tensor_shapes(path))
         cfg.add_pooling_layer = any(k.startswith("pooler.") for k in keys)
     with torch.device("meta"):
         model = build_model(cfg).to(dtype)

@@ -83,7 +83,7 @@ def read_tensors(folder, dtype: torch.dtype | None = None, device="cpu") -> dict
             bad = nonfinite_count(t)
             if bad:
                 raise SloraError(f"{path}: tensor {name!r}", f"{bad} of {t.numel()} values are NaN or inf; the "
-                                 f"checkpoint is damaged or was saved from a diverged run")
+                                 f"model folder is damaged or was saved from a diverged run")
             out[name] = t
     return out
 
@@ -101,10 +101,10 @@ def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source) -> nn.Mod
 
 
 def check_state(expected: dict[str, tuple], got: dict[str, tuple], source) -> None:
-    """Error naming every missing, unexpected or mis-shaped tensor of a checkpoint ({key: shape} both)."""
+    """Error naming every missing, unexpected or mis-shaped tensor of a model folder ({key: shape} both)."""
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
-    shapes = sorted(f"{k}: checkpoint {got[k]} vs model {expected[k]}"
+    shapes = sorted(f"{k}: files {got[k]} vs model {expected[k]}"
                     for k in set(expected) & set(got) if got[k] != expected[k])
     problems = []
     if missing:
@@ -114,11 +114,11 @@ def check_state(expected: dict[str, tuple], got: dict[str, tuple], source) -> No
     if shapes:
         problems.append("mis-shaped tensor(s): " + "; ".join(shapes))
     if problems:
-        raise ValueError(f"{source}: checkpoint does not match the model: " + " | ".join(problems))
+        raise ValueError(f"{source}: the model folder does not match the model: " + " | ".join(problems))
 
 
 # -----------------------------------------------------------------------------
-# Reading part of a tensor: a rank of a sharded load (slora.shardload) reads only the rows it keeps
+# Reading part of a tensor: a rank of a sharded load (slora.dist.sharded_load) reads only the rows it keeps
 
 def tensor_shapes(folder) -> dict[str, tuple[Path, tuple[int, ...]]]:
     """{tensor name: (its file, its shape)} from the safetensors headers alone; no tensor data is read."""
@@ -151,7 +151,7 @@ def read_rows(path, name: str, rows: range, dtype: torch.dtype | None = None) ->
     bad = nonfinite_count(t)
     if bad:
         raise SloraError(f"{path}: tensor {name!r}", f"{bad} values in rows {rows.start}:{rows.stop} are NaN or inf; "
-                         f"the checkpoint is damaged or was saved from a diverged run")
+                         f"the model folder is damaged or was saved from a diverged run")
     return t
 
 

@@ -67,7 +67,7 @@ class HessianAccumulator:
         self._h = torch.zeros(shape, dtype=dtype, device=device)  # Σ x xᵀ until normalised, then H
         self._mirrored = True  # False while the lower triangle is stale
         self._normalised = False
-        # full mode also keeps Σ x (d_in,) for the token mean µ: EVA's covariance is H/2 - µµᵀ (slora.eva); the
+        # full mode also keeps Σ x (d_in,) for the token mean µ: EVA's covariance is H/2 - µµᵀ (slora.method.eva); the
         # O(n·d_in) sum costs nothing beside the O(n·d_in²) Gram
         self.x_sum = torch.zeros(d_in, dtype=dtype, device=device) if mode == "full" else None
 

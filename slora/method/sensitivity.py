@@ -143,7 +143,7 @@ def from_stats(modules: dict[str, nn.Linear], stats: dict[str, hessian.HessianSt
 
 def _eva(modules: dict[str, nn.Linear], stats: dict[str, hessian.HessianStats], cfg: SensitivityConfig,
          cap: dict[str, int]) -> alloc.Allocation:
-    """EVA's rule (slora.eva) on the eigenvalues of each distinct H; modules sharing an input share a spectrum."""
+    """EVA's rule (slora.method.eva) on the eigenvalues of each distinct H; modules sharing an input share a spectrum."""
     for name in modules:
         if stats[name].spectrum is None:
             raise ValueError(f"{name}: method 'eva' needs the spectrum of H, which was not computed")

@@ -2,7 +2,7 @@
 
 References: Hugging Face transformers `models/bert/modeling_bert.py` and `models/roberta/modeling_roberta.py`
 (module names, RoBERTa's position ids), Devlin et al. 2018, Liu et al. 2019.
-Module names mirror the Hugging Face checkpoint (`encoder.layer.3.attention.self.query`), so a checkpoint loads
+Module names mirror the Hugging Face weight names (`encoder.layer.3.attention.self.query`), so a model folder loads
 with a strict `load_state_dict` and no renaming.
 
 BERT and RoBERTa share every block; they differ only in position ids: BERT counts 0..T-1, RoBERTa counts
@@ -41,10 +41,10 @@ class BertConfig:
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
-    pad_token_id: int = 0                # RoBERTa's padding_idx (1 for RoBERTa checkpoints)
+    pad_token_id: int = 0                # RoBERTa's padding_idx (1 for RoBERTa models)
     hidden_dropout_prob: float = 0.1     # used only in train mode
     attention_probs_dropout_prob: float = 0.1
-    add_pooling_layer: bool = True       # `pooler.dense`: present in BERT checkpoints, absent in some others
+    add_pooling_layer: bool = True       # `pooler.dense`: present in BERT model folders, absent in some others
 
     def __post_init__(self):
         if self.model_type not in ("bert", "roberta"):
@@ -154,7 +154,7 @@ class BertSelfOutput(nn.Module):
 class BertAttention(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.self = BertSelfAttention(cfg)  # HF's name; `self.self` is how the checkpoint spells it
+        self.self = BertSelfAttention(cfg)  # HF's name; `self.self` is how the weight names spell it
         self.output = BertSelfOutput(cfg)
 
     def forward(self, x, mask):
@@ -244,7 +244,7 @@ class BertModel(nn.Module):
 
     def pool(self, hidden):
         if self.pooler is None:
-            raise ValueError("this checkpoint has no pooler (pooler.dense.*); use the hidden states instead")
+            raise ValueError("this model has no pooler (pooler.dense.*); use the hidden states instead")
         return self.pooler(hidden)
 
 
@@ -273,7 +273,7 @@ def init_head(module: nn.Module, seed: int, std: float = 0.02):
 def new_head(head: nn.Module, body: nn.Module, seed: int):
     """Materialise a task head built on the meta device beside `body` and initialise it (init_head). The head is
     trained, so it stays fp32 on a bf16 base, as the LoRA factors do (autocast runs it in bf16). A meta body (a
-    sharded load, slora.shardload): the head is made whole on the CPU, and FSDP2 shards it."""
+    sharded load, slora.dist.sharded_load): the head is made whole on the CPU, and FSDP2 shards it."""
     device = next(body.parameters()).device
     head.to_empty(device="cpu" if device.type == "meta" else device)
     init_head(head, seed)
@@ -323,7 +323,7 @@ def for_sequence_classification(body: BertModel, num_labels: int, seed: int = 0)
     """Wrap a loaded encoder in the task model of its family, with a freshly initialized (seeded) head.
 
     RoBERTa's task model has no pooler (transformers builds it with add_pooling_layer=False), so a pooler that
-    the checkpoint carried is dropped here.
+    the model folder carried is dropped here.
     """
     cfg = body.config
     cls = RobertaForSequenceClassification if cfg.model_type == "roberta" else BertForSequenceClassification

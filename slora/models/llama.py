@@ -4,7 +4,7 @@ References: Hugging Face transformers `models/llama/modeling_llama.py` (module n
 RMSNorm in fp32, llama3 RoPE scaling), `models/qwen2/modeling_qwen2.py` (biases on q/k/v, not o),
 `models/mistral/modeling_mistral.py` and `masking_utils.py` (sliding window: query i sees keys j with
 i - window < j <= i), Meta's llama `model.py`, gpt-fast `model.py` (meta-device build).
-Module names mirror the Hugging Face checkpoint (`model.layers.3.self_attn.q_proj`), so a checkpoint loads with a
+Module names mirror the Hugging Face weight names (`model.layers.3.self_attn.q_proj`), so a model folder loads with a
 strict `load_state_dict` and no renaming, and `ranks.json` keys are the names PEFT users know.
 
 Shape legend: B batch, T sequence, D model dim (hidden_size), H query heads, Hkv key/value heads,

@@ -13,7 +13,7 @@ Layout. `LoRALinear` does not keep the wrapped nn.Linear as a child (PEFT's `bas
 own `weight` and `bias` Parameters (the same objects: nothing is copied). So slora's `model.state_dict()` keeps
 the base keys of the unadapted model (`…query.weight`, `…query.bias`) and adds `…query.lora_A.weight` (r, d_in) and
 `…query.lora_B.weight` (d_out, r): the LoRA keys are PEFT's, less its adapter name, and the base keys stay the
-checkpoint's. LoRALinear is deliberately not an nn.Linear subclass, so a second `apply_lora` or a Linear scan
+model folder's. LoRALinear is deliberately not an nn.Linear subclass, so a second `apply_lora` or a Linear scan
 (`isinstance(m, nn.Linear)`) does not mistake it for a plain layer; its `lora_A`/`lora_B` children are nn.Linear.
 
 Alpha for unequal ranks (`alpha_policy`; the default is provisional until the fine-tuning experiment picks one):
@@ -77,7 +77,7 @@ class LoRALinear(nn.Module):
         self.scaling = self.alpha / math.sqrt(r) if self.use_rslora else self.alpha / r
         w = base.weight
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        # a meta base (a sharded load, slora.shardload): the factors are made whole on the CPU, with the values
+        # a meta base (a sharded load, slora.dist.sharded_load): the factors are made whole on the CPU, with the values
         # this generator gives on a full model, and FSDP2 shards them
         device = torch.device("cpu") if w.is_meta else w.device
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)   # weight (r, d_in)

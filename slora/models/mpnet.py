@@ -2,7 +2,7 @@
 
 References: Hugging Face transformers `models/mpnet/modeling_mpnet.py` (module names, bucket function, heads),
 Song et al. 2020 "MPNet" (arXiv 2004.09297), Raffel et al. 2020 "T5" §2.1 (bucketed relative positions).
-Module names mirror the Hugging Face checkpoint (`encoder.layer.3.attention.attn.q`), so a checkpoint such as
+Module names mirror the Hugging Face weight names (`encoder.layer.3.attention.attn.q`), so a model folder such as
 all-mpnet-base-v2 loads with a strict `load_state_dict` and no renaming, and ranks.json keys are PEFT's names.
 
 Why a file of its own rather than a third variant inside bert.py: MPNet shares BERT's feed-forward half
@@ -68,7 +68,7 @@ class MPNetConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
                              f"{self.num_attention_heads}")
         # transformers calls compute_position_bias with its default num_buckets=32 and hard-codes padding_idx=1;
-        # another value would make slora and transformers compute different models from the same checkpoint.
+        # another value would make slora and transformers compute different models from the same weights.
         if self.relative_attention_num_buckets != 32:
             raise ValueError(f"relative_attention_num_buckets {self.relative_attention_num_buckets}: transformers' "
                              "MPNet always uses 32 buckets, so slora supports only 32")
@@ -248,7 +248,7 @@ class MPNetModel(nn.Module):
 
     def pool(self, hidden):
         if self.pooler is None:
-            raise ValueError("this checkpoint has no pooler (pooler.dense.*); use the hidden states instead")
+            raise ValueError("this model has no pooler (pooler.dense.*); use the hidden states instead")
         return self.pooler(hidden)
 
 
@@ -274,7 +274,7 @@ class MPNetForSequenceClassification(nn.Module):
 def for_sequence_classification(body: MPNetModel, num_labels: int, seed: int = 0) -> MPNetForSequenceClassification:
     """Wrap a loaded MPNet in MPNetForSequenceClassification with a freshly initialized (seeded) head.
 
-    transformers builds the task model's MPNetModel with add_pooling_layer=False, so a checkpoint's pooler is
+    transformers builds the task model's MPNetModel with add_pooling_layer=False, so a model folder's pooler is
     dropped here (it would otherwise be a frozen module that PEFT's base model does not have)."""
     cfg = body.config
     with torch.device("meta"):

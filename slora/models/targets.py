@@ -1,7 +1,7 @@
 """Which nn.Linear modules a run adapts and calibrates: `find_linears(model, targets)`.
 
 The method (slora.method) takes its modules from the caller; this is the caller's rule. Names are the modules'
-qualified names, which mirror the checkpoint's (`model.layers.0.self_attn.q_proj`), so the keys of ranks.json
+qualified names, which mirror the weight names of the model folder (`model.layers.0.self_attn.q_proj`), so the keys of ranks.json
 and of an exported adapter are the names PEFT and transformers users know.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ def find_linears(model: nn.Module, targets: str | Sequence[str], exclude: Sequen
     "layers.0.attn.xq_proj"; "attn.q_proj" matches the last two components. Raises ValueError naming any
     pattern that matches no nn.Linear.
     """
-    # a LoRA layer (slora.lora.LoRALinear) stands for the linear it wraps, under the same name, and its factors
+    # a LoRA layer (slora.models.lora.LoRALinear) stands for the linear it wraps, under the same name, and its factors
     # lora_A / lora_B are no candidates: a fine-tuned model's targets are then its base's, whose input X they see
     # (train.EpochSensitivity measures the live sharded model under --fsdp)
     lora = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}

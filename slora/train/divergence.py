@@ -1,4 +1,4 @@
-"""Stopping a diverged run: the non-finite checks of the training loop (slora.train).
+"""Stopping a diverged run: the non-finite checks of the training loop (slora.train.loop).
 
     check_finite(step, loss, norm, cfg)   after every optimizer step (--check-finite step, the default): the host
                                            reads loss and gradient norm and raises NonFiniteError naming the step

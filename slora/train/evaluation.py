@@ -51,4 +51,4 @@ def evaluate(model, tok, spec, examples, cfg, pad_id, device, autocast) -> dict:
                 preds += (logits.squeeze(-1) if spec.kind == "regression" else logits.argmax(-1)).tolist()
         preds = text.restore_order(data_parallel.gather(preds), order)
         refs = [f.labels for f in feats]
-    return scores.score(spec.metrics, preds, refs)
+    return scores.score(spec.scores, preds, refs)

@@ -271,6 +271,6 @@ def finetune(model, tok, spec, train, evals, cfg: TrainConfig, pad_id, device, a
     final |= {k: evaluate(model, tok, spec, v, cfg, pad_id, device, autocast) for k, v in evals.items()
               if not k.startswith("dev")}
     log("final", "final: " + json.dumps(final), **final)
-    return {"epochs": state.history, "final": final, "main_metric": spec.main_metric, "trainable_params": n_train,
+    return {"epochs": state.history, "final": final, "main_metric": spec.main_score, "trainable_params": n_train,
             "lora_params": n_lora, "steps": state.step,
             "times": {"train_s": train_s, "eval_s": t_eval + time.time() - t0}}, model

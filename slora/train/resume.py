@@ -1,7 +1,7 @@
 """Training checkpoints (`--save-every N`) and `--resume`: everything the training loop needs to continue exactly
 where it stopped, stored without pickle.
 
-A checkpoint is a folder `checkpoint-STEP/` inside the run's in-progress folder (slora.runfolder), holding
+A checkpoint is a folder `checkpoint-STEP/` inside the run's in-progress folder (slora.train.run_folder), holding
     tensors.safetensors   the trainable parameters (LoRA factors, task head) under their model names, the AdamW
                           state (`opt.<param index>.<key>`), and the RNG states: torch's CPU generator (dropout),
                           every CUDA generator when CUDA is in use, the data-order generator at the start of the
@@ -20,7 +20,7 @@ the LoRA factors, head, optimizer state, schedule and data order are the same on
 checkpoint. With FSDP2 each rank holds a shard (a DTensor) of every trainable parameter and of its AdamW exp_avg and
 exp_avg_sq: saving gathers each one whole on every rank (`full_tensor()`, a collective all ranks call in the same
 order; torchtune's adapter save), then rank 0 alone writes. Only the RNG states differ per rank: saving gathers them
-to every rank as JSON (slora.dist.all_gather_json). Resuming, every rank reads the same checkpoint files itself:
+to every rank as JSON (slora.dist.process_group.all_gather_json). Resuming, every rank reads the same checkpoint files itself:
 torchrun's processes share the filesystem on one host (several nodes need the run folder on a shared filesystem),
 and each rank reading an adapter-sized file is simpler than broadcasting every tensor; an FSDP2 rank then keeps its
 own shard of each whole tensor (`distribute_tensor(..., src_data_rank=None)`: local slicing, no communication).
@@ -167,7 +167,7 @@ def rank_rng_states(device) -> dict[str, torch.Tensor]:
     """Under torchrun: the RNG states of ranks 1..N-1 as checkpoint tensors `rng.rank<R>.torch` (CPU generator)
     and `rng.rank<R>.cuda` ((1, state bytes): that rank's own device), on every rank; rank 0's own are saved as
     rng.torch / rng.cuda like one process's. One process: {} (no collective). Each state crosses ranks as a JSON
-    list of its bytes (slora.dist never pickles)."""
+    list of its bytes (slora.dist.process_group never pickles)."""
     d = process_group.get()
     if d.world == 1:
         return {}

@@ -36,7 +36,7 @@ from slora.errors import sigterm_as_interrupt  # SIGTERM unwinds as Ctrl-C does 
 LOCK = ".slora-lock"
 PARTIAL = ".slora-partial"
 MANIFEST = ".slora-run.json"
-CHECKPOINT = "checkpoint.json"  # inside PARTIAL: names the newest complete training checkpoint (slora.resume)
+CHECKPOINT = "checkpoint.json"  # inside PARTIAL: names the newest complete training checkpoint (slora.train.resume)
 # the files of a run written before MANIFEST existed: what --replace may delete in such a folder
 LEGACY_FILES = ("args.json", "sensitivity.json", "ranks.json", "ranks.svg", "metrics.json", "log.jsonl", "adapter",
                 "epoch_sensitivity.json")

@@ -6,7 +6,7 @@ Not collected by pytest (no `test_` prefix): it imports transformers and peft, w
 peft >= 0.14 (fully qualified rank_pattern keys) and transformers. For each case it builds a tiny random model with
 slora's test helpers, saves it with `slora.models.save_model`, applies LoRA with unequal ranks (a rank-0 module
 among the listed ones, non-integer "scale" alphas or rsLoRA, dropout), gives B random non-zero values, saves the
-adapter with `slora.adapter.save_adapter`, then loads the base with transformers' Auto class and the adapter with
+adapter with `slora.io.adapter.save_adapter`, then loads the base with transformers' Auto class and the adapter with
 `PeftModel.from_pretrained`, and compares:
   - base:    slora's base model vs transformers' (before any LoRA), to tell model mismatches from adapter ones;
   - adapter: slora with LoRA vs transformers + PEFT;

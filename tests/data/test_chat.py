@@ -1,4 +1,4 @@
-"""slora.chat and --jsonl-kind chat: ChatML and LLaMA-3 rendering against the templates rendered as strings,
+"""slora.data.chat and --jsonl-kind chat: ChatML and LLaMA-3 rendering against the templates rendered as strings,
 assistant-only loss, truncation, generation prompts, calibration, bad records, and a tiny end-to-end run.
 The exact comparison with transformers' apply_chat_template on the real tokenizers is tests/chat_compat.py."""
 import json

@@ -1,4 +1,4 @@
-"""slora.scoring against hand-computed values (the arithmetic is in the comments) and Hypothesis properties.
+"""slora.data.scores against hand-computed values (the arithmetic is in the comments) and Hypothesis properties.
 
 Oracles: exact fractions worked by hand; for ranks, an O(n²) counting definition; for BLEU/ROUGE, n-gram counts
 listed in full. Tolerances: 1e-12 for a few float64 operations, looser only where an affine map adds rounding.
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from slora.data.scores import (GLUE_METRICS, accuracy, average_ranks, bleu, f1, lcs_length, mcc, pearson, rouge1, rouge_l, score, spearman)
+from slora.data.scores import (GLUE_SCORES, accuracy, average_ranks, bleu, f1, lcs_length, mcc, pearson, rouge1, rouge_l, score, spearman)
 
 TOL = 1e-12
 
@@ -58,7 +58,7 @@ def test_bad_inputs():
         mcc([], [])
     with pytest.raises(ValueError, match=r"item 1 has prediction 2"):
         f1([0, 2], [0, 1])
-    with pytest.raises(ValueError, match="unknown metric.*'auc'.*known metrics"):
+    with pytest.raises(ValueError, match="unknown score.*'auc'.*known scores"):
         score(["auc"], [0], [0])
 
 
@@ -230,9 +230,9 @@ def test_score_combined_and_glue_table():
     assert out["acc_and_f1"] == pytest.approx((5 / 8 + 4 / 7) / 2, abs=TOL)
     sts = score(["pearson_spearman"], X, Y)["pearson_spearman"]
     assert sts == pytest.approx((6.25 / math.sqrt(41.5625) + 4.5 / math.sqrt(22.5)) / 2, abs=TOL)
-    assert GLUE_METRICS["cola"][1] == "mcc"
-    assert GLUE_METRICS["stsb"][1] == "pearson_spearman"
-    assert {GLUE_METRICS[t][1] for t in ("mrpc", "qqp")} == {"acc_and_f1"}
-    assert {GLUE_METRICS[t][1] for t in ("sst2", "mnli", "qnli", "rte")} == {"accuracy"}
-    for metrics, main in GLUE_METRICS.values():
+    assert GLUE_SCORES["cola"][1] == "mcc"
+    assert GLUE_SCORES["stsb"][1] == "pearson_spearman"
+    assert {GLUE_SCORES[t][1] for t in ("mrpc", "qqp")} == {"acc_and_f1"}
+    assert {GLUE_SCORES[t][1] for t in ("sst2", "mnli", "qnli", "rte")} == {"accuracy"}
+    for metrics, main in GLUE_SCORES.values():
         assert main in metrics and score(metrics, [0, 1, 1], [0, 1, 0])  # every name is known to score()

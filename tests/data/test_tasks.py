@@ -90,7 +90,7 @@ def test_glue_readers(tmp_path, task):
         assert triples(part) == EXPECTED[task]
     spec = tasks.get_task(task)
     assert spec.num_labels == {"stsb": 1, "mnli": 3}.get(task, 2)
-    assert spec.main_metric == {"cola": "mcc", "stsb": "pearson_spearman", "mrpc": "acc_and_f1",
+    assert spec.main_score == {"cola": "mcc", "stsb": "pearson_spearman", "mrpc": "acc_and_f1",
                                 "qqp": "acc_and_f1"}.get(task, "accuracy")
 
 

@@ -1,4 +1,4 @@
-"""slora.text: encoding, truncation, collation and calibration batches on tokenizers built here (nothing
+"""slora.data.text: encoding, truncation, collation and calibration batches on tokenizers built here (nothing
 downloaded)."""
 import math
 
@@ -174,7 +174,7 @@ def test_grouped_order_is_a_function_of_the_generator_state():
     b = [b["labels"].tolist() for b in epoch_batches(feats, 4, seed=7, group=True)[0]]
     c = [b["labels"].tolist() for b in epoch_batches(feats, 4, seed=8, group=True)[0]]
     assert a == b and a != c
-    # resume re-draws an epoch from the generator state saved at its start (slora.resume): same batches
+    # resume re-draws an epoch from the generator state saved at its start (slora.train.resume): same batches
     g = torch.Generator().manual_seed(7)
     state = g.get_state()
     list(text.iterate_batches(feats, 4, 0, generator=g, group_by_length=True))

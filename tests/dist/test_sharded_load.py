@@ -1,4 +1,4 @@
-"""--fsdp under torchrun loads the base sharded (slora.shardload): no rank reads or holds a whole tensor of it,
+"""--fsdp under torchrun loads the base sharded (slora.dist.sharded_load): no rank reads or holds a whole tensor of it,
 calibration runs through the sharded model, and LoRA is added to a second sharded skeleton.
 
 Oracles: the same tensors loaded whole (load_model), and the DDP path at the same world size, which test_dist.py

@@ -1,4 +1,4 @@
-"""slora.gguf_tokenizer: GGUF vocabularies rebuilt as `tokenizers` tokenizers give llama.cpp's token ids.
+"""slora.io.gguf_tokenizer: GGUF vocabularies rebuilt as `tokenizers` tokenizers give llama.cpp's token ids.
 
 Fast tier: tiny SentencePiece vocabularies written by tests/support/gguf_writer.py, against `llama_cpp_spm`, a direct
 transcription of llama.cpp's llm_tokenizer_spm_session (src/llama-vocab.cpp) kept deliberately naive.

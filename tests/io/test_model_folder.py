@@ -71,7 +71,7 @@ def test_unexpected_tensor_is_named(tmp_path):
 
 def test_misshaped_tensor_is_named(tmp_path):
     path = _edit(tmp_path, lambda sd: sd.update({"model.norm.weight": torch.ones(7)}))
-    with pytest.raises(ValueError, match=r"model\.norm\.weight: checkpoint \(7,\) vs model \(32,\)"):
+    with pytest.raises(ValueError, match=r"model\.norm\.weight: files \(7,\) vs model \(32,\)"):
         load_model(path)
 
 

@@ -1,4 +1,4 @@
-"""slora.patterns against Python's `re` (the oracle: PEFT runs the same keys through it) on the accepted subset,
+"""slora.io.patterns against Python's `re` (the oracle: PEFT runs the same keys through it) on the accepted subset,
 and the refusals of what can backtrack without bound."""
 import re
 import time

@@ -1,4 +1,4 @@
-"""slora.allocate: exact budgets, bounds, monotonicity, equivariance, PRA's example, paper rounding, errors."""
+"""slora.method.allocate: exact budgets, bounds, monotonicity, equivariance, PRA's example, paper rounding, errors."""
 import math
 import random
 from fractions import Fraction

@@ -1,4 +1,4 @@
-"""Properties of slora.eva (EVA's rank rule on eig(H)) against float64 oracles, plus the --alloc eva wiring.
+"""Properties of slora.method.eva (EVA's rank rule on eig(H)) against float64 oracles, plus the --alloc eva wiring.
 
 Oracle for the allocation: a greedy that hands out one rank at a time to the matrix whose next component has the
 largest ratio (ties: name, then component), which is the definition of a global top-k under caps written the other

@@ -1,4 +1,4 @@
-"""slora.hessian: target selection, calibration hooks, accumulation, block Cholesky, diagnostics, streaming."""
+"""slora.method.hessian: target selection, calibration hooks, accumulation, block Cholesky, diagnostics, streaming."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""slora.metrics: Eqs. 8-14 against exact, looping oracles; the full-diag closed form; the json artifact."""
+"""slora.method.metrics: Eqs. 8-14 against exact, looping oracles; the full-diag closed form; sensitivity.json."""
 import json
 import math
 

@@ -1,6 +1,6 @@
 """slora/method/reference.py, the executable spec, held equal to the full implementation.
 
-The full implementation is slora.sensitivity.compute with its defaults (diag(H), Eq. 14's θ, SRA with exact
+The full implementation is slora.method.sensitivity.compute with its defaults (diag(H), Eq. 14's θ, SRA with exact
 rounding, r_min 1, r_max min(d_in, d_out)). On tiny seeded BERT/RoBERTa, MPNet and LLaMA models, with or without a
 sequence-classification head, random target lists, padded calibration batches and budgets, the two must give the same
 ranks exactly and θ within `theta_bound`, a bound on float64 rounding derived below (not tuned).

@@ -1,4 +1,4 @@
-"""slora.sensitivity: the whole pre-training step on tiny seeded models; invariances; CPU versus CUDA."""
+"""slora.method.sensitivity: the whole pre-training step on tiny seeded models; invariances; CPU versus CUDA."""
 import copy
 import dataclasses
 import json
@@ -92,7 +92,7 @@ def test_config_errors():
 
 
 def test_a_single_module_falls_back_to_uniform_with_a_logged_reason(caplog):
-    with caplog.at_level(logging.WARNING, logger="slora.sensitivity"):
+    with caplog.at_level(logging.WARNING, logger="slora.method.sensitivity"):
         sens, ranks = compute_files(MODEL, BATCHES, SensitivityConfig(r_avg=3), "layers.0.mlp.down_proj")
     assert ranks == {"layers.0.mlp.down_proj": 3}
     assert "σ = 0" in sens["config"]["message"] and "σ = 0" in caplog.text

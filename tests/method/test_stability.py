@@ -1,4 +1,4 @@
-"""slora.stability: Kendall's τ-b against the O(n²) definition, and allocation agreement across calibration halves."""
+"""slora.method.stability: Kendall's τ-b against the O(n²) definition, and allocation agreement across calibration halves."""
 import math
 
 import pytest

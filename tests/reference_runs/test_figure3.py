@@ -2,7 +2,7 @@
 
 - README.md and the SVGs are what figure3.py writes from results.json (nothing edited by hand);
 - results.json follows from the recorded runs (figure3/runs.jsonl): per-metric and capped ranks recomputed with
-  today's slora.allocate, ranks and metrics equal to each run's ranks and sensitivity metrics;
+  today's slora.method.allocate, ranks and metrics equal to each run's ranks and sensitivity metrics;
 - every planned run is recorded;
 - Spearman's ρ against a float64 numpy oracle.
 """

@@ -83,9 +83,9 @@ def test_recorded_run_matches_its_command_and_its_ranks_follow_from_theta(run):
     ranks = rec.ranks()
     metrics = rec.metrics
     if cfg["method"] == "eva":
-        # EVA ranks follow from eigenvalue ratios that sensitivity.json does not hold (slora.eva): check the budget,
+        # EVA ranks follow from eigenvalue ratios that sensitivity.json does not hold (slora.method.eva): check the budget,
         # the ρ·r_avg cap and the floor, and that matrices sharing an input (one spectrum) differ by at most the one
-        # rank where the budget boundary cuts through their tied values (slora.eva)
+        # rank where the budget boundary cuts through their tied values (slora.method.eva)
         assert metrics["budget"]["achieved"] == metrics["budget"]["target"] == sum(ranks.values())
         assert all(cfg["r_min"] <= r <= min(cap[n], round(cfg["eva_rho"] * cfg["r_avg"])) for n, r in ranks.items())
         owner = {n: h["shared_with"] for n, h in cfg["hessian"].items()}
@@ -99,7 +99,7 @@ def test_recorded_run_matches_its_command_and_its_ranks_follow_from_theta(run):
     assert (budget["achieved"], budget["target"]) == (got.achieved, got.target)
     if cfg["unit"] == "rank":
         assert budget["achieved"] == budget["target"] == sum(ranks.values())
-    else:  # a rank of w costs d_in + d_out; the budget is met to within the dearest rank (slora.allocate)
+    else:  # a rank of w costs d_in + d_out; the budget is met to within the dearest rank (slora.method.allocate)
         cost = {n: d_in + d_out for n, (d_in, d_out) in shapes.items()}
         assert budget["achieved"] == sum(r * cost[n] for n, r in ranks.items())
         assert budget["target"] - max(cost.values()) < budget["achieved"] <= budget["target"]
@@ -118,7 +118,7 @@ def test_every_planned_command_passes_the_argument_checks(suite):
 
 def test_nlg_full_runs_the_benchmarked_gpu_path():
     """grid.py's nlg-full suite runs the flags `python -m slora.bench --only nlg` measures as the new path
-    (slora.bench_nlg.NEW_FLAGS, evaluation batches of 4 x the micro-batch), so the bench's speed is the runs' own."""
+    (slora.cli.bench_nlg.NEW_FLAGS, evaluation batches of 4 x the micro-batch), so the bench's speed is the runs' own."""
     from slora.cli.bench_nlg import NEW_FLAGS
     argv = shlex.split(grid.NLG_FULL_COMMON)
     flags = [a for a in argv if a.startswith("--")]

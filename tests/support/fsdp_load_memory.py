@@ -1,4 +1,4 @@
-"""GPU memory of a sharded load (slora.shardload), for the lead to run on N GPUs:
+"""GPU memory of a sharded load (slora.dist.sharded_load), for the lead to run on N GPUs:
 
     torchrun --nproc-per-node 2 tests/support/fsdp_load_memory.py [--layers 16 --hidden 2048 --inter 8192 --vocab 128256]
 

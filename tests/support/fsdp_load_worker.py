@@ -1,5 +1,5 @@
 """One rank of tests/dist/test_sharded_load.py: `python tests/support/fsdp_load_worker.py OUT KIND:DTYPE:MODEL_DIR ...` under
-tests/dist_launch.launch. Loads each model sharded (slora.shardload, as `finetune --fsdp` does) while recording
+tests/dist_launch.launch. Loads each model sharded (slora.dist.sharded_load, as `finetune --fsdp` does) while recording
 every read of the safetensors files, then writes OUT.RANK.json: per model, the elements read per tensor, the
 tensors read whole, and whether this rank's shards equal the rows of the same tensors loaded whole."""
 from __future__ import annotations

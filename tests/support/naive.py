@@ -21,7 +21,7 @@ def inverse_diag(h: torch.Tensor) -> torch.Tensor:
 
 
 def _frac(x: float) -> Fraction:
-    """k_frac and α as the fractions they stand for (slora.metrics.rational's rule, written out)."""
+    """k_frac and α as the fractions they stand for (slora.method.metrics.rational's rule, written out)."""
     near = Fraction(x).limit_denominator(10 ** 6)
     return near if abs(near - Fraction(x)) <= 4 * 2.0 ** -52 * abs(Fraction(x)) else Fraction(x)
 

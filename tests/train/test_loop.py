@@ -115,7 +115,7 @@ def diverging_run(tmp_path, *extra) -> str:
     out = tmp_path / f"run{len(extra)}"
     argv = ["--model", str(model), "--task", "jsonl", "--train-file", str(tmp_path / "t.jsonl"), "--batch-size",
             "4", "--calib-n", "8", "--max-steps", "5", "--lr", "1e30", "--out", str(out), *extra]
-    # --lr inf itself is refused as an argument (slora.argcheck); a finite but absurd rate diverges in training
+    # --lr inf itself is refused as an argument (slora.cli.argcheck); a finite but absurd rate diverges in training
     with pytest.raises(divergence.NonFiniteError, match=r"step \d: .* not finite.*--lr 1e\+30") as e:
         finetune.main(argv)
     assert not (out / "adapter").exists()
@@ -173,7 +173,7 @@ def test_length_sorted_evaluation_returns_predictions_in_example_order(monkeypat
     examples = [Example(str(i), " ".join(["good"] * (1 + (7 * i) % 11)), None, 0) for i in range(13)]
     seen = []
     monkeypatch.setattr(scores, "score", lambda metrics, preds, refs: seen.append(preds) or {})
-    spec = argparse.Namespace(kind="classification", metrics=("accuracy",))
+    spec = argparse.Namespace(kind="classification", scores=("accuracy",))
     for group, size in ((False, None), (True, None), (True, 4)):
         args = loop.TrainConfig(max_len=32, batch_size=3, eval_batch_size=size, group_by_length=group, fsdp=False)
         evaluation.evaluate(LengthEcho(), tok, spec, examples, args, 0, "cpu", contextlib.nullcontext())

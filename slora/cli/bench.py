@@ -11,13 +11,13 @@ Side-by-side measurements of what slora costs on the current device, every figur
    batch, and whether any rank changes when the accumulation runs in float64.
 3. A LoRA training step with the allocated ranks at LLaMA-3.2-1B shape: slora against PEFT on transformers'
    model (same ranks through `rank_pattern`, same batch and sequence length), when peft is installed.
-4. LoRA training at LLaMA-3.1-8B shape (issue 10 §5): random bf16 base, every linear layer adapted with ranks
+4. LoRA training at LLaMA-3.1-8B shape (the README's "One GPU at 8B"): random bf16 base, every linear layer adapted with ranks
    allocated at r_avg 8 (diag calibration on one 2 x 1024 batch), micro-batch 2 x 2048, activation checkpointing
    (slora's per-layer non-reentrant checkpointing; transformers' gradient checkpointing, non-reentrant), each
    library's own training loss (slora's chunked LM head; transformers' `labels=`). Tokens/s and peak memory of
    both, and their ratio (goals: >= 1.10x PEFT, <= 22 GB).
 
-5. NLG fine-tuning (issue 11): `python -m slora.finetune` on SmolLM2 and wiki-describe, the old path (batch 8, random
+5. NLG fine-tuning (the full-size NLG comparison's path): `python -m slora.finetune` on SmolLM2 and wiki-describe, the old path (batch 8, random
    order, a host read per step) against the new one (bigger micro-batch, length-grouped batches, the non-finite
    check on the device, fused AdamW, the LM head on response positions only): tokens/s, padding, peak memory,
    generation throughput (slora.cli.bench_nlg).
@@ -400,7 +400,7 @@ def main(argv=None):
             res.update(train_step_s_slora=None, train_error=f"{e!r}"[:300], train_rank_sum=None, train_shape=None)
         reset_peak(device)
     if "train8b" in cases:
-        # issue 10 §5: LLaMA-3.1-8B shape, bf16 base, micro-batch 2 x 2048, activation checkpointing on both sides
+        # LLaMA-3.1-8B shape, bf16 base, micro-batch 2 x 2048, activation checkpointing on both sides
         res["train8b_model"] = calib_shape
         try:
             res.update(bench_train.bench_training(LlamaConfig(**SHAPES[calib_shape]), args.train8b_batch,

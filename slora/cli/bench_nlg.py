@@ -1,5 +1,5 @@
 """python -m slora.bench --only nlg: SmolLM2 LoRA fine-tuning on wiki-describe, the old training path against the
-new one, side by side in one run (issue 11, "The NLG comparison at full size").
+new one, side by side in one run (the path of the full-size NLG comparison, reference_runs/nlg-full).
 
 Each path is a real `python -m slora.finetune` run, in this process: SmolLM2-135M on the whole wiki-describe training
 split (--max-len 256), uniform ranks r 8 on q,k,v,o, stopped after --nlg-steps optimizer steps, then evaluated by

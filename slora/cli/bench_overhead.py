@@ -1,5 +1,5 @@
 """python -m slora.bench_overhead: the host-side cost of one SmolLM2 LoRA training step and one greedy decoding
-step, where the compute is negligible (issue 11, NLG GPU efficiency, second pass).
+step, where the compute is negligible (the NLG path on a GPU is host-bound).
 
 On the H200 the NLG path trains at ~310 ms per optimizer step and decodes at ~120 ms per token for a 135M model:
 numbers set by the host (Python, dispatcher, small ops, host reads), not by the GPU. Those costs do not depend on

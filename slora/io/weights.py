@@ -72,7 +72,7 @@ def read_tensors(folder, dtype: torch.dtype | None = None, device="cpu") -> dict
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 # cast each tensor as it is read: a bf16 load of an fp32 shard holds one fp32 tensor at a time,
-                # never the whole shard (issue 10: no fp32 copy of the base)
+                # never the whole shard (a bf16 load holds no fp32 copy of the base)
                 part = {name: _cast(f.get_tensor(name), dtype) for name in f.keys()}
         except Exception as e:  # safetensors raises its own SafetensorError for a bad header or short file
             raise ValueError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from None

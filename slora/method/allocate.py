@@ -256,7 +256,7 @@ TOP_SHARE = 0.5  # warn when they hold more than half of Σ r
 def concentration(ranks: Mapping[str, int], top_frac: float = TOP_FRAC, top_share: float = TOP_SHARE) -> dict:
     """How much of the budget the largest ranks take: the top k = max(1, ceil(top_frac·n)) matrices by rank
     hold `share` = Σ top-k r / Σ r. `warn` is share > top_share. SmolLM2 all-linear at r_avg 8 under SRA gave
-    3 of 210 matrices 1,385 of 1,680 ranks (issue 11), which this flags; uniform ranks give share = k/n."""
+    3 of 210 matrices 1,385 of 1,680 ranks (reference_runs/figure3), which this flags; uniform ranks give share = k/n."""
     if not 0 < top_frac <= 1 or not 0 < top_share < 1:
         raise ValueError(f"top_frac must be in (0, 1] and top_share in (0, 1), got {top_frac}, {top_share}")
     total = sum(ranks.values())

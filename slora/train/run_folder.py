@@ -10,7 +10,7 @@ Layout of OUT while and after `python -m slora.finetune --out OUT` runs:
     OUT/.slora-run.json    written last when the run completes: the names of the files slora moved into OUT
     OUT/args.json, ...     the complete run (the files of .slora-partial/ less its checkpoints)
 
-Rules (issue 13, "Run folders never lose user data"): slora deletes only files it wrote (the names listed in
+Rules (nothing a user owns is lost): slora deletes only files it wrote (the names listed in
 .slora-run.json, or for a run folder from before that file existed, the fixed names of a run); files a user added
 (NOTES.md, plots/) survive a --replace. A complete run is refused unless --replace is given. A lock whose process is
 gone (killed) is stale: it is taken over, and the takeover is said. SIGTERM is turned into KeyboardInterrupt, so it

@@ -1,5 +1,5 @@
-"""The host-overhead cuts of issue 11's second pass give the same bits on the CPU as the code before them, and
-remove what they claim to remove (slora/bench_overhead.py measures how much).
+"""The host-overhead cuts of the NLG path (fewer dispatched ops per step) give the same bits on the CPU as the code before them, and
+remove what they claim to remove (slora/cli/bench_overhead.py measures how much).
 
 The code before is frozen here (copied from commit a3834e6): LoRALinear.forward, LlamaRMSNorm.forward,
 rotate_half / apply_rope and LlamaModel.forward. Each comparison runs the same seeded model twice, once with the

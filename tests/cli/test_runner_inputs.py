@@ -1,4 +1,4 @@
-"""The adversarial corpus (issue 13), part 1: what a new user types and brings to `python -m slora.finetune`
+"""The adversarial corpus of bad input, part 1: what a new user types and brings to `python -m slora.finetune`
 (flags, data files, model folders) and to slora.assets / slora.bench. Shared parts: tests/support/corpus.py.
 """
 import json

@@ -1,4 +1,4 @@
-"""The adversarial corpus (issue 13), part 2: run folders (data loss, concurrency, divergence), GGUF conversion,
+"""The adversarial corpus of bad input, part 2: run folders (data loss, concurrency, divergence), GGUF conversion,
 adapters from strangers, and signals (slow tier, real processes). Shared parts: tests/support/corpus.py.
 """
 import json

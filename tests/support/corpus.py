@@ -1,4 +1,4 @@
-"""The adversarial corpus's shared parts (issue 13): tiny inputs built once, the case table row, the runner.
+"""The adversarial corpus's shared parts: tiny inputs built once, the case table row, the runner.
 
 Every case runs a command's `main(argv)` in-process through `slora.errors.run_cli`, the runner behind
 `python -m slora.<command>`, and asserts the convention: the exit status (2 invalid argument, 1 bad input),

@@ -56,7 +56,7 @@ def reference(setup, tmp_path_factory):
     return finetune.main(argv(setup, tmp_path_factory.mktemp("ref") / "run"))
 
 
-# The efficient GPU path (issue 11's NLG comparison): length-grouped batches, length-sorted evaluation of another
+# The efficient GPU path (the full-size NLG comparison's flags): length-grouped batches, length-sorted evaluation of another
 # batch size, the non-finite check on the device (read every 3 steps here, so checkpoints fall between reads), fused
 # AdamW. Resume must stay bit-identical with it.
 FAST = ("--group-by-length", "--eval-batch-size", "3", "--check-finite", "log", "--log-every", "3", "--fused-optim")

@@ -1,6 +1,6 @@
 """Compare slora's `--alloc eva` with PEFT's EVA (`peft.tuners.lora.eva.get_eva_state_dict`) on a real model.
 
-    PYTHONPATH=. /work/venv-hf/bin/python tests/comparisons/eva_compat.py [--model minilm|smollm2] [--calib-n 256] [--rho 2]
+    PYTHONPATH=. python tests/comparisons/eva_compat.py [--model minilm|smollm2] [--calib-n 256] [--rho 2]
 
 Not collected by pytest (no `test_` prefix): it imports transformers and peft, which slora never does. Both sides
 see the same calibration batches (slora.data, built exactly as `python -m slora.finetune` builds them for the task),

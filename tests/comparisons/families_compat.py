@@ -1,6 +1,6 @@
 """Check slora's qwen2 and mistral decoders against checkpoints that transformers itself writes.
 
-    PYTHONPATH=. /work/venv-hf/bin/python tests/comparisons/families_compat.py [--tol 1e-4]
+    PYTHONPATH=. python tests/comparisons/families_compat.py [--tol 1e-4]
 
 Not collected by pytest (no `test_` prefix): it imports transformers, which slora never does. For each case it
 builds a tiny random Qwen2ForCausalLM / MistralForCausalLM with transformers (weights N(0, 0.2²) from a fixed

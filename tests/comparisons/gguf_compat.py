@@ -1,6 +1,6 @@
 """Check slora's GGUF conversion (llama3 `rope_freqs` included) against transformers' own GGUF loader.
 
-    PYTHONPATH=. /work/venv-hf/bin/python tests/comparisons/gguf_compat.py [--tol 1e-4]
+    PYTHONPATH=. python tests/comparisons/gguf_compat.py [--tol 1e-4]
 
 Not collected by pytest: it imports transformers and the `gguf` package (which transformers' loader needs),
 neither of which slora uses. Cases, on the tiny 2-layer llama GGUF of tests/io/test_gguf.py (mixed Q8_0, Q4_0,

@@ -1,6 +1,6 @@
 """Check a slora chat run against transformers and PEFT: the adapter, the merged export, and the chat rendering.
 
-    PYTHONPATH=. python tests/wiki_chat.py /tmp/chat
+    python -m slora.wiki_chat /tmp/chat
     python -m slora.finetune --model smollm2 --task jsonl --jsonl-kind chat --train-file /tmp/chat/train.jsonl \\
         --dev-file /tmp/chat/dev.jsonl --max-steps 6 --batch-size 8 --max-len 192 --calib-n 32 --max-eval 8 \\
         --lr 5e-3 --gen-tokens 12 --alpha-policy constant --fold-scaling --out /tmp/chat-run

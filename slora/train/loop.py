@@ -10,8 +10,10 @@ Loss normalisation: slora.train.objective (the loss of a step over its target co
 
 Data order. Optimizer steps never span an epoch: the last step of an epoch takes the micro-batches that are left
 (fewer than --grad-accum when they do not divide evenly), and the count normalisation weighs it correctly. With
---grad-accum 1 this is the same schedule as before. --group-by-length draws each epoch's batches of similar length
-from the same generator (text.grouped_order), so resume and torchrun's contiguous rows work unchanged.
+--grad-accum 1 this is the same schedule as before. Each epoch's order comes from a generator of its own, seeded
+from --seed alone (`data_order_seed`), not from the LoRA-init stream: two allocations of one seed see the same
+batches in the same order. --group-by-length draws its batches of similar length from that generator
+(text.grouped_order), so resume and torchrun's contiguous rows work unchanged.
 
 Host reads. On a GPU, every read of a device value by the host (`.item()`, `bool(t)`, a copy from pageable memory)
 waits until the device has finished its queue, and a small model's step is short enough for those waits to
@@ -27,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from itertools import islice
 
+import numpy as np
 import torch
 
 from slora.data import text
@@ -93,6 +96,8 @@ def set_activation_checkpointing(model, on: bool = True) -> int:
 # -----------------------------------------------------------------------------
 # Settings
 
+DATA_ORDER_STREAM = 1  # the second entropy word of the data-order seed (data_order_seed)
+
 @dataclass
 class TrainConfig:
     """Everything the loop and the evaluation read; slora.cli.finetune fills it from the flags of the same names."""
@@ -139,6 +144,12 @@ class TrainState:
     data_rng: torch.Tensor | None = None  # the data-order generator's state at the start of `epoch`
 
 
+def data_order_seed(seed: int) -> int:
+    """The seed of the data-order stream: a 64-bit value mixed from `seed` alone (numpy's SeedSequence), independent
+    of the LoRA-init stream that `seed` itself seeds."""
+    return int(np.random.SeedSequence([seed, DATA_ORDER_STREAM]).generate_state(1, dtype=np.uint64)[0])
+
+
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; with --fused-optim the fused implementation: one kernel for all parameters, where the default
     (foreach on CUDA, a loop over tensors on CPU) launches several per parameter group, which matters for LoRA's
@@ -155,7 +166,10 @@ def finetune(model, tok, spec, train, evals, cfg: TrainConfig, pad_id, device, a
 
     `checkpoint` (a slora.train.resume.Checkpointer, or None) writes a resume point at the steps it is due and,
     when it holds one, restores the loop from it before the first step."""
-    g = torch.Generator().manual_seed(cfg.seed)  # LoRA init, then the data order of every epoch
+    g = torch.Generator().manual_seed(cfg.seed)  # LoRA init
+    # the data order of every epoch: a stream of its own, derived from the seed alone, so that every allocation
+    # (whose LoRA init draws a different number of values from g) sees the same batches for a seed
+    order = torch.Generator().manual_seed(data_order_seed(cfg.seed))
 
     def add_lora(m):
         apply_lora(m, ranks, cfg.lora_alpha, alpha_policy=cfg.alpha_policy, dropout=cfg.lora_dropout,
@@ -210,10 +224,10 @@ def finetune(model, tok, spec, train, evals, cfg: TrainConfig, pad_id, device, a
     while state.step < total:
         model.train()
         if state.batch == 0:
-            state.data_rng = g.get_state()  # the epoch's order is drawn next, from here
+            state.data_rng = order.get_state()  # the epoch's order is drawn next, from here
         else:
-            g.set_state(state.data_rng)  # resumed mid-epoch: draw the same order again, skip what was used
-        batches = map(data_parallel.local_rows, text.iterate_batches(feats, global_batch, pad_id, generator=g,
+            order.set_state(state.data_rng)  # resumed mid-epoch: draw the same order again, skip what was used
+        batches = map(data_parallel.local_rows, text.iterate_batches(feats, global_batch, pad_id, generator=order,
                                                                 group_by_length=cfg.group_by_length))
         for _ in islice(batches, state.batch):
             pass

@@ -22,7 +22,7 @@ Side-by-side measurements of what slora costs on the current device, every figur
    check on the device, fused AdamW, the LM head on response positions only): tokens/s, padding, peak memory,
    generation throughput (slora.cli.bench_nlg).
 
-`--only CASE` (calibration, train1b, train8b, nlg; repeatable) runs a subset; with `--out` the keys of an existing
+`--only CASE` (calibration, train1b, train8b, nlg, decode; repeatable) runs a subset; with `--out` the keys of an existing
 result.json that were not re-measured are kept. `--small` runs tiny shapes on the CPU in seconds (the CI smoke
 test). transformers and peft are optional
 comparison baselines: when missing, their rows say so and the run goes on.
@@ -53,6 +53,9 @@ SHAPES = {
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
                          rope_scaling=LLAMA3_ROPE | {"factor": 32.0}, max_position_embeddings=131072,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, max_position_embeddings=8192,
                          rms_norm_eps=1e-5, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
@@ -309,6 +312,9 @@ def report(r: dict) -> str:
     if "nlg_new_tokens_per_s" in r:
         from slora.cli import bench_nlg
         lines += bench_nlg.report_nlg(r)
+    if "decode_speedup" in r:
+        from slora.cli import bench_nlg
+        lines += bench_nlg.report_decode(r)
     return "\n".join(lines)
 
 
@@ -343,7 +349,7 @@ def report_calibration(r: dict) -> list[str]:
     return lines
 
 
-CASES = ("calibration", "train1b", "train8b", "nlg")
+CASES = ("calibration", "train1b", "train8b", "nlg", "decode")
 
 
 def main(argv=None):
@@ -364,6 +370,9 @@ def main(argv=None):
     p.add_argument("--nlg-batch", type=int, default=32,
                    help="sequences per micro-batch of the new NLG path (evaluation: 4 x as many)")
     p.add_argument("--nlg-eval", type=int, default=100, help="dev and test examples generated per NLG path (count)")
+    p.add_argument("--decode-batch", type=int, default=128, help="prompts per decoding batch (count)")
+    p.add_argument("--decode-prompt-len", type=int, default=256, help="tokens of the longest prompt (count)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="new tokens per answer (count)")
     p.add_argument("--out", default=None, help="folder for result.json and output.txt; the keys of an existing "
                    "result.json that this run does not measure are kept")
     args = p.parse_args(argv)
@@ -376,6 +385,7 @@ def main(argv=None):
         args.batches, args.batch_size, args.seq_len, args.train_batch, args.train_seq_len = 2, 2, 32, 2, 32
         args.train8b_batch, args.train8b_seq_len, args.train_steps = 2, 32, 2
         args.nlg_steps, args.nlg_batch, args.nlg_eval = 8, 32, 8
+        args.decode_batch, args.decode_prompt_len, args.decode_tokens = 4, 16, 8
     calib_shape = "tiny" if args.small else "llama-3.1-8b"
     train_shape = "tiny" if args.small else "llama-3.2-1b"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -413,6 +423,11 @@ def main(argv=None):
     if "nlg" in cases:
         from slora.cli import bench_nlg  # builds on this module's helpers, like bench_train
         res.update(bench_nlg.bench_nlg(device, args.nlg_steps, args.nlg_batch, args.nlg_eval, args.small))
+        reset_peak(device)
+    if "decode" in cases:
+        from slora.cli import bench_nlg
+        res.update(bench_nlg.bench_decode(device, args.decode_batch, args.decode_prompt_len, args.decode_tokens,
+                                          args.small))
         reset_peak(device)
     if args.out and (Path(args.out) / "result.json").is_file():
         old = json.loads((Path(args.out) / "result.json").read_text())

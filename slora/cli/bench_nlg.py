@@ -1,5 +1,5 @@
 """python -m slora.bench --only nlg: SmolLM2 LoRA fine-tuning on wiki-describe, the old training path against the
-new one, side by side in one run (the path of the full-size NLG comparison, reference_runs/nlg-full).
+new one, side by side in one run; and --only decode: greedy decoding, generate against --fast-generate (the path of the full-size NLG comparison, reference_runs/nlg-full).
 
 Each path is a real `python -m slora.finetune` run, in this process: SmolLM2-135M on the whole wiki-describe training
 split (--max-len 256), uniform ranks r 8 on q,k,v,o, stopped after --nlg-steps optimizer steps, then evaluated by
@@ -27,7 +27,7 @@ import torch
 
 from slora.data import tasks, text
 from slora.cli import finetune
-from slora.cli.bench import SHAPES, peak_gb, random_llama, reset_peak
+from slora.cli.bench import SHAPES, peak_gb, random_llama, reset_peak, timed
 from slora.io.model_folder import load_tokenizer, save_model
 from slora.models.llama import LlamaConfig
 
@@ -167,3 +167,63 @@ def report_nlg(r: dict) -> list[str]:
                  f"{r['nlg_new_flags']})")
     return lines
 
+
+# -----------------------------------------------------------------------------
+# Decoding: generate against generate_static (merged adapters, preallocated cache, CUDA graphs)
+
+def bench_decode(device, batch: int, prompt_len: int, new_tokens: int, small: bool) -> dict:
+    """Greedy decoding throughput at SmolLM2-135M's shape (random weights, so the keys need no asset): the
+    evaluation path as it is (LlamaForCausalLM.generate, LoRA branches unmerged) against --fast-generate (the
+    adapters merged for the block, models.decode.generate_static, a CUDA graph per token on CUDA), side by side on
+    the same prompts: `batch` left-padded prompts of 1/2 to 1 x `prompt_len` tokens (longest first, as evaluation
+    sorts them), LoRA r 8 on q,k,v,o with non-zero B, every answer `new_tokens` long (no stop id), as many answers
+    per second as a 4 x 32 evaluation batch of the full NLG comparison. Keys decode_*."""
+    from slora.models.decode import generate_static
+    from slora.models.lora import apply_lora, lora_modules, merged
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    cfg = LlamaConfig(**SHAPES["tiny" if small else "smollm2-135m"])
+    model = random_llama(cfg, device, dtype)
+    apply_lora(model, {n: 8 for n, m in model.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))},
+               16.0, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.02)
+    model.eval()
+    lengths = sorted(torch.randint(prompt_len // 2, prompt_len + 1, (batch,), generator=g).tolist(), reverse=True)
+    ids = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g)
+    mask = (torch.arange(prompt_len)[None, :] >= (prompt_len - torch.tensor(lengths))[:, None]).long()
+    ids, mask = (ids * mask).to(device), mask.to(device)
+
+    def eager():
+        return model.generate(ids, mask, max_new_tokens=new_tokens, eos_token_id=-1)
+
+    def fast():
+        with merged(model):
+            return generate_static(model, ids, mask, new_tokens, eos_token_id=-1, graph=device.type == "cuda")
+    res = {"decode_model": "tiny" if small else "smollm2-135m", "decode_batch": batch, "decode_prompt_len": prompt_len,
+           "decode_new_tokens": new_tokens}
+    outs = {}
+    for name, fn in (("eager", eager), ("fast", fast)):
+        outs[name] = fn()  # warm-up: kernels chosen, graph memory allocated
+        s = timed(fn, device, repeat=3)
+        res[f"decode_{name}_s"] = s
+        res[f"decode_{name}_answers_per_s"] = batch / s
+        res[f"decode_{name}_tokens_per_s"] = batch * new_tokens / s
+    res["decode_speedup"] = res["decode_eager_s"] / res["decode_fast_s"]
+    same = (outs["eager"] == outs["fast"]).all(-1)  # (B,) whole answers equal
+    res["decode_same_answers"] = float(same.float().mean())
+    print(f"[bench] decode: eager {res['decode_eager_answers_per_s']:.1f} answers/s, fast "
+          f"{res['decode_fast_answers_per_s']:.1f} ({res['decode_speedup']:.2f}x), same answers "
+          f"{res['decode_same_answers']:.1%}", flush=True)
+    return res
+
+
+def report_decode(r: dict) -> list[str]:
+    return [f"Greedy decoding ({r['decode_model']} shape, random weights, LoRA r 8 on q,k,v,o; {r['decode_batch']} "
+            f"prompts of up to {r['decode_prompt_len']} tokens, {r['decode_new_tokens']} new tokens each):",
+            f"  generate          {r['decode_eager_answers_per_s']:8.1f} answers/s  "
+            f"{r['decode_eager_tokens_per_s']:10,.0f} tokens/s",
+            f"  --fast-generate   {r['decode_fast_answers_per_s']:8.1f} answers/s  "
+            f"{r['decode_fast_tokens_per_s']:10,.0f} tokens/s   {r['decode_speedup']:.2f}x, "
+            f"{r['decode_same_answers']:.1%} of the answers identical"]

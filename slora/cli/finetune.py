@@ -131,6 +131,9 @@ def parse_args(argv=None):
                    help="when the host reads loss and gradient norm to stop a diverged run: every optimizer step, "
                         "or only at log steps, checkpoints and evaluation (the first bad step is kept on the device "
                         "and named; no GPU stall per step)")
+    p.add_argument("--fast-generate", action="store_true",
+                   help="causal LM evaluation: generate with the adapters merged into the base (restored after), a "
+                        "preallocated key/value cache and, on CUDA, one CUDA graph per token; same text up to rounding")
     p.add_argument("--sparse-lm-head", action="store_true",
                    help="causal LM: the LM head and loss only at positions that carry a loss (the "
                         "response tokens), not all B x T; same loss up to rounding, less work and memory")
@@ -252,6 +255,9 @@ def run(args, tmp: Path, resume: bool = False):
     if sharded and args.metric_source == "obs":  # rank 0 alone allocates, and OBS reads whole weight matrices
         raise UsageError("--metric-source", "obs reads each whole weight matrix on rank 0, which --fsdp shards; "
                                             "use diag or full-diag, or leave out --fsdp")
+    if sharded and args.fast_generate:  # merging writes whole weights, which each rank holds a shard of
+        raise UsageError("--fast-generate", "merges the adapters into whole weights, which --fsdp shards; leave out "
+                                            "one of the two")
     base_dtype = torch.bfloat16 if bf16_base else torch.float32
     if sharded:
         body = meta_model(model_path, base_dtype)
@@ -284,8 +290,9 @@ def run(args, tmp: Path, resume: bool = False):
     if (spec.kind == "generation") != (family == "decoder"):
         need, have = ("a decoder", "an encoder") if family == "encoder" else ("an encoder", "a decoder")
         raise SloraError(args.model, f"is {have}, but task {spec.name} ({spec.kind}) needs {need}")
-    if args.sparse_lm_head and spec.kind != "generation":
-        raise UsageError("--sparse-lm-head", f"applies to causal-LM tasks; {spec.name} is {spec.kind}")
+    for flag in ("sparse_lm_head", "fast_generate"):
+        if getattr(args, flag) and spec.kind != "generation":
+            raise UsageError(f"--{flag.replace('_', '-')}", f"applies to causal-LM tasks; {spec.name} is {spec.kind}")
     if spec.name == "jsonl-chat":  # the model's template decides; a model without one is refused here
         chat.template_family(tok)
         system = chat.default_system(model_path, tok)

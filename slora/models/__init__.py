@@ -3,6 +3,7 @@
     bert.py     BERT / RoBERTa and their sequence-classification heads
     mpnet.py    MPNet (relative-position bias) and its head
     llama.py    the decoder of LLaMA, Qwen2 and Mistral, with greedy generation over a key/value cache
+    decode.py   greedy decoding over a preallocated key/value cache, one CUDA graph per token
     lora.py     LoRALinear and the loralib-sized API (apply_lora, merge, ...)
     targets.py  which nn.Linear modules a run adapts (find_linears)
 

@@ -220,7 +220,11 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)    # (B, Hkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)    # (B, Hkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # generation: keys/values of earlier positions are kept, not recomputed
+        if cache is not None and "slot" in cache:  # a preallocated cache (models.decode): write at the step's slot
+            cache["k"].index_copy_(2, cache["slot"], k)  # (B, Hkv, S, hs), S the cache's fixed length
+            cache["v"].index_copy_(2, cache["slot"], v)
+            k, v = cache["k"], cache["v"]
+        elif cache is not None:  # generation: keys/values of earlier positions are kept, not recomputed
             if "k" in cache:
                 k = torch.cat([cache["k"], k], dim=2)  # (B, Hkv, S, hs), S = past + T
                 v = torch.cat([cache["v"], v], dim=2)

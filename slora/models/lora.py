@@ -30,6 +30,7 @@ Shape legend: B batch, T sequence, d_in / d_out the wrapped layer's features, r 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Iterable, Mapping, Optional
@@ -288,6 +289,25 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     for m in lora_modules(model).values():
         m.unmerge()
     return model
+
+
+@contextlib.contextmanager
+def merged(model: nn.Module):
+    """Every LoRA layer merged (W + scaling·B A, in W's dtype) inside the block, for inference at the cost of the
+    base model alone; afterwards each W is restored bit for bit from a copy kept aside (in bf16, W + Δ − Δ is not W,
+    so unmerge() alone would move the base). Memory: one copy of the adapted base weights. Layers merged before the
+    block stay merged."""
+    layers = [m for m in lora_modules(model).values() if not m.merged]
+    saved = [m.weight.detach().clone() for m in layers]  # (d_out, d_in) each
+    try:
+        for m in layers:
+            m.merge()
+        yield model
+    finally:
+        with torch.no_grad():
+            for m, w in zip(layers, saved):
+                m.weight.copy_(w)
+                m.merged = False
 
 
 def merged_copy(model: nn.Module) -> nn.Module:

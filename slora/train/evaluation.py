@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from slora.data import chat, scores, text
 from slora.dist import data_parallel
+from slora.models.decode import generate_static
+from slora.models.lora import merged
 from slora.train.objective import forward_inputs, to_device
 
 
@@ -32,10 +34,14 @@ def evaluate(model, tok, spec, examples, cfg, pad_id, device, autocast) -> dict:
         # every rank's forwards in step, and every batch runs all gen_tokens steps (no rank stops early while
         # another still decodes: each forward all-gathers weights from every rank)
         for batch, real in data_parallel.eval_shard(batches, cfg.fsdp):
+            ids, mask = to_device(batch["input_ids"], device), to_device(batch["attention_mask"], device)
             with autocast:
-                out = model.generate(to_device(batch["input_ids"], device),
-                                     to_device(batch["attention_mask"], device), max_new_tokens=cfg.gen_tokens,
-                                     eos_token_id=stops, early_stop=not cfg.fsdp)
+                if cfg.fast_generate:  # the adapters merged for the block (the base restored after), fixed shapes
+                    with merged(model):
+                        out = generate_static(model, ids, mask, cfg.gen_tokens, stops, graph=device.type == "cuda")
+                else:
+                    out = model.generate(ids, mask, max_new_tokens=cfg.gen_tokens, eos_token_id=stops,
+                                         early_stop=not cfg.fsdp)
             if real:
                 preds += text.decode_generations(tok, out.cpu(), batch["input_ids"].shape[1], stops)
         preds = text.restore_order(data_parallel.gather(preds), order)

@@ -125,6 +125,7 @@ class TrainConfig:
     max_len: int = 128  # tokens per sequence
     eval_batch_size: int | None = None  # sequences per evaluation batch (default batch_size)
     gen_tokens: int = 24  # max new tokens per generated answer
+    fast_generate: bool = False  # generation with adapters merged, a preallocated cache and CUDA graphs (models.decode)
     # torchrun and bookkeeping
     fsdp: bool = False  # the model is sharded with FSDP2 (evaluation then keeps every rank's forwards in step)
     log_every: int = 10  # a progress line every this many steps

@@ -3,7 +3,8 @@ from slora.cli import bench
 
 KEYS = {"forward_s", "forward_s_transformers", "calib_diag_s", "calib_full_s", "peak_mem_gb_diag",
         "peak_mem_gb_full", "weights_gb", "train_step_s_slora", "train_step_s_peft", "tokens", "device", "torch",
-        "train8b_tokens_per_s_slora", "peak_mem_gb_train8b_slora", "train8b_step_s_peft"}
+        "train8b_tokens_per_s_slora", "peak_mem_gb_train8b_slora", "train8b_step_s_peft", "decode_eager_answers_per_s",
+        "decode_fast_answers_per_s", "decode_speedup", "decode_same_answers"}
 
 
 def test_bench_small_runs_and_writes_result(tmp_path, capsys):

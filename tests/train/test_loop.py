@@ -341,3 +341,20 @@ def test_every_allocation_sees_the_same_batches_for_a_seed(tmp_path, monkeypatch
     assert len(seen[0]) == 10  # 36 examples at batch 8: 5 micro-batches per epoch, 2 epochs
     assert seen[0] == seen[1]
     assert seen[0] != seen[2]
+
+
+def test_fast_generate_gives_the_predictions_of_generate(tmp_path):
+    """--fast-generate (adapters merged for the block, a preallocated cache) predicts the text generate predicts on
+    the CPU (rounding only differs; far from ties on this tiny model), and leaves the trained weights as they were."""
+    from tests.cli.test_finetune import run
+    from tests.support.tiny import tiny_model_dir, write_jsonl
+    rows = [{"prompt": f"say {w} {v}", "response": f"{v} {w}"} for w in ("a", "b", "c", "d") for v in ("e", "f", "g")]
+    data = write_jsonl(tmp_path / "t.jsonl", rows[:9]), write_jsonl(tmp_path / "d.jsonl", rows[9:])
+    model = tiny_model_dir(tmp_path / "m", "decoder")
+    outs = [run(tmp_path, model, data, *extra, "--max-steps", "4", "--lr", "5e-2", "--gen-tokens", "6",
+                kind="instructions", out=name) for name, extra in (("eager", ()), ("fast", ("--fast-generate",)))]
+    a, b = (json.loads((o / "metrics.json").read_text()) for o in outs)
+    assert a["final"] == b["final"] and a["epochs"] == b["epochs"]
+    from safetensors.torch import load_file
+    wa, wb = (load_file(o / "adapter" / "adapter_model.safetensors") for o in outs)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -176,6 +176,8 @@ def cv_weight(xs: list[float]) -> float:
     """σ/µ² over all modules (Eqs. 11, 13), population σ; 0 when σ = 0 (the metric tells modules apart not at all)."""
     if not xs:
         raise ValueError("cv_weight of an empty list")
+    if min(xs) == max(xs):  # σ = 0 exactly; the rounded mean of equal values need not equal them (fsum(3·[x])/3)
+        return 0.0
     mu = math.fsum(xs) / len(xs)
     sigma = math.sqrt(math.fsum((x - mu) ** 2 for x in xs) / len(xs))
     return 0.0 if sigma == 0 else sigma / mu ** 2

@@ -169,3 +169,15 @@ def test_sensitivity_json_has_exactly_the_published_keys():
     assert out["modules"]["a.v"]["d_out"] == 4 and out["modules"]["a.q"]["s_global"] == 36.0
     assert out["config"]["targets"] == "a" and out["modules"]["a.v"]["tokens"] == 10
     assert json.loads(json.dumps(out)) == out
+
+
+@given(st.floats(1e-6, 1e6, allow_nan=False), st.integers(1, 40))
+def test_equal_values_have_weight_zero(x, n):
+    """σ of n equal values is 0 exactly, though the rounded mean fsum([x]*n)/n may differ from x by an ulp."""
+    assert metrics.cv_weight([x] * n) == 0.0
+
+
+def test_three_equal_modules_fall_back_with_all_theta_zero():
+    table = {f"m{i}": ModuleMetrics(0.7, 0.1, 3, 8) for i in range(3)}
+    agg = metrics.aggregate(table)
+    assert set(agg.theta.values()) == {0.0} and set(agg.weights.values()) == {0.0}

@@ -259,11 +259,11 @@ def run(args, tmp: Path, resume: bool = False):
         raise UsageError("--fast-generate", "merges the adapters into whole weights, which --fsdp shards; leave out "
                                             "one of the two")
     base_dtype = torch.bfloat16 if bf16_base else torch.float32
+    tok = load_tokenizer(model_path)  # checked against config.json's vocabulary before the weights load
     if sharded:
         body = meta_model(model_path, base_dtype)
     else:
         body = load_model(model_path, dtype=base_dtype, device=device)
-    tok = load_tokenizer(model_path)
     family = "decoder" if isinstance(body, LlamaForCausalLM) else "encoder"
     if args.targets is None and family == "encoder":
         args.targets = ENCODER_TARGETS.get(body.config.model_type)

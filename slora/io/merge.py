@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from slora.io.adapter import CONFIG, PREFIX, WEIGHTS, load_adapter
+from slora.io.adapter import CONFIG, PREFIX, WEIGHTS, UnreadableAdapter, load_adapter
 from slora.io.assets import MODEL_DIRS, model_dir
 from slora.io.files import read_json
 from slora.models.lora import merged_copy
@@ -46,12 +46,17 @@ def base_path(run_dir: Path, override: Path | None) -> Path:
 def num_labels(adapter: Path) -> int:
     """Label count of a SEQ_CLS adapter, from its saved head: the rows of the last classifier weight
     (`classifier.weight` for BERT, `classifier.out_proj.weight` for RoBERTa)."""
-    with safe_open(str(adapter / WEIGHTS), framework="pt", device="cpu") as f:
-        heads = [k for k in f.keys() if k in (f"{PREFIX}classifier.weight", f"{PREFIX}classifier.out_proj.weight")]
-        if len(heads) != 1:
-            raise ValueError(f"{adapter / WEIGHTS}: a SEQ_CLS adapter must carry one classifier head weight, "
-                             f"found {heads or 'none'}")
-        return f.get_slice(heads[0]).get_shape()[0]
+    try:
+        with safe_open(str(adapter / WEIGHTS), framework="pt", device="cpu") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError for a bad header or short file
+        raise UnreadableAdapter(adapter / WEIGHTS, f"cannot read safetensors file: {e}; the adapter is damaged") \
+            from None
+    heads = [k for k in shapes if k in (f"{PREFIX}classifier.weight", f"{PREFIX}classifier.out_proj.weight")]
+    if len(heads) != 1:
+        raise ValueError(f"{adapter / WEIGHTS}: a SEQ_CLS adapter must carry one classifier head weight, "
+                         f"found {heads or 'none'}")
+    return shapes[heads[0]][0]
 
 
 def merge(run_dir, out_dir, dtype: torch.dtype = torch.float32, base: Path | None = None,
@@ -75,6 +80,8 @@ def merge(run_dir, out_dir, dtype: torch.dtype = torch.float32, base: Path | Non
         model = for_sequence_classification(model, num_labels(adapter))
     try:
         load_adapter(model, adapter)
+    except UnreadableAdapter:
+        raise  # a damaged file is named as itself, not as a misfit
     except (ValueError, TypeError) as e:
         raise ValueError(f"{adapter} does not fit the base model {path}: {e}") from None
     tok = path / "tokenizer.json"

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from slora.errors import UsageError
+from slora.io.hub_cache import locate_model
 
 # Counts: the smallest accepted value. None (the flag left at a None default) always passes: it means
 # "not set", and --help says what that stands for. Zero is accepted only where --help gives it a meaning.
@@ -125,8 +126,12 @@ def check_finetune_args(args, presets, tasks, calib_sources) -> None:
     check_device(args.device)
     if getattr(args, "precision", None) == "fp32" and getattr(args, "dtype", None) == "bf16":
         raise UsageError("--precision", "fp32 needs an fp32 base: add --dtype fp32 (a bf16 base computes in bf16)")
-    if args.model not in presets and not Path(args.model).is_dir():
-        raise UsageError("--model", f"{args.model!r} is neither a preset ({', '.join(presets)}) nor a folder")
+    revision = getattr(args, "revision", None)
+    if args.model in presets:
+        if revision is not None:
+            raise UsageError("--revision", f"applies to a model from the Hugging Face cache; {args.model} is a preset")
+    else:  # a local folder, or a name in the Hugging Face cache (an error naming where it looked)
+        locate_model(args.model, revision)
     if args.task not in tasks and args.task != "jsonl":
         raise UsageError("--task", f"unknown task {args.task!r}; known: {', '.join(tasks)}, jsonl")
     if args.task != "jsonl" and getattr(tasks[args.task], "folder", None) and not args.glue_dir:

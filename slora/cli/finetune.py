@@ -28,7 +28,8 @@ from slora.models.targets import find_linears
 from slora.dist.calibration import CalibrationGroup
 from slora.io.adapter import mis_scaled_modules, save_adapter
 from slora.cli.argcheck import check_finetune_args, check_positions, position_limit
-from slora.io.assets import MODEL_DIRS, model_dir
+from slora.io.assets import MODEL_DIRS
+from slora.io.hub_cache import locate_model
 from slora.io.weights import read_config
 from slora.io.files import read_json
 from slora.train.divergence import NonFiniteError
@@ -63,7 +64,11 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="python -m slora.finetune", description=__doc__.split("\n\n")[1],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model and task
-    p.add_argument("--model", default="minilm", help="preset (minilm, smollm2, mpnet) or a Hugging Face-format folder")
+    p.add_argument("--model", default="minilm", help="preset (minilm, smollm2, mpnet), a Hugging Face-format folder, "
+                   "or org/name from the local Hugging Face cache (HF_HUB_CACHE, HF_HOME/hub or "
+                   "~/.cache/huggingface/hub; never downloaded)")
+    p.add_argument("--revision", default=None, help="with --model org/name: a branch under the cache's refs/ or a "
+                   "commit hash (default main)")
     p.add_argument("--task", default="rt-polarity", help=f"one of {', '.join(tasks.TASKS)}, or 'jsonl'")
     p.add_argument("--glue-dir", default=None, help="folder holding CoLA/, SST-2/, ... (GLUE tasks)")
     p.add_argument("--jsonl-kind", default="classification", choices=tasks.JSONL_KINDS,
@@ -233,6 +238,11 @@ def run(args, tmp: Path, resume: bool = False):
                                     f"--resume under torchrun needs the run folder on a filesystem every rank sees")
         checkpoint.truncate_log()  # the steps after the checkpoint are logged again, once, by this run (rank 0)
     log = Log(tmp / "log.jsonl", muted=resume)
+    # the model: a preset, a local folder (which wins over the Hugging Face cache, said in the log), or a snapshot of
+    # the cache
+    model_path, note = locate_model(args.model, args.revision)
+    if note:
+        log("model", note)
     torch.manual_seed(args.seed)
     device = process_group.get().device if process_group.get().world > 1 else torch.device(args.device)  # cuda:LOCAL_RANK
     bf16_base = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda" and args.precision != "fp32")
@@ -244,10 +254,6 @@ def run(args, tmp: Path, resume: bool = False):
 
     # ---- load: slora's own model code on a Hugging Face-format folder
     t0 = time.time()
-    if args.model in PRESETS:
-        model_path = model_dir(args.model)
-    else:
-        model_path = Path(args.model)
     hf = read_config(model_path)
     check_positions(args, hf, decoder=hf.get("model_type") in DECODER_TYPES)
     # --fsdp under torchrun: a meta skeleton here; each rank reads only its shards once the task head is known

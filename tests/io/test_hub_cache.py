@@ -150,10 +150,29 @@ def test_a_local_folder_of_the_same_name_wins_and_says_so(cache, tmp_path, base,
     records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["event"] for r in records].count("model") == 1
     args = json.loads((out / "args.json").read_text())
-    assert args["resolved"]["model_path"] == str(local)
+    assert args["model"] == args["resolved"]["model_path"] == str(local)
     with pytest.raises(UsageError, match="--revision: applies to a model from the Hugging Face cache, but org/tiny "
                                          "is a local folder"):
         locate_model("org/tiny", "main")
+
+
+def test_resume_keeps_the_snapshot_it_started_on(cache, tmp_path, base, monkeypatch):
+    from slora.train import resume
+    root, commit = cache
+    argv = [str(a) for a in ft(tmp_path, base, "--save-every", 1, model="org/tiny")]
+    argv[argv.index("--max-steps") + 1] = "4"  # 16 examples, batch 8, two epochs
+    reference = finetune.main(argv + ["--epochs", "2", "--out", str(tmp_path / "ref")])  # the last --out wins
+    due = resume.Checkpointer.due
+    with monkeypatch.context() as m:
+        m.setattr(resume.Checkpointer, "due", lambda self, s: (_ for _ in ()).throw(KeyboardInterrupt())
+                  if s == 2 else due(self, s))
+        with pytest.raises(KeyboardInterrupt):
+            finetune.main(argv + ["--epochs", "2"])
+    add_snapshot(root, "org/tiny", tiny_model_dir(tmp_path / "newer", "encoder", seed=5))  # main moves on
+    assert locate_model("org/tiny")[0].name != commit
+    finetune.main(["--resume", str(tmp_path / "run")])
+    adapter = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "run" / adapter).read_bytes() == (reference / adapter).read_bytes()
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """A damaged safetensors file is named wherever slora reads one: a model folder (slora/io/weights.py, through
 `python -m slora.finetune`), an adapter given to `python -m slora.merge` (slora/io/adapter.py, slora/io/merge.py),
-a base given to merge. Each is one line `error: <file>: ...`, never `unexpected SafetensorError`."""
+a base given to merge. Each is one line `error: <file>: ...`, never `unexpected SafetensorError`. (A training
+checkpoint's file: tests/train/test_resume.py.)"""
 import shutil
 import struct
 

@@ -154,8 +154,8 @@ class Checkpointer:
         if was is None:
             return None
         if not Path(was).is_dir():
-            raise SloraError(self.folder / "args.json", f"the run's model folder {was} is gone: a resume continues "
-                                                        f"the run on its own model")
+            raise SloraError(was, "the model folder the run started on is gone: a resume continues the run on its "
+                                  "own model; put it back, or start a new run with --replace")
         return Path(was)
 
     def path(self) -> Path:

@@ -156,7 +156,7 @@ def test_a_local_folder_of_the_same_name_wins_and_says_so(cache, tmp_path, base,
         locate_model("org/tiny", "main")
 
 
-def test_resume_keeps_the_snapshot_it_started_on(cache, tmp_path, base, monkeypatch):
+def test_resume_keeps_the_snapshot_it_started_on(cache, tmp_path, base, monkeypatch, capsys):
     from slora.train import resume
     root, commit = cache
     argv = [str(a) for a in ft(tmp_path, base, "--save-every", 1, model="org/tiny")]
@@ -170,9 +170,15 @@ def test_resume_keeps_the_snapshot_it_started_on(cache, tmp_path, base, monkeypa
             finetune.main(argv + ["--epochs", "2"])
     add_snapshot(root, "org/tiny", tiny_model_dir(tmp_path / "newer", "encoder", seed=5))  # main moves on
     assert locate_model("org/tiny")[0].name != commit
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
     finetune.main(["--resume", str(tmp_path / "run")])
     adapter = "adapter/adapter_model.safetensors"
     assert (tmp_path / "run" / adapter).read_bytes() == (reference / adapter).read_bytes()
+    # the snapshot it started on pruned from the cache: refused, naming it
+    started = root / "models--org--tiny" / "snapshots" / commit
+    shutil.rmtree(started)
+    code = run_cli(finetune.main, ["--resume", str(tmp_path / "copy")])
+    expect_one_line(code, 1, capsys.readouterr().err, f"{started}: the model folder the run started on is gone")
 
 
 # -----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from slora.method.eva import CapsTooSmall
 from slora.models.targets import find_linears
 from slora.dist.calibration import CalibrationGroup
 from slora.io.adapter import mis_scaled_modules, save_adapter
-from slora.cli.argcheck import check_finetune_args, check_positions, flag, position_limit
+from slora.cli.argcheck import check_finetune_args, check_positions, position_limit
 from slora.io.assets import MODEL_DIRS
 from slora.io.hub_cache import locate_model
 from slora.io.weights import read_config
@@ -185,7 +185,7 @@ def parse_args(argv=None):
         p = build_parser()
         for action in p._actions:
             action.default = argparse.SUPPRESS
-        given = sorted(flag(k) for k in vars(p.parse_args(argv)) if k != "resume")
+        given = sorted("--" + k.replace("_", "-") for k in vars(p.parse_args(argv)) if k != "resume")
         if given:
             raise UsageError("--resume", f"takes no other flags, got {', '.join(given)}: the arguments come from the "
                                          f"run's own args.json (a resume continues the run as it started)")

@@ -2,7 +2,9 @@
 
 argparse checks only that `--lr` is a float; `inf`, `nan` and `-1` are floats too, and each used to end somewhere
 far away: an all-NaN adapter (`--lr inf`), clipping silently off (`--grad-clip nan`), "no cap" (`--max-steps 0`),
-"all but 5 examples" (`--max-train -5`), or a CUDA error blamed on the checkpoint (`--device cuda` without CUDA).
+"all but 5 examples" (`--max-train -5`), an adapter of values near 7e17 (`--weight-decay 1e12`), a head of 10⁸
+classes (`--num-labels 100000000`), or a device error blamed on the model file (`--device cuda` without CUDA,
+`--device cpu:7`).
 The rules are tables so that the accepted range of every flag can be read in one place. A flag a table names
 but the parser lacks is skipped, so the tables serve any command that shares the flag names. The lengths
 (`check_positions`) are checked against the model's config.json, still before the weights load.
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from slora.errors import UsageError
+from slora.io.hub_cache import locate_model
 
 # Counts: the smallest accepted value. None (the flag left at a None default) always passes: it means
 # "not set", and --help says what that stands for. Zero is accepted only where --help gives it a meaning.
@@ -28,6 +31,10 @@ COUNTS = {
     "batches": 1, "seq_len": 1, "train_batch": 1, "train_seq_len": 1, "train_steps": 1,  # slora.bench
     "nlg_steps": 1, "nlg_batch": 1, "nlg_eval": 1,  # slora.bench, NLG case
 }
+# Counts with a largest value: the classes of a task head. The head is one row per class over one pooled token, and
+# 65,536 rows over a base-size encoder (D = 768) are 50 M parameters, half of RoBERTa-base: a label count beyond
+# this is a label value typed as a count (a head of 10⁸ classes would allocate gigabytes before the first step).
+COUNT_MAX = {"num_labels": 2 ** 16}
 # Real numbers: (low, high, low included, high included); every one must also be finite.
 REALS = {
     "r_avg": (0.0, math.inf, False, False),        # average rank per matrix
@@ -37,7 +44,7 @@ REALS = {
     "lora_dropout": (0.0, 1.0, True, False),       # a probability; 1 drops every input
     "epochs": (0.0, math.inf, False, False),
     "lr": (0.0, math.inf, False, False),
-    "weight_decay": (0.0, math.inf, True, False),
+    "weight_decay": (0.0, 1.0, True, True),        # AdamW's decoupled λ: each step p ← p·(1 − lr·λ); 0.01-0.1 usual
     "warmup": (0.0, 1.0, True, False),             # a fraction of all steps
     "grad_clip": (0.0, math.inf, True, False),     # 0 switches clipping off (--help)
 }
@@ -54,6 +61,10 @@ def check_ranges(args) -> None:
         v = getattr(args, name, None)
         if v is not None and not low <= v:
             raise UsageError(flag(name), f"must be an integer >= {low}, got {v}")
+    for name, high in COUNT_MAX.items():
+        v = getattr(args, name, None)
+        if v is not None and v > high:
+            raise UsageError(flag(name), f"must be an integer <= {high:,}, got {v:,}")
     if getattr(args, "seed", None) is not None and args.seed >= SEED_MAX:
         raise UsageError("--seed", f"must be below 2**63, got {args.seed}")
     for name, (low, high, low_in, high_in) in REALS.items():
@@ -64,6 +75,11 @@ def check_ranges(args) -> None:
         if not inside:
             span = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
             raise UsageError(flag(name), f"must be a finite number in {span}, got {v}")
+    lr, decay = getattr(args, "lr", None), getattr(args, "weight_decay", None)
+    if lr is not None and decay is not None and lr * decay >= 1:
+        # the decoupled decay multiplies every weight by 1 − lr·λ per step: at lr·λ ≥ 1 that zeroes or flips it
+        raise UsageError("--weight-decay", f"{decay:g} × --lr {lr:g} = {lr * decay:g}: AdamW multiplies each weight "
+                                           f"by 1 − lr·λ per step, which must stay above 0; lower one of them")
 
 
 def check_device(spec: str) -> torch.device:
@@ -82,7 +98,13 @@ def check_device(spec: str) -> torch.device:
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
             raise UsageError("--device", "mps was asked for, but torch.backends.mps.is_available() is False")
-    elif device.type != "cpu":
+        if device.index not in (None, 0):
+            raise UsageError("--device", f"{spec}: there is one mps device, mps (or mps:0)")
+    elif device.type == "cpu":
+        if device.index not in (None, 0):  # torch accepts cpu:7 as a name; nothing can run there
+            raise UsageError("--device", f"{spec}: the CPU is one device, cpu (or cpu:0); for CPU threads use "
+                                         f"--threads")
+    else:
         raise UsageError("--device", f"{spec!r}: slora runs on cpu, cuda or mps")
     return device
 
@@ -104,8 +126,12 @@ def check_finetune_args(args, presets, tasks, calib_sources) -> None:
     check_device(args.device)
     if getattr(args, "precision", None) == "fp32" and getattr(args, "dtype", None) == "bf16":
         raise UsageError("--precision", "fp32 needs an fp32 base: add --dtype fp32 (a bf16 base computes in bf16)")
-    if args.model not in presets and not Path(args.model).is_dir():
-        raise UsageError("--model", f"{args.model!r} is neither a preset ({', '.join(presets)}) nor a folder")
+    revision = getattr(args, "revision", None)
+    if args.model in presets:
+        if revision is not None:
+            raise UsageError("--revision", f"applies to a model from the Hugging Face cache; {args.model} is a preset")
+    else:  # a local folder, or a name in the Hugging Face cache (an error naming where it looked)
+        locate_model(args.model, revision)
     if args.task not in tasks and args.task != "jsonl":
         raise UsageError("--task", f"unknown task {args.task!r}; known: {', '.join(tasks)}, jsonl")
     if args.task != "jsonl" and getattr(tasks[args.task], "folder", None) and not args.glue_dir:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -28,7 +27,8 @@ from slora.models.targets import find_linears
 from slora.dist.calibration import CalibrationGroup
 from slora.io.adapter import mis_scaled_modules, save_adapter
 from slora.cli.argcheck import check_finetune_args, check_positions, position_limit
-from slora.io.assets import MODEL_DIRS, model_dir
+from slora.io.assets import MODEL_DIRS
+from slora.io.hub_cache import locate_model
 from slora.io.weights import read_config
 from slora.io.files import read_json
 from slora.train.divergence import NonFiniteError
@@ -39,7 +39,7 @@ from slora.models.lora import ALPHA_POLICIES
 from slora.models import DECODER_TYPES, for_sequence_classification
 from slora.io.model_folder import load_model, load_tokenizer, meta_model
 from slora.models.llama import LlamaForCausalLM
-from slora.train.resume import Checkpointer
+from slora.train.resume import NOT_RECORDED, Checkpointer, data_digest
 from slora.train.run_folder import Log, sensitivity_json, write_json
 from slora.method.sensitivity import SensitivityConfig, compute
 from slora.train.loop import EpochSensitivity, TrainConfig, finetune, set_activation_checkpointing
@@ -59,11 +59,15 @@ ALLOC = {"sensitivity": ("sra", "sensitivity"), "uniform": ("uniform", "sensitiv
          "eva": ("eva", "sensitivity")}  # EVA (arXiv 2410.07170) on eig(H): a peer, not the paper's method
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m slora.finetune", description=__doc__.split("\n\n")[1],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model and task
-    p.add_argument("--model", default="minilm", help="preset (minilm, smollm2, mpnet) or a Hugging Face-format folder")
+    p.add_argument("--model", default="minilm", help="preset (minilm, smollm2, mpnet), a Hugging Face-format folder, "
+                   "or org/name from the local Hugging Face cache (HF_HUB_CACHE, HF_HOME/hub or "
+                   "~/.cache/huggingface/hub; never downloaded)")
+    p.add_argument("--revision", default=None, help="with --model org/name: a branch under the cache's refs/ or a "
+                   "commit hash (default main)")
     p.add_argument("--task", default="rt-polarity", help=f"one of {', '.join(tasks.TASKS)}, or 'jsonl'")
     p.add_argument("--glue-dir", default=None, help="folder holding CoLA/, SST-2/, ... (GLUE tasks)")
     p.add_argument("--jsonl-kind", default="classification", choices=tasks.JSONL_KINDS,
@@ -170,9 +174,21 @@ def parse_args(argv=None):
                    help="continue the interrupted run in DIR (its --out or in-progress folder); no other flags: "
                         "the arguments are the run's own")
     p.add_argument("--log-every", type=int, default=10, help="progress line every N optimizer steps")
-    args = p.parse_args(argv)
-    if args.resume is not None and len(argv if argv is not None else sys.argv[1:]) > 2:
-        raise UsageError("--resume", "takes no other flags: the arguments come from the run's own args.json")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.resume is not None:
+        # any other flag, in any form argparse accepts (--resume=DIR, --max-steps=12, abbreviations), is refused:
+        # parsed again with no defaults, the namespace holds exactly the options the command line gave
+        p = build_parser()
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+        given = sorted("--" + k.replace("_", "-") for k in vars(p.parse_args(argv)) if k != "resume")
+        if given:
+            raise UsageError("--resume", f"takes no other flags, got {', '.join(given)}: the arguments come from the "
+                                         f"run's own args.json (a resume continues the run as it started)")
     return args
 
 
@@ -218,21 +234,46 @@ def main(argv=None):
     return out
 
 
+def absolute_paths(args: argparse.Namespace):
+    """The data paths of `args` made absolute (resolved), as args.json records them: the run resumes, and its files
+    are found again, from any directory. Names of tasks and calibration sources stay names."""
+    for k in ("train_file", "dev_file", "test_file", "glue_dir"):
+        if getattr(args, k) is not None:
+            setattr(args, k, str(Path(getattr(args, k)).resolve()))
+    if args.calib not in tasks.CALIBRATION_SOURCES:
+        args.calib = str(Path(args.calib).resolve())
+
+
 def run(args, tmp: Path, resume: bool = False):
     """The stages, writing into the in-progress folder `tmp`; `resume`: continue from its newest checkpoint."""
-    given = dict(vars(args))  # as parsed; the family defaults below are recorded apart, under "resolved"
     if resume and process_group.get().world > 1:
         # torchrun: rank 0 holds the lock on the in-progress folder; every rank reads its checkpoint, sensitivity.json
         # and ranks.json from there (one host's filesystem, or a shared one); writes stay rank 0's (write_json, Log)
         shared = Path(process_group.broadcast_json(str(tmp.resolve())))
         tmp = tmp if process_group.get().is_main else shared
     checkpoint = Checkpointer(tmp, args.save_every) if args.save_every or resume else None
-    if resume:
-        if not checkpoint.exists():  # a rank that would silently start from step 0 while the others resume
-            raise FileNotFoundError(f"rank {process_group.get().rank}: {tmp / run_folder.CHECKPOINT} is not readable here; "
-                                    f"--resume under torchrun needs the run folder on a filesystem every rank sees")
-        checkpoint.truncate_log()  # the steps after the checkpoint are logged again, once, by this run (rank 0)
+    if resume and not checkpoint.exists():  # a rank that would silently start from step 0 while the others resume
+        raise FileNotFoundError(f"rank {process_group.get().rank}: {tmp / run_folder.CHECKPOINT} is not readable here; "
+                                f"--resume under torchrun needs the run folder on a filesystem every rank sees")
+    # the model: a preset, a local folder (which wins over the Hugging Face cache, said in the log), or a snapshot of
+    # the cache; a resumed run takes the folder its first part recorded (a cache branch may point elsewhere by now)
+    model_path, note = (checkpoint.recorded_model(), None) if resume else (None, None)
+    if model_path is None:
+        model_path, note = locate_model(args.model, args.revision)
+        if args.model not in PRESETS and Path(args.model).is_dir():
+            args.model = str(model_path)  # recorded absolute
+    absolute_paths(args)
+    given = dict(vars(args))  # as parsed; the family defaults below are recorded apart, under "resolved"
+    if checkpoint is not None:
+        # what the run is, saved with each checkpoint; a resume that finds it changed is refused, naming the keys
+        recorded = {k: v for k, v in given.items() if k not in NOT_RECORDED}
+        if resume:
+            defaults = {k: v for k, v in vars(parse_args([])).items() if k not in NOT_RECORDED}
+            checkpoint.check("args", recorded, defaults)
+        checkpoint.record |= {"args": recorded, "model_path": str(model_path)}
     log = Log(tmp / "log.jsonl", muted=resume)
+    if note:
+        log("model", note)
     torch.manual_seed(args.seed)
     device = process_group.get().device if process_group.get().world > 1 else torch.device(args.device)  # cuda:LOCAL_RANK
     bf16_base = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda" and args.precision != "fp32")
@@ -244,10 +285,6 @@ def run(args, tmp: Path, resume: bool = False):
 
     # ---- load: slora's own model code on a Hugging Face-format folder
     t0 = time.time()
-    if args.model in PRESETS:
-        model_path = model_dir(args.model)
-    else:
-        model_path = Path(args.model)
     hf = read_config(model_path)
     check_positions(args, hf, decoder=hf.get("model_type") in DECODER_TYPES)
     # --fsdp under torchrun: a meta skeleton here; each rank reads only its shards once the task head is known
@@ -259,11 +296,11 @@ def run(args, tmp: Path, resume: bool = False):
         raise UsageError("--fast-generate", "merges the adapters into whole weights, which --fsdp shards; leave out "
                                             "one of the two")
     base_dtype = torch.bfloat16 if bf16_base else torch.float32
+    tok = load_tokenizer(model_path)  # checked against config.json's vocabulary before the weights load
     if sharded:
         body = meta_model(model_path, base_dtype)
     else:
         body = load_model(model_path, dtype=base_dtype, device=device)
-    tok = load_tokenizer(model_path)
     family = "decoder" if isinstance(body, LlamaForCausalLM) else "encoder"
     if args.targets is None and family == "encoder":
         args.targets = ENCODER_TARGETS.get(body.config.model_type)
@@ -287,6 +324,13 @@ def run(args, tmp: Path, resume: bool = False):
                                        num_labels=args.num_labels, seed=args.seed)
     else:
         spec, splits = tasks.get_task(args.task), tasks.load_task(args.task, glue_dir=args.glue_dir, seed=args.seed)
+    if checkpoint is not None:  # the data as read, hashed per split: a resume on changed data is refused
+        digest = data_digest(splits)
+        if resume:
+            files = {"train": args.train_file, "dev": args.dev_file or args.train_file, "test": args.test_file}
+            sources = files if args.task == "jsonl" else {k: f"task {args.task}" for k in splits}
+            checkpoint.check("data", digest, sources=sources)
+        checkpoint.record["data"] = digest
     if (spec.kind == "generation") != (family == "decoder"):
         need, have = ("a decoder", "an encoder") if family == "encoder" else ("an encoder", "a decoder")
         raise SloraError(args.model, f"is {have}, but task {spec.name} ({spec.kind}) needs {need}")

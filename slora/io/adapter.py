@@ -49,6 +49,11 @@ PEFT_SEQ_CLS_HEADS = ("classifier", "score")
 ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND, compared lower-cased
 
 
+class UnreadableAdapter(SloraError):
+    """An adapter file that cannot be read at all (a damaged safetensors file): reported as itself, never as an
+    adapter that does not fit a model."""
+
+
 # -----------------------------------------------------------------------------
 # PEFT's matching rules, replayed
 
@@ -376,7 +381,8 @@ def read_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
         with safe_open(str(folder / WEIGHTS), framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own SafetensorError for a bad header or short file
-        raise SloraError(folder / WEIGHTS, f"cannot read safetensors file: {e}") from None
+        raise UnreadableAdapter(folder / WEIGHTS, f"cannot read safetensors file: {e}; the adapter is damaged") \
+            from None
     for k, t in tensors.items():
         if not t.is_floating_point():
             raise SloraError(f"{folder / WEIGHTS}: tensor {k!r}", f"is {t.dtype}; LoRA factors and heads are "

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from slora.io.adapter import CONFIG, PREFIX, WEIGHTS, load_adapter
+from slora.io.adapter import CONFIG, PREFIX, WEIGHTS, UnreadableAdapter, load_adapter
 from slora.io.assets import MODEL_DIRS, model_dir
+from slora.errors import SloraError
 from slora.io.files import read_json
+from slora.io.hub_cache import locate_model
 from slora.models.lora import merged_copy
 from slora.models import for_sequence_classification
 from slora.io.model_folder import load_model, save_model
@@ -31,27 +33,44 @@ BASE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_co
 
 
 def base_path(run_dir: Path, override: Path | None) -> Path:
-    """The run's base folder: --base, else its preset resolved here, else the path it recorded."""
+    """The run's base folder: --base (a preset, a folder or a name in the Hugging Face cache, looked up as finetune's
+    --model is), else the run's preset resolved here, else the folder it recorded, else its --model name (and
+    --revision) looked up in this machine's Hugging Face cache."""
     if override is not None:
-        return override
-    args_file = run_dir / "args.json"
-    if not args_file.is_file():
-        raise FileNotFoundError(f"{args_file}: missing; {run_dir} is not a slora run folder")
-    args = read_json(args_file)
-    if args.get("model") in MODEL_DIRS:  # a preset: resolved on this machine, as finetune does
-        return Path(model_dir(args["model"]))
-    return Path(args.get("resolved", {}).get("model_path", args.get("model")))
+        path, note = locate_model(str(override), flag="--base")
+    else:
+        args_file = run_dir / "args.json"
+        if not args_file.is_file():
+            raise FileNotFoundError(f"{args_file}: missing; {run_dir} is not a slora run folder")
+        args = read_json(args_file)
+        if args.get("model") in MODEL_DIRS:  # a preset: resolved on this machine, as finetune does
+            return Path(model_dir(args["model"]))
+        recorded = Path(args.get("resolved", {}).get("model_path", args.get("model")))
+        if recorded.is_dir() or not isinstance(args.get("model"), str):
+            return recorded
+        try:  # recorded on another machine: its name, found in this machine's cache
+            path, note = locate_model(args["model"], args.get("revision"))
+        except SloraError as e:
+            raise SloraError(args_file, f"the run's model {recorded} is not here, and {e.message}") from None
+    if note:
+        print(f"note: {note}", flush=True)
+    return path
 
 
 def num_labels(adapter: Path) -> int:
     """Label count of a SEQ_CLS adapter, from its saved head: the rows of the last classifier weight
     (`classifier.weight` for BERT, `classifier.out_proj.weight` for RoBERTa)."""
-    with safe_open(str(adapter / WEIGHTS), framework="pt", device="cpu") as f:
-        heads = [k for k in f.keys() if k in (f"{PREFIX}classifier.weight", f"{PREFIX}classifier.out_proj.weight")]
-        if len(heads) != 1:
-            raise ValueError(f"{adapter / WEIGHTS}: a SEQ_CLS adapter must carry one classifier head weight, "
-                             f"found {heads or 'none'}")
-        return f.get_slice(heads[0]).get_shape()[0]
+    try:
+        with safe_open(str(adapter / WEIGHTS), framework="pt", device="cpu") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError for a bad header or short file
+        raise UnreadableAdapter(adapter / WEIGHTS, f"cannot read safetensors file: {e}; the adapter is damaged") \
+            from None
+    heads = [k for k in shapes if k in (f"{PREFIX}classifier.weight", f"{PREFIX}classifier.out_proj.weight")]
+    if len(heads) != 1:
+        raise ValueError(f"{adapter / WEIGHTS}: a SEQ_CLS adapter must carry one classifier head weight, "
+                         f"found {heads or 'none'}")
+    return shapes[heads[0]][0]
 
 
 def merge(run_dir, out_dir, dtype: torch.dtype = torch.float32, base: Path | None = None,
@@ -75,6 +94,8 @@ def merge(run_dir, out_dir, dtype: torch.dtype = torch.float32, base: Path | Non
         model = for_sequence_classification(model, num_labels(adapter))
     try:
         load_adapter(model, adapter)
+    except UnreadableAdapter:
+        raise  # a damaged file is named as itself, not as a misfit
     except (ValueError, TypeError) as e:
         raise ValueError(f"{adapter} does not fit the base model {path}: {e}") from None
     tok = path / "tokenizer.json"

@@ -153,9 +153,11 @@ def load_sequence_classifier(path, dtype: torch.dtype = torch.float32, device="c
 def load_tokenizer(path) -> Tokenizer:
     """`tokenizer.json` of a model folder, with the padding and truncation baked into the file turned off.
 
-    slora pads each batch itself and passes an attention mask; MiniLM's file pads every sentence to 128.
+    slora pads each batch itself and passes an attention mask; MiniLM's file pads every sentence to 128. Given a
+    model folder, the tokenizer is checked against its config.json (`check_vocabulary`).
     """
-    file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+    folder = Path(path) if Path(path).is_dir() else None
+    file = folder / "tokenizer.json" if folder is not None else Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no tokenizer.json")
     try:
@@ -165,4 +167,29 @@ def load_tokenizer(path) -> Tokenizer:
                                f"tokenizer.json") from None
     tok.no_padding()
     tok.no_truncation()
+    if folder is not None and (folder / "config.json").is_file():
+        check_vocabulary(tok, read_config(folder), file)
     return tok
+
+
+def check_vocabulary(tok: Tokenizer, config: dict, file) -> None:
+    """Every id the tokenizer `file` can produce, and the config's pad and eos ids (which slora puts into batches:
+    padding, the end of a response), must index a row of the model's embedding (config.json `vocab_size`). A
+    tokenizer.json from another model otherwise fails at the first batch as torch's `index out of range in self`.
+    The embedding may be larger than the vocabulary (padded for speed, as in Qwen2), never smaller."""
+    n = config.get("vocab_size")
+    if not isinstance(n, int) or isinstance(n, bool):
+        return  # the config's own check names it when the model is built
+    vocab = tok.get_vocab(with_added_tokens=True)
+    if vocab:
+        top = max(vocab, key=vocab.get)
+        if vocab[top] >= n:
+            raise SloraError(file, f"token {top!r} has id {vocab[top]}, but the model embeds {n} tokens (config.json "
+                                   f"vocab_size): the tokenizer's {vocab[top] + 1} ids do not fit; is this the "
+                                   f"tokenizer.json of another model?")
+    for key in ("pad_token_id", "eos_token_id"):
+        ids = config.get(key)
+        for i in ids if isinstance(ids, list) else [ids]:
+            if isinstance(i, int) and not isinstance(i, bool) and not 0 <= i < n:
+                raise SloraError(Path(file).parent / "config.json", f"{key} {i} is outside the vocabulary of "
+                                                                    f"{n} tokens (vocab_size)")

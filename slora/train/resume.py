@@ -9,7 +9,8 @@ A checkpoint is a folder `checkpoint-STEP/` inside the run's in-progress folder 
                           (`rng.rank<R>.torch`, `rng.rank<R>.cuda`: dropout draws from seed + rank)
     state.json            step, epoch, micro-batch position, token count, the evaluation history, the optimizer's
                           param_groups (hyper-parameters), the LR schedule's state, the EpochSensitivity record,
-                          and the byte length of log.jsonl at the checkpoint
+                          the byte length of log.jsonl at the checkpoint, and the run's record ("run"): its
+                          arguments, its model folder and a hash of each data split as read (`Checkpointer.record`)
 It is written under a temporary name and renamed; then `checkpoint.json` (renamed into place too) points at it and
 the older checkpoint folders are removed. A kill at any moment leaves the previous checkpoint or the new one
 intact, never a mix. Resuming truncates log.jsonl to its length at the checkpoint, so the steps between the
@@ -24,12 +25,18 @@ to every rank as JSON (slora.dist.process_group.all_gather_json). Resuming, ever
 torchrun's processes share the filesystem on one host (several nodes need the run folder on a shared filesystem),
 and each rank reading an adapter-sized file is simpler than broadcasting every tensor; an FSDP2 rank then keeps its
 own shard of each whole tensor (`distribute_tensor(..., src_data_rank=None)`: local slicing, no communication).
+A resume continues exactly the run that was started: it takes the arguments of args.json, and refuses, naming the keys,
+when they differ from the run's record (args.json edited: a new batch size would train the rest on another schedule
+with the old optimizer state), when the data read now hashes otherwise (a data file changed), or when the recorded
+model folder is gone. Paths are recorded absolute, so the run resumes from any directory.
+
 A checkpoint resumes only at the world size that wrote it (the data split per rank depends on it). Since the format
 is the same, a DDP checkpoint would load under FSDP2 at the same world size and the reverse; `--resume` takes the
 run's own flags, so in practice a run resumes as it started (state.json records "fsdp").
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -39,11 +46,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slora.dist import process_group, data_parallel, sharded_load
+from slora.errors import SloraError
 from slora.io.files import read_json
 from slora.train.run_folder import CHECKPOINT
 from slora.train.loop import TrainState
 
 LOG = "log.jsonl"
+# Arguments that say where the run lives or how it is started, not what it computes: left out of the run's record
+NOT_RECORDED = ("out", "resume", "replace")
 
 
 class Checkpointer:
@@ -53,6 +63,9 @@ class Checkpointer:
 
     def __init__(self, folder: Path, every: int, tracker=None):
         self.folder, self.every, self.tracker = Path(folder), every, tracker
+        # what the run is, saved with every checkpoint and checked on resume (`check`, `recorded_model`): {"args": the
+        # arguments less NOT_RECORDED, "model_path": the model folder, "data": {split: sha256 of its examples}}
+        self.record = {}
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -93,7 +106,7 @@ class Checkpointer:
                 "opt_state_keys": {str(i): sorted(st) for i, st in osd["state"].items()},
                 "scheduler": sched.state_dict(), "log_bytes": log.stat().st_size if log.exists() else 0,
                 "tracker": self.tracker.epochs if self.tracker else None, "world": process_group.get().world,
-                "fsdp": sharded_load.is_sharded(model)}
+                "fsdp": sharded_load.is_sharded(model), "run": self.record}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")  # NaN scores round-trip
         os.replace(tmp, self.folder / name)
         pointer = self.folder / (CHECKPOINT + ".tmp")
@@ -104,6 +117,47 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
 
     # -------------------------------------------------------------------------
+    # The run's record: kept by a new run, checked against the checkpoint's by a resumed one
+
+    def recorded(self) -> dict:
+        """The record of the run that wrote the newest checkpoint ({} for a checkpoint older than records)."""
+        return read_json(self.path() / "state.json").get("run") or {}
+
+    def check(self, part: str, value, defaults: dict | None = None, sources: dict | None = None):
+        """Resuming: refuse, naming the keys, a `value` of `part` ("args" or "data") that differs from the record of
+        the newest checkpoint; the resumed run must be the run that was started. `defaults` (for "args"): the value
+        of each argument the record lacks (it predates the option, so the run used its default). `sources` (for
+        "data"): {split: the file or task it was read from}, named in the error. A checkpoint written before records
+        were kept resumes unchecked."""
+        was = self.recorded().get(part)
+        if was is None:
+            return
+        was = (defaults or {}) | was
+        keys = sorted(k for k in was.keys() | value.keys() if was.get(k) != value.get(k))
+        if not keys:
+            return
+        where = self.folder / "args.json"
+        if part == "args":
+            changes = "; ".join(f"{k} {was.get(k)!r} -> {value.get(k)!r}" for k in keys[:6])
+            raise SloraError(where, f"{', '.join(keys)} changed since the run started ({changes}): a resume "
+                                    f"continues the run as it started; restore args.json, or start a new run "
+                                    f"with --replace")
+        source = (sources or {}).get(keys[0]) or where
+        raise SloraError(source, f"the examples of split(s) {', '.join(keys)} changed since the run started (another "
+                                 f"sha256 of the examples as read): a resume continues the run on its own data; "
+                                 f"restore the data, or start a new run with --replace")
+
+    def recorded_model(self) -> Path | None:
+        """Resuming: the model folder the run started on (a Hugging Face cache name is not looked up again: its
+        branch may point elsewhere by now); None for a checkpoint older than records."""
+        was = self.recorded().get("model_path")
+        if was is None:
+            return None
+        if not Path(was).is_dir():
+            raise SloraError(was, "the model folder the run started on is gone: a resume continues the run on its "
+                                  "own model; put it back, or start a new run with --replace")
+        return Path(was)
+
     def path(self) -> Path:
         return self.folder / read_json(self.folder / CHECKPOINT)["checkpoint"]
 
@@ -118,14 +172,19 @@ class Checkpointer:
 
     def restore(self, model, opt, sched, device) -> TrainState:
         """Load the newest checkpoint into the model's trainable parameters, the optimizer, the schedule, the RNGs
-        and the tracker; return the loop's state. Any mismatch with the model is an error naming the tensor."""
+        and the tracker, then cut log.jsonl back to the checkpoint (`truncate_log`); return the loop's state. Any
+        mismatch with the model, or a damaged file, is an error naming it."""
         path = self.path()
         meta = read_json(path / "state.json")
         world, rank = process_group.get().world, process_group.get().rank
         if meta.get("world", 1) != world:  # checkpoints before torchrun support were written by one process
             raise ValueError(f"{path}: written by {meta.get('world', 1)} process(es), resumed by {world}: resume "
                              f"with the same torchrun --nproc-per-node (the data each rank trains on depends on it)")
-        tensors = load_file(str(path / "tensors.safetensors"))
+        try:
+            tensors = load_file(str(path / "tensors.safetensors"))
+        except Exception as e:  # safetensors raises its own SafetensorError for a bad header or short file
+            raise SloraError(path / "tensors.safetensors", f"cannot read safetensors file: {e}; the checkpoint is "
+                                                           f"damaged: start the run again with --replace") from None
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         saved = {k[len("param."):] for k in tensors if k.startswith("param.")}
         if saved != set(params):
@@ -159,8 +218,19 @@ class Checkpointer:
                 torch.cuda.set_rng_state(tensors[f"rng.rank{rank}.cuda"][0], device)
         if self.tracker is not None and meta["tracker"] is not None:
             self.tracker.epochs = meta["tracker"]
+        self.truncate_log()  # last: a checkpoint refused above leaves the in-progress folder as it was
         return TrainState(step=meta["step"], epoch=meta["epoch"], batch=meta["batch"], tokens=meta["tokens"],
                           history=meta["history"], data_rng=tensors["rng.data"])
+
+
+def data_digest(splits: dict) -> dict[str, str]:
+    """{split: sha256 of its examples as read (uid, text, text pair, label, in order)}: the data part of a run's
+    record. A changed file, another seeded split or another holdout changes the hash of its split."""
+    out = {}
+    for name, examples in splits.items():
+        rows = [[e.uid, e.text, e.text_pair, e.label] for e in examples]
+        out[name] = hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+    return out
 
 
 def rank_rng_states(device) -> dict[str, torch.Tensor]:

@@ -2,22 +2,26 @@
 
     PYTHONPATH=. python tests/comparisons/eva_compat.py [--model minilm|smollm2] [--calib-n 256] [--rho 2]
 
+Needs transformers and peft (with accelerate) beside slora's own dependencies, and the default assets
+(`python -m slora.assets`); HF_HUB_OFFLINE=1 is enough, nothing is downloaded.
 Not collected by pytest (no `test_` prefix): it imports transformers and peft, which slora never does. Both sides
 see the same calibration batches (slora.data, built exactly as `python -m slora.finetune` builds them for the task),
 the same weights (transformers loads the asset folder slora loads), and the same targets and budget (r = r_avg on
 every target, rho). PEFT's EVA runs with its defaults (tau 0.99, incremental low-rank PCA, cycling the batches until
 the needed components converge). Printed, per model:
   1. PEFT's ranks (EVA's rank_pattern, every target listed);
-  2. slora eva, centred:   `--alloc eva --r-min 0` as shipped: EVA's rule on eig of the exact covariance
+  2. slora eva, centred:   `--alloc eva --r-min 0` as shipped (hessian.reduce's spectrum "centred", then
+     sensitivity.from_stats), on one float64 calibration pass: EVA's rule on eig of the exact covariance
      C = H/2 - µµᵀ (µ: the accumulator's token mean, checked here against a hook's) -- what PEFT computes, without
      its incremental-SVD tolerance;
-  3. slora eva, uncentred: the same on eig of H itself (SensitivityConfig(eva_centred=False));
+  3. slora eva, uncentred: the same on eig of H itself (spectrum "uncentred", SensitivityConfig(eva_centred=False));
   4. the matrices where they differ, and for each the explained-variance ratios at the cut, so each difference
      can be told apart as a near-tie at the budget boundary (tolerance) or a real disagreement.
 Exits 1 when (2) and PEFT differ by more than `--max-moved` ranks in total (default 0: any difference is reported).
 """
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,10 +34,11 @@ from peft.tuners.lora.eva import get_eva_state_dict  # noqa: E402
 from transformers import AutoModel, AutoModelForCausalLM  # noqa: E402
 
 from slora.data import tasks, text  # noqa: E402
-from slora.method import eva, hessian  # noqa: E402
-from slora.models.targets import find_linears  # noqa: E402
 from slora.io.assets import model_dir  # noqa: E402
 from slora.io.model_folder import load_model, load_tokenizer  # noqa: E402
+from slora.method import hessian  # noqa: E402
+from slora.method.sensitivity import SensitivityConfig, from_stats  # noqa: E402
+from slora.models.targets import find_linears  # noqa: E402
 
 SETUPS = {  # model -> (task, targets as slora suffixes, r_avg, HF auto class, prefix slora adds to HF names)
     "minilm": ("rt-polarity", "query,value", 4, AutoModel, ""),
@@ -72,6 +77,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="sequences per batch")
     p.add_argument("--rho", type=float, default=2.0, help="EVA rho")
     p.add_argument("--max-moved", type=int, default=0, help="ranks PEFT and slora (centred) may differ by")
+    p.add_argument("--progress", action="store_true", help="show PEFT's progress bar (batches until convergence)")
     args = p.parse_args(argv)
     task, targets, r_avg, auto, prefix = SETUPS[args.model]
     torch.manual_seed(0)
@@ -86,27 +92,29 @@ def main(argv=None):
                                        batch_size=args.batch_size, pad_id=pad)
     modules = find_linears(model, targets)
 
-    # slora: exact H (float64), its eigenvalues, and the token means for the centred covariance
-    stats = hessian.collect(model, batches, modules, mode="full", dtype=torch.float64, keep_hessian=True)
-    owner = {n: stats[n].owner for n in modules}
+    # slora: one calibration pass into float64 accumulators (exact H and token mean), reduced twice -- with the
+    # centred and the uncentred spectrum -- and allocated by the code `--alloc eva --r-min 0` runs (from_stats)
+    accs = hessian.accumulate(model, batches, modules, mode="full", dtype=torch.float64)
+    stats_c = hessian.reduce_all(accs, spectrum="centred")
+    stats_u = hessian.reduce_all(accs, spectrum="uncentred")
+    owner = {n: stats_c[n].owner for n in modules}
     means = token_means(model, batches, modules)  # an independent check of the accumulator's running mean
-    mean_err = max(float((stats[n].mean - means[n]).abs().max() / means[n].abs().max()) for n in set(owner.values()))
-    limit = {n: min(m.in_features, m.out_features) for n, m in modules.items()}
-    spec_c = {n: eva.ratios(stats[n].hessian, mean=means[owner[n]]) for n in modules}
-    spec_u = {n: eva.ratios(stats[n].hessian) for n in modules}
-    centred = eva.allocate(spec_c, r_avg, rho=args.rho, groups=owner, limit=limit, r_min=0)
-    uncentred = eva.allocate(spec_u, r_avg, rho=args.rho, groups=owner, limit=limit, r_min=0)
+    mean_err = max(float((accs[n].mean - means[n]).abs().max() / means[n].abs().max()) for n in set(owner.values()))
+    spec_c = {n: stats_c[n].spectrum for n in modules}
+    cfg_c = SensitivityConfig(mode="full", method="eva", r_avg=r_avg, eva_rho=args.rho, r_min=0, dtype="float64")
+    centred = from_stats(modules, stats_c, cfg_c).ranks
+    uncentred = from_stats(modules, stats_u, replace(cfg_c, eva_centred=False)).ranks
 
     # PEFT: EVA on transformers' model of the same folder, fed the same batches
     hf = auto.from_pretrained(str(folder), dtype=torch.float32).eval()
     cfg = LoraConfig(r=r_avg, lora_alpha=2 * r_avg, target_modules=targets.split(","), init_lora_weights="eva",
                      eva_config=EvaConfig(rho=args.rho))
-    sd = get_eva_state_dict(hf, batches, peft_config=cfg, show_progress_bar=False)
+    sd = get_eva_state_dict(hf, batches, peft_config=cfg, show_progress_bar=args.progress)
     peft_ranks = {prefix + k: v.shape[0] for k, v in sd.items()}
     if set(peft_ranks) != set(modules):
         raise SystemExit(f"module names differ: PEFT {sorted(peft_ranks)[:3]} vs slora {sorted(modules)[:3]}")
 
-    tokens = stats[next(iter(modules))].tokens
+    tokens = stats_c[next(iter(modules))].tokens
     print(f"{args.model} {task}, targets {targets}, r_avg {r_avg}, rho {args.rho}: {len(modules)} matrices, "
           f"{len(batches)} batches, {tokens} tokens; accumulator mean vs hook mean: max rel diff {mean_err:.1e}")
     print(f"{'module':52s} {'PEFT':>5s} {'centred':>8s} {'uncentred':>10s}")

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python tests/comparisons/families_compat.py [--tol 1e-4]
 
+Needs transformers (with Qwen2 and Mistral) beside slora's own dependencies; no assets, no network.
 Not collected by pytest (no `test_` prefix): it imports transformers, which slora never does. For each case it
 builds a tiny random Qwen2ForCausalLM / MistralForCausalLM with transformers (weights N(0, 0.2²) from a fixed
 seed so that logits are far from ties), writes it with `save_pretrained` (config.json + model.safetensors),

@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python tests/comparisons/gguf_compat.py [--tol 1e-4]
 
-Not collected by pytest: it imports transformers and the `gguf` package (which transformers' loader needs),
-neither of which slora uses. Cases, on the tiny 2-layer llama GGUF of tests/io/test_gguf.py (mixed Q8_0, Q4_0,
+Needs transformers and the `gguf` package (which transformers' GGUF loader needs) beside slora's own
+dependencies. Not collected by pytest: it imports both, neither of which slora uses. Cases, on the tiny 2-layer llama GGUF of tests/io/test_gguf.py (mixed Q8_0, Q4_0,
 Q4_1, F16, F32 tensors, q/k rows in llama.cpp's order):
   - plain: slora's converted folder vs `from_pretrained(..., gguf_file=...)` (dequantization, un-permutation);
   - llama3: the same with a `rope_freqs` tensor (theta 5e5, factor 8, original context 64, every band used).

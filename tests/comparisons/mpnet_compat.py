@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python tests/comparisons/mpnet_compat.py [--model ~/.cache/slora/models/mpnet-base] [--adapter RUN/adapter]
 
-Not collected by pytest (no `test_` prefix): it imports transformers and peft, which slora never does, and needs
-the optional `mpnet` asset (`python -m slora.assets --only mpnet`). tests/comparisons/peft_compat.py does the same on tiny
+Needs transformers and peft (with accelerate) beside slora's own dependencies, and the optional `mpnet` asset
+(`python -m slora.assets --only mpnet`). Not collected by pytest (no `test_` prefix): it imports transformers
+and peft, which slora never does. tests/comparisons/peft_compat.py does the same on tiny
 random MPNets; this script adds what only the real checkpoint shows (trained bias table, 12 layers, long inputs).
   1. hidden states: slora's MPNetModel vs transformers' MPNetModel on real sentences of the rt-polarity stand-in
      (a right-padded batch) and on one 400-token text, so offsets beyond max distance 128 and every bucket occur;
@@ -31,7 +32,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification  # noqa: 
 from slora.data import tasks  # noqa: E402
 from slora.io.adapter import load_adapter, save_adapter  # noqa: E402
 from slora.models.lora import apply_lora  # noqa: E402
-from slora.models import for_sequence_classification
+from slora.models import for_sequence_classification  # noqa: E402
 from slora.io.model_folder import load_model, load_tokenizer  # noqa: E402
 from slora.models.bert import mean_pool  # noqa: E402
 from tests.comparisons.peft_compat import load_hf  # noqa: E402

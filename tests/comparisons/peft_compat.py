@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python tests/comparisons/peft_compat.py [--tol 1e-4]
 
-Not collected by pytest (no `test_` prefix): it imports transformers and peft, which slora never does. Needs
-peft >= 0.14 (fully qualified rank_pattern keys) and transformers. For each case it builds a tiny random model with
+Needs transformers and peft >= 0.14 (fully qualified rank_pattern keys; with accelerate) beside slora's own
+dependencies; no assets, no network. Not collected by pytest (no `test_` prefix): it imports transformers and
+peft, which slora never does. For each case it builds a tiny random model with
 slora's test helpers, saves it with `slora.models.save_model`, applies LoRA with unequal ranks (a rank-0 module
 among the listed ones, non-integer "scale" alphas or rsLoRA, dropout), gives B random non-zero values, saves the
 adapter with `slora.io.adapter.save_adapter`, then loads the base with transformers' Auto class and the adapter with
@@ -33,7 +34,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceCl
 
 from slora.io.adapter import load_adapter, save_adapter  # noqa: E402
 from slora.models.lora import apply_lora, lora_modules  # noqa: E402
-from slora.models import for_sequence_classification
+from slora.models import for_sequence_classification  # noqa: E402
 from slora.io.model_folder import load_model, save_model  # noqa: E402
 from tests.support.tiny import randomize_lora, tiny_bert, tiny_llama, tiny_mpnet  # noqa: E402
 

@@ -7,6 +7,12 @@
     python -m slora.merge /tmp/chat-run /tmp/chat-merged
     PYTHONPATH=. python tests/comparisons/serve_compat.py /tmp/chat-run /tmp/chat-merged --chat /tmp/chat/*.jsonl
 
+The first three commands need only slora (and the default assets, `python -m slora.assets`); this script needs
+transformers and peft (with accelerate) beside slora's own dependencies, and for its LLaMA-3 rendering check the
+optional `vocab` asset (`python -m slora.assets --only vocab`; skipped when absent). It runs on CPU; vLLM itself is
+not needed (its one-scaling rule is emulated in slora). On that SmolLM2 run the fp32 rows sit at the fp32 rounding
+floor that the float64 oracle rows show (about 1e-4 over 30 layers, logits up to ~47), so they exceed the default
+--tol 1e-4; `--tol 2e-4` is the bound that separates rounding from a real disagreement there.
 Not collected by pytest (no `test_` prefix): it imports transformers and peft, which slora never does. On the run's
 dev conversations (rendered by slora, right-padded) it reports max |Δ| of the logits over real tokens between
   - slora's base + LoRA (unmerged; `load_adapter` on the run's adapter folder), the reference;

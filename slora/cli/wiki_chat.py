@@ -1,7 +1,7 @@
 """python -m slora.wiki_chat OUT_DIR [--n-train 96] [--n-dev 16]
 
 Write a small chat-format JSONL pair (train.jsonl, dev.jsonl) from the Wikipedia asset, for trying
-`--jsonl-kind chat` (and for tests/comparisons/serve.py).
+`--jsonl-kind chat` (and for tests/comparisons/serve_compat.py).
 
 Each record is a two-exchange conversation about one Vital Article: the user gives the title and the start of
 the extract and asks for a short description (the article's own description answers), then asks for its topic

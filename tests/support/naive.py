@@ -43,10 +43,13 @@ def metrics(values: list[float], k_frac: float, alpha: float) -> tuple[float, fl
 
 
 def cv(xs: list[float]) -> float:
-    """σ/µ² with population σ, in float64 via torch."""
-    t = torch.tensor(xs, dtype=torch.float64)
-    sigma = t.std(correction=0).item()
-    return 0.0 if sigma == 0 else sigma / t.mean().item() ** 2
+    """σ/µ² with population σ, from the exact mean and variance of the floats (Fractions), rounded once at the
+    end: equal values have σ = 0 exactly."""
+    from fractions import Fraction
+    exact = [Fraction(x) for x in xs]
+    mu = sum(exact) / len(exact)
+    var = sum((x - mu) ** 2 for x in exact) / len(exact)
+    return 0.0 if var == 0 else math.sqrt(var) / float(mu) ** 2
 
 
 def kendall_tau_b(x, y) -> float:

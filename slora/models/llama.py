@@ -223,8 +223,15 @@ class LlamaAttention(nn.Module):
         if cache is not None and "slot" in cache:  # a preallocated cache (models.decode): write at the step's slot
             cache["k"].index_copy_(2, cache["slot"], k)  # (B, Hkv, S, hs), S the cache's fixed length
             cache["v"].index_copy_(2, cache["slot"], v)
-            k, v = cache["k"], cache["v"]
-        elif cache is not None:  # generation: keys/values of earlier positions are kept, not recomputed
+            # the G = H/Hkv query heads of each kv head as G·T queries of that head (q head h reads kv head h // G,
+            # repeat_interleave's layout): the cache is read in place instead of copied G times per layer and step
+            G = self.n_head // self.n_kv
+            qg = q.reshape(B, self.n_kv, G * T, self.hs)  # (B, Hkv, G·T, hs)
+            mg = mask[:, :, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, mask.shape[-1])
+            y = F.scaled_dot_product_attention(qg, cache["k"], cache["v"], attn_mask=mg)  # (B, Hkv, G·T, hs)
+            y = y.view(B, self.n_head, T, self.hs).transpose(1, 2).reshape(B, T, self.n_head * self.hs)
+            return self.o_proj(y)
+        if cache is not None:  # generation: keys/values of earlier positions are kept, not recomputed
             if "k" in cache:
                 k = torch.cat([cache["k"], k], dim=2)  # (B, Hkv, S, hs), S = past + T
                 v = torch.cat([cache["v"], v], dim=2)

@@ -1,18 +1,19 @@
 """Crash tests of the output-folder protocol (slora/io/files.py), in the style of SQLite's: each path that changes an
-output folder (a run's completion, --replace of a complete and of an interrupted run, training checkpoints) is killed
-with SIGKILL right after its k-th filesystem operation, for every k (tests/support/crash.py counts them in an
-uninterrupted run first). Then the recovery the README documents is run, and the folder must equal what the
-uninterrupted command writes, byte for byte; the user's files in it are checked after every kill, and every message
-about what was removed is checked against the folder.
+output folder (a run's completion, --replace of a complete and of an interrupted run, training checkpoints, merge into
+a new folder and over an earlier merge) is killed with SIGKILL right after its k-th filesystem operation, for every k
+(tests/support/crash.py counts them in an uninterrupted run first). Then the recovery the README documents is run, and
+the folder must equal what the uninterrupted command writes, byte for byte; the user's files in it are checked after
+every kill, and every message about what was removed is checked against the folder.
 
-The recovery ("Run folders" in the README): run the same command again. It finishes or removes what the killed process
-left, saying so, and then completes, or says OUT holds a complete run (the killed run had finished), or names the one
-command that continues it (`--resume OUT`, which names `--replace` when there is no checkpoint to continue from). A run
-killed while its files were moved into OUT is also finished by `--resume OUT`.
+The recovery ("Run folders" and "Merging" in the README): run the same command again. It finishes or removes what the
+killed process left, saying so, and then completes, or says OUT holds a complete run (the killed run had finished), or
+names the one command that continues it (`--resume OUT`, which names `--replace` when there is no checkpoint to
+continue from). A run killed while its files were moved into OUT is also finished by `--resume OUT`.
 
-Byte for byte means the files of the run folder and the manifest, with one exception: a run continued from a training
-checkpoint measures its own timings, so the time fields of log.jsonl and metrics.json are left out of that comparison,
-as is the "resume" record the resumed run adds to log.jsonl (everything else in them is compared exactly).
+Byte for byte means the files of the run folder (or of the merged model) and the manifest, with one exception: a run
+continued from a training checkpoint measures its own timings, so the time fields of log.jsonl and metrics.json are
+left out of that comparison, as is the "resume" record the resumed run adds to log.jsonl (everything else in them is
+compared exactly).
 """
 import json
 import re
@@ -33,6 +34,7 @@ COMPLETION = [("slora.io.files", "commit", "after")]
 REPLACE = [("slora.io.files", "acquire", "inside"), ("slora.train.run_folder", "_open", "inside"),
            ("slora.io.files", "commit", "after")]
 CHECKPOINTS = [("slora.train.resume", "Checkpointer.save", "inside")]
+MERGE = [("slora.cli.merge", "main", "after")]
 USER = {"NOTES.md": b"the user's notes", "plots/a.txt": b"the user's plot"}
 TIMES = {"log.jsonl": ("time", "tokens_per_s"), "metrics.json": ("times",)}
 COUNTS = {}  # path -> (kill points, seconds), printed at the end of the module
@@ -208,3 +210,28 @@ def test_checkpoint_writes(crash):
             assert got == (want_replaced if how == "replaced" else want), f"k={k} {how}: {diff(got, want)}"
     assert seen["resumed"] > 0 and seen["replaced"] > 0, seen  # kills before and after the first checkpoint
     COUNTS["checkpoint writes"] = (n, time.time() - t0)
+
+
+# -----------------------------------------------------------------------------
+# python -m slora.merge
+
+@pytest.mark.parametrize("before", ["new", "earlier-merge"])
+def test_merge(crash, before):
+    h, argv, d = crash
+    t0 = time.time()
+    run_dir, out, stash = d / f"merge-{before}" / "run", d / f"merge-{before}" / "merged", None
+    assert run(h, "finetune", argv(run_dir)).code == 0
+    cmd = [run_dir, out, "--max-shard-size", "20KB"]  # several shards: a kill point per shard
+    if before == "earlier-merge":  # an earlier merge in one bf16 file, and the user's notes beside it
+        assert run(h, "merge", [run_dir, out, "--dtype", "bf16"]).code == 0
+        add_user_files(out)
+        stash = d / f"merge-{before}" / "before"
+        restore(out, stash)
+    n, want = reference(h, "merge", cmd, MERGE, out, stash)
+    assert len([p for p in want if p.endswith(".safetensors")]) >= 3
+    check = (lambda k: user_files_intact(out) or pytest.fail(f"k={k}: user files changed")) if stash else None
+    for k in kill_each(h, "merge", cmd, MERGE, out, stash, n, check_killed=check):
+        assert follow(h, "merge", cmd, out) == "again"
+        got = snapshot(out)
+        assert got == want, f"k={k}: {diff(got, want)}"
+    COUNTS["merge into " + ("a new folder" if before == "new" else "an earlier merge")] = (n, time.time() - t0)

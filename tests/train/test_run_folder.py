@@ -19,6 +19,7 @@ from slora.cli import finetune
 from slora.train import resume, run_folder
 from slora.cli.runner import run_cli
 from slora.train.run_folder import RunFolderError
+from tests.io.test_files import file_size_limit
 from tests.support.tiny import sentiment_rows, tiny_model_dir, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -363,3 +364,14 @@ def test_sigterm_says_truly_what_was_removed_or_kept(setup, tmp_path, monkeypatc
             assert err == f"error: terminated by SIGTERM; the run is kept in {partial}: continue it with `{command}`\n"
             assert run_folder.interrupted(out)
             assert run_cli(finetune.main, command.split()[3:]) == 0 and not partial.exists()
+
+
+def test_a_failed_write_names_the_file_and_leaves_nothing(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    with file_size_limit(4096):  # the run's JSON files fit, its adapter's weights (5.6 kB) do not
+        assert run_cli(finetune.main, argv(setup, out, "--max-steps", "1")) == 1
+    err = capsys.readouterr().err
+    partial = out / ".slora-partial"
+    assert re.fullmatch(rf"error: {partial}/\.adapter\.partial-\d+-\w+/adapter_model\.safetensors: cannot write it: "
+                        rf"File too large; .*; temporary files were removed \({partial}\)\n", err), err
+    assert not out.exists()

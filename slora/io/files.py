@@ -21,8 +21,8 @@ The protocol of an output folder OUT that slora fills file by file (a run folder
 Completion is journaled: `.slora-partial/.slora-commit.json` (the files to move in, the previous output's files to
 remove, the manifest) is written first, under a temporary name and renamed; then the previous files go, the new ones
 are moved in, the manifest is written, and the in-progress folder is renamed to OUT/.slora-trash and deleted. Every
-step can be repeated: a process killed at any point (SIGKILL, power to the process) leaves a journal that the next
-command on OUT finishes before anything else (`recover`), and says so. Ctrl-C and SIGTERM wait until such a
+step can be repeated: a process killed at any point (SIGKILL, the out-of-memory killer) leaves a journal that the
+next command on OUT finishes before anything else (`recover`), and says so. Ctrl-C and SIGTERM wait until such a
 sequence is done (`deferred_signals`). What is guarded against is the death of the process, not of the machine:
 nothing is fsynced.
 """
@@ -401,7 +401,9 @@ def output_folder(out, manifest: str, ours: Callable[[str], bool], finish: str, 
                 yield files
                 commit(out, sorted(os.listdir(files)), files, manifest, old, finish)
             except BaseException as e:
-                if partial.exists() and completing(out) is None:
+                if not partial.exists():  # Ctrl-C or SIGTERM handled once the journaled moves were done
+                    e.add_note(f"the output had completed: {out}")
+                elif completing(out) is None:
                     with deferred_signals():
                         discard(partial)
                     e.add_note(f"temporary files were removed ({partial})")

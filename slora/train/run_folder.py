@@ -184,10 +184,10 @@ def _open(out: Path, resume: bool, replace: bool):
 def _complete(out: Path):
     """Move the run's files from the in-progress folder into OUT in place of the previous complete run's own
     files (replace), listing them in the manifest; journaled (slora.io.files.commit). Checkpoints are not part of
-    a run."""
+    a run, nor are hidden names (slora's bookkeeping, a temporary folder a killed write left)."""
     partial = partial_of(out)
     names = sorted(p.name for p in partial.iterdir()
-                   if p.name != CHECKPOINT and not p.name.startswith(("checkpoint-", ".slora-")))
+                   if p.name != CHECKPOINT and not p.name.startswith(("checkpoint-", ".")))
     commit(out, names, partial, MANIFEST, complete_files(out) or [], f"run `{resume_command(out)}`")
 
 

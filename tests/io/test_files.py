@@ -212,6 +212,23 @@ def test_output_folder_says_what_it_removed(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".slora-x.json", "a"]
 
 
+def test_sigterm_while_an_output_is_moved_in_waits_for_the_last_move(tmp_path, monkeypatch):
+    out, real = tmp_path / "out", os.replace
+
+    def replace(src, dst, *a, **kw):  # SIGTERM right after the first of the two moves
+        real(src, dst, *a, **kw)
+        if Path(dst) == out / "a":
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Terminated) as e:
+        with output_folder(out, ".slora-x.json", writes_a, "run `again`") as f:
+            f.mkdir()
+            (f / "a").write_text("A")
+            (f / "b").write_text("B")
+    assert e.value.__notes__ == [f"the output had completed: {out}"]
+    assert sorted(p.name for p in out.iterdir()) == [".slora-x.json", "a", "b"]
+
+
 # -----------------------------------------------------------------------------
 # Signals wait for a journaled sequence
 

@@ -212,6 +212,9 @@ def main(argv=None):
     resume = args.resume is not None
     if resume:
         out = run_folder.resolve_resume(args.resume)
+        if not run_folder.interrupted(out):  # the run had finished; resolve_resume completed its move into OUT
+            print(f"run folder: {out}")
+            return out
         args = resumed_args(out)
     else:
         out = Path(args.out) if args.out else Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{args.task}-{args.alloc}")
@@ -223,7 +226,9 @@ def main(argv=None):
     with process_group.guard():  # torchrun: a failure on any rank ends every rank with its error
         if d.is_main:
             # a diverged run is no resume point: resuming it would diverge again
-            with run_folder.run_folder(out, resume=resume, replace=args.replace,
+            inputs = {f"--{k.replace('_', '-')}": getattr(args, k) for k in
+                      ("model", "train_file", "dev_file", "test_file")}  # OUT must lie apart from them
+            with run_folder.run_folder(out, resume=resume, replace=args.replace, inputs=inputs,
                                       keep_on_error=lambda e: not isinstance(e, NonFiniteError)) as tmp:
                 run(args, tmp, resume)
         else:  # the other ranks compute alongside and write nothing (write_json and Log skip them)

@@ -27,7 +27,8 @@ def parse_size(text: str) -> int:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m slora.merge", description=__doc__.split("\n\n")[1])
     p.add_argument("run_dir", type=Path, help="a slora run folder (args.json and adapter/)")
-    p.add_argument("out_dir", type=Path, help="the merged model folder to write (replaced if it holds a model)")
+    p.add_argument("out_dir", type=Path, help="the merged model folder to write (an earlier merge slora wrote there "
+                                              "is replaced; other files stay)")
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="dtype of the written weights")
     p.add_argument("--base", type=Path, default=None, help="base model folder (default: the run's preset or path)")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"),

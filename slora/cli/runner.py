@@ -64,13 +64,15 @@ def run_cli(main, argv=None) -> int:
     except BaseException as e:  # the one place that turns every failure into the one-line convention
         if debug:
             traceback.print_exc()
+        # what was cleaned up or kept is said by the code that did it (its notes on the exception), never assumed
+        notes = "".join(f"; {n}" for n in getattr(e, "__notes__", ()))
         if isinstance(e, Terminated):
-            print("error: terminated by SIGTERM; temporary files were removed", file=sys.stderr)
+            print(f"error: terminated by SIGTERM{notes}", file=sys.stderr)
             return EXIT_TERM
         if isinstance(e, KeyboardInterrupt):
-            print("error: interrupted; temporary files were removed", file=sys.stderr)
+            print(f"error: interrupted{notes}", file=sys.stderr)
             return EXIT_INTERRUPT
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}{notes}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILED
 
 

@@ -34,7 +34,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slora.io.files import atomic_folder, read_json
+from slora.io.files import atomic_folder, read_json, writing
 from slora.errors import SloraError
 from slora.models.lora import LoRALinear, apply_lora, lora_modules
 from slora.io.patterns import compile_pattern
@@ -286,8 +286,10 @@ def save_adapter(model: nn.Module, folder, base_model_name_or_path, task_type: s
     if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / CONFIG).is_file())):
         raise FileExistsError(f"{folder}: exists and is not an adapter folder; not overwriting it")
     with atomic_folder(folder) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        with writing(tmp / WEIGHTS):  # a full disk or a folder without permission: an error naming the file
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        with writing(tmp / CONFIG):
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
 

@@ -8,6 +8,7 @@ No `gguf` package and no pickle: the header is parsed with `struct`, the tensor 
 Legend for shape comments: n blocks of 32 weights, H heads, hs head size.
 """
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from slora.io.files import atomic_folder
+from slora.io.files import LOCK, atomic_folder, check_apart, locked, writing
+from slora.models import build_config
 from slora.io.gguf_tokenizer import GGUFError, hf_tokenizer, hf_tokenizer_config
 
 GGUF_MAGIC = b"GGUF"
@@ -271,6 +273,30 @@ def hf_name(gguf_name: str, path) -> str:
     raise GGUFError(f"{path}: unexpected tensor {gguf_name!r} for a llama model")
 
 
+# The llama.* metadata config.json is built from, checked before anything is converted: a value the model cannot use
+# (a negative context length, 0 heads, a NaN epsilon) is refused naming its key, never written into a folder that
+# slora's own loader refuses (hf_config then checks the whole config as load_model does).
+POSITIVE_INTS = ("llama.embedding_length", "llama.feed_forward_length", "llama.block_count",
+                 "llama.attention.head_count", "llama.attention.head_count_kv", "llama.attention.key_length",
+                 "llama.rope.dimension_count", "llama.context_length", "llama.vocab_size")
+POSITIVE_REALS = ("llama.attention.layer_norm_rms_epsilon", "llama.rope.freq_base", "llama.rope.scaling.factor")
+TOKEN_IDS = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id")
+
+
+def check_metadata(gf: GGUFFile):
+    """Types and ranges of the metadata values hf_config reads (those present); an error names key and value."""
+    for key in (k for k in POSITIVE_INTS + POSITIVE_REALS if k in gf.metadata):
+        v, whole = gf.metadata[key], key in POSITIVE_INTS
+        if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)) or not 0 < v < math.inf:
+            raise GGUFError(f"{gf.path}: metadata {key} = {v!r} must be a positive "
+                            f"{'integer' if whole else 'finite number'}")
+    vocab = gf.metadata.get("llama.vocab_size", len(gf.metadata.get("tokenizer.ggml.tokens") or ()))
+    for key in (k for k in TOKEN_IDS if gf.metadata.get(k) is not None):
+        v = gf.metadata[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab:
+            raise GGUFError(f"{gf.path}: metadata {key} = {v!r} is not a token id of the {vocab}-token vocabulary")
+
+
 def _meta(gf: GGUFFile, key: str):
     if key not in gf.metadata:
         raise GGUFError(f"{gf.path}: metadata key {key!r} is missing")
@@ -353,6 +379,7 @@ def hf_config(gf: GGUFFile) -> dict:
     arch = gf.metadata.get("general.architecture")
     if arch != "llama":
         raise GGUFError(f"{gf.path}: general.architecture is {arch!r}; slora converts only 'llama' GGUFs")
+    check_metadata(gf)
     hidden, n_heads = _meta(gf, "llama.embedding_length"), _meta(gf, "llama.attention.head_count")
     # llama.cpp's own defaults when a key is absent: n_kv = n_heads, head size = hidden / heads, theta 10^4
     n_kv = gf.metadata.get("llama.attention.head_count_kv", n_heads)
@@ -377,7 +404,7 @@ def hf_config(gf: GGUFFile) -> dict:
     tokens = _meta(gf, "tokenizer.ggml.tokens")
     vocab = gf.metadata.get("llama.vocab_size", len(tokens))
     # grouped: sizes, attention, positions, vocabulary and special ids, then the fixed llama choices
-    return {
+    config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": hidden, "intermediate_size": _meta(gf, "llama.feed_forward_length"),
         "num_hidden_layers": _meta(gf, "llama.block_count"),
@@ -391,6 +418,12 @@ def hf_config(gf: GGUFFile) -> dict:
         "pad_token_id": gf.metadata.get("tokenizer.ggml.padding_token_id"),
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
     }
+    try:  # the checks slora's loader makes on config.json, made here, before a folder it would refuse is written
+        build_config(config, gf.path)
+    except (ValueError, KeyError, TypeError) as e:
+        raise GGUFError(f"{gf.path}: its metadata gives a config.json that slora cannot load: "
+                        f"{str(e).removeprefix(f'{gf.path}: ')}") from None
+    return config
 
 
 def hf_state_dict(gf: GGUFFile, config: dict) -> dict:
@@ -433,27 +466,33 @@ def hf_state_dict(gf: GGUFFile, config: dict) -> dict:
 def convert_gguf_to_hf(gguf_path, out_dir) -> Path:
     """Convert a llama GGUF into an HF folder: model.safetensors (fp32), config.json, tokenizer.json,
     tokenizer_config.json. Everything is written to a sibling temp folder renamed at the end, so `out_dir`
-    either does not exist or is complete. An existing `out_dir` is an error (remove it first)."""
+    either does not exist or is complete. An existing `out_dir` is an error (remove it first). The conversion
+    holds the lock `.OUT_DIR.slora-lock` beside `out_dir` from the start: a second conversion into it refuses."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} already exists; remove it before converting {gguf_path} into it")
-    gf = read_gguf(gguf_path)
-    config = hf_config(gf)
-    try:
-        tokenizer = hf_tokenizer(gf)
-    except GGUFError:
-        raise
-    except Exception as e:  # the tokenizers library raises plain Exceptions on a vocabulary it cannot build
-        raise GGUFError(f"{gguf_path}: cannot rebuild the tokenizer from tokenizer.ggml.*: {e}") from None
-    # replace=False: a folder another conversion finished meanwhile is an error, never silently replaced
-    with atomic_folder(out_dir, replace=False) as tmp:
-        sd = hf_state_dict(gf, config)
-        for name, w in sd.items():
-            if not np.isfinite(w).all():
-                raise GGUFError(f"{gguf_path}: tensor {name!r} holds NaN or inf values; the GGUF is damaged")
-        save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(gf, config), indent=2) + "\n")
+    check_apart(out_dir, {"the GGUF file": gguf_path})
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with locked(out_dir.parent / f".{out_dir.name}{LOCK}", out_dir):
+        if out_dir.exists():
+            raise FileExistsError(f"{out_dir} already exists; remove it before converting {gguf_path} into it")
+        gf = read_gguf(gguf_path)
+        config = hf_config(gf)
+        try:
+            tokenizer = hf_tokenizer(gf)
+        except GGUFError:
+            raise
+        except Exception as e:  # the tokenizers library raises plain Exceptions on a vocabulary it cannot build
+            raise GGUFError(f"{gguf_path}: cannot rebuild the tokenizer from tokenizer.ggml.*: {e}") from None
+        # replace=False: a folder another conversion finished meanwhile is an error, never silently replaced
+        with atomic_folder(out_dir, replace=False) as tmp:
+            sd = hf_state_dict(gf, config)
+            for name, w in sd.items():
+                if not np.isfinite(w).all():
+                    raise GGUFError(f"{gguf_path}: tensor {name!r} holds NaN or inf values; the GGUF is damaged")
+            with writing(tmp / "model.safetensors"):
+                save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
+            with writing(tmp / "tokenizer.json"):
+                tokenizer.save(str(tmp / "tokenizer.json"))
+            for name, d in (("config.json", config), ("tokenizer_config.json", hf_tokenizer_config(gf, config))):
+                with writing(tmp / name):
+                    (tmp / name).write_text(json.dumps(d, indent=2) + "\n")
     return out_dir
-

@@ -3,7 +3,8 @@
 Hugging Face folder layout: `config.json` plus either `model.safetensors` or `model.safetensors.index.json`
 whose `weight_map` names the shard of every tensor. Weights are read only through safetensors (never unpickled).
 Loading is strict (torchtune's rule): every missing, unexpected or mis-shaped tensor is named in the error.
-Writing goes to a temporary folder that is renamed at the end, so a crash leaves nothing half written.
+Writing goes to a temporary folder that is renamed at the end, so a crash leaves nothing half written; a failed
+write (disk full, no permission) is an error naming the file.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from slora.errors import SloraError
-from slora.io.files import atomic_folder, read_json
+from slora.io.files import atomic_folder, read_json, writing
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -175,18 +176,30 @@ def write_folder(folder, config: dict, sd: dict[str, torch.Tensor], max_shard_by
         cur[name], size = sd[name], size + nbytes
     shards.append(cur)
     with atomic_folder(folder) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})
+            _save(shards[0], tmp / SINGLE)
         else:
             weight_map = {}
             for i, shard in enumerate(shards, 1):
                 fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                _save(shard, tmp / fname)
                 weight_map.update({k: fname for k in shard})
             total = sum(v.numel() * v.element_size() for v in sd.values())
-            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+            _write_text(tmp / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2, sort_keys=True) + "\n")
         for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, tmp / name)
+            with writing(tmp / name):
+                shutil.copyfile(src, tmp / name)
     return Path(folder)
+
+
+# a full disk, a folder without write permission or a file-size limit is an error naming the file being written
+def _write_text(path: Path, text: str):
+    with writing(path):
+        path.write_text(text)
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path):
+    with writing(path):
+        save_file(tensors, str(path), metadata={"format": "pt"})

@@ -12,9 +12,11 @@ A checkpoint is a folder `checkpoint-STEP/` inside the run's in-progress folder 
                           the byte length of log.jsonl at the checkpoint, and the run's record ("run"): its
                           arguments, its model folder and a hash of each data split as read (`Checkpointer.record`)
 It is written under a temporary name and renamed; then `checkpoint.json` (renamed into place too) points at it and
-the older checkpoint folders are removed. A kill at any moment leaves the previous checkpoint or the new one
-intact, never a mix. Resuming truncates log.jsonl to its length at the checkpoint, so the steps between the
-checkpoint and the kill are logged once, by the resumed run, exactly as the uninterrupted run logs them.
+the older checkpoint folder is removed. A kill at any moment leaves the previous checkpoint or the new one
+intact, never a mix: `checkpoint.json` names a complete folder, and the next save first removes every other
+checkpoint-* folder (a .tmp, or one renamed into place but never pointed at, which the resumed run writes again).
+Resuming truncates log.jsonl to its length at the checkpoint, so the steps between the checkpoint and the kill are
+logged once, by the resumed run, exactly as the uninterrupted run logs them.
 
 Under torchrun the checkpoint holds whole tensors, under DDP and FSDP2 alike (one format, nothing pickled). With DDP
 the LoRA factors, head, optimizer state, schedule and data order are the same on every rank, so rank 0's copy is the
@@ -47,7 +49,7 @@ from safetensors.torch import load_file, save_file
 
 from slora.dist import process_group, data_parallel, sharded_load
 from slora.errors import SloraError
-from slora.io.files import read_json
+from slora.io.files import read_json, write_atomic, writing
 from slora.train.run_folder import CHECKPOINT
 from slora.train.loop import TrainState
 
@@ -88,8 +90,11 @@ class Checkpointer:
         if not process_group.get().is_main:
             return
         name = f"checkpoint-{state.step}"
+        current = read_json(self.folder / CHECKPOINT)["checkpoint"] if self.exists() else None
+        for left in self.folder.glob("checkpoint-*"):  # a save cut short left it (a .tmp, or one never pointed at)
+            if left.name != current:
+                shutil.rmtree(left)
         tmp = self.folder / f"{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         tensors["rng.torch"] = torch.get_rng_state()
         if device.type == "cuda":
@@ -99,7 +104,8 @@ class Checkpointer:
         tensors["rng.data"] = state.data_rng
         for key, t in others.items():
             tensors[key] = t
-        save_file(tensors, str(tmp / "tensors.safetensors"))
+        with writing(tmp / "tensors.safetensors"):
+            save_file(tensors, str(tmp / "tensors.safetensors"))
         log = self.folder / LOG
         meta = {"step": state.step, "epoch": state.epoch, "batch": state.batch, "tokens": state.tokens,
                 "history": state.history, "param_groups": osd["param_groups"],
@@ -107,14 +113,12 @@ class Checkpointer:
                 "scheduler": sched.state_dict(), "log_bytes": log.stat().st_size if log.exists() else 0,
                 "tracker": self.tracker.epochs if self.tracker else None, "world": process_group.get().world,
                 "fsdp": sharded_load.is_sharded(model), "run": self.record}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")  # NaN scores round-trip
+        with writing(tmp / "state.json"):
+            (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")  # NaN scores round-trip
         os.replace(tmp, self.folder / name)
-        pointer = self.folder / (CHECKPOINT + ".tmp")
-        pointer.write_text(json.dumps({"checkpoint": name, "step": state.step}) + "\n")
-        os.replace(pointer, self.folder / CHECKPOINT)
-        for old in self.folder.glob("checkpoint-*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
+        write_atomic(self.folder / CHECKPOINT, json.dumps({"checkpoint": name, "step": state.step}) + "\n")
+        if current is not None and current != name:
+            shutil.rmtree(self.folder / current)
 
     # -------------------------------------------------------------------------
     # The run's record: kept by a new run, checked against the checkpoint's by a resumed one

@@ -13,6 +13,11 @@ def raising(e):
     return main
 
 
+def noted(e, note):
+    e.add_note(note)
+    return e
+
+
 @pytest.mark.parametrize("exc,code,line", [
     (SloraError("d/t.jsonl:3", "label 7 is outside 0..1"), 1, "error: d/t.jsonl:3: label 7 is outside 0..1"),
     (UsageError("--lr", "must be finite"), 2, "error: --lr: must be finite"),
@@ -23,8 +28,11 @@ def raising(e):
     (FloatingPointError("step 3: loss nan is not finite"), 1, "error: step 3: loss nan is not finite"),
     (RuntimeError("CUDA out of memory"), 1,
      "error: unexpected RuntimeError: CUDA out of memory (run with SLORA_DEBUG=1 for the traceback)"),
-    (KeyboardInterrupt(), 130, "error: interrupted; temporary files were removed"),
-    (Terminated("signal 15"), 143, "error: terminated by SIGTERM; temporary files were removed"),
+    # nothing is claimed about clean-up unless the code that cleaned up said so (a note on the exception)
+    (KeyboardInterrupt(), 130, "error: interrupted"),
+    (Terminated("signal 15"), 143, "error: terminated by SIGTERM"),
+    (noted(Terminated("signal 15"), "temporary files were removed (x)"), 143,
+     "error: terminated by SIGTERM; temporary files were removed (x)"),
 ])
 def test_each_failure_is_one_line_with_its_status(exc, code, line, capsys, monkeypatch):
     monkeypatch.delenv("SLORA_DEBUG", raising=False)

@@ -1,6 +1,9 @@
 """slora.gguf on GGUF files written by the tests themselves (tests/support/gguf_writer.py); nothing downloaded."""
 import json
 import math
+import os
+import re
+import threading
 
 import numpy as np
 import pytest
@@ -8,7 +11,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
+from slora.io.files import OutputError
 from slora.io.gguf import GGUFError, convert_gguf_to_hf, permute_qk, read_gguf, unpermute_qk
+from slora.io.model_folder import load_model
 from tests.support import gguf_writer as gw
 
 FP16_REL = 2.0 ** -11  # relative rounding error of storing a scale as fp16 (10-bit mantissa)
@@ -398,3 +403,81 @@ def test_rope_freqs_within_stated_tolerance(tmp_path):
         else:
             with pytest.raises(GGUFError, match=f"divisor {mid} is"):
                 convert_gguf_to_hf(_rope_gguf(tmp_path, bumped), out)
+
+
+# -----------------------------------------------------------------------------
+# Metadata checked before anything is converted; OUT_DIR locked and apart from the GGUF; write errors named
+
+BAD_METADATA = [  # (key, value written, what the error says); every one of them once converted into a folder that
+    # load_model refuses, or that failed deep in the model code
+    ("llama.context_length", (gw.I32, -5), "llama.context_length = -5 must be a positive integer"),
+    ("llama.context_length", 0, "llama.context_length = 0 must be a positive integer"),
+    ("llama.attention.head_count_kv", 3, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ("llama.attention.layer_norm_rms_epsilon", float("nan"), "layer_norm_rms_epsilon = nan must be a positive"),
+    ("llama.rope.freq_base", float("inf"), "llama.rope.freq_base = inf must be a positive finite number"),
+    ("llama.block_count", (gw.I64, -2), "llama.block_count = -2 must be a positive integer"),
+    ("llama.embedding_length", "64", "llama.embedding_length = '64' must be a positive integer"),
+    ("tokenizer.ggml.bos_token_id", 10_000, "tokenizer.ggml.bos_token_id = 10000 is not a token id"),
+    ("llama.rope.scaling.type", "linear", "rope_scaling type 'linear' is not supported"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD_METADATA, ids=[f"{k}={v}" for k, v, _ in BAD_METADATA])
+def test_invalid_metadata_is_refused_before_converting(tmp_path, key, value, message):
+    extra = {"llama.rope.scaling.factor": 2.0} if key == "llama.rope.scaling.type" else {}
+    build_tiny_llama(tmp_path / "m.gguf", **{key: value}, **extra)
+    with pytest.raises(GGUFError, match=rf"^{tmp_path / 'm.gguf'}: .*{re.escape(message)}"):
+        convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_every_converted_folder_loads(tmp_path):
+    # the other side of the check: what it lets through, load_model reads
+    build_tiny_llama(tmp_path / "m.gguf", **{"llama.context_length": (gw.I32, 7)})
+    assert load_model(convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")).config.max_position_embeddings == 7
+
+
+def test_out_dir_that_is_the_gguf_is_refused_naming_both(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    build_tiny_llama(gguf)
+    data = gguf.read_bytes()
+    with pytest.raises(OutputError, match=rf"^{gguf}: is the GGUF file {gguf}, which this command reads"):
+        convert_gguf_to_hf(gguf, gguf)
+    assert gguf.read_bytes() == data and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_a_second_conversion_into_the_folder_refuses_while_the_first_runs(tmp_path, monkeypatch):
+    import slora.io.gguf as gguf_io
+    build_tiny_llama(tmp_path / "m.gguf")
+    reading, go, done = threading.Event(), threading.Event(), []
+    real = gguf_io.read_gguf
+
+    def read(path):  # the first conversion (a thread) holds OUT_DIR while it reads the GGUF
+        if threading.current_thread() is not threading.main_thread():
+            reading.set()
+            go.wait(60)
+        return real(path)
+    monkeypatch.setattr(gguf_io, "read_gguf", read)
+    first = threading.Thread(target=lambda: done.append(convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")))
+    first.start()
+    try:
+        assert reading.wait(60)
+        with pytest.raises(OutputError, match=rf"^{tmp_path / 'hf'}: in use by another slora run \(pid {os.getpid()}"):
+            convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")
+    finally:
+        go.set()
+        first.join(60)
+    assert done == [tmp_path / "hf"] and sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m.gguf"]
+
+
+def test_a_failed_write_names_the_file(tmp_path, capsys):
+    from slora.cli import gguf as gguf_cmd
+    from slora.cli.runner import run_cli
+    from tests.io.test_files import file_size_limit
+    build_tiny_llama(tmp_path / "m.gguf")
+    with file_size_limit(64 * 1024):  # the GGUF (read, not written) is larger; the fp32 weights do not fit
+        assert run_cli(gguf_cmd.main, [str(tmp_path / "m.gguf"), str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: {tmp_path}/\.hf\.partial-\d+-\w+/model\.safetensors: cannot write it: File too "
+                        rf"large; .*; temporary files were removed \({tmp_path}/\.hf\.partial-\d+-\w+\)\n", err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]

@@ -1,12 +1,23 @@
 """python -m slora.merge on tiny run folders: merged logits vs the unmerged LoRA model, folder layout, task heads,
-an adapter that does not fit, atomic writes. transformers' side: tests/merge_compat.py (outside CI)."""
+an adapter that does not fit; OUT_DIR apart from the inputs, replaced only where slora wrote it, locked, write errors
+named. Kills at every point: tests/io/test_files_crash.py. transformers' side: tests/comparisons/serve_compat.py."""
 import json
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from slora.cli import finetune, merge as merge_cmd
+from slora.cli.runner import run_cli
+from slora.io import merge as merge_io
+from slora.io.files import OutputError
+from slora.io.merge import MANIFEST
+from tests.io.test_files import file_size_limit
 from slora.io.adapter import load_adapter
 from slora.models import for_sequence_classification
 from slora.io.model_folder import load_model, load_sequence_classifier, save_model
@@ -96,16 +107,100 @@ def test_refuses_a_base_of_the_other_family(runs, tmp_path):
         merge_cmd.main([str(dec_run), str(tmp_path / "m"), "--base", str(enc_base)])
 
 
-def test_refuses_foreign_out_dir_and_missing_adapter(runs, tmp_path):
+def test_missing_adapter_and_a_folder_of_other_files(runs, tmp_path):
     _, run = runs["decoder"]
-    foreign = tmp_path / "notes"
-    foreign.mkdir()
-    (foreign / "todo.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="does not hold a model folder"):
-        merge_cmd.main([str(run), str(foreign)])
-    assert (foreign / "todo.txt").read_text() == "keep me"
     with pytest.raises(FileNotFoundError, match="the run has no adapter"):
         merge_cmd.main([str(tmp_path), str(tmp_path / "m")])
+    other = tmp_path / "notes"  # files of the user's whose names a merge does not write: the merge goes beside them
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    merge_cmd.main([str(run), str(other)])
+    assert (other / "todo.txt").read_text() == "keep me" and (other / "config.json").is_file()
+    assert "todo.txt" not in json.loads((other / MANIFEST).read_text())["files"]
+
+
+# -----------------------------------------------------------------------------
+# OUT_DIR: apart from the inputs, replaced only where slora wrote it, one merge at a time, write errors named
+
+def files_of(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_out_dir_may_not_be_contain_or_lie_inside_an_input(runs, tmp_path):
+    base, run = runs["decoder"]
+    before = files_of(base.parent) | files_of(run)
+    for out, how, what in ((base, "is", "the base model folder"), (base / "merged", "lies inside", "the base model "
+                           "folder"), (base.parent, "contains", "the base model folder"), (run, "is", "the run folder"),
+                           (run / "merged", "lies inside", "the run folder"), (tmp_path.parent, "contains", "the ")):
+        with pytest.raises(OutputError, match=rf"^{out}: {how} {what}.*which this command reads"):
+            merge_cmd.main([str(run), str(out), "--base", str(base)])
+    assert files_of(base.parent) | files_of(run) == before and not (base / "merged").exists()
+
+
+def test_a_model_folder_that_slora_did_not_write_is_refused_whole(runs, tmp_path):
+    base, run = runs["decoder"]
+    out = tmp_path / "hf"
+    shutil.copytree(base, out)  # someone's model folder, with their notes beside it
+    (out / "NOTES.md").write_text("mine")
+    before = files_of(out)
+    with pytest.raises(OutputError, match=rf"^{out}: holds config.json, model.safetensors, tokenizer.json, which this "
+                                          rf"command writes, and no {MANIFEST} lists them"):
+        merge_cmd.main([str(run), str(out)])
+    assert files_of(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+
+
+def test_a_later_merge_replaces_only_the_files_the_earlier_one_wrote(runs, tmp_path):
+    base, run = runs["decoder"]
+    out = tmp_path / "merged"
+    merge_cmd.main([str(run), str(out), "--max-shard-size", "20KB"])
+    shards = [p.name for p in out.glob("model-*.safetensors")]
+    assert len(shards) > 1
+    (out / "NOTES.md").write_text("mine")
+    merge_cmd.main([str(run), str(out), "--dtype", "bf16"])  # one file: the shards and their index go
+    listed = json.loads((out / MANIFEST).read_text())["files"]
+    assert sorted(listed) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(listed + ["NOTES.md", MANIFEST])
+    assert (out / "NOTES.md").read_text() == "mine"
+    (out / MANIFEST).write_text(json.dumps({"files": ["../x", "config.json"]}))  # edited by hand: nothing is removed
+    with pytest.raises(OutputError, match=rf"^{out / MANIFEST}: entry '\.\./x' is not a plain file name"):
+        merge_cmd.main([str(run), str(out)])
+    assert sorted(p.name for p in out.iterdir()) == sorted(listed + ["NOTES.md", MANIFEST])
+
+
+def test_a_second_merge_into_the_folder_refuses_while_the_first_runs(runs, tmp_path, monkeypatch):
+    base, run = runs["decoder"]
+    out, loading, go, done = tmp_path / "merged", threading.Event(), threading.Event(), []
+    real = merge_io.load_model
+
+    def load(path, *a, **kw):  # the first merge (a thread) holds OUT_DIR while it loads the base
+        if threading.current_thread() is not threading.main_thread():
+            loading.set()
+            go.wait(60)
+        return real(path, *a, **kw)
+    monkeypatch.setattr(merge_io, "load_model", load)
+    first = threading.Thread(target=lambda: done.append(merge_cmd.main([str(run), str(out)])))
+    first.start()
+    try:
+        assert loading.wait(60)
+        with pytest.raises(OutputError, match=rf"^{out}: in use by another slora run \(pid {os.getpid()}, "):
+            merge_cmd.main([str(run), str(out), "--dtype", "bf16"])
+    finally:
+        go.set()
+        first.join(60)
+    assert done == [out]
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:  # the first merge's result, whole
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+def test_a_failed_write_names_the_file_and_leaves_nothing(runs, tmp_path, capsys):
+    _, run = runs["decoder"]
+    out = tmp_path / "merged"
+    with file_size_limit(16_384):  # config.json and the tokenizer fit, the weights (73 kB) do not
+        assert run_cli(merge_cmd.main, [str(run), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: {out}/\.slora-partial/\.files\.partial-\d+-\w+/model\.safetensors: cannot write it: "
+                        rf"File too large; .*; temporary files were removed \({out}/\.slora-partial\)\n", err), err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("model_type,pad", [("bert", 0), ("roberta", 1), ("mpnet", 1)])

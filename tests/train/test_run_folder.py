@@ -1,7 +1,12 @@
-"""slora/run_folder.py and slora/resume.py through `python -m slora.finetune`: the lock, --replace keeps user files,
-the in-progress folder, SIGTERM, --resume bit-identical to an uninterrupted run (in process, and after kill -9)."""
+"""slora/train/run_folder.py and slora/train/resume.py through `python -m slora.finetune`: the lock, --replace keeps
+user files and removes only what a manifest of plain names lists, OUT apart from the inputs, the in-progress folder,
+a kill or SIGTERM while the files are moved in, error lines that say truly what was removed or kept, --resume
+bit-identical to an uninterrupted run (in process, and after kill -9). Every kill point:
+tests/io/test_files_crash.py."""
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +19,7 @@ from slora.cli import finetune
 from slora.train import resume, run_folder
 from slora.cli.runner import run_cli
 from slora.train.run_folder import RunFolderError
+from tests.io.test_files import file_size_limit
 from tests.support.tiny import sentiment_rows, tiny_model_dir, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -244,3 +250,128 @@ def test_stale_lock_is_taken_over_and_said(setup, tmp_path, capsys):
     finetune.main(argv(setup, out, "--max-steps", "1"))
     assert f"stale lock of process {dead.pid}" in capsys.readouterr().out
     assert not (out / ".slora-lock").exists() and (out / "adapter").is_dir()
+
+
+# -----------------------------------------------------------------------------
+# Only what slora can prove it wrote is replaced
+
+def test_user_files_that_look_like_a_run_are_refused_not_replaced(setup, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    mine = {"args.json": '{"mine": 1}', "metrics.json": '{"mine": 2}', "log.jsonl": '{"mine": 3}\n'}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    for extra in ((), ("--replace",)):  # not "a complete run": --replace may not overwrite them either
+        with pytest.raises(RunFolderError, match=r"holds args.json, metrics.json, log.jsonl, which a run would "
+                                                 r"overwrite, and no slora run .*not even with --replace"):
+            finetune.main(argv(setup, out, "--max-steps", "1", *extra))
+        assert {p.name: p.read_text() for p in out.iterdir()} == mine
+
+
+@pytest.mark.parametrize("entry", ["../x", ".", "adapter/../../x"])
+def test_a_damaged_manifest_makes_replace_remove_nothing(setup, tmp_path, entry):
+    out = tmp_path / "run"
+    finetune.main(argv(setup, out, "--max-steps", "1"))
+    (tmp_path / "x").write_text("outside the run folder")
+    manifest = out / ".slora-run.json"
+    manifest.write_text(json.dumps({"files": [entry, "args.json"]}))
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(RunFolderError, match=rf"^{manifest}: entry '{re.escape(entry)}' is not a plain file name"):
+        finetune.main(argv(setup, out, "--max-steps", "1", "--replace"))
+    assert (tmp_path / "x").read_text() == "outside the run folder" and sorted(p.name for p in out.iterdir()) == before
+
+
+def test_out_may_not_be_contain_or_lie_inside_an_input(setup, tmp_path):
+    d, model = setup
+    for out, how in ((model, "is"), (model / "run", "lies inside"), (d, "contains")):
+        before = sorted(p.name for p in model.iterdir())
+        with pytest.raises(RunFolderError, match=rf"^{out}: {how} --(model|train-file) .*which this command reads"):
+            finetune.main(argv(setup, out, "--max-steps", "1"))
+        assert sorted(p.name for p in model.iterdir()) == before and not (model / "run").exists()
+
+
+# -----------------------------------------------------------------------------
+# A kill or SIGTERM while the finished run's files are moved into OUT
+
+class Killed(BaseException):
+    """Stands for SIGKILL in-process: nothing of slora's catches it, so what it leaves is what a kill leaves."""
+
+
+def moves_into(out: Path, after: int, action):
+    """os.replace that calls `action` right after the `after`-th move of a run file into `out`."""
+    real, moved = os.replace, []
+
+    def replace(src, dst, *a, **kw):
+        real(src, dst, *a, **kw)
+        if Path(dst).parent == out and Path(src).parent.name == ".slora-partial":
+            moved.append(Path(dst).name)
+            if len(moved) == after:
+                action()
+    return replace
+
+
+def test_a_run_killed_after_3_of_its_7_moves_is_finished_by_resume_or_replaced(setup, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", moves_into(out, 3, lambda: (_ for _ in ()).throw(Killed())))
+        with pytest.raises(Killed):
+            finetune.main(argv(setup, out, "--max-steps", "2"))
+    partial = out / ".slora-partial"
+    assert len([p for p in out.iterdir() if not p.name.startswith(".")]) == 3 and len(list(partial.iterdir())) == 5
+    files = {str(p.relative_to(partial)): p.read_bytes() for p in partial.rglob("*") if p.is_file()}
+    files |= {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*")
+              if p.is_file() and not p.relative_to(out).parts[0].startswith(".")}
+    files.pop(".slora-commit.json")
+    shutil.copytree(out, tmp_path / "killed")
+    assert run_cli(finetune.main, ["--resume", str(out)]) == 0  # finishes the moves
+    names = json.loads((out / ".slora-run.json").read_text())["files"]
+    assert len(names) == 7 and not partial.exists()
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*")
+            if p.is_file() and not p.name.startswith(".")} == files
+    # --replace on the killed state: finishes the moves, then runs and replaces the run (the moved files are slora's)
+    shutil.rmtree(out)
+    shutil.copytree(tmp_path / "killed", out)
+    finetune.main(argv(setup, out, "--max-steps", "1", "--replace"))
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 1 and not partial.exists()
+
+
+def test_sigterm_while_the_files_are_moved_in_waits_for_the_last_move(setup, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    monkeypatch.setattr(os, "replace", moves_into(out, 3, lambda: os.kill(os.getpid(), signal.SIGTERM)))
+    assert run_cli(finetune.main, argv(setup, out, "--max-steps", "1")) == 143
+    assert capsys.readouterr().err == f"error: terminated by SIGTERM; the run had completed: {out}\n"
+    assert len(json.loads((out / ".slora-run.json").read_text())["files"]) == 7
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".slora-run.json"]
+
+
+# -----------------------------------------------------------------------------
+# What the error line says was cleaned up is true
+
+def test_sigterm_says_truly_what_was_removed_or_kept(setup, tmp_path, monkeypatch, capsys):
+    due = resume.Checkpointer.due
+    for stop, out in ((1, tmp_path / "early"), (3, tmp_path / "late")):  # before, and after, checkpoint 2
+        with monkeypatch.context() as m:
+            m.setattr(resume.Checkpointer, "due",
+                      lambda self, s, stop=stop: os.kill(os.getpid(), signal.SIGTERM) if s == stop else due(self, s))
+            assert run_cli(finetune.main, argv(setup, out)) == 143
+        err = capsys.readouterr().err
+        partial = out / ".slora-partial"
+        if stop == 1:
+            assert err == f"error: terminated by SIGTERM; temporary files were removed ({partial})\n"
+            assert not out.exists()
+        else:
+            command = f"python -m slora.finetune --resume {out}"
+            assert err == f"error: terminated by SIGTERM; the run is kept in {partial}: continue it with `{command}`\n"
+            assert run_folder.interrupted(out)
+            assert run_cli(finetune.main, command.split()[3:]) == 0 and not partial.exists()
+
+
+def test_a_failed_write_names_the_file_and_leaves_nothing(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    with file_size_limit(4096):  # the run's JSON files fit, its adapter's weights (5.6 kB) do not
+        assert run_cli(finetune.main, argv(setup, out, "--max-steps", "1")) == 1
+    err = capsys.readouterr().err
+    partial = out / ".slora-partial"
+    assert re.fullmatch(rf"error: {partial}/\.adapter\.partial-\d+-\w+/adapter_model\.safetensors: cannot write it: "
+                        rf"File too large; .*; temporary files were removed \({partial}\)\n", err), err
+    assert not out.exists()

@@ -1,8 +1,7 @@
-"""Fast checks of the recorded runs (reference_runs/{nlu,nlg,stability,mpnet,nlg-full}/runs.jsonl) and of the README
-tables built from them.
+"""Fast checks of the recorded runs (reference_runs/<suite>/runs.jsonl) and of the README tables built from them.
 
-- reference_runs/README.md and stability/README.md are in sync with the recorded runs: generating them again
-  changes nothing;
+- reference_runs/README.md, the top-level README.md and stability/README.md are in sync with the recorded runs:
+  generating them again changes nothing;
 - every run that grid.py and stability.py plan is recorded, whole, once, and nothing unplanned is;
 - each run's command is the command grid.py would give, and its args (args.json) are what that command parses to;
 - the recorded ranks follow from the recorded θ under today's allocation code (exactly);
@@ -32,16 +31,17 @@ PLANNED = grid.nlu_plan() + grid.nlg_plan() + stability.plan() + grid.mpnet_plan
 KEYS = {"task", "name", "command", "env", "args", "metrics", "sensitivity", "modules", "hessian", "log"}
 
 
-def recorded_runs():
-    """{suite/task/name: Record} of every suite file (store.load refuses a cut line and a run recorded twice)."""
-    return {f"{suite}/{task}/{name}": rec for suite in SUITES
+def recorded_runs(suites=SUITES):
+    """{suite/task/name: Record} of the suite files (store.load refuses a cut line and a run recorded twice)."""
+    return {f"{suite}/{task}/{name}": rec for suite in suites
             for (task, name), rec in store.load(ROOT / suite / store.FILE).items()}
 
 
-def test_readme_tables_are_generated_from_the_recorded_runs():
-    readme = (ROOT / "README.md").read_text()
-    assert "<!-- table:nlu-main -->" in readme and "<!-- table:nlg -->" in readme
-    assert tables.fill(readme) == readme, "reference_runs/README.md is stale: run python reference_runs/tables.py"
+@pytest.mark.parametrize("readme", tables.READMES, ids=lambda p: p.relative_to(ROOT.parent).as_posix())
+def test_readme_tables_are_generated_from_the_recorded_runs(readme):
+    text = readme.read_text()
+    assert ("<!-- table:nlu-main -->" if readme.parent == ROOT else "<!-- table:headline -->") in text
+    assert tables.fill(text) == text, f"{readme} is stale: run python reference_runs/tables.py"
 
 
 def test_stability_readme_is_generated_from_the_recorded_runs():

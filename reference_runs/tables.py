@@ -14,6 +14,7 @@ import statistics
 import sys
 
 import grid
+import prereg
 import compare
 from compare import (GEN, HEADER, NAMES, WIDTH, common_lr_rows, compare_rows, family, lr_grid_rows, mean_std,
                      nlg_table, score, scores)
@@ -442,7 +443,7 @@ TABLES = {"nlu-main": nlu_main, "nlu-main-dev": lambda: nlu_main("dev"), "nlu-co
           "mpnet-qv-common-lr": lambda: mpnet_common_lr("qv"), "mpnet-all-common-lr": lambda: mpnet_common_lr("all"),
           "mpnet-all-param-common-lr": lambda: mpnet_common_lr("all", "param"),
           "nlg-full": nlg_full_compare, "nlg-full-lrs": nlg_full_lrs, "nlg-full-common-lr": nlg_full_common_lr,
-          "headline": headline}
+          "headline": headline} | prereg.TABLES
 READMES = (HERE / "README.md", ROOT / "README.md")  # the second: its section "What the reference runs show"
 
 

@@ -6,6 +6,12 @@
     python reference_runs/grid.py nlg-full --device cuda --workers 9 --threads 1  # SmolLM2 at full size (one H200: 19 min)
     python reference_runs/grid.py nlu --list                       # what is done, what is pending
 
+The pre-registered suites (reference_runs/README.md, "Pre-registration"; not yet run):
+
+    python reference_runs/grid.py mpnet-decisive --device cuda --workers 16          # (a) MPNet q,v, 10 seeds
+    python reference_runs/grid.py mpnet-1k --device cuda --workers 16                # (b) 1,000 examples, 10 epochs
+    python reference_runs/grid.py nlg-powered --device cuda --workers 10 --threads 1 # (c) SmolLM2, 10 seeds
+
 Each run is one line of reference_runs/<suite>/runs.jsonl (store.py): the exact command, the device, torch and
 Python versions, wall time and how many runs shared the device, args.json, metrics.json, ranks.json, θ per module and
 what else of the run folder the tables and checks read. The run writes its folder (named by the command's --out,
@@ -41,6 +47,21 @@ Selection, on the dev split only (the test split is read once per run, after tra
   uniform and Sensitivity-LoRA both picked 2e-3, the top of the grid then.
 A seed fixes the data split, the calibration sample, the head and LoRA init, the batch order and dropout; every
 method of one seed sees the same split, so the methods are compared pairwise.
+
+The pre-registered suites were planned before any of their runs existed; their hypotheses, metrics, minimum
+detectable effects and stopping rules are in reference_runs/README.md. They are recorded with the data order drawn
+from a stream of its own seeded by --seed alone (slora/train/loop.py, data_order_seed: every method of a seed trains
+on the same batches), so they are never compared with the suites above, which were recorded with the earlier order.
+- "mpnet-decisive": MPNet q,v at r_avg 4, seeds 0-9, the 3 tasks; uniform, Sensitivity-LoRA and EVA, and three
+  capacity controls at the same 96 ranks or twice them: all on value (attn.v at r_avg 8), all on query (attn.q at
+  r_avg 8), uniform q,v at r_avg 8. Every arm at every rate of LRS["mpnet-decisive"], picked on dev per arm and task.
+- "mpnet-1k": MPNet on the first 1,000 training examples of each seed's split for 10 epochs (the paper's epochs);
+  r_avg 4 and 8, on q,v and on all linear layers; uniform, Sensitivity-LoRA (on all linear layers with the budget in
+  parameters, equal to uniform's) and EVA (its rule counts ranks); seeds 0-4; picked on dev per method and cell.
+- "nlg-powered": SmolLM2 at full size on the whole dev and test splits (986 each), uniform and Sensitivity-LoRA at
+  2e-3 (both methods' dev pick in nlg-full), seeds 0-9.
+In the two MPNet suites the learning-rate grid widens by a factor of 2 at an edge that a pick lands on, once every
+run of the grid so far is recorded (edge_extended), up to EDGE_STEPS rates a side.
 """
 from __future__ import annotations
 
@@ -92,7 +113,7 @@ MLP = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 @dataclass(frozen=True)
 class Run:
-    suite: str  # "nlu" | "nlg" | "mpnet" | "nlg-full" | "stability" | "figure3"
+    suite: str  # "nlu" | "nlg" | "mpnet" | "nlg-full" | "stability" | "figure3" | a pre-registered suite
     task: str
     name: str  # the run's name in its suite, e.g. "qv-sensitivity-scale-lr1e-3-s0"
     args: str  # slora.finetune arguments, without --out and --device
@@ -122,7 +143,9 @@ class Run:
 
 
 def lr_tag(lr: float) -> str:
-    return f"lr{lr:.0e}".replace("e-0", "e-")
+    """lr1e-3, lr2e-3; a rate that one significant digit does not hold keeps two (lr1.6e-2, lr2.5e-4)."""
+    digits = 0 if float(f"{lr:.0e}") == lr else 1
+    return f"lr{lr:.{digits}e}".replace("e-0", "e-")
 
 
 def nlu_run(task, targets, alloc, lr, seed, phase, policy="scale", source="diag") -> Run:
@@ -235,7 +258,96 @@ def nlg_plan() -> list[Run]:
             for m in ("uniform", "sensitivity")]
 
 
-PLANS = {"nlu": nlu_plan, "nlg": nlg_plan, "mpnet": mpnet_plan, "nlg-full": nlg_full_plan}
+# -----------------------------------------------------------------------------
+# Pre-registered suites (module docstring; reference_runs/README.md, "Pre-registration")
+
+SEEDS |= {"mpnet-decisive": tuple(range(10)), "mpnet-1k": tuple(range(5)), "nlg-powered": tuple(range(10))}
+LRS |= {"mpnet-decisive": (1e-3, 2e-3, 4e-3, 8e-3), "mpnet-1k": (1e-3, 2e-3, 4e-3, 8e-3), "nlg-powered": (2e-3,)}
+EDGE_STEPS = 2  # rates a side that a pick on an edge may add to a pre-registered grid, each a factor of 2 further
+# (a): the compared methods, then the capacity controls (96 ranks on value alone, on query alone, and 192 on q,v)
+DECISIVE_ARMS = {"uniform": "--alloc uniform", "sensitivity": "--alloc sensitivity", "eva": "--alloc eva",
+                 "value-r8": "--alloc uniform --targets attn.v --r-avg 8",
+                 "query-r8": "--alloc uniform --targets attn.q --r-avg 8", "qv-r8": "--alloc uniform --r-avg 8"}
+# (b): the paper's 10 epochs on a 1,000-example training sample of each seed's split
+MPNET_1K_COMMON = "--model mpnet --max-train 1000 --epochs 10 --batch-size 32 --log-every 50"
+MPNET_1K_CELLS = (("qv", 4), ("qv", 8), ("all", 4), ("all", 8))
+MPNET_1K_METHODS = ("uniform", "sensitivity", "eva")
+# (c): nlg-full's command on the whole dev and test splits, at the rate both methods picked there
+NLG_POWERED_COMMON = NLG_FULL_COMMON.replace(" --max-eval 400", "")
+NLG_POWERED_METHODS = ("uniform", "sensitivity")
+
+
+def edge_extended(lrs: tuple, groups) -> tuple:
+    """A pre-registered grid as the recorded runs have widened it: while every run of the grid so far is recorded
+    and some selection group (groups(lrs): a list of run lists) picks its largest (smallest) rate on dev, the grid
+    gains twice that rate (half of it), at most EDGE_STEPS rates a side. Doubling and halving are exact in binary."""
+    lrs, base = tuple(sorted(lrs)), tuple(sorted(lrs))
+    while True:
+        picks = [pick_lr(g) for g in groups(lrs)]
+        if not picks or None in picks:
+            return lrs
+        up = lrs[-1] in picks and lrs[-1] / base[-1] < 2 ** EDGE_STEPS
+        down = lrs[0] in picks and base[0] / lrs[0] < 2 ** EDGE_STEPS
+        if not (up or down):
+            return lrs
+        lrs = ((lrs[0] / 2,) if down else ()) + lrs + ((lrs[-1] * 2,) if up else ())
+
+
+def decisive_run(task, arm, lr, seed) -> Run:
+    args = f"{MPNET_COMMON} --task {task} {DECISIVE_ARMS[arm]} --lr {lr:g} --seed {seed}"
+    return Run("mpnet-decisive", task, f"{arm}-{lr_tag(lr)}-s{seed}", args, "decisive")
+
+
+def decisive_lrs() -> tuple:
+    """The rates of (a): one selection group per arm and task."""
+    seeds = SEEDS["mpnet-decisive"]
+    return edge_extended(LRS["mpnet-decisive"], lambda lrs: [[decisive_run(t, a, lr, s) for lr in lrs for s in seeds]
+                                                            for t in NLU_TASKS for a in DECISIVE_ARMS])
+
+
+def decisive_plan() -> list[Run]:
+    """Seed-major, so that an early stop leaves whole seeds (the rates a widened grid adds join each seed)."""
+    lrs = decisive_lrs()
+    return [decisive_run(t, a, lr, s) for s in SEEDS["mpnet-decisive"] for t in NLU_TASKS for lr in lrs
+            for a in DECISIVE_ARMS]
+
+
+def mpnet_1k_run(task, targets, r_avg, method, lr, seed) -> Run:
+    """Sensitivity-LoRA on all linear layers keeps the budget in parameters (uniform's); EVA's rule counts ranks."""
+    tag = "" if targets == "qv" else "--targets all-linear "
+    tag += "--budget-unit param " if targets == "all" and method == "sensitivity" else ""
+    args = (f"{MPNET_1K_COMMON} --task {task} {MPNET_METHODS[method]} --r-avg {r_avg} --lr {lr:g} --seed {seed} "
+            f"{tag}").strip()
+    return Run("mpnet-1k", task, f"{targets}-r{r_avg}-{method}-{lr_tag(lr)}-s{seed}", args, f"{targets}-r{r_avg}")
+
+
+def mpnet_1k_lrs() -> tuple:
+    """The rates of (b): one selection group per method, task, target set and r_avg."""
+    seeds = SEEDS["mpnet-1k"]
+    return edge_extended(LRS["mpnet-1k"], lambda lrs: [[mpnet_1k_run(t, tg, r, m, lr, s) for lr in lrs for s in seeds]
+                                                      for tg, r in MPNET_1K_CELLS for t in NLU_TASKS
+                                                      for m in MPNET_1K_METHODS])
+
+
+def mpnet_1k_plan() -> list[Run]:
+    lrs = mpnet_1k_lrs()
+    return [mpnet_1k_run(t, tg, r, m, lr, s) for s in SEEDS["mpnet-1k"] for tg, r in MPNET_1K_CELLS
+            for t in NLU_TASKS for lr in lrs for m in MPNET_1K_METHODS]
+
+
+def nlg_powered_run(method, seed) -> Run:
+    lr = LRS["nlg-powered"][0]
+    args = f"{NLG_POWERED_COMMON} {NLG_FULL_METHODS[method]} --lr {lr:g} --seed {seed}"
+    return Run("nlg-powered", "wiki-describe", f"attn-{method}-{lr_tag(lr)}-s{seed}", args, "compare")
+
+
+def nlg_powered_plan() -> list[Run]:
+    return [nlg_powered_run(m, s) for s in SEEDS["nlg-powered"] for m in NLG_POWERED_METHODS]
+
+
+PLANS = {"nlu": nlu_plan, "nlg": nlg_plan, "mpnet": mpnet_plan, "nlg-full": nlg_full_plan,
+         "mpnet-decisive": decisive_plan, "mpnet-1k": mpnet_1k_plan, "nlg-powered": nlg_powered_plan}
+PREREGISTERED = ("mpnet-decisive", "mpnet-1k", "nlg-powered")
 
 
 # -----------------------------------------------------------------------------

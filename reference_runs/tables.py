@@ -1,42 +1,28 @@
-"""Fill the result tables of reference_runs/README.md from the recorded runs (never by hand).
+"""Fill the result tables of reference_runs/README.md and of the top-level README.md from the recorded runs (never by
+hand).
 
     python reference_runs/tables.py          # rewrites every <!-- table:NAME --> ... <!-- /table:NAME --> block
 
-Reads reference_runs/{nlu,nlg,mpnet,nlg-full}/runs.jsonl (store.py): each run's metrics, ranks, θ, per-epoch θ and
-training tokens/s. Learning rates are picked on the dev split by grid.pick_lr, exactly as grid.py did when it
-chose what to run; test scores are only reported. Scores are ×100 (as in the paper); mean ± sample std over seeds,
-with the number of seeds when it is not the full count.
+Reads reference_runs/<suite>/runs.jsonl (store.py): each run's metrics, ranks, θ, per-epoch θ and training tokens/s.
+Learning rates are picked on the dev split by grid.pick_lr's rule, exactly as grid.py did when it chose what to run;
+test scores are only reported. Scores are ×100 (as in the paper); mean ± sample std over seeds, with the number of
+seeds when it is not the full count. Every comparison with a baseline reports the cells of compare.HEADER (dev and
+test Δ, the interval its number of pairs supports, wins-losses-ties, Holm-adjusted sign and Wilcoxon p).
 """
 import re
 import statistics
 import sys
 
 import grid
-from grid import (HERE, LRS, MPNET_METHODS, MPNET_PARAM_METHODS, NLU_TASKS, SEEDS, Run, mpnet_run, nlg_run, nlu_run, pick_lr,
-                  picked_lrs, select_runs)
-from paired import paired_differences, summary
+import prereg
+import compare
+from compare import (GEN, HEADER, NAMES, WIDTH, common_lr_rows, compare_rows, family, lr_grid_rows, mean_std,
+                     nlg_table, score, scores)
+from grid import (HERE, LRS, MPNET_METHODS, MPNET_PARAM_METHODS, NLU_TASKS, ROOT, SEEDS, mpnet_run, nlg_run, nlu_run,
+                  pick_lr, picked_lrs, select_runs)
 
 sys.path.insert(0, str(HERE.parent))
 from slora.method.stability import stability  # noqa: E402
-
-NAMES = {"uniform": "LoRA (uniform)", "sensitivity": "Sensitivity-LoRA", "global": "Sg-LoRA (global only)",
-         "local": "Sl-LoRA (local only)", "pra": "PRA", "half-mu": "0.5/µ weights",
-         "obs": "Sensitivity-LoRA, obs source", "eva": "EVA (ρ = 2)"}
-GEN = ("bleu4", "rouge1", "rougeL")
-
-
-def score(run: Run, split: str, metric: str | None = None) -> float:
-    return 100 * grid.score(run, split, metric)
-
-
-def mean_std(xs: list[float], n_full: int) -> str:
-    xs = [x for x in xs if x == x]
-    if not xs:
-        return "n/a"
-    s = f"{statistics.fmean(xs):.2f}"
-    s += f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else ""
-    return s + (f" (n={len(xs)})" if len(xs) != n_full else "")
-
 
 def done(runs):
     return [r for r in runs if r.done()]
@@ -71,6 +57,28 @@ def nlu_main(split: str = "test") -> list[str]:
         avg = f"{statistics.fmean(means):.2f}" if None not in means else "n/a"
         out.append(f"| {label} | " + " | ".join(cells) + f" | {avg} | {', '.join(f'{p:,}' for p in sorted(params))} |")
     return out
+
+
+def nlu_family() -> dict:
+    """MiniLM q,v: every allocation against uniform LoRA, at the rate picked for the task on uniform's and
+    Sensitivity-LoRA's dev scores together. Sensitivity-LoRA ran at every rate, so its interval redoes that shared
+    pick in each resample; the others ran at the picked rate only, so theirs is the plain bootstrap there."""
+    lrs, seeds = picked_lrs(), SEEDS["nlu"]
+    if None in lrs.values():
+        return {}
+    full = {m: scores({lr: {(t, s): nlu_run(t, "qv", m, lr, s, "") for t in NLU_TASKS for s in seeds}
+                       for lr in LRS["nlu"]}) for m in ("uniform", "sensitivity")}
+    at_pick = {key: scores({0.0: {(t, s): variant(t, lrs[t], s, key) for t in NLU_TASKS for s in seeds}})
+               for key, _ in ROWS}
+    return family({label: (full["sensitivity"], full["uniform"], True) if key == "sensitivity"
+                   else (at_pick[key], at_pick["uniform"], False) for key, label in ROWS[1:]})
+
+
+def nlu_compare() -> list[str]:
+    fam = nlu_family()
+    out = [f"| method (q,v; r_avg 4) | {HEADER} |", "|---" * (WIDTH + 1) + "|",
+           f"| {ROWS[0][1]} | {compare.cells(None)} |"]
+    return out + [f"| {label} | {compare.cells(e)} |" for label, e in fam.items()]
 
 
 def nlu_seeds() -> list[str]:
@@ -145,17 +153,21 @@ def nlu_select(targets="qv") -> list[str]:
 
 
 def nlu_all_linear() -> list[str]:
-    n = len(SEEDS["nlu"])
-    out = ["| method (all linear; r_avg 4) | " + " | ".join(NLU_TASKS) + " | LoRA params |",
-           "|---" * (len(NLU_TASKS) + 2) + "|"]
+    """MiniLM on every linear layer: uniform and Sensitivity-LoRA at the rate picked on their dev scores together,
+    and the paired comparison (the shared pick redone in each resample)."""
+    n, seeds = len(SEEDS["nlu"]), SEEDS["nlu"]
+    out = ["| method (all linear; r_avg 4) | " + " | ".join(NLU_TASKS) + f" | {HEADER} | LoRA params |",
+           "|---" * (len(NLU_TASKS) + WIDTH + 2) + "|"]
     lrs = picked_lrs("all")
+    if None in lrs.values():
+        return out
+    grids = {m: scores({lr: {(t, s): nlu_run(t, "all", m, lr, s, "") for t in NLU_TASKS for s in seeds}
+                        for lr in LRS["nlu"]}) for m in ("uniform", "sensitivity")}
+    fam = family({"sensitivity": (grids["sensitivity"], grids["uniform"], True)})
     for m in ("uniform", "sensitivity"):
-        cells, params = [], set()
-        for t in NLU_TASKS:
-            runs = done([nlu_run(t, "all", m, lrs[t], s, "") for s in SEEDS["nlu"]]) if lrs[t] else []
-            cells.append(f"{mean_std([score(r, 'test') for r in runs], n)}" + (f" (lr {lrs[t]:g})" if lrs[t] else ""))
-            params |= {r.record.metrics["lora_params"] for r in runs}
-        out.append(f"| {NAMES[m]} | " + " | ".join(cells) + f" | {', '.join(f'{p:,}' for p in sorted(params))} |")
+        runs = [nlu_run(t, "all", m, lrs[t], s, "") for t in NLU_TASKS for s in seeds]
+        cols = [f"{mean_std([grids[m][lrs[t]][(t, s)][1] for s in seeds], n)} (lr {lrs[t]:g})" for t in NLU_TASKS]
+        out.append(f"| {NAMES[m]} | " + " | ".join(cols) + f" | {compare.cells(fam.get(m))} | {compare.params(runs)} |")
     return out
 
 
@@ -230,6 +242,20 @@ def nlg() -> list[str]:
     return out
 
 
+def nlg_compare() -> list[str]:
+    """The CPU-sized SmolLM2 runs: Sensitivity-LoRA against uniform LoRA in ROUGE-L per target set, at the fixed
+    rate (nothing picked), over the 2 seeds; each target set is its own family."""
+    out = [f"| targets | {HEADER} |", "|---" * (WIDTH + 1) + "|"]
+    for tg, label in (("attn", "q,k,v,o"), ("mlp", "q,k,v,o + MLP")):
+        runs = {m: {lr: {("wiki-describe", s): nlg_run(tg, m, lr, s) for s in SEEDS["nlg"]} for lr in LRS["nlg"]}
+                for m in ("uniform", "sensitivity")}
+        if not all(r.done() for by in runs.values() for at in by.values() for r in at.values()):
+            continue
+        g = {m: scores(r, "rougeL") for m, r in runs.items()}
+        out.append(f"| {label} | {compare.cells(family({'s': (g['sensitivity'], g['uniform'], False)})['s'])} |")
+    return out
+
+
 def nlg_seeds() -> list[str]:
     out = ["| run | " + " | ".join(f"dev {g}" for g in GEN) + " | " + " | ".join(f"test {g}" for g in GEN) + " |",
            "|---" * 7 + "|"]
@@ -239,55 +265,77 @@ def nlg_seeds() -> list[str]:
     return out
 
 
+def mpnet_methods(unit: str = "rank") -> list[str]:
+    return [m for m in MPNET_METHODS if unit == "rank" or m in MPNET_PARAM_METHODS]
+
+
 def mpnet_seeds(targets: str, unit: str = "rank") -> list[int]:
     """The seeds whose every run of this comparison (all tasks, methods and learning rates) is recorded: every
     method is compared on the same seeds, and a seed with a run not yet recorded counts for none."""
-    methods = [m for m in MPNET_METHODS if unit == "rank" or m in MPNET_PARAM_METHODS]
     return [s for s in SEEDS["mpnet"]
             if all(mpnet_run(t, targets, m, lr, s, "rank" if m == "uniform" else unit).done()
-                   for t in NLU_TASKS for m in methods for lr in LRS["mpnet"])]
+                   for t in NLU_TASKS for m in mpnet_methods(unit) for lr in LRS["mpnet"])]
 
 
-def mpnet_scores(task, targets, method, seeds, unit="rank") -> tuple[float | None, dict]:
-    """(the method's own dev-picked lr over `seeds`, {seed: test score at that lr}); (None, {}) without seeds."""
-    unit = "rank" if method == "uniform" else unit  # uniform ranks do not depend on the budget unit
-    lr = pick_lr([mpnet_run(task, targets, method, lr, s, unit) for lr in LRS["mpnet"] for s in seeds])
-    if lr is None:
-        return None, {}
-    return lr, {s: score(mpnet_run(task, targets, method, lr, s, unit), "test") for s in seeds}
+def mpnet_runs(targets: str, unit: str = "rank") -> dict:
+    """{method: {lr: {(task, seed): Run}}} over the complete seeds; uniform ranks do not depend on the budget unit."""
+    seeds = mpnet_seeds(targets, unit)
+    return {m: {lr: {(t, s): mpnet_run(t, targets, m, lr, s, "rank" if m == "uniform" else unit)
+                     for t in NLU_TASKS for s in seeds} for lr in LRS["mpnet"]} for m in mpnet_methods(unit)}
+
+
+def seeds_line(seeds, planned) -> str:
+    return (f"Seeds with every run recorded: {len(seeds)} of {len(planned)} planned"
+            f"{' (' + ', '.join(f's{s}' for s in seeds) + ')' if seeds else ''}.")
+
+
+def mpnet_family(targets: str, unit: str = "rank") -> dict:
+    """Every MPNet method against uniform LoRA, each at its own dev-picked rate per task (one family)."""
+    g = {m: scores(r) for m, r in mpnet_runs(targets, unit).items()}
+    return family({m: (x, g["uniform"], False) for m, x in g.items() if m != "uniform"})
 
 
 def mpnet_compare(targets: str, unit: str = "rank") -> list[str]:
-    """Test ×100 per task at each method's own dev-picked lr, and the paired difference against uniform LoRA (also
-    at its own lr) over the (task, seed) pairs: mean, 95 % bootstrap interval, wins-losses and sign-test p."""
-    methods = [m for m in MPNET_METHODS if unit == "rank" or m in MPNET_PARAM_METHODS]
+    """Test ×100 per task at each method's own dev-picked lr, and the family against uniform LoRA (compare.HEADER)."""
     seeds = mpnet_seeds(targets, unit)
-    n = len(seeds)
-    out = [f"Seeds with every run recorded: {len(seeds)} of {len(SEEDS['mpnet'])} planned"
-           f"{' (' + ', '.join(f's{s}' for s in seeds) + ')' if seeds else ''}.", "",
-           "| method | " + " | ".join(NLU_TASKS) + " | Δ vs uniform (95 % CI) | wins-losses | sign p | "
-           "LoRA params |", "|---" * (len(NLU_TASKS) + 5) + "|"]
-    base = {}
-    for t in NLU_TASKS:
-        base |= {(t, s): v for s, v in mpnet_scores(t, targets, "uniform", seeds)[1].items()}
-    for m in methods:
-        cells, mine, params = [], {}, set()
-        for t in NLU_TASKS:
-            lr, by_seed = mpnet_scores(t, targets, m, seeds, unit)
-            cells.append(f"{mean_std(list(by_seed.values()), n)} (lr {lr:g})" if lr else "n/a")
-            mine |= {(t, s): v for s, v in by_seed.items()}
-            if lr:
-                params |= {mpnet_run(t, targets, m, lr, s, "rank" if m == "uniform" else unit)
-                           .record.metrics["lora_params"] for s in seeds}
-        diffs = paired_differences(mine, base) if m != "uniform" else []
-        if diffs:
-            st = summary(diffs)
-            stats = (f"{st['mean']:+.2f} [{st['ci95'][0]:+.2f}, {st['ci95'][1]:+.2f}] | {st['wins']}-{st['losses']} | "
-                     f"{st['sign_p']:.3f}")
-        else:
-            stats = "— | — | —"
-        out.append(f"| {NAMES[m]} | " + " | ".join(cells) + f" | {stats} | "
-                   + (", ".join(f"{p:,}" for p in sorted(params)) or "n/a") + " |")
+    out = [seeds_line(seeds, SEEDS["mpnet"]), ""]
+    return out + (compare_rows(mpnet_runs(targets, unit), "uniform", NAMES, NLU_TASKS, seeds) if seeds else [])
+
+
+def mpnet_common_lr(targets: str, unit: str = "rank") -> list[str]:
+    return common_lr_rows(mpnet_runs(targets, unit), "uniform", NAMES) if mpnet_seeds(targets, unit) else []
+
+
+def mpnet_lr_grid(targets: str) -> list[str]:
+    return lr_grid_rows(mpnet_runs(targets), NAMES, NLU_TASKS) if mpnet_seeds(targets) else []
+
+
+def mpnet_secondary_family() -> dict:
+    """The comparisons with another baseline than uniform LoRA at the same targets, each its own family: capacity
+    (uniform on every linear layer against uniform on q,v) and the metric source (Sensitivity-LoRA against its obs
+    variant), each side at its own dev-picked rates."""
+    g = {tg: {m: scores(r) for m, r in mpnet_runs(tg).items()} for tg in ("qv", "all")}
+    return {"capacity": family({"x": (g["all"]["uniform"], g["qv"]["uniform"], False)})["x"]} | {
+        f"obs-{tg}": family({"x": (g[tg]["sensitivity"], g[tg]["obs"], False)})["x"] for tg in ("qv", "all")}
+
+
+SECONDARY = {"capacity": "uniform LoRA, all linear layers − uniform LoRA, q,v (r_avg 4 both)",
+             "obs-qv": "Sensitivity-LoRA − Sensitivity-LoRA on obs, q,v",
+             "obs-all": "Sensitivity-LoRA − Sensitivity-LoRA on obs, all linear layers"}
+
+
+def mpnet_secondary() -> list[str]:
+    if not (mpnet_seeds("qv") and mpnet_seeds("all")):
+        return []
+    fam = mpnet_secondary_family()
+    out = [f"| comparison (each its own family) | LoRA params | {HEADER} |", "|---" * (WIDTH + 2) + "|"]
+    for key, label in SECONDARY.items():
+        tg, (m, base) = ("all", ("uniform", "uniform")) if key == "capacity" else (key[4:], ("sensitivity", "obs"))
+        runs = mpnet_runs(tg)
+        base_runs = mpnet_runs("qv" if key == "capacity" else tg)[base]
+        pm = compare.params(r for by in runs[m].values() for r in by.values())
+        pb = compare.params(r for by in base_runs.values() for r in by.values())
+        out.append(f"| {label} | {pm} against {pb} | {compare.cells(fam[key])} |")
     return out
 
 
@@ -297,33 +345,25 @@ def nlg_full_seeds() -> list[int]:
     return [s for s in SEEDS["nlg-full"] if all(grid.nlg_full_run(m, lr, s).done() for m in methods for lr in lrs)]
 
 
-def nlg_full_compare() -> list[str]:
-    """SmolLM2 at full size (grid.py nlg-full): test scores ×100 at each method's own dev-picked lr, the paired test
-    difference in ROUGE-L against uniform LoRA over the seeds, and the training throughput of each run."""
-    lrs, methods = LRS["nlg-full"], grid.NLG_FULL_METHODS
+def nlg_full_runs() -> dict:
     seeds = nlg_full_seeds()
-    out = [f"Seeds with every run recorded: {len(seeds)} of {len(SEEDS['nlg-full'])} planned"
-           f"{' (' + ', '.join(f's{s}' for s in seeds) + ')' if seeds else ''}.", "",
-           "| method | lr | " + " | ".join(f"test {g}" for g in GEN) + " | Δ ROUGE-L vs uniform (95 % CI) | "
-           "wins-losses | training tok/s per run | LoRA params |", "|---" * (len(GEN) + 6) + "|"]
-    picked = {m: pick_lr([grid.nlg_full_run(m, lr, s) for lr in lrs for s in seeds]) for m in methods}
-    runs = {m: [grid.nlg_full_run(m, picked[m], s) for s in seeds] if picked[m] else [] for m in methods}
-    base = {("wiki-describe", r_seed): score(r, "test", "rougeL") for r_seed, r in zip(seeds, runs["uniform"])}
-    for m in methods:
-        if not runs[m]:
-            out.append(f"| {NAMES[m]} | n/a |" + " n/a |" * (len(GEN) + 4))
-            continue
-        cells = [mean_std([score(r, "test", g) for r in runs[m]], len(seeds)) for g in GEN]
-        mine = {("wiki-describe", s): score(r, "test", "rougeL") for s, r in zip(seeds, runs[m])}
-        diffs = paired_differences(mine, base) if m != "uniform" else []
-        st = summary(diffs) if diffs else None
-        stats = (f"{st['mean']:+.2f} [{st['ci95'][0]:+.2f}, {st['ci95'][1]:+.2f}] | {st['wins']}-{st['losses']}"
-                 if st else "— | —")
-        tps = [r.record.log("step")[-1]["tokens_per_s"] for r in runs[m]]  # each run's last logged rate
-        params = sorted({r.record.metrics["lora_params"] for r in runs[m]})
-        out.append(f"| {NAMES[m]} | {picked[m]:g} | " + " | ".join(cells) + f" | {stats} | "
-                   f"{statistics.fmean(tps):,.0f} | {', '.join(f'{p:,}' for p in params)} |")
-    return out
+    return {m: {lr: {("wiki-describe", s): grid.nlg_full_run(m, lr, s) for s in seeds} for lr in LRS["nlg-full"]}
+            for m in grid.NLG_FULL_METHODS}
+
+
+def nlg_full_family() -> dict:
+    g = {m: scores(r, "rougeL") for m, r in nlg_full_runs().items()}
+    return family({m: (x, g["uniform"], False) for m, x in g.items() if m != "uniform"})
+
+
+def nlg_full_compare() -> list[str]:
+    seeds = nlg_full_seeds()
+    return [seeds_line(seeds, SEEDS["nlg-full"]), ""] + (nlg_table(nlg_full_runs(), nlg_full_family(), seeds)
+                                                         if seeds else [])
+
+
+def nlg_full_common_lr() -> list[str]:
+    return common_lr_rows(nlg_full_runs(), "uniform", NAMES, "rougeL") if nlg_full_seeds() else []
 
 
 def nlg_full_lrs() -> list[str]:
@@ -345,29 +385,66 @@ def nlg_full_lrs() -> list[str]:
 
 
 def mpnet_ranks() -> list[str]:
-    """The q,v allocations (layers 0-11, query then value) at seed 0, lr 2e-3 (ranks do not depend on the lr)."""
-    out = ["| method | " + " | ".join(f"{t}: q / v" for t in NLU_TASKS) + " |", "|---" * (len(NLU_TASKS) + 1) + "|"]
+    """The q,v allocations (layers 0-11, query then value) at seed 0, lr 2e-3 (ranks do not depend on the lr), and
+    over every (task, seed) pair how far each lies from uniform's and from SRA's: ranks moved, Σ|r − r'| / 2 of
+    96."""
+    out = ["| method | " + " | ".join(f"{t}: q / v" for t in NLU_TASKS) + " | ranks moved from uniform | ranks moved "
+           "from SRA | SRA's ranks exactly |", "|---" * (len(NLU_TASKS) + 4) + "|"]
+    lr, pairs = LRS["mpnet"][-1], [(t, s) for t in NLU_TASKS for s in SEEDS["mpnet"]]
+    if not all(mpnet_run(t, "qv", m, lr, s).done() for t, s in pairs for m in MPNET_METHODS):
+        return out
+    ranks = {(m, t, s): mpnet_run(t, "qv", m, lr, s).record.ranks() for m in MPNET_METHODS for t, s in pairs}
+
+    def moved(a, b):
+        return statistics.fmean(sum(abs(ranks[a, t, s][k] - ranks[b, t, s][k]) for k in ranks[a, t, s]) / 2
+                                for t, s in pairs)
     for m in MPNET_METHODS:
-        cells = []
+        cols = []
         for t in NLU_TASKS:
-            r = mpnet_run(t, "qv", m, LRS["mpnet"][-1], SEEDS["mpnet"][0])
-            if not r.done():
-                cells.append("n/a")
-                continue
-            ranks = r.record.ranks()
-            q, v = ([ranks[k] for k in sorted(ranks, key=lambda k: int(k.split(".")[3])) if k.endswith(f".attn.{p}")]
+            r = ranks[m, t, SEEDS["mpnet"][0]]
+            q, v = ([r[k] for k in sorted(r, key=lambda k: int(k.split(".")[3])) if k.endswith(f".attn.{p}")]
                     for p in "qv")
-            cells.append(f"{' '.join(map(str, q))} / {' '.join(map(str, v))}")
-        out.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
+            cols.append(f"{' '.join(map(str, q))} / {' '.join(map(str, v))}")
+        same = sum(ranks[m, t, s] == ranks["sensitivity", t, s] for t, s in pairs)
+        out.append(f"| {NAMES[m]} | " + " | ".join(cols) + f" | {moved(m, 'uniform'):.1f} | "
+                   f"{moved(m, 'sensitivity'):.1f} | {same} of {len(pairs)} |")
     return out
 
 
-TABLES = {"nlu-main": nlu_main, "nlu-main-dev": lambda: nlu_main("dev"), "nlu-seeds": nlu_seeds, "nlu-paired": paired, "nlu-ranks": nlu_ranks, "nlu-select": nlu_select,
+def headline() -> list[str]:
+    """The primary comparisons, for the top-level README: the same entries (and Holm families) as the tables of
+    reference_runs/README.md."""
+    out = [f"| comparison | pairs | {HEADER} | Holm family |", "|---" * (WIDTH + 3) + "|"]
+    if not (mpnet_seeds("qv") and mpnet_seeds("all") and mpnet_seeds("all", "param") and nlg_full_seeds()):
+        return out
+    qv, al, pa = mpnet_family("qv"), mpnet_family("all"), mpnet_family("all", "param")
+    sec, nlg_f = mpnet_secondary_family(), nlg_full_family()
+    six, two, alone = "6 methods vs uniform", "2 methods vs uniform", "one comparison"
+    rows = [("MPNet q,v: Sensitivity-LoRA − uniform", qv["sensitivity"], six),
+            ("MPNet q,v: EVA − uniform", qv["eva"], six),
+            ("MPNet q,v: Sensitivity-LoRA on obs − uniform", qv["obs"], six),
+            ("MPNet all linear, budget in ranks: Sensitivity-LoRA − uniform", al["sensitivity"], six),
+            ("MPNet all linear, budget in parameters: Sensitivity-LoRA − uniform", pa["sensitivity"], two),
+            ("MPNet all linear: Sensitivity-LoRA − Sensitivity-LoRA on obs", sec["obs-all"], alone),
+            ("MPNet capacity: uniform on all linear layers − uniform on q,v", sec["capacity"], alone),
+            ("SmolLM2 full size, ROUGE-L: Sensitivity-LoRA − uniform", nlg_f["sensitivity"], two),
+            ("SmolLM2 full size, ROUGE-L: EVA − uniform", nlg_f["eva"], two)]
+    return out + [f"| {label} | {e['test']['n_pairs']} | {compare.cells(e)} | {fam} |" for label, e, fam in rows]
+
+
+TABLES = {"nlu-main": nlu_main, "nlu-main-dev": lambda: nlu_main("dev"), "nlu-compare": nlu_compare,
+          "nlu-seeds": nlu_seeds, "nlu-paired": paired, "nlu-ranks": nlu_ranks, "nlu-select": nlu_select,
           "nlu-select-all": lambda: nlu_select("all"), "nlu-all-linear": nlu_all_linear,
-          "diag-obs": diag_obs, "epoch-tau": epoch_tau, "nlg": nlg, "nlg-seeds": nlg_seeds,
-          "mpnet-qv": lambda: mpnet_compare("qv"), "mpnet-ranks": mpnet_ranks, "mpnet-all": lambda: mpnet_compare("all"),
-          "mpnet-all-param": lambda: mpnet_compare("all", "param"), "nlg-full": nlg_full_compare,
-          "nlg-full-lrs": nlg_full_lrs}
+          "diag-obs": diag_obs, "epoch-tau": epoch_tau, "nlg": nlg, "nlg-compare": nlg_compare, "nlg-seeds": nlg_seeds,
+          "mpnet-qv": lambda: mpnet_compare("qv"), "mpnet-ranks": mpnet_ranks,
+          "mpnet-all": lambda: mpnet_compare("all"),
+          "mpnet-all-param": lambda: mpnet_compare("all", "param"), "mpnet-secondary": mpnet_secondary,
+          "mpnet-qv-lrs": lambda: mpnet_lr_grid("qv"), "mpnet-all-lrs": lambda: mpnet_lr_grid("all"),
+          "mpnet-qv-common-lr": lambda: mpnet_common_lr("qv"), "mpnet-all-common-lr": lambda: mpnet_common_lr("all"),
+          "mpnet-all-param-common-lr": lambda: mpnet_common_lr("all", "param"),
+          "nlg-full": nlg_full_compare, "nlg-full-lrs": nlg_full_lrs, "nlg-full-common-lr": nlg_full_common_lr,
+          "headline": headline} | prereg.TABLES
+READMES = (HERE / "README.md", ROOT / "README.md")  # the second: its section "What the reference runs show"
 
 
 def fill(text: str) -> str:
@@ -381,6 +458,6 @@ def fill(text: str) -> str:
 
 
 if __name__ == "__main__":
-    readme = HERE / "README.md"
-    readme.write_text(fill(readme.read_text()))
-    print(f"filled {readme}")
+    for readme in READMES:
+        readme.write_text(fill(readme.read_text()))
+        print(f"filled {readme}")

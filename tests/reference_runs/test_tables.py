@@ -1,10 +1,12 @@
-"""Fast checks of the recorded runs (reference_runs/{nlu,nlg,stability,mpnet,nlg-full}/runs.jsonl) and of the README
-tables built from them.
+"""Fast checks of the recorded runs (reference_runs/<suite>/runs.jsonl) and of the README tables built from them.
 
-- reference_runs/README.md and stability/README.md are in sync with the recorded runs: generating them again
-  changes nothing;
-- every run that grid.py and stability.py plan is recorded, whole, once, and nothing unplanned is;
-- each run's command is the command grid.py would give, and its args (args.json) are what that command parses to;
+- reference_runs/README.md, the top-level README.md and stability/README.md are in sync with the recorded runs:
+  generating them again changes nothing;
+- every run that grid.py and stability.py plan for the recorded suites is recorded, whole, once, and nothing
+  unplanned is; the pre-registered suites (grid.PREREGISTERED) are checked as their runs arrive: whatever is recorded
+  is planned and whole, and the count still missing is reported as a warning;
+- each recorded run's command is the command grid.py would give, and its args (args.json) are what that command
+  parses to;
 - the recorded ranks follow from the recorded θ under today's allocation code (exactly);
 - a new run is recorded as one line from the run folder it writes in a scratch directory (store.py).
 """
@@ -12,6 +14,7 @@ import json
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -26,22 +29,26 @@ import stability  # noqa: E402  (reference_runs/stability.py)
 import store  # noqa: E402
 import tables  # noqa: E402
 
-SUITES = ("nlu", "nlg", "stability", "mpnet", "nlg-full")
-# every suite is complete: each planned run is recorded and consistent with its command, and nothing else is there
+COMPLETE = ("nlu", "nlg", "stability", "mpnet", "nlg-full")
+SUITES = COMPLETE + grid.PREREGISTERED
+# every recorded suite is complete: each planned run is recorded and consistent with its command, and nothing else is
 PLANNED = grid.nlu_plan() + grid.nlg_plan() + stability.plan() + grid.mpnet_plan() + grid.nlg_full_plan()
+# a pre-registered suite is checked run by run as its runs are recorded; a suite with none yet checks nothing here
+ARRIVED = [r for suite in grid.PREREGISTERED for r in grid.PLANS[suite]() if r.done()]
 KEYS = {"task", "name", "command", "env", "args", "metrics", "sensitivity", "modules", "hessian", "log"}
 
 
-def recorded_runs():
-    """{suite/task/name: Record} of every suite file (store.load refuses a cut line and a run recorded twice)."""
-    return {f"{suite}/{task}/{name}": rec for suite in SUITES
+def recorded_runs(suites=SUITES):
+    """{suite/task/name: Record} of the suite files (store.load refuses a cut line and a run recorded twice)."""
+    return {f"{suite}/{task}/{name}": rec for suite in suites
             for (task, name), rec in store.load(ROOT / suite / store.FILE).items()}
 
 
-def test_readme_tables_are_generated_from_the_recorded_runs():
-    readme = (ROOT / "README.md").read_text()
-    assert "<!-- table:nlu-main -->" in readme and "<!-- table:nlg -->" in readme
-    assert tables.fill(readme) == readme, "reference_runs/README.md is stale: run python reference_runs/tables.py"
+@pytest.mark.parametrize("readme", tables.READMES, ids=lambda p: p.relative_to(ROOT.parent).as_posix())
+def test_readme_tables_are_generated_from_the_recorded_runs(readme):
+    text = readme.read_text()
+    assert ("<!-- table:nlu-main -->" if readme.parent == ROOT else "<!-- table:headline -->") in text
+    assert tables.fill(text) == text, f"{readme} is stale: run python reference_runs/tables.py"
 
 
 def test_stability_readme_is_generated_from_the_recorded_runs():
@@ -56,14 +63,27 @@ def test_unknown_table_block_is_an_error():
 
 def test_every_planned_run_is_recorded_and_nothing_else():
     planned = {r.key for r in PLANNED}
-    recorded = recorded_runs()
+    recorded = recorded_runs(COMPLETE)
     assert not planned - set(recorded), f"planned but not recorded: {sorted(planned - set(recorded))[:5]}"
     assert not set(recorded) - planned, f"recorded but not planned: {sorted(set(recorded) - planned)[:5]}"
     whole = {k: KEYS - set(rec.line) for k, rec in recorded.items() if KEYS - set(rec.line)}
     assert not whole, f"lines without some of the record's keys: {sorted(whole.items())[:3]}"
 
 
-@pytest.mark.parametrize("run", PLANNED, ids=lambda r: r.key)
+@pytest.mark.parametrize("suite", grid.PREREGISTERED)
+def test_a_preregistered_suite_records_only_planned_runs(suite):
+    """What is recorded is planned and whole; the runs still missing are reported, not failed."""
+    planned = {r.key for r in grid.PLANS[suite]()}
+    recorded = recorded_runs((suite,))
+    assert not set(recorded) - planned, f"recorded but not planned: {sorted(set(recorded) - planned)[:5]}"
+    whole = {k: KEYS - set(rec.line) for k, rec in recorded.items() if KEYS - set(rec.line)}
+    assert not whole, f"lines without some of the record's keys: {sorted(whole.items())[:3]}"
+    if len(planned) > len(recorded):
+        warnings.warn(f"{suite}: {len(planned) - len(recorded)} of {len(planned)} planned runs not recorded yet; "
+                      f"{tables.prereg.COMMANDS[suite]} records them")
+
+
+@pytest.mark.parametrize("run", PLANNED + ARRIVED, ids=lambda r: r.key)
 def test_recorded_run_matches_its_command_and_its_ranks_follow_from_theta(run):
     rec = run.record
     argv = shlex.split(rec.command.removeprefix("python -m slora.finetune "))

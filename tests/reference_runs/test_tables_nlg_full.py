@@ -43,9 +43,13 @@ def test_nlg_full_table_picks_each_methods_lr_on_dev_and_pairs_by_seed(fake_runs
     uni, sens, eva = rows["LoRA (uniform)"], rows["Sensitivity-LoRA"], rows["EVA (ρ = 2)"]
     assert uni[1] == f"{lrs[0]:g}" and sens[1] == f"{lrs[-1]:g}" and eva[1] == f"{lrs[-1]:g}"
     assert uni[4] == "31.00 ± 1.00"  # test ROUGE-L ×100 at the picked lr: 30, 31, 32 (the 90s are never chosen)
-    assert sens[5] == "+1.00 [+1.00, +1.00]" and sens[6] == "3-0"
-    assert eva[5] == "-2.00 [-2.00, -2.00]" and eva[6] == "0-3"
-    assert uni[7] == "2,000"  # the last step's tokens/s, mean over seeds 1000, 2000, 3000
+    # dev Δ at the picks is 0 (both 50); test Δ +1 and -2 in every seed: 3 pairs, so the t-interval and the range
+    assert sens[5:9] == ["+0.00", "+1.00", "t [+1.00, +1.00]; range [+1.00, +1.00]", "3-0-0"]
+    assert eva[5:9] == ["+0.00", "-2.00", "t [-2.00, -2.00]; range [-2.00, -2.00]", "0-3-0"]
+    # 3 of 3 one way: sign and Wilcoxon p 2/8 each, Holm over the 2 methods doubles them
+    assert sens[9:11] == eva[9:11] == ["0.500", "0.500"]
+    assert uni[5:11] == ["—"] * 6
+    assert uni[11] == "2,000"  # the last step's tokens/s, mean over seeds 1000, 2000, 3000
 
 
 def test_nlg_full_table_counts_only_complete_seeds(fake_runs):

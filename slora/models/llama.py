@@ -229,7 +229,7 @@ class LlamaAttention(nn.Module):
             qg = q.reshape(B, self.n_kv, G * T, self.hs)  # (B, Hkv, G·T, hs)
             mg = mask[:, :, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, mask.shape[-1])
             y = F.scaled_dot_product_attention(qg, cache["k"], cache["v"], attn_mask=mg)  # (B, Hkv, G·T, hs)
-            y = y.view(B, self.n_head, T, self.hs).transpose(1, 2).reshape(B, T, self.n_head * self.hs)
+            y = y.reshape(B, self.n_head, T, self.hs).transpose(1, 2).reshape(B, T, self.n_head * self.hs)
             return self.o_proj(y)
         if cache is not None:  # generation: keys/values of earlier positions are kept, not recomputed
             if "k" in cache:

@@ -120,3 +120,15 @@ def pooled_measured_bounds(got32: dict, oracle64: dict) -> dict:
 def pooled_spread_bounds(one: dict, other: dict) -> dict:
     """`spread_bound` for every tensor of a state dict (an adapter after training), pooled (`pooled_bounds`)."""
     return pooled_bounds(other, one)
+
+
+def oracles_bound(a, oracle_a, b, oracle_b) -> float:
+    """Largest difference allowed between two fp32 results `a` and `b` that compute the same exact value by other
+    operations (a LoRA branch against a merged weight, a padded batch against an unpadded one), each with its own
+    float64 oracle (the same code on the same inputs in float64). The triangle inequality gives
+    |a - b| <= |a - o_a| + |o_a - o_b| + |o_b - b|: the two measured errors, plus the oracles' own difference,
+    the same rounding in float64 (2^-29 times the fp32 errors, with MARGIN), plus one rounding of the result.
+    Nothing here is a statistical margin. A bug that changes the exact value of one side moves its oracle with it,
+    so the comparison still sees it."""
+    errors = max_error(a, oracle_a) + max_error(b, oracle_b)
+    return errors * (1 + MARGIN * EPS64 / EPS32) + EPS32 * max(scale(oracle_a), scale(oracle_b))

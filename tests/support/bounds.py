@@ -132,3 +132,13 @@ def oracles_bound(a, oracle_a, b, oracle_b) -> float:
     so the comparison still sees it."""
     errors = max_error(a, oracle_a) + max_error(b, oracle_b)
     return errors * (1 + MARGIN * EPS64 / EPS32) + EPS32 * max(scale(oracle_a), scale(oracle_b))
+
+
+def assert_argmax_decided(logits32: torch.Tensor, logits64: torch.Tensor, what: str = "") -> None:
+    """Each row's argmax wins by more than twice the measured bound of the logits (`measured_bound` against the
+    same rows in float64): rounding by other kernels (a key/value cache, padding, another batch shape) moves no
+    logit by as much, so greedy tokens computed those ways compare exactly. (V,) or (N, V) logits."""
+    top2 = logits32.reshape(-1, logits32.shape[-1]).topk(2, dim=-1).values  # (N, 2)
+    margin = float((top2[:, 0] - top2[:, 1]).min())
+    bound = measured_bound(logits32, logits64)
+    assert margin > 2 * bound, f"{what}: a greedy choice wins by {margin:.3g}, within rounding ({2 * bound:.3g})"

@@ -209,32 +209,45 @@ def step_losses(folder) -> tuple[list[float], float]:
     return [r["loss"] for r in rows], max(sum_bound(seen[i + 1] - seen[i], abs(r["loss"])) for i, r in enumerate(rows))
 
 
-def grouped_as_global_batches(world: int):
-    """text.grouped_order for one process at micro-batch b with --grad-accum `world`, grouped as one process at
-    world·b groups: each length-grouped batch of world·b cut into its micro-batches of b, so that every optimizer
-    step holds the same rows as a rank's step would (checked: each group but the last gives `world` of them)."""
+def ranks_rows_in_one_process(world: int, n_examples: int, batch: int, steps: int):
+    """text.iterate_batches for training in one process at micro-batch `batch` with --grad-accum `world`, as `world`
+    ranks batch the same data: each global micro-batch of world·batch rows (shuffled, or length-grouped, and padded
+    as one), then each rank's rows of it (process_group.shard_range, a stand-in row of weight 0 where a rank has
+    none) as one micro-batch, given to the loop as (rows, weight) pairs like data_parallel.local_rows gives them.
+    Only the gradient sum differs from the ranks': accumulated in one process, where the ranks all-reduce it."""
     from slora.data import text
-    whole = text.grouped_order
+    whole = text.iterate_batches
+    per_epoch, global_batches = math.ceil(n_examples / batch), math.ceil(n_examples / (world * batch))
+    # the loop takes `world` items per step: either every epoch is whole global batches, or the run (at most
+    # `steps` optimizer steps) ends inside the first epoch
+    assert per_epoch == world * global_batches or (steps * world <= per_epoch and steps <= global_batches)
 
-    def order(lengths, batch_size, generator):
-        groups = whole(lengths, batch_size * world, generator)
-        cut = [[g[k:k + batch_size] for k in range(0, len(g), batch_size)] for g in groups]
-        assert all(len(c) == world for c in cut[:-1]), [len(g) for g in groups]
-        return [b for c in cut for b in c]
-    return order
+    def batches(feats, batch_size, pad_id, *, generator=None, **kw):
+        if generator is None:  # evaluation and calibration batches: as they are
+            yield from whole(feats, batch_size, pad_id, generator=generator, **kw)
+            return
+        for b in whole(feats, batch_size * world, pad_id, generator=generator, **kw):
+            n = next(iter(b.values())).shape[0]
+            for r in range(world):
+                rows = process_group.shard_range(n, r, world)
+                yield ({k: v[rows.start:rows.stop] for k, v in b.items()}, 1.0) if len(rows) else \
+                    ({k: v[:1] for k, v in b.items()}, 0.0)
+    return batches
 
 
 def batching_spread_run(model, files, out, world, *both):
-    """One process at micro-batch 4 with --grad-accum `world`: every optimizer step trains on the same rows, in
-    the same order, as one process at 4·world, batched as the ranks batch them. Its difference from that one
-    process is the rounding spread of batching the same examples differently (bounds.spread_bound)."""
+    """One process at micro-batch 4 with --grad-accum `world`, each micro-batch a rank's rows of the global batch
+    (`ranks_rows_in_one_process`): every optimizer step trains on the rows, shapes and padding the ranks train on.
+    Its difference from one process at 4·world is the rounding spread of batching the same examples as the ranks
+    do (bounds.spread_bound); the ranks differ from it only in how the gradient sum is added."""
     from slora.cli import finetune
-    argv = run_argv(model, files, out, 4, *both, "--grad-accum", str(world))
+    from slora.data import text
+    from slora.dist import data_parallel
+    n_train = len(files[0].read_text().splitlines())
     with pytest.MonkeyPatch.context() as mp:
-        if "--group-by-length" in both:
-            from slora.data import text
-            mp.setattr(text, "grouped_order", grouped_as_global_batches(world))
-        return finetune.main(argv)
+        mp.setattr(text, "iterate_batches", ranks_rows_in_one_process(world, n_train, 4, steps=3))  # run_argv
+        mp.setattr(data_parallel, "local_rows", lambda rows_and_weight: rows_and_weight)
+        return finetune.main(run_argv(model, files, out, 4, *both, "--grad-accum", str(world)))
 
 
 def check_run_matches_one_process(tmp_path, files, world, *extra, both=()):

@@ -1,5 +1,6 @@
 """python -m slora.bench --small: the CI smoke test of the benchmark (tiny shapes, CPU, seconds)."""
 from slora.cli import bench
+from tests.support.bounds import EPS32
 
 KEYS = {"forward_s", "forward_s_transformers", "calib_diag_s", "calib_full_s", "peak_mem_gb_diag",
         "peak_mem_gb_full", "weights_gb", "train_step_s_slora", "train_step_s_peft", "tokens", "device", "torch",
@@ -17,7 +18,9 @@ def test_bench_small_runs_and_writes_result(tmp_path, capsys):
     assert res["train8b_shape"] == "2x32"
     # full mode reads the same diag(H) as diag mode, and float64 accumulation gives the same ranks
     assert res["ranks_full_equal_diag"] and res["ranks_fp32_equal_fp64"]
-    assert all(a["diag_rel_err"] < 1e-5 for a in res["accuracy"].values())  # fp32 path on CPU: ~eps·N
+    # one sequence of T = 32 tokens accumulated in fp32 against float64 sums of the same activations: a sum of T
+    # positive terms and one update, (T + 3)·eps relative (tests/method/test_hessian.py's accumulation bound)
+    assert all(a["diag_rel_err"] <= (32 + 3) * EPS32 for a in res["accuracy"].values())
     assert (tmp_path / "result.json").is_file() and (tmp_path / "output.txt").is_file()
     assert "ratio to forward" in capsys.readouterr().out
 

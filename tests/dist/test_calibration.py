@@ -5,27 +5,25 @@ Stated tolerances: token counts exact; ranks exactly equal (they are computed on
 with identical results (bitwise: they come from one broadcast). diag(H) and diag(H⁻¹) are compared with one process
 against an error bound measured in the test (`fp32_bound`): the ranks run the forward in other processes with
 other thread counts, and fp32 kernels round differently by thread count, shape and SIMD path, so the activations
-themselves differ, not only the order of the sums. The bound is a multiple of the one-process fp32 error against a
-float64 oracle (the same model and batches in float64), never less than N·eps·max|H_jj| for a sum of N tokens,
-taken per module over the whole vector: an input feature whose x_j is small carries the absolute error of its
-layer, so an elementwise relative tolerance would be tuned to one machine. A wrong reduction (a batch counted
-twice or missed, a wrong N) moves diag(H) by O(1), far above it.
+themselves differ, not only the order of the sums. The bound is tests.support.bounds.measured_bound: MARGIN (4)
+times the one-process fp32 error against a float64 oracle (the same model and batches in float64), never less
+than N·eps·max|H_jj| (`sum_bound` of a sum of N tokens), taken per module over the whole vector: an input feature
+whose x_j is small carries the absolute error of its layer, so an elementwise relative tolerance would be tuned
+to one machine. A wrong reduction (a batch counted twice or missed, a wrong N) moves diag(H) by O(1), far above
+it.
 """
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 
 from slora.dist import calibration
+from tests.support.bounds import measured_bound, scale, sum_bound, within
 from tests.support.dist_launch import launch
 from tests.support.dist_worker import calibrate
 from tests.support.tiny import tiny_model_dir
-
-
-EPS32 = torch.finfo(torch.float32).eps
 
 
 def test_full_mode_owners_balance_d_in_squared():
@@ -36,19 +34,16 @@ def test_full_mode_owners_balance_d_in_squared():
 
 
 def fp32_bound(one: list, oracle: list, tokens: int) -> float:
-    """Largest difference allowed between two fp32 results of one module's vector: 4 times the larger of the
+    """Largest difference allowed between two fp32 results of one module's vector: MARGIN times the larger of the
     one-process fp32 error against the float64 oracle (the forward's own error, measured here) and the a-priori
     bound N·eps·max|v| of a sum of N tokens. Entries that are +inf (dead inputs of diag(H⁻¹)) must match exactly."""
-    finite = [(x, y) for x, y in zip(one, oracle) if math.isfinite(y)]
-    err = max((abs(x - y) for x, y in finite), default=0.0)
-    scale = max((abs(y) for _, y in finite), default=0.0)
-    return 4 * max(err, tokens * EPS32 * scale)
+    return measured_bound(one, oracle, floor=sum_bound(tokens, scale(oracle)))
 
 
 def close(a, b, bound: float) -> bool:
     if a is None or b is None:
         return a is b
-    return len(a) == len(b) and all(x == y or (math.isfinite(x) and abs(x - y) <= bound) for x, y in zip(a, b))
+    return within(a, b, bound)
 
 
 def check_against_one_process(tmp_path, kind, world, n_seq, batch, mode):

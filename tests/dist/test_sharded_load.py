@@ -3,9 +3,10 @@ calibration runs through the sharded model, and LoRA is added to a second sharde
 
 Oracles: the same tensors loaded whole (load_model), and the DDP path at the same world size, which test_dist.py
 checks against one process. Tolerances: ranks and sensitivity.json exactly equal (the sharded forward gathers the
-very weights DDP holds, and runs the same kernels on the same batches); losses and the adapter within test_dist's
-rtol = atol = 1e-5 (the order of the cross-rank gradient sum differs between DDP's all-reduce and FSDP2's
-reduce-scatter). Process launches cost seconds: the fast tier holds one (about 3 s: the memory test), the rest is
+very weights DDP holds, and runs the same kernels on the same batches); losses and the adapter within
+tests.support.bounds.spread_bound of DDP's: FSDP2 reduce-scatters the gradients and takes the clipping norm over
+shards, so the updates round differently; the bound is MARGIN times the spread of DDP against one process at 2·b
+(the same rows batched otherwise, a larger perturbation), measured in the test. Process launches cost seconds: the fast tier holds one (about 3 s: the memory test), the rest is
 @pytest.mark.slow.
 """
 from __future__ import annotations
@@ -21,8 +22,9 @@ from safetensors.torch import load_file, save_file
 from slora.io import weights
 from slora.dist import sharded_load
 from slora.io.model_folder import meta_model, save_model
+from tests.support.bounds import assert_within, pooled_spread_bounds, spread_bound
 from tests.support.dist_launch import launch
-from tests.dist.test_data_parallel import cls_files, gen_files, log_rows, run_argv  # noqa: F401  (fixtures)
+from tests.dist.test_data_parallel import cls_files, gen_files, log_rows, run_argv, step_losses  # noqa: F401
 from tests.support.tiny import tiny_bert, tiny_llama, tiny_model_dir, tiny_mpnet
 
 
@@ -132,10 +134,12 @@ def encoder_dir(tmp_path, kind):
     return model
 
 
-def check_fsdp_matches_ddp(tmp_path, model, files, *extra, tol=1e-5, exact=True):
+def check_fsdp_matches_ddp(tmp_path, model, files, *extra, tol=None, exact=True):
     """Two ranks each way; --calib-n 10 at batch 4 makes 3 calibration batches, 2 on rank 0 and 1 on rank 1, so
     the sharded path runs a stand-in batch (sharded_load.calibration_shard). `exact`: sensitivity.json equal, else
-    its numbers within rtol `tol` (ranks are compared exactly either way)."""
+    its numbers within rtol `tol` (ranks are compared exactly either way). `tol` None (CPU): losses and adapter
+    within the spread of DDP against one process (module docstring); else within rtol = atol = `tol`."""
+    from slora.cli import finetune
     outs = {}
     for how in ("ddp", "fsdp"):
         outs[how] = tmp_path / how
@@ -154,13 +158,20 @@ def check_fsdp_matches_ddp(tmp_path, model, files, *extra, tol=1e-5, exact=True)
         for n in sens[1]:
             assert sens[0][n]["theta"] == pytest.approx(sens[1][n]["theta"], rel=tol), n
     assert len(set(json.loads((ddp / "ranks.json").read_text()).values())) > 1  # allocated, not uniform
-    steps = {k: [r["loss"] for r in log_rows(p) if r["event"] == "step"] for k, p in outs.items()}
-    assert len(steps["ddp"]) >= 2 and steps["fsdp"] == pytest.approx(steps["ddp"], rel=tol)
+    (got, _), (want, floor) = step_losses(fsdp), step_losses(ddp)
     a, b = (load_file(p / "adapter" / "adapter_model.safetensors") for p in (fsdp, ddp))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert b[k].abs().max() > 0, k
-        torch.testing.assert_close(a[k], b[k], rtol=tol, atol=tol, msg=lambda m: f"{k}: {m}")
+    assert len(want) >= 2 and a.keys() == b.keys()
+    assert all(b[k].abs().max() > 0 for k in b)
+    if tol is None:
+        one = finetune.main(run_argv(model, files, tmp_path / "one", 8, *extra, "--calib-n", "10"))
+        assert_within(got, want, spread_bound(want, step_losses(one)[0], floor), "step losses")
+        bounds = pooled_spread_bounds(b, load_file(one / "adapter" / "adapter_model.safetensors"))
+        for k in a:
+            assert_within(a[k], b[k], bounds[k], k)
+    else:
+        assert got == pytest.approx(want, rel=tol)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=tol, atol=tol, msg=lambda m: f"{k}: {m}")
     m1, m2 = (json.loads((p / "metrics.json").read_text()) for p in (fsdp, ddp))
     assert m1["final"] == m2["final"] and m1["steps"] == m2["steps"]
 
@@ -174,8 +185,8 @@ def test_decoder_full_hessian_streamed_through_the_shards_matches_ddp(tmp_path, 
 
 @pytest.mark.slow
 def test_bf16_base_sharded_matches_ddp(tmp_path, gen_files):
-    """A bf16 base read as bf16 rows, fp32 LoRA factors in the same FSDP2 unit, bf16 autocast. Same tolerance as
-    fp32: with two ranks every cross-rank sum has two terms, so its order cannot change the result."""
+    """A bf16 base read as bf16 rows, fp32 LoRA factors in the same FSDP2 unit, bf16 autocast. The bound is
+    measured as in fp32: the spread of DDP against one process, here with bf16 rounding in both."""
     model = tiny_model_dir(tmp_path / "m", "decoder")
     check_fsdp_matches_ddp(tmp_path, model, gen_files, "--dtype", "bf16", "--targets", "all-linear")
 

@@ -23,7 +23,11 @@ from slora.models import for_sequence_classification
 from slora.io.model_folder import load_model, load_sequence_classifier, save_model
 from tests.support.tiny import WORDS, fixed_init, tiny_bert, tiny_llama, tiny_model_dir, tiny_mpnet, write_jsonl
 
-TOL = 1e-5  # the issue's bound for fp32: merged W + s·BA vs the unmerged x Wᵀ + s·(x Aᵀ) Bᵀ
+# The merge's promise (README, Merging): on these 2-layer models, fp32 logits of the merged W + s·BA within 1e-5 of
+# the unmerged x Wᵀ + s·(x Aᵀ) Bᵀ. A requirement, not a rounding bound: the two differ by the merge's rounding of
+# W + s·BA (u = 2^-24 relative per entry) and by kernels of another order: a few ulps of logits of a few units
+# per layer, far below 1e-5 on any SIMD path (at SmolLM2's depth and logit range it does not hold)
+TOL = 1e-5
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """LLaMA decoder: causality, grouped-query attention against a naive loop, RoPE scaling, generation."""
+import copy
 import math
 
 import pytest
@@ -6,9 +7,8 @@ import torch
 
 from slora.models import llama
 from slora.models.llama import apply_rope, rope_cos_sin, rope_inv_freq
+from tests.support.bounds import assert_argmax_decided, assert_within, oracles_bound
 from tests.support.tiny import tiny_llama, tiny_llama_config
-
-EPS32 = torch.finfo(torch.float32).eps
 
 
 def naive_attention(q, k, v):
@@ -31,8 +31,27 @@ def test_causality_future_tokens_do_not_move_past_logits():
     changed[:, 7:] = torch.randint(0, 61, (2, 5), generator=g)
     with torch.no_grad():
         a, b = m(ids), m(changed)
+    # the same shapes, kernels and values at positions < 7 (later keys are masked: exactly 0 weight): bit-identical
     assert torch.equal(a[:, :7], b[:, :7])
     assert not torch.allclose(a[:, 7:], b[:, 7:])  # the change is visible where it should be
+
+
+def attention_and_loops(attn, cfg, x, n_kv):
+    """(the layer's attention output, the naive loops' output) for x (1, T, D), in x's dtype."""
+    T = x.shape[1]
+    cos, sin = rope_cos_sin(cfg, torch.arange(T)[None], x.dtype)
+    with torch.no_grad():
+        got = attn(x, cos, sin, None)[0]
+        hs = cfg.head_dim
+        q = attn.q_proj(x).view(T, 4, hs).transpose(0, 1)[None]
+        k = attn.k_proj(x).view(T, n_kv, hs).transpose(0, 1)[None]
+        v = attn.v_proj(x).view(T, n_kv, hs).transpose(0, 1)
+        q, k = apply_rope(q, cos, sin)[0], apply_rope(k, cos, sin)[0]  # (H, T, hs), (Hkv, T, hs)
+        group = 4 // n_kv
+        k = torch.stack([k[h // group] for h in range(4)])  # query head h reads kv head h // group
+        v = torch.stack([v[h // group] for h in range(4)])
+        y = naive_attention(q, k, v).transpose(0, 1).reshape(T, 4 * hs)
+        return got, attn.o_proj(y)
 
 
 def test_attention_matches_naive_loop_for_mha_and_gqa():
@@ -41,21 +60,10 @@ def test_attention_matches_naive_loop_for_mha_and_gqa():
         m = tiny_llama(seed=2, num_key_value_heads=n_kv, num_hidden_layers=1)
         attn, cfg = m.model.layers[0].self_attn, m.config
         x = torch.randn(1, 9, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
-        pos = torch.arange(9)[None]
-        cos, sin = rope_cos_sin(cfg, pos, x.dtype)
-        with torch.no_grad():
-            got = attn(x, cos, sin, None)[0]
-            hs = cfg.head_dim
-            q = attn.q_proj(x).view(9, 4, hs).transpose(0, 1)[None]
-            k = attn.k_proj(x).view(9, n_kv, hs).transpose(0, 1)[None]
-            v = attn.v_proj(x).view(9, n_kv, hs).transpose(0, 1)
-            q, k = apply_rope(q, cos, sin)[0], apply_rope(k, cos, sin)[0]  # (H, T, hs), (Hkv, T, hs)
-            group = 4 // n_kv
-            k = torch.stack([k[h // group] for h in range(4)])  # query head h reads kv head h // group
-            v = torch.stack([v[h // group] for h in range(4)])
-            y = naive_attention(q, k, v).transpose(0, 1).reshape(9, 4 * hs)
-            want = attn.o_proj(y)
-        torch.testing.assert_close(got, want, rtol=0, atol=64 * EPS32)
+        got, want = attention_and_loops(attn, cfg, x, n_kv)
+        got64, want64 = attention_and_loops(copy.deepcopy(attn).double(), cfg, x.double(), n_kv)
+        # the same exact values by other operations: each side's fp32 error against itself in float64, added
+        assert_within(got, want, oracles_bound(got, got64, want, want64), f"n_kv {n_kv}")
 
 
 def test_padding_mask_leaves_real_positions_unchanged():
@@ -64,8 +72,12 @@ def test_padding_mask_leaves_real_positions_unchanged():
     ids = torch.randint(3, 61, (1, 8), generator=torch.Generator().manual_seed(5))
     padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], 1)
     mask = torch.cat([torch.ones(1, 8, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long)], 1)
+    m64 = copy.deepcopy(m).double()
     with torch.no_grad():
-        torch.testing.assert_close(m(padded, mask)[:, :8], m(ids), rtol=0, atol=64 * EPS32)
+        a, a64 = m(padded, mask)[:, :8], m64(padded, mask)[:, :8]
+        b, b64 = m(ids), m64(ids)
+    # the same exact values, by the masked path's kernels against the causal one's (bounds.oracles_bound)
+    assert_within(a, b, oracles_bound(a, a64, b, b64), "logits")
 
 
 def test_llama3_rope_scaling_bands():
@@ -80,8 +92,9 @@ def test_llama3_rope_scaling_bands():
     high = wavelen < 64 / 4   # short wavelengths: untouched
     low = wavelen > 64 / 1    # long wavelengths: divided by factor
     assert high.any() and low.any()
-    torch.testing.assert_close(scaled[high], base[high])
-    torch.testing.assert_close(scaled[low], base[low] / 8)
+    # the same fp32 powers on the same inputs, then a division by 8 = 2^3, exact in binary: bit-identical
+    torch.testing.assert_close(scaled[high], base[high], rtol=0, atol=0)
+    torch.testing.assert_close(scaled[low], base[low] / 8, rtol=0, atol=0)
     mid = ~high & ~low
     assert bool(((scaled[mid] <= base[mid]) & (scaled[mid] >= base[mid] / 8)).all())
 
@@ -99,6 +112,8 @@ def test_generate_greedy_matches_argmax_rollout_and_left_padding():
     with torch.no_grad():
         for _ in range(4):
             seq = torch.cat([seq, m(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+        # each choice wins by more than rounding, so the cached and padded decodes below must give the same tokens
+        assert_argmax_decided(m(seq)[0, 4:-1], copy.deepcopy(m).double()(seq)[0, 4:-1], "rollout")
     assert torch.equal(out, seq)
     # the same prompt left-padded in a batch gives the same continuation
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)

@@ -1,4 +1,6 @@
 """MPNet encoder: against a float64 loop reference, the relative-position buckets, padding, names, loading."""
+import copy
+
 import pytest
 import torch
 from hypothesis import example, given
@@ -9,6 +11,7 @@ from slora.models import for_sequence_classification
 from slora.io.model_folder import load_model, save_model
 from slora.models.mpnet import MPNetConfig, position_ids_for, relative_position_bucket
 from tests.support import naive
+from tests.support.bounds import assert_within, float64_bound, oracles_bound
 from tests.support.tiny import tiny_mpnet, tiny_mpnet_config
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -65,16 +68,18 @@ def test_bucket_sides_and_monotone(d):
 def test_matches_naive_reference(lengths):
     """Hidden states at real positions equal a float64 loop implementation written from the description.
 
-    (136, 90) covers offsets beyond max distance 128. Tolerance: fp32 against float64 through two post-LN layers
-    with O(1) activations; 512·eps32 ≈ 6e-5 absolute leaves room for the summation order of 32-wide dots and
-    136-long softmaxes, and is far below the 1e-2 scale of a wrong bucket or a missing bias."""
+    (136, 90) covers offsets beyond max distance 128. Tolerances: the model in float64 against the loops in float64,
+    the same exact values by other operations, within float64 rounding (bounds.float64_bound: the fp32 model's
+    error, scaled by 2^-29); the fp32 model within its own error against itself in float64 (bounds.oracles_bound).
+    A wrong bucket or a missing bias moves the hidden states by about 1e-2 (test_bias_matters), far above both."""
     m = tiny_mpnet(seed=3)
     ids, mask = padded_batch(4, lengths)
     with torch.no_grad():
-        got = m(ids, mask)
+        got, got64 = m(ids, mask), copy.deepcopy(m).double()(ids, mask)
     want = naive.mpnet_hidden(m.state_dict(), 2, 4, m.config.layer_norm_eps, ids, mask, pad=PAD)
     real = mask.bool()
-    torch.testing.assert_close(got[real].double(), want[real], rtol=0, atol=512 * EPS32)
+    assert_within(got64[real], want[real], float64_bound(got[real], got64[real]), "float64 model")
+    assert_within(got[real], want[real], oracles_bound(got[real], got64[real], want[real], want[real]), "fp32 model")
 
 
 def test_bias_matters():
@@ -96,11 +101,13 @@ def test_extra_padding_leaves_real_positions_unchanged():
     ids, mask = padded_batch(2, (7, 7))
     more = torch.cat([ids, torch.full((2, 6), PAD)], 1)
     more_mask = torch.cat([mask, torch.zeros(2, 6, dtype=torch.long)], 1)
+    m64 = copy.deepcopy(m).double()
     with torch.no_grad():
-        a = m(ids, mask)
-        b = m(more, more_mask)[:, :7]
-    # padded keys get weight exp(-inf) = 0 and right padding leaves every real offset j - i unchanged
-    torch.testing.assert_close(b, a, rtol=0, atol=64 * EPS32)
+        a, a64 = m(ids, mask), m64(ids, mask)
+        b, b64 = m(more, more_mask)[:, :7], m64(more, more_mask)[:, :7]
+    # padded keys get weight exp(-inf) = 0 and right padding leaves every real offset j - i unchanged: the same
+    # exact values by kernels of other shapes, each side within its own fp32 error against float64
+    assert_within(b, a, oracles_bound(b, b64, a, a64), "hidden states")
 
 
 def test_position_ids_start_after_padding_idx():

@@ -78,11 +78,13 @@ def lm_features(n_seq: int, vocab: int) -> list[text.Features]:
 
 
 def grads(model_dir: str, batch: int, accum: int, fsdp: bool, ckpt: bool = False, device=None,
-          lm_chunk: int | None = None) -> dict[str, torch.Tensor]:
+          lm_chunk: int | None = None, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """One optimizer step's gradients: tiny decoder, seeded non-zero LoRA on every linear, dropout 0, micro-batch
     `batch` per rank (global world·batch), `accum` micro-batches; 11 sequences, so the last is short. `ckpt`:
     activation checkpointing per layer, applied before wrapping (torchtune's order). `lm_chunk`: the LM head and
-    loss run that many positions at a time (inside the model's forward, through the DDP / FSDP2 wrapper)."""
+    loss run that many positions at a time (inside the model's forward, through the DDP / FSDP2 wrapper). `dtype`
+    float64: the oracle, with the same fp32 values (LoRA drawn in fp32, then cast); its loss is still the fp32
+    cross-entropy (objective casts the logits), of the float64 logits."""
     from tests.support.tiny import randomize_lora
     device = torch.device(device) if device is not None else process_group.get().device
     model = load_model(model_dir).to(device)
@@ -90,6 +92,7 @@ def grads(model_dir: str, batch: int, accum: int, fsdp: bool, ckpt: bool = False
     apply_lora(model, ranks, 4.0, generator=torch.Generator().manual_seed(0))
     randomize_lora(model, seed=3)
     mark_only_lora_trainable(model, extra=())
+    model.to(dtype)
     loop.set_activation_checkpointing(model, ckpt)
     fwd = data_parallel.wrap(model, fsdp)
     world = process_group.get().world

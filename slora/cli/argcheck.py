@@ -12,6 +12,7 @@ but the parser lacks is skipped, so the tables serve any command that shares the
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -123,7 +124,14 @@ def check_finetune_args(args, presets, tasks, calib_sources) -> None:
         # EVA's rule (arXiv 2410.07170) ranks explained-variance ratios against a budget of r_avg x matrices
         raise UsageError("--budget-unit", f"{args.budget_unit} does not apply to --alloc eva, whose budget is counted "
                                           "in ranks")
-    check_device(args.device)
+    device = check_device(args.device)
+    one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if getattr(args, "activation_checkpointing", None) == "auto" and (device.type != "cuda" or not one_process):
+        raise UsageError("--activation-checkpointing", "auto measures one CUDA card's memory: it needs --device cuda "
+                                                       "and one process (under torchrun give all or a count)")
+    if getattr(args, "compile", False) and not one_process:
+        raise UsageError("--compile", "compiles the layers of one process's model; under torchrun (DDP, FSDP2) it "
+                                      "is not supported")
     if getattr(args, "precision", None) == "fp32" and getattr(args, "dtype", None) == "bf16":
         raise UsageError("--precision", "fp32 needs an fp32 base: add --dtype fp32 (a bf16 base computes in bf16)")
     revision = getattr(args, "revision", None)

@@ -416,7 +416,8 @@ def main(argv=None):
             res.update(bench_train.bench_training(LlamaConfig(**SHAPES[calib_shape]), args.train8b_batch,
                                                   args.train8b_seq_len, device, dtype, args.train_steps,
                                                   with_peft=True, checkpointing=True, prefix="train8b",
-                                                  own_loss=True))
+                                                  own_loss=True, variants=bench_train.TRAIN8B_VARIANTS
+                                                  if device.type == "cuda" else ()))
         except Exception as e:
             res.update(train8b_step_s_slora=None, train8b_tokens_per_s_slora=None, train8b_error=f"{e!r}"[:300])
         reset_peak(device)

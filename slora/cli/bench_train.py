@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slora.train import loop, objective
+from slora.train import loop, memory, objective
 from slora.cli.bench import peak_gb, random_llama, reset_peak, timed, transformers_llama
 from slora.models.lora import apply_lora, mark_only_lora_trainable
 from slora.models.targets import find_linears
@@ -25,8 +25,10 @@ def logits_loss(model, ids):
     return F.cross_entropy(out[:, :-1].float().reshape(-1, out.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def train_steps(model, ids, params, device, steps: int, autocast, loss_of=logits_loss) -> float:
-    """Mean wall seconds of one AdamW step over the batch `ids` (B, T), after two warm-up steps."""
+def train_steps(model, ids, params, device, steps: int, autocast, loss_of=logits_loss, first: list | None = None
+                ) -> float:
+    """Mean wall seconds of one AdamW step over the batch `ids` (B, T), after two warm-up steps; `first`, a list,
+    receives the first warm-up step's seconds (where a compiled model compiles)."""
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
@@ -36,8 +38,10 @@ def train_steps(model, ids, params, device, steps: int, autocast, loss_of=logits
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
-    for _ in range(2):
-        step()  # warm-up
+    t = timed(step, device)  # warm-up
+    if first is not None:
+        first.append(t)
+    step()
     return timed(step, device, repeat=steps)
 
 
@@ -54,8 +58,13 @@ def peft_loss(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
+# The 8B case's further slora rows, after the plain one (all layers recomputed, eager): (name, checkpointing,
+# compile). Compiling is permanent for a model, so the eager rows come first.
+TRAIN8B_VARIANTS = (("compile", True, True), ("auto_compile", "auto", True))
+
+
 def bench_training(cfg, B, T, device, dtype, steps: int, with_peft: bool, checkpointing: bool = False,
-                   prefix: str = "train", own_loss: bool = False) -> dict:
+                   prefix: str = "train", own_loss: bool = False, variants=()) -> dict:
     """One LoRA training step of slora and of PEFT on transformers' LLaMA: same shape, random weights, ranks
     (from a diag calibration on one B x T/2 batch, r_avg 8, all linear targets; PEFT gets them through
     rank_pattern), batch and optimizer. checkpointing: slora's per-layer non-reentrant checkpointing and
@@ -75,11 +84,34 @@ def bench_training(cfg, B, T, device, dtype, steps: int, with_peft: bool, checkp
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     params = [p for p in model.parameters() if p.requires_grad]
     res = {f"{prefix}_shape": f"{B}x{T}", f"{prefix}_lora_params": sum(p.numel() for p in params),
+           f"{prefix}_base_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
            f"{prefix}_rank_sum": sum(ranks.values()), f"{prefix}_checkpointing": checkpointing}
+    loss_of = slora_loss if own_loss else logits_loss
     reset_peak(device)
-    s = train_steps(model, ids, params, device, steps, autocast, slora_loss if own_loss else logits_loss)
+    s = train_steps(model, ids, params, device, steps, autocast, loss_of)
     res.update({f"{prefix}_step_s_slora": s, f"{prefix}_tokens_per_s_slora": B * T / s,
                 f"peak_mem_gb_{prefix}_slora": peak_gb(device)})
+    for name, ckpt, compiled in variants:  # slora.train.memory: --activation-checkpointing auto, --compile
+        key = f"{prefix}_{name}"
+        try:
+            if ckpt == "auto":
+                loop.set_activation_checkpointing(model, True)  # the LM head and loss chunked, as the loop does
+                def probe():
+                    with autocast:
+                        loss_of(model, ids).backward()
+                res[f"{key}_plan"] = memory.plan_recompute(model, probe, device)[1]
+            else:
+                loop.set_activation_checkpointing(model, ckpt)
+            if compiled and not res.get(f"{prefix}_compiled"):
+                res[f"{prefix}_compiled"] = memory.compile_layers(model)
+            reset_peak(device)
+            first = []
+            s = train_steps(model, ids, params, device, steps, autocast, loss_of, first)
+            res.update({f"{key}_step_s_slora": s, f"{key}_tokens_per_s_slora": B * T / s,
+                        f"peak_mem_gb_{key}_slora": peak_gb(device), f"{key}_first_step_s": first[0],
+                        f"{key}_checkpointing": model.model.activation_checkpointing})
+        except Exception as e:  # reported in the table rather than losing PEFT's row
+            res[f"{key}_error"] = f"{e!r}"[:300]
     if not with_peft:
         return res
     try:
@@ -136,21 +168,46 @@ def report_training(r: dict) -> list[str]:
     return lines
 
 
+# bf16 dense tensor-core peak of the cards the bench has run on (NVIDIA's datasheets, SXM), for the share of peak
+BF16_PEAK = {"H100": 989e12, "H200": 989e12}
+
+
+def peak_share(r: dict, tokens_per_s: float) -> str:
+    """tokens/s as a share of the card's bf16 peak, at 6 FLOPs per parameter and token (forward 2, backward 4; the
+    recomputed forward is not counted as work), "" when the card's peak is not in BF16_PEAK."""
+    peak = next((v for k, v in BF16_PEAK.items() if k in str(r.get("device", ""))), None)
+    n = r.get("train8b_base_params")
+    return f"  {6 * n * tokens_per_s / peak:.1%} of bf16 peak" if peak and n else ""
+
+
 def report_train8b(r: dict) -> list[str]:
     s = r["train8b_tokens_per_s_slora"]
     if s is None:
         return [f"8B LoRA training: failed ({r.get('train8b_error')})"]
     def gb(x):
         return "n/a (CPU)" if x is None else f"{x:.2f} GB"
-    mem = r["peak_mem_gb_train8b_slora"]
-    lines = [f"LoRA training at {r['train8b_model']} shape ({r['train8b_shape']} tokens per step, Σr "
-             f"{r['train8b_rank_sum']}, activation checkpointing {r['train8b_checkpointing']}, each library's own "
-             f"loss):",
-             f"  slora {s:10,.0f} tok/s   peak {gb(mem)}  (target <= 22 GB)"]
     p = r.get("train8b_tokens_per_s_peft")
+    def vs(v):
+        return f"   slora / PEFT = {v / p:.3f}" if p else ""
+    lines = [f"LoRA training at {r['train8b_model']} shape ({r['train8b_shape']} tokens per step, Σr "
+             f"{r['train8b_rank_sum']}, each library's own loss; targets: >= 1.5x PEFT, >= 45% of bf16 peak, "
+             f"<= 18.5 GB):",
+             f"  slora {s:10,.0f} tok/s   peak {gb(r['peak_mem_gb_train8b_slora'])}   eager, every layer "
+             f"recomputes{vs(s)}{peak_share(r, s)}"]
+    for name, _, _ in TRAIN8B_VARIANTS:
+        key = f"train8b_{name}"
+        if f"{key}_error" in r:
+            lines.append(f"  slora, {name}: failed ({r[key + '_error']})")
+        elif f"{key}_tokens_per_s_slora" in r:
+            v, rec = r[f"{key}_tokens_per_s_slora"], r[f"{key}_checkpointing"]
+            plan = r.get(f"{key}_plan")
+            how = "every layer recomputes" if rec is True else \
+                f"auto: {rec} of {plan['layers']} layers recompute" if plan else f"{rec} layers recompute"
+            lines.append(f"  slora {v:10,.0f} tok/s   peak {gb(r['peak_mem_gb_' + key + '_slora'])}   compiled "
+                         f"layers (first step {r[key + '_first_step_s']:.1f} s), {how}{vs(v)}{peak_share(r, v)}")
     if p:
-        lines.append(f"  PEFT  {p:10,.0f} tok/s   peak {gb(r['peak_mem_gb_train8b_peft'])}   "
-                     f"slora / PEFT = {s / p:.3f}  (target >= 1.10)")
+        lines.append(f"  PEFT  {p:10,.0f} tok/s   peak {gb(r['peak_mem_gb_train8b_peft'])}   gradient "
+                     f"checkpointing{peak_share(r, p)}")
     else:
         lines.append(f"  PEFT  skipped ({r.get('peft')})")
     return lines

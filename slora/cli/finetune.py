@@ -156,9 +156,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
                    help="frozen base weights, loaded straight into this dtype on the device: auto = bf16 on CUDA "
                         "(fp32 with --precision fp32), fp32 on CPU; LoRA factors and the task head stay fp32")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each transformer layer's activations in the backward pass (less memory, "
-                        "about one more forward pass of time)")
+    p.add_argument("--activation-checkpointing", nargs="?", const=True, default=False, type=recompute_setting,
+                   metavar="all|auto|N",
+                   help="recompute transformer layers' activations in the backward pass (less memory, up to one more "
+                        "forward pass of time): all layers (the flag alone, or 'all'), the first N, or 'auto': as few "
+                        "as fit 90%% of the card's memory, measured on the largest micro-batch (CUDA, one process)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer layer (fused elementwise kernels; the first steps compile, "
+                        "about a minute on a GPU; rounding differs from eager in the last bits; one process)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 per transformer "
                    "layer (for models larger than one device) instead of DDP's full copy per rank; each rank reads "
@@ -190,6 +195,15 @@ def parse_args(argv=None):
             raise UsageError("--resume", f"takes no other flags, got {', '.join(given)}: the arguments come from the "
                                          f"run's own args.json (a resume continues the run as it started)")
     return args
+
+
+def recompute_setting(value: str):
+    """--activation-checkpointing's value: True (all layers), 'auto', or a count N >= 0 of leading layers."""
+    if value in ("all", "auto"):
+        return True if value == "all" else "auto"
+    if value.isdigit():
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r}: expected all, auto or a count of layers")
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -418,7 +432,9 @@ def run(args, tmp: Path, resume: bool = False):
 
     if not args.allocate_only:
         tracker = EpochSensitivity(measure, sens, ranks) if args.epoch_sensitivity else None
-        set_activation_checkpointing(model, args.activation_checkpointing)
+        # 'auto': all layers until the training loop has measured a step (slora.train.memory)
+        set_activation_checkpointing(model, True if args.activation_checkpointing == "auto"
+                                     else args.activation_checkpointing)
         if checkpoint is not None:
             checkpoint.tracker = tracker
         log.muted = False

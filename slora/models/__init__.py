@@ -6,6 +6,7 @@
     decode.py   greedy decoding over a preallocated key/value cache, one CUDA graph per token
     lora.py     LoRALinear and the loralib-sized API (apply_lora, merge, ...)
     targets.py  which nn.Linear modules a run adapts (find_linears)
+    recompute.py which layers of a stack recompute their activations (activation checkpointing)
 
 This file picks the architecture from a Hugging Face config dict (`build_config`, `build_model`: a plain `if` over
 the families, not a registry). Reading and writing model folders is slora.io.model_folder.

@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from slora.models.recompute import recomputed
+
 # Activations by their config.json name. "gelu" is the exact erf form; "gelu_new" the tanh approximation.
 ACT = {
     "gelu": F.gelu,
@@ -195,8 +197,9 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    # True: in training, each layer's activations are recomputed in the backward pass instead of kept
-    # (non-reentrant torch.utils.checkpoint; the reentrant variant gives LoRA no gradient, transformers#26221)
+    # True: in training, each layer's activations are recomputed in the backward pass instead of kept; an int n: the
+    # first n layers only (models.recomputed). Non-reentrant torch.utils.checkpoint: the reentrant variant gives LoRA
+    # no gradient (transformers#26221)
     activation_checkpointing = False
 
     def __init__(self, cfg: BertConfig):
@@ -204,8 +207,8 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
     def forward(self, x, mask):
-        for layer in self.layer:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+        for i, layer in enumerate(self.layer):
+            if recomputed(self.activation_checkpointing, i) and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, mask, use_reentrant=False)
             else:
                 x = layer(x, mask)

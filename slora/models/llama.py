@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from slora.models.recompute import recomputed
+
 
 # model_type -> the architecture name transformers writes for it. The three families share this decoder:
 # Qwen2 adds biases to q/k/v (qkv_bias), Mistral a sliding attention window.
@@ -308,8 +310,9 @@ def attention_mask_4d(attention_mask: Optional[torch.Tensor], T: int, S: int, de
 
 
 class LlamaModel(nn.Module):
-    # True: in training, each layer's activations are recomputed in the backward pass instead of kept
-    # (non-reentrant torch.utils.checkpoint; the reentrant variant gives LoRA no gradient, transformers#26221)
+    # True: in training, each layer's activations are recomputed in the backward pass instead of kept; an int n: the
+    # first n layers only (models.recomputed). Non-reentrant torch.utils.checkpoint: the reentrant variant gives LoRA
+    # no gradient (transformers#26221)
     activation_checkpointing = False
 
     def __init__(self, cfg: LlamaConfig):
@@ -340,7 +343,7 @@ class LlamaModel(nn.Module):
         past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
         x, cos, sin, mask = self.prepare(input_ids, attention_mask, position_ids, past, padded)
         for i, layer in enumerate(self.layers):
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            if recomputed(self.activation_checkpointing, i) and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, None if cache is None else cache[i])

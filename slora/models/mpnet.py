@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from slora.models.bert import ACT, BertIntermediate, BertOutput, BertPooler, RobertaClassificationHead, new_head
+from slora.models.recompute import recomputed
 
 # transformers' MPNetEncoder.relative_position_bucket fixes max_distance at 128 (no config field carries it).
 MAX_DISTANCE = 128
@@ -198,8 +199,9 @@ class MPNetLayer(nn.Module):
 
 
 class MPNetEncoder(nn.Module):
-    # True: in training, each layer's activations are recomputed in the backward pass instead of kept
-    # (non-reentrant torch.utils.checkpoint; the reentrant variant gives LoRA no gradient, transformers#26221)
+    # True: in training, each layer's activations are recomputed in the backward pass instead of kept; an int n: the
+    # first n layers only (models.recomputed). Non-reentrant torch.utils.checkpoint: the reentrant variant gives LoRA
+    # no gradient (transformers#26221)
     activation_checkpointing = False
 
     def __init__(self, cfg: MPNetConfig):
@@ -216,8 +218,8 @@ class MPNetEncoder(nn.Module):
         return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]  # (T, T, H) -> (1, H, T, T)
 
     def forward(self, x, bias):
-        for layer in self.layer:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+        for i, layer in enumerate(self.layer):
+            if recomputed(self.activation_checkpointing, i) and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, bias, use_reentrant=False)
             else:
                 x = layer(x, bias)

@@ -34,6 +34,7 @@ import torch
 
 from slora.data import text
 from slora.dist import process_group, data_parallel, sharded_load
+from slora.train import memory
 from slora.train.divergence import DeviceFiniteCheck, check_finite, skip_flag
 from slora.models.lora import apply_lora, lora_parameters_count, mark_only_lora_trainable, merged_copy
 from slora.method.stability import stability
@@ -82,10 +83,13 @@ class EpochSensitivity:
         return {"tau_theta": tau["tau_theta"], "tau_ranks": tau["tau_ranks"]}
 
 
-def set_activation_checkpointing(model, on: bool = True) -> int:
+def set_activation_checkpointing(model, on: bool | int = True) -> int:
     """Switch per-layer activation checkpointing on every layer stack of `model` that offers it (the
-    `activation_checkpointing` flag of LlamaModel and BertEncoder); returns how many stacks were switched."""
-    stacks = [m for m in model.modules() if hasattr(type(m), "activation_checkpointing")]
+    `activation_checkpointing` setting of LlamaModel, BertEncoder and MPNetEncoder): True every layer, False none,
+    an int the first n (models.recompute); returns how many stacks were switched."""
+    if not isinstance(on, (bool, int)) or on < 0:
+        raise ValueError(f"activation checkpointing is True, False or a count of layers >= 0, got {on!r}")
+    stacks = memory.layer_stacks(model)
     if on and not stacks:
         raise ValueError(f"{type(model).__name__} has no layer stack that supports activation checkpointing")
     for m in stacks:
@@ -118,7 +122,9 @@ class TrainConfig:
     group_by_length: bool = False  # batches of similar length (text.grouped_order), evaluation sorted by length
     seed: int = 0  # LoRA init and data order; dropout (seed + rank under torchrun)
     # memory and host reads
-    activation_checkpointing: bool = False  # with it, the LM head and loss also run in chunks of LM_CHUNK
+    activation_checkpointing: bool | int | str = False  # True, a count of layers or "auto" (train.memory); with
+    # any of them the LM head and loss also run in chunks of LM_CHUNK
+    compile: bool = False  # torch.compile each transformer layer (train.memory.compile_layers)
     sparse_lm_head: bool = False  # causal LM: LM head and loss only at target positions (objective.lm_loss_sum)
     check_finite: str = "step"  # when the host checks loss and norm: "step" (every step) or "log" (at log steps)
     # evaluation
@@ -209,6 +215,17 @@ def finetune(model, tok, spec, train, evals, cfg: TrainConfig, pad_id, device, a
     # with activation checkpointing the LM head and loss run in chunks too (their logits are the largest tensors),
     # inside the model's forward: under torchrun too
     lm_chunk = LM_CHUNK if cfg.activation_checkpointing else None
+    if cfg.activation_checkpointing == "auto":  # measured on the longest micro-batch, before compiling
+        longest = sorted(feats, key=lambda f: len(f.input_ids), reverse=True)[:cfg.batch_size]
+        probe = text.collate(longest, pad_id)
+        recompute, seen = memory.plan_recompute(
+            model, lambda: backward_step(fwd, [(probe, 1.0)], spec.kind, device, autocast, lm_chunk,
+                                         cfg.sparse_lm_head), device)
+        log("memory", f"activation checkpointing auto: {recompute} of {seen['layers']} layers recompute (one layer "
+            f"keeps {seen['layer_activations_gb']:.2f} GB; a step with one kept peaks at "
+            f"{seen['peak_one_kept_gb']:.2f} GB of a {seen['budget_gb']:.1f} GB budget)", **seen)
+    if cfg.compile:
+        memory.compile_layers(model)
     state = TrainState()
     lazy = DeviceFiniteCheck() if cfg.check_finite == "log" else None
     if checkpoint is not None and checkpoint.exists():

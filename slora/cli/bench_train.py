@@ -112,6 +112,8 @@ def bench_training(cfg, B, T, device, dtype, steps: int, with_peft: bool, checkp
                         f"{key}_checkpointing": model.model.activation_checkpointing})
         except Exception as e:  # reported in the table rather than losing PEFT's row
             res[f"{key}_error"] = f"{e!r}"[:300]
+    if variants:  # compiled code holds the model: without this, PEFT's peak would count slora's weights too
+        torch._dynamo.reset()
     if not with_peft:
         return res
     try:

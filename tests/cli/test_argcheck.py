@@ -25,6 +25,9 @@ FLAGS = [
     Case("lr-times-weight-decay-1", lambda t, b: ft(t, b, "--lr", "2", "--weight-decay", "0.5"), 2, "--weight-decay"),
     # a label count of 10⁸ would allocate a head of 10⁸ rows before the first step
     flag("--num-labels", 10 ** 8), flag("--num-labels", MAX_LABELS + 1),
+    # auto measures a CUDA card's memory: on the CPU there is nothing to measure
+    flag("--activation-checkpointing", "auto"), flag("--activation-checkpointing", "some"),
+    flag("--activation-checkpointing", "-1"),
 ]
 
 
@@ -71,3 +74,18 @@ def test_resume_refuses_every_other_flag(form, tmp_path, capsys):
 def test_resume_alone_parses():
     assert finetune.parse_args(["--resume=somewhere"]).resume == "somewhere"
     assert finetune.parse_args(["--res", "somewhere"]).resume == "somewhere"
+
+
+def test_activation_checkpointing_values():
+    parse = finetune.parse_args
+    assert parse([]).activation_checkpointing is False
+    assert parse(["--activation-checkpointing"]).activation_checkpointing is True
+    assert parse(["--activation-checkpointing", "all"]).activation_checkpointing is True
+    assert parse(["--activation-checkpointing", "auto"]).activation_checkpointing == "auto"
+    assert parse(["--activation-checkpointing", "3"]).activation_checkpointing == 3
+
+
+def test_compile_and_auto_refused_under_torchrun(tmp_path, base, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for case in (Case("compile-torchrun", lambda t, b: ft(t, b, "--compile"), 2, "--compile"),):
+        run_case(finetune.main, case, tmp_path, base, capsys)

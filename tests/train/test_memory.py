@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from slora.models.lora import apply_lora, mark_only_lora_trainable
-from slora.models.recompute import recomputed
 from slora.train import loop, memory
 from tests.support.tiny import tiny_bert, tiny_llama
 
@@ -32,13 +31,6 @@ def lora_grads(model, ids):
     logits = model(ids)
     torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def test_recomputed_settings():
-    assert [recomputed(False, i) for i in range(3)] == [False] * 3
-    assert [recomputed(True, i) for i in range(3)] == [True] * 3
-    assert [recomputed(2, i) for i in range(4)] == [True, True, False, False]
-    assert [recomputed(0, i) for i in range(2)] == [False, False]
 
 
 @pytest.mark.parametrize("setting", [True, 1, 0, False])

@@ -129,9 +129,9 @@ def check_finetune_args(args, presets, tasks, calib_sources) -> None:
     if getattr(args, "activation_checkpointing", None) == "auto" and (device.type != "cuda" or not one_process):
         raise UsageError("--activation-checkpointing", "auto measures one CUDA card's memory: it needs --device cuda "
                                                        "and one process (under torchrun give all or a count)")
-    if getattr(args, "compile", False) and not one_process:
-        raise UsageError("--compile", "compiles the layers of one process's model; under torchrun (DDP, FSDP2) it "
-                                      "is not supported")
+    if getattr(args, "compile", False) and (device.type != "cuda" or not one_process):
+        raise UsageError("--compile", "compiles the layers of one process's model on CUDA: it needs --device cuda "
+                                      "and one process (torch's CPU code generator gives wrong gradients on some CPUs)")
     if getattr(args, "precision", None) == "fp32" and getattr(args, "dtype", None) == "bf16":
         raise UsageError("--precision", "fp32 needs an fp32 base: add --dtype fp32 (a bf16 base computes in bf16)")
     revision = getattr(args, "revision", None)

@@ -163,7 +163,7 @@ def build_parser() -> ArgumentParser:
                         "as fit 90%% of the card's memory, measured on the largest micro-batch (CUDA, one process)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer layer (fused elementwise kernels; the first steps compile, "
-                        "about a minute on a GPU; rounding differs from eager in the last bits; one process)")
+                        "about half a minute at 8B; rounding differs from eager in the last bits; CUDA, one process)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 per transformer "
                    "layer (for models larger than one device) instead of DDP's full copy per rank; each rank reads "

@@ -98,7 +98,15 @@ def compile_layers(model: nn.Module) -> int:
     """torch.compile each transformer layer in place (regional compilation: one layer's graph is compiled once and
     reused by every layer of the same shapes, so the first step stays short, where compiling the whole model traces
     every layer). Inductor fuses the elementwise work (RMSNorm, RoPE, SwiGLU, the residual adds) into fewer kernels;
-    the rounding of those fused ops differs from eager in the last bits. Returns the number of layers compiled."""
+    the rounding of those fused ops differs from eager in the last bits. Returns the number of layers compiled.
+
+    CUDA only: on the CPU, torch 2.13's C++ code generator gave NaN gradients for these layers on the AVX2 path
+    (ATEN_CPU_CAPABILITY=avx2; correct with its vectorization off) and failed to build on the default path, so a
+    CPU model is refused rather than trained wrongly on some machines."""
+    where = {p.device.type for p in model.parameters()}
+    if where != {"cuda"}:
+        raise ValueError(f"compiling the layers needs the model on a CUDA device, not {', '.join(sorted(where))} "
+                         f"(torch's CPU code generator gives wrong gradients on some CPUs)")
     n = 0
     for stack in layer_stacks(model):
         for layer in stack_layers(stack):

@@ -28,6 +28,8 @@ FLAGS = [
     # auto measures a CUDA card's memory: on the CPU there is nothing to measure
     flag("--activation-checkpointing", "auto"), flag("--activation-checkpointing", "some"),
     flag("--activation-checkpointing", "-1"),
+    # torch's CPU code generator gave NaN gradients for compiled layers on the AVX2 path
+    Case("compile-cpu", lambda t, b: ft(t, b, "--compile"), 2, "--compile"),
 ]
 
 

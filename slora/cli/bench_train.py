@@ -210,6 +210,8 @@ def report_train8b(r: dict) -> list[str]:
     if p:
         lines.append(f"  PEFT  {p:10,.0f} tok/s   peak {gb(r['peak_mem_gb_train8b_peft'])}   gradient "
                      f"checkpointing{peak_share(r, p)}")
+        if r.get("peak_mem_gb_train8b_peft_note"):  # a recorded caveat on that peak
+            lines.append(f"        (PEFT's peak: {r['peak_mem_gb_train8b_peft_note']})")
     else:
         lines.append(f"  PEFT  skipped ({r.get('peft')})")
     return lines

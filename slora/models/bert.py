@@ -198,7 +198,7 @@ class BertLayer(nn.Module):
 
 class BertEncoder(nn.Module):
     # True: in training, each layer's activations are recomputed in the backward pass instead of kept; an int n: the
-    # first n layers only (models.recomputed). Non-reentrant torch.utils.checkpoint: the reentrant variant gives LoRA
+    # first n layers only (models.recompute). Non-reentrant torch.utils.checkpoint: the reentrant variant gives LoRA
     # no gradient (transformers#26221)
     activation_checkpointing = False
 

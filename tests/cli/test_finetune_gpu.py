@@ -137,7 +137,8 @@ def test_auto_checkpointing_and_compiled_layers_on_cuda(tmp_path):
     --compile trains the same steps as eager: fp32 losses within the 1e-3 of the CPU-vs-CUDA comparison above (fused
     elementwise kernels round otherwise; a wrong fusion or a lost update moves the loss by ~1e-1 here)."""
     model, data = capital_task(tmp_path)
-    fp32 = ("--dtype", "fp32", "--precision", "fp32", "--lora-dropout", "0", "--log-every", "1")
+    # 10 examples at batch 8 are 2 steps an epoch: 2 epochs for the 3 steps of --max-steps
+    fp32 = ("--dtype", "fp32", "--precision", "fp32", "--lora-dropout", "0", "--log-every", "1", "--epochs", "2")
     eager = run(tmp_path, model, data, "--device", "cuda", *fp32, kind="instructions", out="eager")
     fast = run(tmp_path, model, data, "--device", "cuda", *fp32, "--activation-checkpointing", "auto", "--compile",
                kind="instructions", out="fast")

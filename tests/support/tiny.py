@@ -116,6 +116,16 @@ def tiny_model_dir(folder, kind: str, seed: int = 0):
     return folder / "model"
 
 
+def sentiment_task(folder) -> Path:
+    """The inputs of a tiny classification run in `folder`: train.jsonl (30 sentiment_rows), dev.jsonl (6) and a tiny
+    encoder folder m/; returns the model folder (folder/m/model)."""
+    folder = Path(folder)
+    rows = sentiment_rows(36)
+    write_jsonl(folder / "train.jsonl", rows[:30])
+    write_jsonl(folder / "dev.jsonl", rows[30:])
+    return tiny_model_dir(folder / "m", "encoder")
+
+
 def randomize_lora(model, seed=0, std=0.3):
     """Fresh seeded A and non-zero B in every LoRA layer, so that LoRA changes the output."""
     from slora.models.lora import lora_modules

@@ -10,20 +10,15 @@ import torch
 
 from slora.models.lora import apply_lora, mark_only_lora_trainable
 from slora.train import loop, memory
-from tests.support.tiny import tiny_bert, tiny_llama
+from tests.support.tiny import randomize_lora, tiny_bert, tiny_llama
 
 
 def lora_llama(seed=0):
     m = tiny_llama(seed)
     names = [n for n, mod in m.named_modules() if n.endswith(("q_proj", "v_proj", "down_proj"))]
-    apply_lora(m, {n: 2 for n in names}, alpha=4.0, generator=torch.Generator().manual_seed(seed))
+    apply_lora(m, {n: 2 for n in names}, alpha=4.0)
     mark_only_lora_trainable(m, extra=())
-    with torch.no_grad():  # B = 0 would leave A without gradient
-        g = torch.Generator().manual_seed(seed + 1)
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return m.train()
+    return randomize_lora(m, seed=seed + 1, std=0.1).train()  # B = 0 would leave A without gradient
 
 
 def lora_grads(model, ids):

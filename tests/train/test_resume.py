@@ -11,16 +11,13 @@ from slora.cli import finetune
 from slora.cli.runner import run_cli
 from slora.train import resume
 from tests.support.corpus import expect_one_line, snapshot
-from tests.support.tiny import sentiment_rows, tiny_model_dir, write_jsonl
+from tests.support.tiny import sentiment_task, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
-    rows = sentiment_rows(36)
-    write_jsonl(d / "train.jsonl", rows[:30])
-    write_jsonl(d / "dev.jsonl", rows[30:])
-    tiny_model_dir(d / "m", "encoder")  # the model folder is d/m/model
+    sentiment_task(d)  # the model folder is d/m/model
     return d
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from slora.cli import finetune
 from tests.support.dist_launch import launch
-from tests.support.tiny import sentiment_rows, tiny_model_dir, write_jsonl
+from tests.support.tiny import sentiment_task
 
 # every rank kills itself when the loop asks whether step KILL_AT is due for a checkpoint (rank 0 logged it first)
 KILL = ("import os, signal, sys; from slora.cli import finetune; from slora.train import resume\n"
@@ -60,10 +60,7 @@ FSDP_CUDA = pytest.param(("--device", "cuda", "--precision", "fp32", "--dtype", 
 @pytest.mark.parametrize("kill_at", [3, 5])  # 3: mid-epoch 2 (checkpoint 2); 5: mid-epoch 3 (checkpoint 4)
 def test_two_process_resume_equals_uninterrupted(tmp_path, kill_at, how):
     d = tmp_path
-    rows = sentiment_rows(36)
-    write_jsonl(d / "train.jsonl", rows[:30])
-    write_jsonl(d / "dev.jsonl", rows[30:])
-    model = tiny_model_dir(d / "m", "encoder")
+    model = sentiment_task(d)
     ref = d / "ref"
     ok(launch(2, ["-m", "slora.finetune", *argv(d, model, ref, *how)]))
     out = d / "run"

@@ -20,7 +20,7 @@ from slora.train import resume, run_folder
 from slora.cli.runner import run_cli
 from slora.train.run_folder import RunFolderError
 from tests.io.test_files import file_size_limit
-from tests.support.tiny import sentiment_rows, tiny_model_dir, write_jsonl
+from tests.support.tiny import sentiment_task
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,10 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("rf")
-    rows = sentiment_rows(36)
-    write_jsonl(d / "train.jsonl", rows[:30])
-    write_jsonl(d / "dev.jsonl", rows[30:])
-    return d, tiny_model_dir(d / "m", "encoder")
+    return d, sentiment_task(d)
 
 
 def argv(setup, out, *extra):

@@ -59,6 +59,19 @@ def test_smollm2_answers_paris(smollm2):
     assert "Paris" in answer, answer
 
 
+# two paraphrases and one sentence on another topic
+PARAPHRASES = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply today."]
+
+
+def padded_batch(tok, sentences, pad_id):
+    """Right-padded ids (B, T) and attention mask (B, T) of `sentences`, padded with `pad_id`."""
+    enc = tok.encode_batch(sentences)
+    T = max(len(e.ids) for e in enc)
+    ids = torch.tensor([e.ids + [pad_id] * (T - len(e.ids)) for e in enc])
+    mask = torch.tensor([[1] * len(e.ids) + [0] * (T - len(e.ids)) for e in enc])
+    return ids, mask
+
+
 def test_minilm_tokenizer_ids(minilm):
     _, tok = minilm
     assert tok.encode(SENTENCE).ids == MINILM_IDS
@@ -66,11 +79,7 @@ def test_minilm_tokenizer_ids(minilm):
 
 def test_minilm_paraphrases_are_closer_than_cross_topic(minilm):
     model, tok = minilm
-    sents = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply today."]
-    enc = tok.encode_batch(sents)
-    T = max(len(e.ids) for e in enc)
-    ids = torch.tensor([e.ids + [0] * (T - len(e.ids)) for e in enc])
-    mask = torch.tensor([[1] * len(e.ids) + [0] * (T - len(e.ids)) for e in enc])
+    ids, mask = padded_batch(tok, PARAPHRASES, pad_id=0)
     with torch.no_grad():
         e = F.normalize(mean_pool(model(ids, mask), mask), dim=-1)
     sim = e @ e.T
@@ -101,11 +110,7 @@ def test_mpnet_sentence_similarities_match_transformers(mpnet):
     # The relative-position bias matters here: with the bias table zeroed slora gives 0.795 / 0.219 / 0.216,
     # flipped 0.764 / 0.167 / 0.167, far outside that.
     model, tok = mpnet
-    sents = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply today."]
-    enc = tok.encode_batch(sents)
-    T = max(len(e.ids) for e in enc)
-    ids = torch.tensor([e.ids + [1] * (T - len(e.ids)) for e in enc])
-    mask = torch.tensor([[1] * len(e.ids) + [0] * (T - len(e.ids)) for e in enc])
+    ids, mask = padded_batch(tok, PARAPHRASES, pad_id=1)
     def cosines(m):
         with torch.no_grad():
             e = F.normalize(mean_pool(m(ids, mask), mask), dim=-1)

@@ -15,6 +15,7 @@ ATEN_CPU_CAPABILITY), by thread count and by shape, so no tolerance is a number 
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -142,3 +143,16 @@ def assert_argmax_decided(logits32: torch.Tensor, logits64: torch.Tensor, what: 
     margin = float((top2[:, 0] - top2[:, 1]).min())
     bound = measured_bound(logits32, logits64)
     assert margin > 2 * bound, f"{what}: a greedy choice wins by {margin:.3g}, within rounding ({2 * bound:.3g})"
+
+
+
+def decided_rollout(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decoding of `n` tokens after the prompt `ids` (1, T) by re-running the whole sequence each step (no
+    key/value cache), each choice checked to win by more than rounding (assert_argmax_decided, against the model in
+    float64), so that a cached, padded or batched decode of the same prompt must give exactly these tokens."""
+    T, seq = ids.shape[1], ids
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+        assert_argmax_decided(model(seq)[0, T - 1:-1], copy.deepcopy(model).double()(seq)[0, T - 1:-1], "rollout")
+    return seq

@@ -12,11 +12,11 @@ but the parser lacks is skipped, so the tables serve any command that shares the
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 
+from slora.dist import process_group
 from slora.errors import UsageError
 from slora.io.hub_cache import locate_model
 
@@ -125,7 +125,7 @@ def check_finetune_args(args, presets, tasks, calib_sources) -> None:
         raise UsageError("--budget-unit", f"{args.budget_unit} does not apply to --alloc eva, whose budget is counted "
                                           "in ranks")
     device = check_device(args.device)
-    one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    one_process = process_group.env_world() == 1
     if getattr(args, "activation_checkpointing", None) == "auto" and (device.type != "cuda" or not one_process):
         raise UsageError("--activation-checkpointing", "auto measures one CUDA card's memory: it needs --device cuda "
                                                        "and one process (under torchrun give all or a count)")

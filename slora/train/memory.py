@@ -32,36 +32,37 @@ def stack_layers(stack: nn.Module) -> nn.ModuleList:
     return lists[0]
 
 
-def saved_bytes(layer: nn.Module):
+class SavedBytes:
     """A context that counts the bytes `layer`'s forward passes save for the backward pass (distinct storages, not
-    parameters); read `.bytes` after the backward."""
-    class Counter:
-        def __init__(self):
-            self.bytes, self._seen, self._ctx, self._handles = 0, set(), None, []
+    parameters): hooks around the layer's forward open a saved_tensors_hooks region; read `.bytes` after the
+    backward."""
 
-        def pack(self, t):
-            if not isinstance(t, nn.Parameter):
-                st = t.untyped_storage()
-                if st.data_ptr() not in self._seen:
-                    self._seen.add(st.data_ptr())
-                    self.bytes += st.nbytes()
-            return t
+    def __init__(self, layer: nn.Module):
+        self.layer, self.bytes, self._seen, self._region, self._handles = layer, 0, set(), None, []
 
-        def _enter(self, *_):
-            self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-            self._ctx.__enter__()
+    def pack(self, t):
+        if not isinstance(t, nn.Parameter):
+            st = t.untyped_storage()
+            if st.data_ptr() not in self._seen:
+                self._seen.add(st.data_ptr())
+                self.bytes += st.nbytes()
+        return t
 
-        def _exit(self, *_):
-            self._ctx.__exit__(None, None, None)
+    def _enter(self, *_):
+        self._region = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._region.__enter__()
 
-        def __enter__(self):
-            self._handles = [layer.register_forward_pre_hook(self._enter), layer.register_forward_hook(self._exit)]
-            return self
+    def _exit(self, *_):
+        self._region.__exit__(None, None, None)
 
-        def __exit__(self, *exc):
-            for h in self._handles:
-                h.remove()
-    return Counter()
+    def __enter__(self):
+        self._handles = [self.layer.register_forward_pre_hook(self._enter),
+                         self.layer.register_forward_hook(self._exit)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
 
 
 def plan_recompute(model: nn.Module, step, device, budget_bytes: int | None = None) -> tuple[int, dict]:
@@ -81,7 +82,7 @@ def plan_recompute(model: nn.Module, step, device, budget_bytes: int | None = No
     stacks[0].activation_checkpointing = L - 1
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    with torch.random.fork_rng(devices=[device]), saved_bytes(layers[L - 1]) as kept:
+    with torch.random.fork_rng(devices=[device]), SavedBytes(layers[L - 1]) as kept:
         step()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)

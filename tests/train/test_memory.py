@@ -61,7 +61,7 @@ def test_saved_bytes_counts_one_layers_saved_activations():
     layer = model.model.layers[-1]
     sizes = []
     for T in (8, 16):
-        with memory.saved_bytes(layer) as kept:
+        with memory.SavedBytes(layer) as kept:
             lora_grads(model, ids.repeat(1, T // 8))
         sizes.append(kept.bytes)
     D = model.config.hidden_size
